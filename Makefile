@@ -1,0 +1,56 @@
+# Every target bootstraps .venv on first use; the stamp files make a second run install nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check --quiet
+# torch is pinned only here (pyproject keeps torch>=2.4): 2.13.0 is the CPU build on this machine's disk.
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.stamp-dev
+DOCS_STAMP := $(VENV)/.stamp-docs
+PYTEST := $(PY) -m pytest
+# Triton kernels are tested on the CPU through Triton's interpreter (TRITON_INTERPRET=1 must be set
+# before triton is imported, so the kernel tests run in a pytest process of their own).
+PYTEST_ARGS ?= -q
+
+.PHONY: demo test test-all bench docs lint format clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install $(TORCH_PIN)
+	$(PIP) install -c .ci/constraints.txt -e ".[dev,gpu,rl,bench]"
+	touch $(STAMP)
+
+$(DOCS_STAMP): $(STAMP)
+	$(PIP) install -c .ci/constraints.txt -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/curvopt demo
+
+test: $(STAMP)
+	$(PYTEST) $(PYTEST_ARGS) -m "not slow" --ignore=tests/kernels
+	TRITON_INTERPRET=1 $(PYTEST) $(PYTEST_ARGS) -m "not slow" tests/kernels
+
+test-all: $(STAMP)
+	$(PYTEST) $(PYTEST_ARGS) --ignore=tests/kernels
+	TRITON_INTERPRET=1 $(PYTEST) $(PYTEST_ARGS) tests/kernels
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) site build *.egg-info

@@ -1,0 +1,3 @@
+"""curvopt: cheap, drop-in second-order optimization for PyTorch."""
+
+__version__ = "0.1.0"

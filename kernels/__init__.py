@@ -1,0 +1,63 @@
+"""Hot loops of curvopt: Triton kernels with a PyTorch reference beside each.
+
+Call the functions exported here; :mod:`curvopt.kernels.dispatch` picks Triton (CUDA, or the CPU
+interpreter under ``TRITON_INTERPRET=1``) or the reference (everywhere else, or when
+``CURVOPT_KERNELS=reference``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .combine import combine_reference
+from .dispatch import use_triton
+from .gram_diag import gram_diag_reference
+from .multi_dot import multi_dot_reference
+from .softmax_curvature import softmax_curvature_reference
+
+
+def _triton_impl(name: str):
+    """Return the Triton launcher ``name`` or None when it is not available."""
+    try:
+        from . import triton_impl
+    except ImportError:
+        return None
+    return getattr(triton_impl, name, None)
+
+
+def multi_dot(G: Tensor, V: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """``G @ V.T`` for ``G`` ``(m, d)`` and ``V`` ``(k, d)``; see :func:`multi_dot_reference`."""
+    impl = _triton_impl("multi_dot") if use_triton(G) else None
+    return (impl or multi_dot_reference)(G, V, out_dtype)
+
+
+def combine(a: float, x: Tensor, G: Tensor, c: Tensor) -> Tensor:
+    """``a * x + G.T @ c``; see :func:`combine_reference`."""
+    impl = _triton_impl("combine") if use_triton(G) else None
+    return (impl or combine_reference)(a, x, G, c)
+
+
+def gram_diag(G: Tensor, T: Tensor, block_size: int | None = None) -> Tensor:
+    """Squared column norms of ``T_b G_b`` per block; see :func:`gram_diag_reference`."""
+    impl = _triton_impl("gram_diag") if use_triton(G) else None
+    return (impl or gram_diag_reference)(G, T, block_size)
+
+
+def softmax_curvature(logits: Tensor, u: Tensor) -> Tensor:
+    """``(diag(p) - p p^T) u`` per row; see :func:`softmax_curvature_reference`."""
+    impl = _triton_impl("softmax_curvature") if use_triton(logits) else None
+    return (impl or softmax_curvature_reference)(logits, u)
+
+
+__all__ = [
+    "combine",
+    "combine_reference",
+    "gram_diag",
+    "gram_diag_reference",
+    "multi_dot",
+    "multi_dot_reference",
+    "softmax_curvature",
+    "softmax_curvature_reference",
+    "use_triton",
+]
