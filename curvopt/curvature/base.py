@@ -169,15 +169,24 @@ class CurvatureOperator:
             The product in the same format.
         """
         self._before_matmat()
-        out = [torch.zeros_like(c) for c in cols]
+        out: list[Tensor] | None = None
         for X, y in self._loop_over_data():
             weight = self._batch_weight(X)
-            for acc, part in zip(out, self._matmat_batch(X, y, cols)):
-                acc.add_(part, alpha=weight)
+            parts = self._matmat_batch(X, y, cols)
+            if out is None:  # the parts are fresh tensors: scale them in place
+                out = [part.mul_(weight) if weight != 1.0 else part for part in parts]
+            else:
+                for acc, part in zip(out, parts):
+                    acc.add_(part, alpha=weight)
+        if out is None:
+            raise ValueError("data yielded no batches")
         return out
 
     def _matmat_batch(self, X: Tensor, y: Tensor, cols: list[Tensor]) -> list[Tensor]:
-        """Multiply the mini-batch curvature onto columns ``(k, *p.shape)``; for subclasses."""
+        """Multiply the mini-batch curvature onto columns ``(k, *p.shape)``; for subclasses.
+
+        Must return new tensors (not views of ``cols``): the base class accumulates in place.
+        """
         raise NotImplementedError
 
     def _before_matmat(self) -> None:

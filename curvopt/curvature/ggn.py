@@ -63,17 +63,23 @@ class GGNOperator(CurvatureOperator):
 
     def _matvec_batch(self, X: Tensor, y: Tensor, v: list[Tensor]) -> list[Tensor]:
         """One column: a forward pass with dual numbers, then one ordinary backward pass."""
-        with torch.enable_grad(), fwAD.dual_level():
-            duals = {
-                name: fwAD.make_dual(p, t.contiguous())
-                for name, p, t in zip(self._names, self._params, v)
-            }
-            output, Jv = fwAD.unpack_dual(functional_call(self._model_func, duals, (X,)))
+        with torch.enable_grad():
+            with fwAD.dual_level():
+                duals = {
+                    name: fwAD.make_dual(p, t.contiguous())
+                    for name, p, t in zip(self._names, self._params, v)
+                }
+                output, Jv = fwAD.unpack_dual(functional_call(self._model_func, duals, (X,)))
+            # the backward pass runs outside the dual level: inside it, autograd would also
+            # push tangents through the backward graph (a second-order term we do not need)
             check_output(self._loss_func, output)
             if Jv is None:  # the output does not depend on the parameters
                 Jv = torch.zeros_like(output)
-            u = self._output_product(output.detach(), y, Jv.unsqueeze(0)).squeeze(0)
-            grads = torch.autograd.grad(output, self._params, grad_outputs=u, allow_unused=True)
+            with torch.no_grad():
+                u = self._output_product(output.detach(), y, Jv.detach().unsqueeze(0))
+            grads = torch.autograd.grad(
+                output, self._params, grad_outputs=u.squeeze(0), allow_unused=True
+            )
         return [
             torch.zeros_like(p).unsqueeze(0) if g is None else g.unsqueeze(0)
             for g, p in zip(grads, self._params)
