@@ -110,6 +110,8 @@ def compiled_products(model, loss_func, params, data):
 
         return run
 
+    # dynamo notes that kernels/dispatch.py caches triton_available(); harmless here
+    warnings.filterwarnings("ignore", message=".*lru_cache.*", category=UserWarning)
     torch._dynamo.reset()  # a fresh compile per model (reuse across models fails, see docs)
     return over_data(torch.compile(hvp_batch)), over_data(torch.compile(ggn_batch))
 
@@ -120,7 +122,7 @@ def build_methods(model, data, compile_: bool) -> dict[str, tuple[str, Callable[
     params = list(model.parameters())
     d = sum(p.numel() for p in params)
     v = torch.randn(d)
-    v_list = [t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in params]), params)]
+    v_list = tuple(t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in params]), params))
     args = (model, loss_func, params, data)
     methods = {"gradient (eager)": ("grad", gradient_fn(*args))}
     H = HessianOperator(*args)
@@ -171,13 +173,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small data, few rounds, no compile")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile rows even with --quick"
+    )
     parser.add_argument("--rounds", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     num, batch = (256, 256) if args.quick else (1024, 512)
     rounds = args.rounds or (5 if args.quick else 21)
-    compile_ = not (args.quick or args.no_compile)
+    compile_ = args.compile or not (args.quick or args.no_compile)
     data = digits_data(num, batch)
     print(
         f"digits, N={num} in batches of {batch}, float32, 1 thread, median of {rounds} rounds "
