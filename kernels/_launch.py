@@ -2,6 +2,9 @@
 
 ``triton`` is an optional dependency (extra ``gpu``). The kernel modules import it through here and
 define their kernels only when it is present, so the references import everywhere.
+
+The kernels compute every offset that multiplies a runtime stride in int64 (``x.to(tl.int64)``),
+so transposed or sliced views of buffers with more than 2^31 entries address correctly.
 """
 
 from __future__ import annotations

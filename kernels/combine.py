@@ -117,7 +117,7 @@ if triton is not None:
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < m
             g = tl.load(
-                G + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :] * stride_gd,
+                G + rows.to(tl.int64)[:, None] * stride_gm + cols.to(tl.int64)[None, :] * stride_gd,
                 mask=row_ok[:, None] & col_ok[None, :],
                 other=0.0,
             ).to(acc_ty)
@@ -129,7 +129,7 @@ if triton is not None:
             acc += g[:, None, :] * coef[:, :, None]
         gtc = tl.sum(acc, axis=0)  # (K_PAD, BLOCK_D)
         scale = tl.load(a)
-        offs_x = ks[:, None] * stride_xk + cols[None, :] * stride_xd
+        offs_x = ks[:, None] * stride_xk + cols.to(tl.int64)[None, :] * stride_xd
         mask = k_ok[:, None] & col_ok[None, :]
         x = tl.load(X + offs_x, mask=mask, other=0.0).to(acc_ty)
         y = scale * x + gtc

@@ -124,7 +124,7 @@ if triton is not None:
         cols = b * block_size + in_block
         col_ok = (in_block < block_size) & (cols < d)
         t_block = T + b.to(tl.int64) * stride_tb
-        g_cols = G + cols[None, :] * stride_gd
+        g_cols = G + cols.to(tl.int64)[None, :] * stride_gd
         s = tl.zeros((BLOCK_D,), dtype=acc_ty)
         for i0 in range(0, m, BLOCK_I):
             ii = i0 + tl.arange(0, BLOCK_I)

@@ -109,12 +109,12 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK_D)
             col_ok = cols < end
             g = tl.load(
-                g_rows + cols[None, :] * stride_gd,
+                g_rows + cols.to(tl.int64)[None, :] * stride_gd,
                 mask=row_ok[:, None] & col_ok[None, :],
                 other=0.0,
             ).to(acc_ty)
             v = tl.load(
-                v_rows + cols[None, :] * stride_vd,
+                v_rows + cols.to(tl.int64)[None, :] * stride_vd,
                 mask=k_ok[:, None] & col_ok[None, :],
                 other=0.0,
             ).to(acc_ty)

@@ -88,9 +88,13 @@ if triton is not None:
         if ONE_TILE:
             cols = tl.arange(0, BLOCK_C)
             mask = row_ok[:, None] & (cols < C)[None, :]
-            z = tl.load(z_rows + cols[None, :] * stride_zc, mask=mask, other=-float("inf"))
+            z = tl.load(
+                z_rows + cols.to(tl.int64)[None, :] * stride_zc, mask=mask, other=-float("inf")
+            )
             z = z.to(acc_ty)
-            u = tl.load(u_rows + cols[None, :] * stride_uc, mask=mask, other=0.0).to(acc_ty)
+            u = tl.load(u_rows + cols.to(tl.int64)[None, :] * stride_uc, mask=mask, other=0.0).to(
+                acc_ty
+            )
             mx = tl.where(row_ok, tl.max(z, axis=1), 0.0)  # rows past n_rows: all -inf
             e = tl.exp(z - mx[:, None])
             p = e / tl.where(row_ok, tl.sum(e, axis=1), 1.0)[:, None]
@@ -104,9 +108,13 @@ if triton is not None:
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
                 mask = row_ok[:, None] & (cols < C)[None, :]
-                z = tl.load(z_rows + cols[None, :] * stride_zc, mask=mask, other=-float("inf"))
+                z = tl.load(
+                    z_rows + cols.to(tl.int64)[None, :] * stride_zc, mask=mask, other=-float("inf")
+                )
                 z = z.to(acc_ty)
-                u = tl.load(u_rows + cols[None, :] * stride_uc, mask=mask, other=0.0).to(acc_ty)
+                u = tl.load(
+                    u_rows + cols.to(tl.int64)[None, :] * stride_uc, mask=mask, other=0.0
+                ).to(acc_ty)
                 new_mx = tl.maximum(mx, tl.max(z, axis=1))
                 # Rows past n_rows stay at -inf: keep their arithmetic finite (never stored).
                 new_mx = tl.where(row_ok, new_mx, 0.0)
@@ -120,9 +128,13 @@ if triton is not None:
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
                 mask = row_ok[:, None] & (cols < C)[None, :]
-                z = tl.load(z_rows + cols[None, :] * stride_zc, mask=mask, other=-float("inf"))
+                z = tl.load(
+                    z_rows + cols.to(tl.int64)[None, :] * stride_zc, mask=mask, other=-float("inf")
+                )
                 z = z.to(acc_ty)
-                u = tl.load(u_rows + cols[None, :] * stride_uc, mask=mask, other=0.0).to(acc_ty)
+                u = tl.load(
+                    u_rows + cols.to(tl.int64)[None, :] * stride_uc, mask=mask, other=0.0
+                ).to(acc_ty)
                 p = tl.exp(z - mx[:, None]) / total[:, None]
                 out = p * (u - pu[:, None])
                 tl.store(o_rows + cols[None, :], out.to(Out.dtype.element_ty), mask=mask)
