@@ -174,7 +174,8 @@ def bench_gram_diag(table, rounds, cases):
 
     for m, d, B, t_dtype in cases:
         nb = 1 if B is None else -(-d // B)
-        if not fits(2 * m * d * 4 + nb * m * m * 8):
+        t_size = torch.tensor([], dtype=t_dtype).element_size()
+        if not fits(m * d * 4 + 2 * m * d * t_size + nb * m * m * t_size):  # G, G.to(T), T G
             continue
         G = torch.randn(m, d, device="cuda")
         T = torch.randn(nb, m, m, device="cuda", dtype=t_dtype) / m**0.5
