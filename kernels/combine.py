@@ -11,7 +11,7 @@ from ._launch import cdiv, next_power_of_2, require_triton, tl, triton
 MAX_K = 4
 """Largest number of columns ``k`` the Triton kernel handles; wider inputs go to the reference."""
 
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 25
 """Entries of ``G`` converted at a time when the reference must change its dtype."""
 
 

@@ -8,7 +8,7 @@ from torch import Tensor
 from ._checks import accumulation_dtype, check_same_device, check_tensor
 from ._launch import cdiv, next_power_of_2, require_triton, tl, triton
 
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 25
 """Entries of the ``T G`` product the reference materializes at a time."""
 
 
@@ -41,7 +41,7 @@ def gram_diag_reference(G: Tensor, T: Tensor, block_size: int | None = None) -> 
 
     With ``T_b = L_b^{-1}`` (``A_b = L_b L_b^T`` the Cholesky factor of M-FAC's m x m matrix),
     ``s_j = [G_b^T A_b^{-1} G_b]_{jj}`` and the inverse diagonal is ``1/damp - s_j / damp^2``.
-    This reference materializes ``T G`` a chunk of about 4M entries at a time (a batch of blocks,
+    This reference materializes ``T G`` a chunk of 2^25 entries at a time (a batch of blocks,
     or a range of columns of one large block); the Triton kernel does not materialize it at all.
     Products accumulate in the wider of ``T``'s dtype and float32.
 

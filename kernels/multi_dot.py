@@ -15,7 +15,7 @@ from ._launch import cdiv, concurrent_programs, next_power_of_2, require_triton,
 MAX_K = 4
 """Largest ``k`` the Triton kernel handles; more vectors go to the reference (a GEMM)."""
 
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 25
 """Entries of ``G`` converted at a time when the reference must change its dtype."""
 
 
