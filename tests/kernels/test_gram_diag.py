@@ -100,7 +100,9 @@ def test_gram_diag_mfac_inverse_diagonal(device):
 
 def test_gram_diag_empty_and_dispatch(device):
     G = torch.randn(0, 5, device=device)
-    assert torch.equal(gram_diag_triton(G, torch.zeros(1, 0, 0, device=device)), torch.zeros(5))
+    assert torch.equal(
+        gram_diag_triton(G, torch.zeros(1, 0, 0, device=device)), torch.zeros(5, device=device)
+    )
     G = torch.randn(3, 50, device=device, dtype=torch.bfloat16)
     T = torch.randn(2, 3, 3, device=device)
     torch.testing.assert_close(kernels.gram_diag(G, T, 25), gram_diag_triton(G, T, 25))
