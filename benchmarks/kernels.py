@@ -25,9 +25,8 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # must be set before curvopt.kernels (and with it the kernels) is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from curvopt.kernels import dispatch  # noqa: E402
-
 from curvopt import kernels  # noqa: E402
+from curvopt.kernels import dispatch  # noqa: E402
 
 # Nominal peaks from the vendors' data sheets: (HBM GB/s, FP32 TFLOP/s, FP64 tensor TFLOP/s).
 NOMINAL_PEAKS = {

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from curvopt.kernels import dispatch
 
 STORAGE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from conftest import SIZE_DTYPE_CASES, assert_close_scaled
-from curvopt.kernels._checks import accumulation_dtype
-from curvopt.kernels.combine import combine_reference, combine_triton
 
 from curvopt import kernels
+from curvopt.kernels._checks import accumulation_dtype
+from curvopt.kernels.combine import combine_reference, combine_triton
 
 
 def _check(a, x, G, c):

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+
 from curvopt.kernels import dispatch
 
 triton = pytest.importorskip("triton")

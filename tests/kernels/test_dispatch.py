@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from curvopt.kernels import dispatch
 
 from curvopt import kernels
+from curvopt.kernels import dispatch
 
 needs_triton = pytest.mark.skipif(not dispatch.triton_available(), reason="triton not installed")
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 from conftest import SIZE_DTYPE_CASES, assert_close_scaled
-from curvopt.kernels.gram_diag import gram_diag_reference, gram_diag_triton
 
 from curvopt import kernels
+from curvopt.kernels.gram_diag import gram_diag_reference, gram_diag_triton
 
 
 def _dense(G, T, B):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 from conftest import SIZE_DTYPE_CASES, assert_close_scaled
-from curvopt.kernels.multi_dot import multi_dot_reference, multi_dot_triton
 
 from curvopt import kernels
+from curvopt.kernels.multi_dot import multi_dot_reference, multi_dot_triton
 
 
 def _check(G, V, out_dtype, **launch):

@@ -3,12 +3,12 @@
 import pytest
 import torch
 from conftest import SIZE_DTYPE_CASES, assert_close_scaled
+
+from curvopt import kernels
 from curvopt.kernels.softmax_curvature import (
     softmax_curvature_reference,
     softmax_curvature_triton,
 )
-
-from curvopt import kernels
 
 
 def _dense(z, u):
