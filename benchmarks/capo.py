@@ -26,7 +26,7 @@ import torch
 
 from curvopt.rl.addition_task import AdditionTask, greedy_accuracy, supervised_warmstart
 from curvopt.rl.capo import CAPOLoss, calibrate_thresholds
-from curvopt.rl.grpo import GRPOTrainer
+from curvopt.rl.grpo import GRPOTrainer, group_advantages
 from curvopt.rl.sequence_policy import GRUPolicy, sample_tokens
 from curvopt.rl.token_losses import grpo_loss
 
@@ -46,13 +46,15 @@ def warm_start(seed: int, args) -> tuple[AdditionTask, dict]:
     return task, {k: v.clone() for k, v in policy.state_dict().items()}
 
 
-def calibrate(policy, capo: CAPOLoss, task, gen, percentile: float) -> tuple[float, float]:
-    """tau_H, tau_F at a percentile of the unmasked predictions on one calibration batch."""
+def calibrate(policy, capo: CAPOLoss, task, gen, percentile: float):
+    """tau_H, tau_F at a percentile of the unmasked predictions on one calibration batch.
+
+    Also returns, for that batch, the fraction of positive- and of negative-advantage tokens that
+    the calibrated mask rejects.
+    """
     prompts, answers = task.sample(64, gen)
     rep = prompts.repeat_interleave(GROUP, 0)
     comp = sample_tokens(policy, rep, task.answer_len, gen)
-    from curvopt.rl.grpo import group_advantages
-
     adv = group_advantages(task.reward(comp, answers.repeat_interleave(GROUP, 0)), GROUP)
     seq = torch.cat([rep, comp], 1)
     with torch.no_grad():
@@ -60,7 +62,12 @@ def calibrate(policy, capo: CAPOLoss, task, gen, percentile: float) -> tuple[flo
     dj, dkl = capo.masker.predict(policy.head.weight, h, comp, adv, capo.lr(), policy.head.bias)
     informative = adv != 0  # tokens of groups with equal rewards carry no update
     valid = informative[:, None].expand_as(dj)
-    return calibrate_thresholds(dj, dkl, valid, percentile)
+    taus = calibrate_thresholds(dj, dkl, valid, percentile)
+    capo.masker.tau_h, capo.masker.tau_f = taus
+    rejected = valid & ~capo.masker.keep(dj, dkl)
+    A = adv[:, None].expand_as(dj)
+    split = (float(rejected[A > 0].float().mean()), float(rejected[A < 0].float().mean()))
+    return taus, split
 
 
 def lr_factor(step: int, args) -> float:
@@ -89,11 +96,12 @@ def run_arm(name: str, lr: float, percentile, seed: int, task, state, args) -> d
     opt = (torch.optim.Adam if args.optimizer == "adam" else torch.optim.SGD)(params, lr=lr)
     gen = torch.Generator().manual_seed(seed + 2000)
     capo = None
-    taus = (math.nan, math.nan)
+    taus = split = (math.nan, math.nan)
     if percentile is not None:
         capo = CAPOLoss(grpo_loss, policy.head, opt, tau_h=math.inf, tau_f=math.inf)
-        taus = calibrate(policy, capo, task, torch.Generator().manual_seed(seed + 3000), percentile)
-        capo.masker.tau_h, capo.masker.tau_f = taus
+        taus, split = calibrate(
+            policy, capo, task, torch.Generator().manual_seed(seed + 3000), percentile
+        )
     trainer = GRPOTrainer(policy, opt, grpo_loss, GROUP, capo=capo, generator=gen)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, args))
     test_p, test_a = task.sample(500, torch.Generator().manual_seed(seed + 4000))
@@ -114,6 +122,7 @@ def run_arm(name: str, lr: float, percentile, seed: int, task, state, args) -> d
             hist["greedy"].append((step + 1, greedy_accuracy(policy, task, test_p, test_a)))
     hist["seconds"] = time.perf_counter() - t0
     hist["taus"] = taus
+    hist["calibration_rejected"] = split
     return hist
 
 
@@ -145,7 +154,7 @@ def main() -> int:
     ap.add_argument(
         "--percentiles",
         type=lambda x: [float(v) for v in x.split(",")],
-        default=[95.0, 80.0],
+        default=[95.0, 80.0, 50.0, 20.0],
         help="threshold calibration percentiles, one CAPO arm each",
     )
     ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
@@ -229,6 +238,13 @@ def report(results, arms, args):
         print(
             f"\n{name}: thresholds per seed ({pct:g}th percentile calibration): "
             + ", ".join(f"tau_H={h['taus'][0]:.3g} tau_F={h['taus'][1]:.3g}" for h in capo)
+        )
+        print(
+            "  rejected on the calibration batch, advantage > 0 / < 0: "
+            + ", ".join(
+                f"{h['calibration_rejected'][0]:.2f} / {h['calibration_rejected'][1]:.2f}"
+                for h in capo
+            )
         )
         pred = torch.tensor([x for h in capo for x in h["predicted_kl"]])
         head = torch.tensor([x for h in capo for x in h["realized_head_kl"]])

@@ -356,6 +356,12 @@ class CAPOMasker:
             0-d tensor.
         """
         lr = _check_lr(lr)
+        if hidden.ndim != 3 or hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"hidden must have shape (B, T, {weight.shape[1]}), got {tuple(hidden.shape)}"
+            )
+        if mask is not None and mask.shape != hidden.shape[:2]:
+            raise ValueError(f"mask must have shape {tuple(hidden.shape[:2])}")
         W, h = _augment(weight.detach(), None if bias is None else bias.detach(), hidden.detach())
         if ascent_grad.shape != W.shape:
             raise ValueError(
@@ -429,9 +435,13 @@ class CAPOLoss:
         head: The policy's last layer (``nn.Linear``; ``logits = head(hidden)``).
         optimizer: The optimizer training ``head`` (gives ``lr`` and, for Adam/AdamW, the
             direction model's ``betas``/``eps``). May be None if ``lr`` is passed per call.
-        tau_h, tau_f, top_k, symmetric, chunk_size: As in :class:`CAPOMasker`.
+        tau_h: Threshold on ``|Delta J_t|`` (see :class:`CAPOMasker`).
+        tau_f: Threshold on ``Delta KL_t``.
+        top_k: Softmax support size ``K`` (``None``: whole vocabulary).
         direction: Direction model; default: chosen from ``optimizer``
             (:func:`~curvopt.rl.capo_direction.direction_for`).
+        symmetric: Keep rule on ``Delta J`` (see :class:`CAPOMasker`).
+        chunk_size: Tokens per chunk (see :class:`CAPOMasker`).
     """
 
     def __init__(

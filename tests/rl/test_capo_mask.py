@@ -227,3 +227,24 @@ def test_bad_inputs_raise_clear_errors():
             torch.ones(B, T, dtype=torch.bool),
             clip_eps=0.0,
         )
+
+
+def test_predict_update_kl_validates_and_matches_dense():
+    W, bias, hidden, actions, adv, mask = _inputs(6)
+    g = torch.randn(V, H + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    m = CAPOMasker(1.0, 1.0)
+    got = m.predict_update_kl(W, hidden, g, 0.1, bias, mask)
+    want, n = 0.0, 0
+    for i in range(B):
+        for t in range(T):
+            if mask[i, t]:
+                ha = torch.cat([hidden[i, t], torch.ones(1, dtype=torch.float64)])
+                p = torch.softmax(torch.cat([W, bias[:, None]], 1) @ ha, 0)
+                u = g @ ha
+                want += 0.5 * 0.01 * u @ ((torch.diag(p) - torch.outer(p, p)) @ u)
+                n += 1
+    assert torch.allclose(got, want / n, rtol=1e-10)
+    with pytest.raises(ValueError, match="hidden"):
+        m.predict_update_kl(W, hidden[..., :-1], g, 0.1, bias)
+    with pytest.raises(ValueError, match="ascent_grad"):
+        m.predict_update_kl(W, hidden, g[:, :-1], 0.1, bias)
