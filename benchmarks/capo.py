@@ -186,9 +186,60 @@ def main() -> int:
                 flush=True,
             )
     report(results, arms, args)
+    step_overhead(args, repeats=5 if args.quick else 30)
     if not args.no_plots:
         plot(results, arms, args)
     return 0
+
+
+def step_overhead(args, repeats: int) -> None:
+    """Wall time of one GRPO step with vs without the CAPO mask, interleaved, medians."""
+    task = AdditionTask(args.max_operand)
+    rows = []
+    for direction in ("sgd", "adam"):
+        times = {"GRPO": [], "GRPO+CAPO": []}
+        trainers = {}
+        for name in times:
+            torch.manual_seed(0)
+            policy = GRUPolicy(task.vocab_size, args.hidden)
+            opt = (torch.optim.SGD if direction == "sgd" else torch.optim.Adam)(
+                policy.parameters(), lr=1e-9
+            )
+            capo = None
+            if name == "GRPO+CAPO":
+                capo = CAPOLoss(grpo_loss, policy.head, opt, tau_h=1.0, tau_f=1.0)
+            trainers[name] = GRPOTrainer(
+                policy,
+                opt,
+                grpo_loss,
+                GROUP,
+                capo=capo,
+                track_kl=False,
+                generator=torch.Generator().manual_seed(0),
+            )
+        gen = torch.Generator().manual_seed(1)
+        for r in range(repeats + 2):
+            prompts, answers = task.sample(args.prompts, gen)
+            for name, trainer in trainers.items():
+                t0 = time.perf_counter()
+                trainer.step(
+                    prompts,
+                    task.answer_len,
+                    lambda c, a=answers: task.reward(c, a.repeat_interleave(GROUP, 0)),
+                )
+                if r >= 2:  # skip warm-up repeats
+                    times[name].append(time.perf_counter() - t0)
+        med = {k: float(torch.tensor(v).median()) for k, v in times.items()}
+        rows.append((direction, med["GRPO"], med["GRPO+CAPO"]))
+    print(
+        f"\nstep time, {args.prompts} prompts x {GROUP} samples, median of {repeats} interleaved:"
+    )
+    print("| optimizer / direction model | GRPO step (ms) | GRPO+CAPO step (ms) | ratio |")
+    print("|---|---|---|---|")
+    for d, a, b in rows:
+        print(
+            f"| {'SGD' if d == 'sgd' else 'Adam'} | {1e3 * a:.1f} | {1e3 * b:.1f} | {b / a:.2f} |"
+        )
 
 
 def report(results, arms, args):

@@ -92,7 +92,8 @@ class GRPOTrainer:
         normalize_std: Divide advantages by the group standard deviation.
         num_iterations: Optimizer steps per batch of samples (``mu``; the ratio to the sampling
             policy is 1 in the first).
-        track_kl: Measure the realized KL of each step (one extra forward pass).
+        track_kl: Measure the realized KL of each step (one extra forward pass) and, with CAPO,
+            its prediction of the step's KL (diagnostics; off for timing).
         generator: Random generator for sampling.
     """
 
@@ -148,9 +149,9 @@ class GRPOTrainer:
         Returns:
             0-d tensors: ``reward`` (mean), ``loss``, ``entropy`` (mean per token),
             ``rejected_fraction``, ``predicted_kl`` (CAPO's last-layer model of the step's mean
-            KL; NaN without CAPO), ``realized_kl`` and ``realized_head_kl`` (the step's mean KL
-            for the whole model and for the head alone on the old hidden states; NaN when
-            ``track_kl`` is off), ``mean_delta_kl``/``mean_abs_delta_j`` (CAPO's token
+            KL; NaN without CAPO or ``track_kl``), ``realized_kl`` and ``realized_head_kl`` (the
+            step's mean KL for the whole model and for the head alone on the old hidden states;
+            NaN when ``track_kl`` is off), ``mean_delta_kl``/``mean_abs_delta_j`` (CAPO's token
             predictions; NaN without CAPO).
         """
         G, Lp = self.group_size, prompts.shape[1]
@@ -186,7 +187,7 @@ class GRPOTrainer:
             self.optimizer.zero_grad()
             loss.backward()
             if self.capo is not None:
-                if it == 0:
+                if it == 0 and self.track_kl:
                     out["predicted_kl"] = self.capo.predict_step_kl(old_h)
                 self.capo.update_direction()
             self.optimizer.step()
