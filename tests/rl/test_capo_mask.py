@@ -248,3 +248,32 @@ def test_predict_update_kl_validates_and_matches_dense():
         m.predict_update_kl(W, hidden[..., :-1], g, 0.1, bias)
     with pytest.raises(ValueError, match="ascent_grad"):
         m.predict_update_kl(W, hidden, g[:, :-1], 0.1, bias)
+
+
+def test_token_losses_against_explicit_loops():
+    g = torch.Generator().manual_seed(8)
+    lp = torch.randn(B, T, dtype=torch.float64, generator=g) * 0.1 - 1
+    old = lp + torch.randn(B, T, dtype=torch.float64, generator=g) * 0.3
+    adv = torch.randn(B, dtype=torch.float64, generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.7
+    mask[0] = False  # a completion with no kept token contributes 0 to GRPO
+
+    def surr(i, t):
+        r = torch.exp(lp[i, t] - old[i, t])
+        return -min(r * adv[i], min(max(r, 0.8), 1.2) * adv[i])
+
+    grpo = (
+        sum(
+            sum(surr(i, t) for t in range(T) if mask[i, t]) / max(1, int(mask[i].sum()))
+            for i in range(B)
+        )
+        / B
+    )
+    dr = sum(surr(i, t) for i in range(B) for t in range(T) if mask[i, t]) / (B * T)
+    rf = sum(-adv[i] * lp[i, t] for i in range(B) for t in range(T) if mask[i, t]) / B
+    assert torch.allclose(grpo_loss(lp, old, adv, mask), torch.as_tensor(grpo))
+    assert torch.allclose(dr_grpo_loss(lp, old, adv, mask), torch.as_tensor(dr))
+    assert torch.allclose(reinforce_loss(lp, old, adv, mask), torch.as_tensor(rf))
+    # per-token advantages give the same result as per-completion ones broadcast
+    adv_tok = adv[:, None].expand(B, T)
+    assert torch.allclose(grpo_loss(lp, old, adv_tok, mask), grpo_loss(lp, old, adv, mask))
