@@ -1,0 +1,550 @@
+"""CAPO: curvature-aware token masking for policy-gradient losses (Melo, Abate, Gal, 2025).
+
+Under aggressive learning rates GRPO-style training collapses. CAPO predicts, for every token, the
+change of the objective and of the KL that the update would cause, from a curvature model of the
+last layer, and drops the tokens whose update would be unstable.
+
+**Curvature model.** Logits ``z_t = W h_t (+ b)`` with ``h_t`` the detached final hidden state and
+``W`` the ``V x H`` head; the policy at position ``t`` is the softmax ``pi_t`` over the top-K logits
+``I_t`` (the sampled action is always kept in ``I_t``). With the completion's advantage ``A``
+and the score ``s_t = e_{a_t} - pi_t``, the token gradient is ``G_t = A s_t h_t^T``; a direction
+model (:mod:`curvopt.rl.capo_direction`) gives the modeled step ``Delta_t = P(G_t)`` and the logit
+change ``u_t = Delta_t h_t``. With learning rate ``eta``:
+
+.. math::
+
+    \\Delta J_t = \\eta \\langle G_t, \\Delta_t\\rangle
+        + \\tfrac12 \\eta^2 A\\big[(s_t\\cdot u_t)^2
+        - u_t^\\top(\\mathrm{Diag}(\\pi_t) - \\pi_t\\pi_t^\\top) u_t\\big],
+    \\qquad
+    \\Delta \\mathrm{KL}_t = \\tfrac12 \\eta^2 (s_t\\cdot u_t)^2 .
+
+``Delta J_t`` is the second-order expansion of the change of the importance-weighted token objective
+``A pi_new(a_t)/pi_old(a_t)``; ``Delta KL_t`` that of the one-sample KL estimate
+``(log pi_new(a_t) - log pi_old(a_t))^2 / 2`` (whose expectation over ``a_t`` is the KL). A token
+is kept iff ``|Delta J_t| < tau_H`` and ``Delta KL_t < tau_F`` (with ``symmetric=False``:
+``0 <= Delta J_t < tau_H``). The softmax-curvature product goes through
+:func:`curvopt.kernels.softmax_curvature`.
+
+**Cost.** Tokens are processed in chunks of ``chunk_size``: the largest temporaries are
+``chunk x V`` logits and, for the Adam model only, ``chunk x K x H`` per-token matrices; the SGD
+model is closed form (``O(K + H)`` per token).
+
+Example:
+    >>> head = torch.nn.Linear(8, 5)
+    >>> hidden = torch.randn(2, 3, 8)
+    >>> actions = torch.randint(0, 5, (2, 3))
+    >>> masker = CAPOMasker(tau_h=1e-2, tau_f=1e-4, top_k=4)
+    >>> out = masker(head.weight, hidden, actions, torch.tensor([1.0, -1.0]), lr=1e-2,
+    ...              bias=head.bias)
+    >>> out.keep.shape, out.delta_kl.shape
+    (torch.Size([2, 3]), torch.Size([2, 3]))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from curvopt.kernels import softmax_curvature
+
+from .capo_direction import (
+    AdamDirection,
+    SGDDirection,
+    direction_for,
+    find_param_group,
+)
+
+#: Elements allowed in one chunk's largest temporary when ``chunk_size`` is not given.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+TokenLoss = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class CAPOMask:
+    """Per-token predictions and the resulting mask, all ``(B, T)``.
+
+    Attributes:
+        keep: Tokens that pass both thresholds (and are valid completion tokens).
+        delta_j: Predicted objective change ``Delta J_t`` (0 on invalid tokens).
+        delta_kl: Predicted KL change ``Delta KL_t`` (0 on invalid tokens).
+        valid: The completion mask the prediction was made for.
+    """
+
+    keep: Tensor
+    delta_j: Tensor
+    delta_kl: Tensor
+    valid: Tensor
+
+    @property
+    def rejected_fraction(self) -> Tensor:
+        """Fraction of valid tokens that were masked out (0-d tensor; no host sync)."""
+        n = self.valid.sum().clamp_min(1)
+        return (self.valid & ~self.keep).sum() / n
+
+    def stats(self) -> dict[str, Tensor]:
+        """Summary statistics over the valid tokens, as 0-d tensors."""
+        n = self.valid.sum().clamp_min(1)
+        w = self.valid.to(self.delta_kl.dtype)
+        return {
+            "rejected_fraction": self.rejected_fraction,
+            "mean_delta_j": (self.delta_j * w).sum() / n,
+            "mean_abs_delta_j": (self.delta_j.abs() * w).sum() / n,
+            "mean_delta_kl": (self.delta_kl * w).sum() / n,
+            "max_delta_kl": (self.delta_kl * w).max(),
+        }
+
+
+def _check_threshold(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative threshold (inf disables it), got {value}")
+    return value
+
+
+def _check_lr(lr: float) -> float:
+    if isinstance(lr, Tensor):
+        lr = float(lr)
+    if not isinstance(lr, int | float) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr must be a finite non-negative number, got {lr}")
+    return float(lr)
+
+
+def _augment(weight: Tensor, bias: Tensor | None, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold the bias into the weight: ``[W, b]`` and ``[h, 1]``."""
+    if bias is None:
+        return weight, hidden
+    ones = hidden.new_ones(*hidden.shape[:-1], 1)
+    return torch.cat([weight, bias[:, None]], 1), torch.cat([hidden, ones], -1)
+
+
+def _validate(weight, bias, hidden, actions, advantages, mask):
+    if not isinstance(weight, Tensor) or weight.ndim != 2:
+        raise ValueError("weight must be the (V, H) last-layer weight matrix")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    V, H = weight.shape
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (V,)):
+        raise ValueError(f"bias must have shape ({V},), got {getattr(bias, 'shape', bias)}")
+    if not isinstance(hidden, Tensor) or hidden.ndim != 3 or hidden.shape[-1] != H:
+        raise ValueError(
+            f"hidden must have shape (B, T, {H}) to match the weight's hidden size, "
+            f"got {tuple(getattr(hidden, 'shape', ()))}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden has dtype {hidden.dtype} but the weight has {weight.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but the weight is on {weight.device}")
+    B, T = hidden.shape[:2]
+    if not isinstance(actions, Tensor) or actions.shape != (B, T):
+        raise ValueError(
+            f"actions must have shape {(B, T)} like hidden[..., 0], "
+            f"got {tuple(getattr(actions, 'shape', ()))}"
+        )
+    if actions.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"actions must be integer token ids, got {actions.dtype}")
+    if actions.numel() and (bool((actions < 0).any()) or bool((actions >= V).any())):
+        raise ValueError(f"actions must be token ids in [0, {V}), the head's vocabulary")
+    if not isinstance(advantages, Tensor) or advantages.shape not in ((B,), (B, T)):
+        raise ValueError(
+            f"advantages must have shape ({B},) (one per completion) or {(B, T)}, "
+            f"got {tuple(getattr(advantages, 'shape', ()))}"
+        )
+    if not bool(torch.isfinite(advantages).all()):
+        raise ValueError("advantages contain NaN or Inf")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.shape != (B, T):
+            raise ValueError(f"mask must have shape {(B, T)}, got {getattr(mask, 'shape', mask)}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+
+
+class CAPOMasker:
+    """Predict per-token ``Delta J`` and ``Delta KL`` and keep the tokens below both thresholds.
+
+    Args:
+        tau_h: Threshold on ``|Delta J_t|`` (``>= 0``; ``inf`` disables it).
+        tau_f: Threshold on ``Delta KL_t`` (``>= 0``; ``inf`` disables it).
+        top_k: Size ``K`` of the per-position softmax support (``None``: the whole vocabulary).
+        direction: ``"sgd"``, ``"adam"`` or a direction model instance
+            (:class:`~curvopt.rl.capo_direction.SGDDirection`,
+            :class:`~curvopt.rl.capo_direction.AdamDirection`).
+        symmetric: Keep iff ``|Delta J| < tau_h`` (True) or ``0 <= Delta J < tau_h`` (False).
+        chunk_size: Tokens per chunk (``None``: as many as fit
+            :data:`DEFAULT_CHUNK_ELEMENTS` elements in the largest temporary).
+    """
+
+    def __init__(
+        self,
+        tau_h: float,
+        tau_f: float,
+        top_k: int | None = None,
+        direction: str | SGDDirection | AdamDirection = "sgd",
+        symmetric: bool = True,
+        chunk_size: int | None = None,
+    ):
+        self.tau_h = tau_h
+        self.tau_f = tau_f
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+            raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        self.top_k = top_k
+        if isinstance(direction, str):
+            if direction not in ("sgd", "adam"):
+                raise ValueError(f"direction must be 'sgd', 'adam' or a model, got {direction!r}")
+            direction = SGDDirection() if direction == "sgd" else AdamDirection()
+        if not all(hasattr(direction, a) for a in ("token_terms", "preview", "update")):
+            raise TypeError("direction must provide token_terms, preview and update")
+        self.direction = direction
+        self.symmetric = bool(symmetric)
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    @property
+    def tau_h(self) -> float:
+        """Threshold on ``|Delta J_t|``."""
+        return self._tau_h
+
+    @tau_h.setter
+    def tau_h(self, value: float) -> None:
+        self._tau_h = _check_threshold(value, "tau_h")
+
+    @property
+    def tau_f(self) -> float:
+        """Threshold on ``Delta KL_t``."""
+        return self._tau_f
+
+    @tau_f.setter
+    def tau_f(self, value: float) -> None:
+        self._tau_f = _check_threshold(value, "tau_f")
+
+    def _chunk(self, K: int, H: int, V: int) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        per_token = max(V, K * H if isinstance(self.direction, AdamDirection) else K + H)
+        return max(1, DEFAULT_CHUNK_ELEMENTS // per_token)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        weight: Tensor,
+        hidden: Tensor,
+        actions: Tensor,
+        advantages: Tensor,
+        lr: float,
+        bias: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Predicted ``Delta J_t`` and ``Delta KL_t`` for every token.
+
+        Args:
+            weight: ``(V, H)`` last-layer weight ``W``.
+            hidden: ``(B, T, H)`` final hidden states (used detached).
+            actions: ``(B, T)`` sampled token ids.
+            advantages: ``(B,)`` per completion or ``(B, T)`` per token.
+            lr: Learning rate ``eta`` of the step being modeled.
+            bias: Optional ``(V,)`` head bias (folded in as a column of ``W``).
+            mask: Optional ``(B, T)`` bool completion mask; predictions are 0 outside it.
+
+        Returns:
+            ``(delta_j, delta_kl)``, each ``(B, T)`` in the weight's dtype.
+
+        Raises:
+            ValueError: On mismatched shapes, ``top_k`` larger than the vocabulary, token ids out
+                of range, non-finite advantages, a negative learning rate.
+            TypeError: On wrong dtypes.
+        """
+        _validate(weight, bias, hidden, actions, advantages, mask)
+        lr = _check_lr(lr)
+        V = weight.shape[0]
+        K = V if self.top_k is None else self.top_k
+        if K > V:
+            raise ValueError(f"top_k={K} is larger than the vocabulary size V={V}")
+        W, h = _augment(weight.detach(), None if bias is None else bias.detach(), hidden.detach())
+        moments = getattr(self.direction, "exp_avg", None)
+        if moments is not None and moments.shape != W.shape:
+            raise ValueError(
+                f"the direction model's moments have shape {tuple(moments.shape)} but the head "
+                f"(with its bias folded in) has shape {tuple(W.shape)}"
+            )
+        B, T, Hp = h.shape
+        h = h.reshape(B * T, Hp)
+        a = actions.reshape(-1).long()
+        adv = advantages.to(W.dtype)
+        adv = (adv[:, None].expand(B, T) if adv.ndim == 1 else adv).reshape(-1)
+        dj = W.new_zeros(B * T)
+        dkl = W.new_zeros(B * T)
+        step = self._chunk(K, Hp, V)
+        for lo in range(0, B * T, step):
+            sl = slice(lo, lo + step)
+            dj[sl], dkl[sl] = self._chunk_terms(W, h[sl], a[sl], adv[sl], K, lr)
+        dj, dkl = dj.view(B, T), dkl.view(B, T)
+        if mask is not None:
+            dj, dkl = dj * mask, dkl * mask
+        return dj, dkl
+
+    def _chunk_terms(self, W, h, a, adv, K, lr):
+        z = h @ W.T  # (c, V)
+        if K < z.shape[1]:
+            zk, rows = z.topk(K, dim=-1)
+            missing = ~(rows == a[:, None]).any(-1)
+            rows[missing, -1] = a[missing]  # the sampled action is always in the support
+            zk[missing, -1] = z[missing, a[missing]]
+        else:
+            rows = torch.arange(z.shape[1], device=z.device).expand_as(z)
+            zk = z
+        pi = torch.softmax(zk, dim=-1)
+        s = (rows == a[:, None]).to(pi.dtype) - pi
+        g_dot_d, u = self.direction.token_terms(h, s, adv, rows)
+        su = (s * u).sum(-1)
+        curv = (u * softmax_curvature(zk, u)).sum(-1)
+        dj = lr * g_dot_d + 0.5 * lr**2 * adv * (su.square() - curv)
+        return dj, 0.5 * lr**2 * su.square()
+
+    def keep(self, delta_j: Tensor, delta_kl: Tensor) -> Tensor:
+        """The keep rule on given predictions: ``|Delta J| < tau_h`` and ``Delta KL < tau_f``."""
+        ok_j = (
+            delta_j.abs() < self.tau_h
+            if self.symmetric
+            else (delta_j >= 0) & (delta_j < self.tau_h)
+        )
+        return ok_j & (delta_kl < self.tau_f)
+
+    def __call__(
+        self,
+        weight: Tensor,
+        hidden: Tensor,
+        actions: Tensor,
+        advantages: Tensor,
+        lr: float,
+        bias: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> CAPOMask:
+        """Predict and mask; arguments as in :meth:`predict`. Returns a :class:`CAPOMask`."""
+        dj, dkl = self.predict(weight, hidden, actions, advantages, lr, bias, mask)
+        valid = torch.ones_like(dj, dtype=torch.bool) if mask is None else mask
+        return CAPOMask(keep=self.keep(dj, dkl) & valid, delta_j=dj, delta_kl=dkl, valid=valid)
+
+    @torch.no_grad()
+    def predict_update_kl(
+        self,
+        weight: Tensor,
+        hidden: Tensor,
+        ascent_grad: Tensor,
+        lr: float,
+        bias: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Predicted mean KL(pi_old || pi_new) of one whole step of the last layer.
+
+        The modeled step is ``eta P(g)`` for the batch ascent gradient ``g`` (``(V, H)``, or
+        ``(V, H + 1)`` with the bias gradient as last column); per token the logit change is
+        ``u_t = P(g) h_t`` over the full vocabulary and the prediction is
+        ``eta^2/2 u_t^T (Diag(p_t) - p_t p_t^T) u_t`` (second-order KL), averaged over the valid
+        tokens. The direction model's state is not changed.
+
+        Returns:
+            0-d tensor.
+        """
+        lr = _check_lr(lr)
+        if hidden.ndim != 3 or hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"hidden must have shape (B, T, {weight.shape[1]}), got {tuple(hidden.shape)}"
+            )
+        if mask is not None and mask.shape != hidden.shape[:2]:
+            raise ValueError(f"mask must have shape {tuple(hidden.shape[:2])}")
+        W, h = _augment(weight.detach(), None if bias is None else bias.detach(), hidden.detach())
+        if ascent_grad.shape != W.shape:
+            raise ValueError(
+                f"ascent_grad must have shape {tuple(W.shape)}, got {ascent_grad.shape}"
+            )
+        delta = self.direction.preview(ascent_grad.to(W.dtype))
+        B, T, Hp = h.shape
+        h = h.reshape(B * T, Hp)
+        out = W.new_zeros(B * T)
+        step = self._chunk(1, Hp, W.shape[0])
+        for lo in range(0, B * T, step):
+            hc = h[lo : lo + step]
+            z, u = hc @ W.T, hc @ delta.T
+            out[lo : lo + step] = 0.5 * lr**2 * (u * softmax_curvature(z, u)).sum(-1)
+        w = torch.ones(B * T, dtype=W.dtype, device=W.device) if mask is None else mask.reshape(-1)
+        return (out * w).sum() / w.sum().clamp_min(1)
+
+
+def calibrate_thresholds(
+    delta_j: Tensor, delta_kl: Tensor, valid: Tensor | None = None, percentile: float = 95.0
+) -> tuple[float, float]:
+    """Thresholds ``(tau_h, tau_f)`` at a percentile of observed ``|Delta J|`` and ``Delta KL``.
+
+    Thresholds from the paper's 7B-model recipes do not transfer to other model sizes; this sets
+    them from the distribution of the predictions on a calibration batch instead.
+
+    Args:
+        delta_j: Predicted ``Delta J_t``.
+        delta_kl: Predicted ``Delta KL_t``, same shape.
+        valid: Optional bool mask of the tokens to use.
+        percentile: In ``(0, 100]``.
+
+    Returns:
+        Python floats ``(tau_h, tau_f)``.
+    """
+    if delta_j.shape != delta_kl.shape:
+        raise ValueError(f"delta_j {delta_j.shape} and delta_kl {delta_kl.shape} differ in shape")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must lie in (0, 100], got {percentile}")
+    if valid is not None:
+        if valid.shape != delta_j.shape:
+            raise ValueError(f"valid must have shape {tuple(delta_j.shape)}")
+        delta_j, delta_kl = delta_j[valid], delta_kl[valid]
+    if delta_j.numel() == 0:
+        raise ValueError("no tokens to calibrate on")
+    q = percentile / 100
+    return (
+        float(torch.quantile(delta_j.abs().double().flatten(), q)),
+        float(torch.quantile(delta_kl.double().flatten(), q)),
+    )
+
+
+class CAPOLoss:
+    """Apply a CAPO token mask to any token-level policy-gradient loss.
+
+    ``loss_fn(logprobs, old_logprobs, advantages, mask)`` is a token-level loss such as
+    :func:`~curvopt.rl.token_losses.grpo_loss`, :func:`~curvopt.rl.token_losses.dr_grpo_loss`
+    or :func:`~curvopt.rl.token_losses.reinforce_loss`; CAPO only changes ``mask`` (the completion
+    mask times the curvature mask), so masked tokens contribute exactly zero gradient.
+
+    Use with any :mod:`torch.optim` optimizer::
+
+        capo = CAPOLoss(grpo_loss, policy.head, optimizer, tau_h=1e-2, tau_f=1e-4, top_k=50)
+        loss, m = capo(logprobs, logprobs.detach(), adv, completion_mask, hidden, actions)
+        optimizer.zero_grad(); loss.backward()
+        capo.update_direction()            # the Adam model sees the masked global gradient
+        optimizer.step()
+
+    Args:
+        loss_fn: Token-level loss.
+        head: The policy's last layer (``nn.Linear``; ``logits = head(hidden)``).
+        optimizer: The optimizer training ``head`` (gives ``lr`` and, for Adam/AdamW, the
+            direction model's ``betas``/``eps``). May be None if ``lr`` is passed per call.
+        tau_h: Threshold on ``|Delta J_t|`` (see :class:`CAPOMasker`).
+        tau_f: Threshold on ``Delta KL_t``.
+        top_k: Softmax support size ``K`` (``None``: whole vocabulary).
+        direction: Direction model; default: chosen from ``optimizer``
+            (:func:`~curvopt.rl.capo_direction.direction_for`).
+        symmetric: Keep rule on ``Delta J`` (see :class:`CAPOMasker`).
+        chunk_size: Tokens per chunk (see :class:`CAPOMasker`).
+    """
+
+    def __init__(
+        self,
+        loss_fn: TokenLoss,
+        head: nn.Linear,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        tau_h: float,
+        tau_f: float,
+        top_k: int | None = None,
+        direction: str | SGDDirection | AdamDirection | None = None,
+        symmetric: bool = True,
+        chunk_size: int | None = None,
+    ):
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable(logprobs, old_logprobs, advantages, mask)")
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
+        if optimizer is not None:
+            find_param_group(optimizer, head.weight)
+        if direction is None:
+            direction = "sgd" if optimizer is None else direction_for(optimizer, head.weight)
+        self.loss_fn = loss_fn
+        self.head = head
+        self.optimizer = optimizer
+        self.masker = CAPOMasker(tau_h, tau_f, top_k, direction, symmetric, chunk_size)
+
+    def lr(self) -> float:
+        """The current learning rate of the head's param group."""
+        if self.optimizer is None:
+            raise ValueError("no optimizer given: pass lr= to the call")
+        return float(find_param_group(self.optimizer, self.head.weight)["lr"])
+
+    def __call__(
+        self,
+        logprobs: Tensor,
+        old_logprobs: Tensor,
+        advantages: Tensor,
+        completion_mask: Tensor,
+        hidden: Tensor,
+        actions: Tensor,
+        lr: float | None = None,
+    ) -> tuple[Tensor, CAPOMask]:
+        """Masked loss and the mask.
+
+        Args:
+            logprobs: ``(B, T)`` log-probabilities of ``actions`` under the current policy (with
+                grad).
+            old_logprobs: ``(B, T)`` log-probabilities under the sampling policy.
+            advantages: ``(B,)`` or ``(B, T)``.
+            completion_mask: ``(B, T)`` bool, True on real completion tokens.
+            hidden: ``(B, T, H)`` final hidden states at those positions (detached inside).
+            actions: ``(B, T)`` token ids.
+            lr: Learning rate of the coming step (default: from the optimizer).
+
+        Returns:
+            ``(loss, mask)``; ``mask.stats()`` gives the fraction rejected and the mean predicted
+            ``Delta J`` / ``Delta KL``.
+        """
+        if logprobs.shape != actions.shape or old_logprobs.shape != actions.shape:
+            raise ValueError(
+                f"logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)} and "
+                f"actions {tuple(actions.shape)} must have the same (B, T) shape"
+            )
+        lr = self.lr() if lr is None else lr
+        m = self.masker(
+            self.head.weight, hidden, actions, advantages, lr, self.head.bias, completion_mask
+        )
+        return self.loss_fn(logprobs, old_logprobs, advantages, m.keep), m
+
+    def ascent_grad(self) -> Tensor:
+        """``-d loss / d[W, b]`` of the head from its ``.grad`` (after ``backward``)."""
+        if self.head.weight.grad is None:
+            raise ValueError("the head has no gradient yet: call loss.backward() first")
+        g = self.head.weight.grad
+        if self.head.bias is not None:
+            gb = self.head.bias.grad
+            gb = torch.zeros_like(self.head.bias) if gb is None else gb
+            g = torch.cat([g, gb[:, None]], 1)
+        return -g
+
+    def update_direction(self) -> None:
+        """Update the direction model once with the masked global gradient (after backward)."""
+        self.masker.direction.update(self.ascent_grad().detach())
+
+    def predict_step_kl(self, hidden: Tensor, lr: float | None = None, mask: Tensor | None = None):
+        """Predicted mean KL of the coming step of the head.
+
+        Call after ``backward`` and before :meth:`update_direction`; see
+        :meth:`CAPOMasker.predict_update_kl`.
+        """
+        lr = self.lr() if lr is None else lr
+        return self.masker.predict_update_kl(
+            self.head.weight, hidden, self.ascent_grad(), lr, self.head.bias, mask
+        )
+
+
+__all__ = [
+    "AdamDirection",
+    "CAPOLoss",
+    "CAPOMask",
+    "CAPOMasker",
+    "SGDDirection",
+    "calibrate_thresholds",
+]
