@@ -59,8 +59,8 @@ def test_to_scipy_eigsh_and_cg(ggn):
 
 
 def test_hessian_eigsh_matches_eigvalsh():
-    problem = cached_problem("cnn-mse", "sum")
-    H = cached_reference("hessian", "cnn-mse", "sum")
+    problem = cached_problem("mlp-mse", "sum")
+    H = cached_reference("hessian", "mlp-mse", "sum")
     op = HessianOperator(problem.model, problem.loss, problem.params, problem.data)
     top = np.sort(eigsh(op.to_scipy(), k=2, which="LM", return_eigenvectors=False))
     evals = torch.linalg.eigvalsh(H)
