@@ -2,16 +2,16 @@
 
 A curvature operator represents a ``d x d`` matrix over the trainable parameters of a model,
 averaged over a data set given as an iterable of ``(X, y)`` batches, and multiplies it onto
-vectors without ever forming it. Subclasses implement one method, :meth:`_matmat_batch`, the
+vectors without ever forming it. Subclasses implement one method, `_matmat_batch`, the
 product of the *mini-batch* curvature (of the mini-batch loss, with the loss function's own
 reduction) with a matrix of columns. The base class adds the batches up with curvlinops'
 weighting: a batch of size ``N_b`` counts ``N_b / N`` for ``reduction='mean'`` and ``1`` for
 ``reduction='sum'``, so that the result is the curvature of
 
-.. math::
-
-    \\mathcal{L}(\\theta) = c \\sum_{n=1}^{N} \\ell(f_\\theta(x_n), y_n),
-    \\qquad c = 1/N \\text{ (mean) or } 1 \\text{ (sum)},
+$$
+\\mathcal{L}(\\theta) = c \\sum_{n=1}^{N} \\ell(f_\\theta(x_n), y_n),
+\\qquad c = 1/N \\text{ (mean) or } 1 \\text{ (sum)},
+$$
 
 the loss of the whole data set in one batch (for ``nn.MSELoss(reduction='mean')`` the constant
 also divides by the number of output entries per sample, as the loss itself does).
@@ -156,7 +156,7 @@ class CurvatureOperator:
         )
 
     def matvec(self, v: Tensor) -> Tensor:
-        """``self @ v`` for a flat vector; see :meth:`__matmul__`."""
+        """``self @ v`` for a flat vector; see `__matmul__`."""
         return self @ v
 
     def _matmat(self, cols: list[Tensor]) -> list[Tensor]:

@@ -18,12 +18,12 @@ MODES = ("reverse-over-reverse", "forward-over-reverse")
 class HessianOperator(CurvatureOperator):
     r"""The Hessian of the empirical risk, multiplied on vectors without forming it.
 
-    .. math::
+    $$
+    H = \nabla^2_\theta \mathcal{L}(\theta)
+      = c \sum_{n=1}^{N} \nabla^2_\theta \ell(f_\theta(x_n), y_n),
+    $$
 
-        H = \nabla^2_\theta \mathcal{L}(\theta)
-          = c \sum_{n=1}^{N} \nabla^2_\theta \ell(f_\theta(x_n), y_n),
-
-    with ``c`` from the loss reduction (see :mod:`curvopt.curvature.base`). Two ways to multiply
+    with ``c`` from the loss reduction (see `curvopt.curvature.base`). Two ways to multiply
     the mini-batch Hessian onto ``k`` columns ``V``, both exact:
 
     * ``mode="reverse-over-reverse"`` (default): one forward and one backward pass that keeps
@@ -42,7 +42,7 @@ class HessianOperator(CurvatureOperator):
         data: Re-iterable ``(X, y)`` batches.
         mode: ``"reverse-over-reverse"`` or ``"forward-over-reverse"``.
         num_data: Number of samples; counted from ``data`` if None.
-        check_deterministic: See :class:`~curvopt.curvature.base.CurvatureOperator`.
+        check_deterministic: See `curvopt.curvature.base.CurvatureOperator`.
 
     Raises:
         ValueError: If ``mode`` is unknown (and see the base class).
