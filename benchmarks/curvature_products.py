@@ -125,10 +125,12 @@ def build_methods(model, data, compile_: bool) -> dict[str, tuple[str, Callable[
     v_list = tuple(t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in params]), params))
     args = (model, loss_func, params, data)
     methods = {"gradient (eager)": ("grad", gradient_fn(*args))}
-    H = HessianOperator(*args)
+    H = HessianOperator(*args)  # mode="auto": reverse-over-forward for one vector
+    H_rr = HessianOperator(*args, mode="reverse-over-reverse")
     H_fr = HessianOperator(*args, mode="forward-over-reverse")
     G = GGNOperator(*args)
-    methods["HVP curvopt (reverse-over-reverse)"] = ("hvp", lambda: H @ v)
+    methods["HVP curvopt (default: reverse-over-forward)"] = ("hvp", lambda: H @ v)
+    methods["HVP curvopt (reverse-over-reverse)"] = ("hvp", lambda: H_rr @ v)
     methods["HVP curvopt (forward-over-reverse)"] = ("hvp", lambda: H_fr @ v)
     methods["GGN-vp curvopt"] = ("ggn", lambda: G @ v)
     if curvlinops is not None:
