@@ -142,11 +142,15 @@ class CurvatureOperator:
                 v, self._dim, name="v", dtype=self.dtype, device=self.device, allow_matrix=True
             )
             cols = v.unsqueeze(1) if v.ndim == 1 else v
+            if cols.shape[1] == 0:
+                return torch.zeros_like(v)
             out = self._matmat(self._split_columns(cols))
             flat = torch.cat([o.reshape(o.shape[0], -1) for o in out], dim=1).T
             return flat.squeeze(1) if v.ndim == 1 else flat
         if isinstance(v, (list, tuple)):
             is_vec, k = self._check_list(v)
+            if k == 0:
+                return [torch.zeros_like(t) for t in v]
             cols = [t.unsqueeze(0) if is_vec else t.movedim(-1, 0) for t in v]
             out = self._matmat(cols)
             return [o.squeeze(0) if is_vec else o.movedim(0, -1) for o in out]
