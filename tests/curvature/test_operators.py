@@ -85,6 +85,20 @@ def test_frozen_parameters_are_left_out(case):
     torch.testing.assert_close(op.to_dense(), reference(problem), **TOL)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_subset_of_parameters_gives_the_diagonal_block(case):
+    # only the last two layers' parameters: the operator is that block of the full matrix
+    problem = cached_problem("mlp-ce", "sum")
+    cls, kind = CASES[case]
+    subset = problem.params[2:]
+    op = cls(problem.model, problem.loss, subset, problem.data)
+    start = sum(p.numel() for p in problem.params[:2])
+    full = cached_reference(kind, "mlp-ce", "sum")
+    torch.testing.assert_close(op.to_dense(), full[start:, start:], **TOL)
+    v = torch.randn(op.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(op @ v, full[start:, start:] @ v, **TOL)
+
+
 def test_properties_follow_parameters():
     problem = make_problem("mlp-mse", "mean")
     op = GGNOperator(problem.model, problem.loss, problem.params, problem.data)
