@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -125,10 +127,12 @@ def build_methods(model, data, compile_: bool) -> dict[str, tuple[str, Callable[
     v_list = tuple(t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in params]), params))
     args = (model, loss_func, params, data)
     methods = {"gradient (eager)": ("grad", gradient_fn(*args))}
-    H = HessianOperator(*args)
+    H = HessianOperator(*args)  # mode="auto": reverse-over-forward for one vector
+    H_rr = HessianOperator(*args, mode="reverse-over-reverse")
     H_fr = HessianOperator(*args, mode="forward-over-reverse")
     G = GGNOperator(*args)
-    methods["HVP curvopt (reverse-over-reverse)"] = ("hvp", lambda: H @ v)
+    methods["HVP curvopt (default: reverse-over-forward)"] = ("hvp", lambda: H @ v)
+    methods["HVP curvopt (reverse-over-reverse)"] = ("hvp", lambda: H_rr @ v)
     methods["HVP curvopt (forward-over-reverse)"] = ("hvp", lambda: H_fr @ v)
     methods["GGN-vp curvopt"] = ("ggn", lambda: G @ v)
     if curvlinops is not None:
@@ -177,7 +181,20 @@ def main() -> None:
         "--compile", action="store_true", help="torch.compile rows even with --quick"
     )
     parser.add_argument("--rounds", type=int, default=None)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--model",
+        choices=["all", "mlp", "cnn"],
+        default="all",
+        help="'all' measures each model in a fresh process (one model's allocations and "
+        "compiled code do not disturb the next)",
+    )
+    args, _ = parser.parse_known_args()
+    if args.model == "all":
+        for model in ("mlp", "cnn"):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--model", model]
+            if subprocess.run(cmd).returncode != 0:
+                sys.exit(f"benchmark for {model} failed")
+        return
     torch.set_num_threads(1)
     torch.manual_seed(0)
     num, batch = (256, 256) if args.quick else (1024, 512)
@@ -189,7 +206,8 @@ def main() -> None:
         "(ratio = CPU time / CPU time of one eager gradient)"
     )
     rows = []
-    for name, make in (("MLP 64-256-256-10", make_mlp), ("CNN", make_cnn)):
+    models = {"mlp": ("MLP 64-256-256-10", make_mlp), "cnn": ("CNN", make_cnn)}
+    for name, make in [models[args.model]]:
         model = make()
         d = sum(p.numel() for p in model.parameters())
         print(f"{name}: d={d}", flush=True)

@@ -15,14 +15,14 @@ from .losses import check_output, loss_hessian_product
 class GGNOperator(CurvatureOperator):
     r"""The generalized Gauss-Newton matrix of the empirical risk, without forming Jacobians.
 
-    .. math::
-
-        G = c \sum_{n=1}^{N} J_n^\top \, \nabla^2_{f} \ell(f_n, y_n) \, J_n,
-        \qquad J_n = \partial f_\theta(x_n) / \partial \theta,
+    $$
+    G = c \sum_{n=1}^{N} J_n^\top \, \nabla^2_{f} \ell(f_n, y_n) \, J_n,
+    \qquad J_n = \partial f_\theta(x_n) / \partial \theta,
+    $$
 
     for ``nn.MSELoss`` (``\nabla^2_f \ell = 2 I``) and ``nn.CrossEntropyLoss`` on logits
     ``(N, C)`` (``\nabla^2_f \ell = \mathrm{diag}(p) - p p^\top``, through
-    :func:`curvopt.kernels.softmax_curvature`), reductions 'mean' and 'sum'.
+    `curvopt.kernels.softmax_curvature`), reductions 'mean' and 'sum'.
 
     A mini-batch product is one forward pass carrying the tangent (``J v``, forward-mode AD),
     the loss Hessian applied in output space, and one backward pass (``J^T u``): about the
@@ -35,7 +35,7 @@ class GGNOperator(CurvatureOperator):
         params: Parameters to differentiate by (``requires_grad=False`` ones are left out).
         data: Re-iterable ``(X, y)`` batches.
         num_data: Number of samples; counted from ``data`` if None.
-        check_deterministic: See :class:`~curvopt.curvature.base.CurvatureOperator`.
+        check_deterministic: See `curvopt.curvature.base.CurvatureOperator`.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))

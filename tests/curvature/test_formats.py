@@ -40,6 +40,30 @@ def test_flat_matrix_and_list_formats_agree(ggn):
     torch.testing.assert_close(flatten(op @ tuple(v_list)), G @ V[:, 0], rtol=1e-10, atol=1e-12)
 
 
+def test_zero_columns(ggn):
+    op, _ = ggn
+    assert (op @ torch.zeros(op.shape[1], 0, dtype=torch.float64)).shape == (op.shape[0], 0)
+    empty = op @ [torch.zeros(*p.shape, 0, dtype=torch.float64) for p in op.params]
+    assert [t.shape for t in empty] == [(*p.shape, 0) for p in op.params]
+
+
+def test_hessian_with_another_loss_module():
+    problem = cached_problem("mlp-mse", "mean")
+    loss = torch.nn.BCEWithLogitsLoss()
+    data = [(X, torch.rand_like(y)) for X, y in problem.data]
+    op = HessianOperator(problem.model, loss, problem.params, data)
+    X = torch.cat([X for X, _ in data])
+    Y = torch.cat([y for _, y in data])
+
+    def risk(theta):
+        return loss(torch.func.functional_call(problem.model, problem.unflatten(theta), (X,)), Y)
+
+    expected = torch.func.hessian(risk)(problem.theta())
+    torch.testing.assert_close(op.to_dense(), expected, rtol=1e-10, atol=1e-12)
+    v = torch.randn(op.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(op @ v, expected @ v, rtol=1e-10, atol=1e-12)
+
+
 def test_to_scipy_eigsh_and_cg(ggn):
     op, G = ggn
     A = op.to_scipy()
@@ -59,8 +83,8 @@ def test_to_scipy_eigsh_and_cg(ggn):
 
 
 def test_hessian_eigsh_matches_eigvalsh():
-    problem = cached_problem("cnn-mse", "sum")
-    H = cached_reference("hessian", "cnn-mse", "sum")
+    problem = cached_problem("mlp-mse", "sum")
+    H = cached_reference("hessian", "mlp-mse", "sum")
     op = HessianOperator(problem.model, problem.loss, problem.params, problem.data)
     top = np.sort(eigsh(op.to_scipy(), k=2, which="LM", return_eigenvectors=False))
     evals = torch.linalg.eigvalsh(H)
