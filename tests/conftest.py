@@ -4,7 +4,7 @@ import torch
 
 @pytest.fixture(autouse=True, scope="module")
 def single_thread():
-    """Run these tiny float64 problems on one thread.
+    """Run the suite's small problems on one intra-op thread.
 
     On a shared 2-core machine, intra-op threads spinning on tensors of a few hundred entries
     made products 20-100x slower than on one thread. Restored after each module.
