@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import exact_return_fn, flat_params, log_prob_fn, small_mdp
+from pg_helpers import exact_return_fn, flat_params, log_prob_fn, small_mdp
 from torch.func import hessian, jacrev
 
 from curvopt.rl import (
