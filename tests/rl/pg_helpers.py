@@ -1,10 +1,26 @@
 """Dense float64 references for the policy-gradient tests (independent of the surrogates)."""
 
 import torch
-from torch.func import functional_call, jacrev
+from torch.autograd.functional import hessian as _hessian
+from torch.autograd.functional import jacobian as _jacobian
+from torch.func import functional_call
 
 from curvopt.rl import TabularMDP, TabularSoftmaxPolicy
 from curvopt.utils.params import flatten, unflatten
+
+
+# Dense derivatives through torch.autograd.functional (plain autograd loops; torch.func's first call
+# imports the compiler stack, which costs seconds on a loaded machine).
+def jacrev(fn):
+    return lambda x: _jacobian(fn, x)
+
+
+def hessian(fn):
+    return lambda x: _hessian(fn, x)
+
+
+def grad(fn):
+    return lambda x: _jacobian(fn, x)
 
 
 def flat_params(module):

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from pg_helpers import exact_return_fn, flat_params, log_prob_fn, small_mdp
-from torch.func import hessian, jacrev
+from pg_helpers import exact_return_fn, flat_params, grad, hessian, jacrev, log_prob_fn, small_mdp
 
 from curvopt.rl import (
     Batch,
@@ -102,7 +101,7 @@ def test_estimators_unbiased_on_tabular_mdp(baseline):
     )
     theta = flat_params(policy)
     j = exact_return_fn(mdp, policy)
-    exact_grad = torch.func.grad(j)(theta)
+    exact_grad = grad(j)(theta)
     exact_hess = hessian(j)(theta)
     v = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     exact_hv = exact_hess @ v
@@ -131,7 +130,7 @@ def test_hvp_at_random_segment_point_estimates_gradient_difference():
     g = torch.Generator().manual_seed(0)
     theta0 = flat_params(policy)
     theta1 = theta0 + 0.8 * torch.randn(theta0.numel(), generator=g, dtype=torch.float64)
-    exact = torch.func.grad(j)(theta1) - torch.func.grad(j)(theta0)
+    exact = grad(j)(theta1) - grad(j)(theta0)
     samples = []
     for _ in range(200):
         q = torch.rand((), generator=g, dtype=torch.float64)
