@@ -42,7 +42,10 @@ def dots(G: Tensor, X: Tensor, acc: torch.dtype) -> Tensor:
     """``G @ X`` for ``X`` ``(d, k)``, one pass over ``G``; returns ``(m, k)`` in ``acc``."""
     out = None
     for sl in column_chunks(G, acc):
-        part = kernels.multi_dot(G[:, sl], X[sl].T, acc)
+        # (k, d) rows, contiguous: on the CPU, G @ V.T with V row-major is ~7x faster than
+        # with V.T row-major for k >= 2 (BLAS packs the other operand).
+        V = X[sl].T if X.shape[1] == 1 else X[sl].T.contiguous()
+        part = kernels.multi_dot(G[:, sl], V, acc)
         out = part if out is None else out.add_(part)
     return out
 

@@ -170,3 +170,23 @@ def test_window_float64_accumulation_in_span():
     err64 = rel_err(w64.ihvp(x), ref)
     assert err64 < woodbury_rtol(G, damp)
     assert err32 > 100 * err64
+
+
+@pytest.mark.parametrize("m,d,damp", [(5, 3, 1e-4), (12, 60, 1e-3)])
+def test_window_without_refinement(m, d, damp):
+    """Without refinement the explicit inverse costs about eps * R^2 (R = lambda_max(F)/damp);
+    with it, about eps * R like a Cholesky solve."""
+    gen = torch.Generator().manual_seed(21)
+    plain = SlidingWindowMFAC(d, m, damp, dtype=torch.float64, refine=False)
+    refined = SlidingWindowMFAC(d, m, damp, dtype=torch.float64)
+    assert refined.refine and not plain.refine
+    history = []
+    for _ in range(2 * m + 1):
+        g = torch.randn(d, generator=gen, dtype=torch.float64)
+        history.append(g)
+        y_plain, y_ref = plain.add_and_ihvp(g), refined.add_and_ihvp(g)
+        G = _window_matrix(history, m, d)
+        ref = torch.linalg.solve(dense_fisher(G, damp), g)
+        tol = woodbury_rtol(G, damp)
+        assert rel_err(y_ref, ref) < tol
+        assert rel_err(y_plain, ref) < tol * max(1.0, tol / 1e-14)
