@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
 from curvopt.optim.pg_common import MomentumPolicyGradient
 
@@ -54,7 +55,7 @@ class NHARPG(MomentumPolicyGradient):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float = 0.1,
         lr_power: float = 1.0,
         momentum: float = 1.0,
@@ -102,7 +103,7 @@ class HARPG(NHARPG):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float = 0.01,
         lr_power: float = 0.5,
         momentum: float = 1.0,

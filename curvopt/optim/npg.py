@@ -35,7 +35,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 
+from curvopt.rl.sampler import PolicyGradientSampler
 from curvopt.rl.surrogates import (
     fisher_vector_product,
     importance_surrogate,
@@ -110,7 +112,7 @@ class NPG(Optimizer):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         delta: float = 0.01,
         damping: float = 0.1,
         solver: str = "cg",
@@ -180,12 +182,12 @@ class NPG(Optimizer):
         for p, v in zip(params, unflatten(flat, params)):
             p.copy_(v)
 
-    def step(self, sampler) -> Tensor:  # type: ignore[override]
+    def step(self, sampler: PolicyGradientSampler) -> Tensor:  # type: ignore[override]
         """One trust-region natural-gradient step on a fresh batch from ``sampler``.
 
         Args:
             sampler: A :class:`~curvopt.rl.PolicyGradientSampler` whose policy owns these
-            parameters.
+                parameters.
 
         Returns:
             The step ``Δθ`` actually taken (flat; zero if the line search rejected every trial).

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
 from curvopt.optim.pg_common import MomentumPolicyGradient
 
@@ -47,7 +48,7 @@ class NPGIGT(MomentumPolicyGradient):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float = 0.1,
         lr_power: float = 1.0,
         momentum: float = 1.0,

@@ -19,7 +19,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 
+from curvopt.rl.sampler import EstimateSampler
 from curvopt.utils.params import flatten, unflatten
 
 
@@ -48,7 +50,7 @@ class MomentumPolicyGradient(Optimizer):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float,
         lr_power: float,
         momentum: float,
@@ -133,7 +135,7 @@ class MomentumPolicyGradient(Optimizer):
     def _direction(self, sampler, params, theta, prev, mom, eta, t) -> Tensor:
         raise NotImplementedError
 
-    def step(self, sampler) -> Tensor:  # type: ignore[override]
+    def step(self, sampler: EstimateSampler) -> Tensor:  # type: ignore[override]
         """Take one ascent step; ``sampler`` provides gradients (and HVPs) at the points asked for.
 
         Args:

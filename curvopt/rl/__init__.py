@@ -1,6 +1,6 @@
 """rl."""
 
-from curvopt.rl.baselines import LinearFeatureBaseline
+from curvopt.rl.baselines import Baseline, LinearFeatureBaseline
 from curvopt.rl.policies import (
     CategoricalMLPPolicy,
     CategoricalPolicy,
@@ -9,7 +9,7 @@ from curvopt.rl.policies import (
     mlp,
 )
 from curvopt.rl.rollout import Batch, GymRollout, RolloutFn, discounted_reward_to_go
-from curvopt.rl.sampler import PolicyGradientSampler, SampleRecord
+from curvopt.rl.sampler import EstimateSampler, PolicyGradientSampler, SampleRecord
 from curvopt.rl.surrogates import (
     fisher_vector_product,
     importance_surrogate,
@@ -23,9 +23,11 @@ from curvopt.rl.surrogates import (
 from curvopt.rl.tabular import TabularMDP
 
 __all__ = [
+    "Baseline",
     "Batch",
     "CategoricalMLPPolicy",
     "CategoricalPolicy",
+    "EstimateSampler",
     "GaussianMLPPolicy",
     "GymRollout",
     "LinearFeatureBaseline",

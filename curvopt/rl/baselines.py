@@ -10,10 +10,24 @@ Protocol: ``predict(batch) -> (N, H)`` and ``update(batch, targets)``.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
 from curvopt.rl.rollout import Batch
+
+
+class Baseline(Protocol):
+    """A state baseline: predicts ``b_t`` for a batch, then learns from the batch's targets."""
+
+    def predict(self, batch: Batch) -> Tensor:
+        """``b_t`` for every step, ``(N, H)``."""
+        ...
+
+    def update(self, batch: Batch, targets: Tensor) -> None:
+        """Refit on ``targets`` (``(N, H)``)."""
+        ...
 
 
 class LinearFeatureBaseline:

@@ -19,12 +19,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from torch import Tensor, nn
 
+from curvopt.rl.baselines import Baseline
 from curvopt.rl.rollout import Batch, RolloutFn, discounted_reward_to_go
 from curvopt.rl.surrogates import policy_gradient, policy_hvp
 from curvopt.utils.params import trainable
+
+
+class EstimateSampler(Protocol):
+    """What :class:`~curvopt.optim.NHARPG` and :class:`~curvopt.optim.NPGIGT` need from a sampler.
+
+    Both methods draw fresh trajectories at the policy's *current* parameters (the optimizer has
+    written the point it wants into them) and return flat vectors over ``params``.
+    """
+
+    def gradient(self, params: Sequence[Tensor] | None = None) -> Tensor:
+        """GPOMDP gradient estimate ``g`` (ascent direction), shape ``(d,)``."""
+        ...
+
+    def hvp(self, vector: Tensor, params: Sequence[Tensor] | None = None) -> Tensor:
+        """Policy-Hessian-vector estimate ``B v``, shape ``(d,)``."""
+        ...
 
 
 @dataclass
@@ -66,7 +84,7 @@ class PolicyGradientSampler:
         batch_size: int,
         discount: float = 0.99,
         hvp_batch_size: int | None = None,
-        baseline=None,
+        baseline: Baseline | None = None,
     ):
         if not isinstance(policy, nn.Module):
             raise TypeError(f"policy must be an nn.Module, got {type(policy).__name__}")
