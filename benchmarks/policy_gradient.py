@@ -33,11 +33,27 @@ from curvopt.utils.params import unflatten
 ENVS = {
     # env: (obs_dim, n_actions, horizon, trajectory budget, eval_every, threshold)
     "CartPole-v1": (4, 2, 100, 800, 50, 90.0),
-    "Acrobot-v1": (6, 3, 200, 400, 40, -100.0),
+    "Acrobot-v1": (6, 3, 200, 300, 50, -100.0),
 }
 QUICK = {"CartPole-v1": (4, 2, 50, 60, 20, 30.0), "Acrobot-v1": (6, 3, 100, 40, 20, -99.0)}
 BATCH = 10  # trajectories per gradient (and per Hessian-vector) estimate
 METHODS = ("REINFORCE", "N-PG-IGT", "N-HARPG", "NPG")
+# ablation (--methods N-SGDM): N-HARPG's recursion and schedules with the Hessian correction v_t = 0
+# and no Hessian batches, i.e. normalized momentum d_t = (1 - η_t) d_{t-1} + η_t g_t
+EXTRA_METHODS = ("N-SGDM",)
+
+
+class WithoutHessian:
+    """Wraps a sampler: gradients as usual, Hessian-vector products are zeros (nothing sampled)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def gradient(self, params=None):
+        return self.sampler.gradient(params)
+
+    def hvp(self, vector, params=None):
+        return torch.zeros_like(vector)
 
 
 class Reinforce:
@@ -60,7 +76,7 @@ def make_optimizer(method, params):
         return Reinforce(params, lr=0.01)
     if method == "N-PG-IGT":
         return NPGIGT(params, lr=0.3)
-    if method == "N-HARPG":
+    if method in ("N-HARPG", "N-SGDM"):
         return NHARPG(params, lr=0.3, generator=torch.Generator().manual_seed(0))
     return NPG(params, delta=0.02, damping=0.1, cg_iters=10)
 
@@ -90,7 +106,7 @@ def run_one(job):
             next_eval += eval_every
         if sampler.num_trajectories >= budget:
             break
-        opt.step(sampler)
+        opt.step(WithoutHessian(sampler) if method == "N-SGDM" else sampler)
         if not all(torch.isfinite(p).all() for p in policy.parameters()):
             raise FloatingPointError(f"{method} diverged on {env_id} (seed {seed})")
     return env_id, method, seed, np.array(xs), np.array(ys), time.perf_counter() - start
@@ -124,10 +140,13 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5, quick 2)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
     ap.add_argument("--plot", default="docs/img/policy_gradient.png", help="'' to skip the plot")
+    ap.add_argument("--envs", nargs="+", choices=list(ENVS), default=list(ENVS))
+    ap.add_argument("--methods", nargs="+", choices=METHODS + EXTRA_METHODS, default=list(METHODS))
     args = ap.parse_args(argv)
-    envs = QUICK if args.quick else ENVS
+    envs = {e: c for e, c in (QUICK if args.quick else ENVS).items() if e in args.envs}
+    methods = tuple(args.methods)
     seeds = args.seeds or (2 if args.quick else 5)
-    jobs = [(e, m, s, envs[e]) for e in envs for s in range(seeds) for m in METHODS]
+    jobs = [(e, m, s, envs[e]) for e in envs for s in range(seeds) for m in methods]
     t0 = time.perf_counter()
     if args.jobs > 1:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
@@ -142,10 +161,10 @@ def main(argv=None):
         print(f"\n{env_id} (H={cfg[2]}, budget {budget} trajectories, threshold {threshold:g})")
         print(
             f"{'method':<10} {'traj. to threshold':>20} {'reached':>8} "
-            f"{'final return':>16} {'ratio vs REINFORCE':>19} {'s/run':>6}"
+            f"{'final return':>16} {'ratio vs ' + methods[0]:>19} {'s/run':>6}"
         )
-        base = np.mean(trajectories_to_threshold(results, env_id, "REINFORCE", threshold)[0])
-        for method in METHODS:
+        base = np.mean(trajectories_to_threshold(results, env_id, methods[0], threshold)[0])
+        for method in methods:
             hits, reached = trajectories_to_threshold(results, env_id, method, threshold)
             finals = [r[4][-1] for r in results if r[0] == env_id and r[1] == method]
             secs = np.mean([r[5] for r in results if r[0] == env_id and r[1] == method])
@@ -165,7 +184,7 @@ def main(argv=None):
         fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4))
         for ax, (env_id, cfg) in zip(np.atleast_1d(axes), envs.items()):
             grid = np.arange(0, cfg[3] + 1, cfg[4])
-            for method in METHODS:
+            for method in methods:
                 ys = curves_on_grid(results, env_id, method, grid)
                 mean = ys.mean(0)
                 half = 1.96 * ys.std(0, ddof=1) / math.sqrt(len(ys)) if len(ys) > 1 else 0 * mean
