@@ -40,7 +40,8 @@ class NHARPG(MomentumPolicyGradient):
         normalize: Normalized step (N-HARPG, default) or plain step (HARPG).
         lr_schedule: Optional ``t -> factor``, overriding the power law: ``γ_t = γ₀ · factor``.
         momentum_schedule: Optional ``t -> η_t`` overriding the power law.
-        generator: Random generator for the point ``q_t`` on the segment.
+        generator: Random generator for the point ``q_t`` on the segment (its state is not part
+            of ``state_dict()``; the global generator when None).
 
     Example:
         >>> from curvopt.rl import CategoricalMLPPolicy, GymRollout, PolicyGradientSampler

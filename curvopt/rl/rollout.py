@@ -127,9 +127,8 @@ class GymRollout:
         self._make_kwargs = dict(make_kwargs or {})
         self._envs: dict[int, object] = {}
         self._rng = np.random.default_rng(seed)
-        self.generator = torch.Generator().manual_seed(
-            int(self._rng.integers(2**31)) if seed is not None else torch.seed() % 2**31
-        )
+        # action sampling has its own generator (never the global one), seeded from ``seed``
+        self.generator = torch.Generator().manual_seed(int(self._rng.integers(2**31)))
 
     def _vector_env(self, n: int):
         if n not in self._envs:
