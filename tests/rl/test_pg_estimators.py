@@ -7,6 +7,7 @@ from pg_helpers import exact_return_fn, flat_params, grad, hessian, jacrev, log_
 from curvopt.rl import (
     Batch,
     CategoricalMLPPolicy,
+    GaussianMLPPolicy,
     LinearFeatureBaseline,
     PolicyGradientSampler,
     discounted_reward_to_go,
@@ -139,3 +140,36 @@ def test_hvp_at_random_segment_point_estimates_gradient_difference():
         samples.append(sampler.hvp(theta1 - theta0))
     assert _z_scores(samples, exact).abs().max() < 4.5
     assert sampler.num_trajectories == 200 * 40
+
+
+def test_estimators_unbiased_for_gaussian_policy_on_a_quadratic_bandit():
+    """One step, obs 1, a ~ N(w + b, σ²), r = −(a − c)²: J = −((w + b − c)² + σ²) exactly."""
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(1, 1, hidden=(), log_std_init=-0.5).double()
+    c = 0.7
+    gen = torch.Generator().manual_seed(1)
+
+    def bandit(pi, n):
+        obs = torch.ones(n, 1, 1, dtype=torch.float64)
+        actions = pi.sample(obs, generator=gen)
+        rewards = -((actions[..., 0] - c) ** 2)
+        return Batch(obs, actions, rewards, torch.ones(n, 1, dtype=torch.float64))
+
+    def exact(theta):  # parameters in order: weight, bias, log_std
+        w, b, log_std = theta[0], theta[1], theta[2]
+        return -((w + b - c) ** 2 + torch.exp(2 * log_std))
+
+    names = [n for n, _ in policy.named_parameters()]
+    assert names == ["log_std", "mean_net.0.weight", "mean_net.0.bias"]
+    theta = flat_params(policy)  # (log_std, w, b)
+    reordered = torch.stack([theta[1], theta[2], theta[0]])
+    perm = [2, 0, 1]  # back to the policy's order
+
+    sampler = PolicyGradientSampler(policy, bandit, batch_size=50, discount=1.0)
+    v = torch.tensor([0.3, -1.0, 0.5], dtype=torch.float64)
+    exact_grad = grad(exact)(reordered)[perm]
+    exact_hess = hessian(exact)(reordered)[perm][:, perm]
+    grads = [sampler.gradient() for _ in range(200)]
+    hvps = [sampler.hvp(v) for _ in range(200)]
+    assert _z_scores(grads, exact_grad).abs().max() < 4.5
+    assert _z_scores(hvps, exact_hess @ v).abs().max() < 4.5
