@@ -38,9 +38,10 @@ ENVS = {
 QUICK = {"CartPole-v1": (4, 2, 50, 60, 20, 30.0), "Acrobot-v1": (6, 3, 100, 40, 20, -99.0)}
 BATCH = 10  # trajectories per gradient (and per Hessian-vector) estimate
 METHODS = ("REINFORCE", "N-PG-IGT", "N-HARPG", "NPG")
-# ablation (--methods N-SGDM): N-HARPG's recursion and schedules with the Hessian correction v_t = 0
-# and no Hessian batches, i.e. normalized momentum d_t = (1 - η_t) d_{t-1} + η_t g_t
-EXTRA_METHODS = ("N-SGDM",)
+# extras (--methods ...): N-SGDM = N-HARPG's recursion and schedules with the Hessian correction
+# v_t = 0 and no Hessian batches (normalized momentum d_t = (1 - η_t) d_{t-1} + η_t g_t);
+# NPG-MFAC = NPG with the M-FAC Woodbury solve over per-trajectory scores instead of CG
+EXTRA_METHODS = ("N-SGDM", "NPG-MFAC")
 
 
 class WithoutHessian:
@@ -78,6 +79,8 @@ def make_optimizer(method, params):
         return NPGIGT(params, lr=0.3)
     if method in ("N-HARPG", "N-SGDM"):
         return NHARPG(params, lr=0.3, generator=torch.Generator().manual_seed(0))
+    if method == "NPG-MFAC":
+        return NPG(params, delta=0.02, damping=0.1, solver="mfac")
     return NPG(params, delta=0.02, damping=0.1, cg_iters=10)
 
 
