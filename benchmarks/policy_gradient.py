@@ -142,12 +142,18 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5, quick 2)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
-    ap.add_argument("--plot", default="docs/img/policy_gradient.png", help="'' to skip the plot")
+    ap.add_argument(
+        "--plot",
+        default=None,
+        help="output image ('' to skip; default docs/img/policy_gradient.png, none with --quick)",
+    )
     ap.add_argument("--envs", nargs="+", choices=list(ENVS), default=list(ENVS))
     ap.add_argument("--methods", nargs="+", choices=METHODS + EXTRA_METHODS, default=list(METHODS))
     args = ap.parse_args(argv)
     envs = {e: c for e, c in (QUICK if args.quick else ENVS).items() if e in args.envs}
     methods = tuple(args.methods)
+    if args.plot is None:
+        args.plot = "" if args.quick else "docs/img/policy_gradient.png"
     seeds = args.seeds or (2 if args.quick else 5)
     jobs = [(e, m, s, envs[e]) for e in envs for s in range(seeds) for m in methods]
     t0 = time.perf_counter()
