@@ -1,0 +1,244 @@
+r"""Natural policy gradient with a KL trust region (Kakade 2001; TRPO's step, Schulman 2015).
+
+Per step, on one fresh batch sampled at ``θ``:
+
+1. ``g``: the GPOMDP gradient (ascent);
+2. solve ``(F + c I) x = g`` where ``F`` is the Fisher of the policy averaged over the batch's
+   states,
+   either
+
+   - ``solver="cg"``: conjugate gradient on Fisher-vector products ``F v = ∇((∇KL̄)·v)``, the
+     Hessian of
+     the mean ``KL(π_old ‖ π_θ)`` at ``θ_old`` (double backward, ``F`` never formed); or
+   - ``solver="mfac"``: the M-FAC Woodbury solve with ``F ≈ c I + GᵀG/m`` over the ``m``
+     per-trajectory
+     score gradients ``∇log p(τ_i) = Σ_t ψ_it``, each scaled by ``1/sqrt(mean trajectory length)``
+     so
+     that ``GᵀG/m`` estimates the same per-state Fisher (``E[∇L∇Lᵀ] = E[Σ_t F(s_t)]``);
+
+3. step ``Δθ = β x`` with ``β = sqrt(2δ / xᵀFx)``, so the quadratic model of the mean KL,
+   ``½ ΔθᵀFΔθ``, equals ``δ``;
+4. optionally a backtracking line search: try ``θ + ρ^j Δθ`` (``j = 0..max_backtracks-1``) and
+   accept
+   the first whose realized mean KL is ``≤ kl_tolerance · δ`` and (with ``require_improvement``)
+   whose
+   importance-sampled surrogate improves; if none is accepted ``θ`` is kept.
+
+After each step :attr:`NPG.last_step` holds ``predicted_kl`` (``½ΔθᵀFΔθ`` of the step taken) and
+``realized_kl`` (mean KL between the old and new policy on the batch states) as 0-d tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
+
+from curvopt.rl.sampler import PolicyGradientSampler
+from curvopt.rl.surrogates import (
+    fisher_vector_product,
+    importance_surrogate,
+    mean_kl,
+    old_distribution,
+    policy_gradient,
+    trajectory_scores,
+)
+from curvopt.utils.params import flatten, unflatten
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor], b: Tensor, max_iter: int = 10, tol: float = 1e-10
+) -> Tensor:
+    """Solve ``A x = b`` for a symmetric positive definite ``A`` given only ``v -> A v``.
+
+    Starts at ``x = 0`` and stops after ``max_iter`` iterations or when ``‖r‖² < tol``. The
+    stopping test
+    is evaluated without a host sync by freezing the iterate once converged (so the loop always runs
+    ``max_iter`` products).
+
+    Example:
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
+        >>> conjugate_gradient(lambda v: A @ v, torch.tensor([1.0, 2.0]), max_iter=2)
+        tensor([0.0909, 0.6364])
+    """
+    if max_iter <= 0:
+        raise ValueError(f"max_iter must be positive, got {max_iter}")
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = b.clone()
+    rr = r @ r
+    for _ in range(max_iter):
+        active = rr > tol
+        ap = matvec(p)
+        pap = p @ ap
+        alpha = torch.where(active, rr / torch.where(pap > 0, pap, torch.ones_like(pap)), 0.0)
+        x = x + alpha * p
+        r = r - alpha * ap
+        rr_new = r @ r
+        beta = torch.where(active, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)), 0.0)
+        p = torch.where(active, r + beta * p, p)
+        rr = torch.where(active, rr_new, rr)
+    return x
+
+
+class NPG(Optimizer):
+    """Natural policy gradient with a KL trust region (ascent on the expected return).
+
+    Args:
+        params: The policy's parameters.
+        delta: Trust-region radius ``δ > 0`` on the mean KL.
+        damping: ``c ≥ 0`` added to the Fisher (for ``"mfac"`` the M-FAC ``damp``, must be > 0).
+        solver: ``"cg"`` (Fisher-vector products) or ``"mfac"`` (Woodbury over trajectory scores).
+        cg_iters: Conjugate-gradient iterations.
+        cg_tol: Stop CG when the squared residual is below this.
+        backtrack: Run the line search on the realized KL (needs host syncs for the accept test).
+        max_backtracks: Step fractions tried.
+        backtrack_ratio: ``ρ`` in ``(0, 1)``.
+        kl_tolerance: Accept a trial if its realized KL ``≤ kl_tolerance · δ``.
+        require_improvement: Also require the importance-sampled surrogate to increase.
+
+    Example:
+        >>> from curvopt.rl import CategoricalMLPPolicy, GymRollout, PolicyGradientSampler
+        >>> policy = CategoricalMLPPolicy(4, 2)
+        >>> sampler = PolicyGradientSampler(policy, GymRollout("CartPole-v1", 50, seed=0), 4)
+        >>> opt = NPG(policy.parameters(), delta=0.01)
+        >>> _ = opt.step(sampler)
+        >>> float(opt.last_step["predicted_kl"])  # doctest: +ELLIPSIS
+        0.0099...
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        delta: float = 0.01,
+        damping: float = 0.1,
+        solver: str = "cg",
+        cg_iters: int = 10,
+        cg_tol: float = 1e-10,
+        backtrack: bool = False,
+        max_backtracks: int = 10,
+        backtrack_ratio: float = 0.5,
+        kl_tolerance: float = 1.5,
+        require_improvement: bool = True,
+    ):
+        if not isinstance(delta, (int, float)) or not delta > 0:
+            raise ValueError(
+                f"delta (the KL trust-region radius δ) must be positive, got {delta!r}"
+            )
+        if solver not in ("cg", "mfac"):
+            raise ValueError(f"solver must be 'cg' or 'mfac', got {solver!r}")
+        if (
+            not isinstance(damping, (int, float))
+            or damping < 0
+            or (solver == "mfac" and damping == 0)
+        ):
+            raise ValueError(f"damping must be >= 0 (> 0 for solver='mfac'), got {damping!r}")
+        if not isinstance(cg_iters, int) or cg_iters <= 0:
+            raise ValueError(f"cg_iters must be a positive int, got {cg_iters!r}")
+        if not isinstance(max_backtracks, int) or max_backtracks <= 0:
+            raise ValueError(f"max_backtracks must be a positive int, got {max_backtracks!r}")
+        if not 0.0 < backtrack_ratio < 1.0:
+            raise ValueError(f"backtrack_ratio must be in (0, 1), got {backtrack_ratio!r}")
+        if not kl_tolerance > 0:
+            raise ValueError(f"kl_tolerance must be positive, got {kl_tolerance!r}")
+        defaults = dict(
+            delta=float(delta),
+            damping=float(damping),
+            solver=solver,
+            cg_iters=cg_iters,
+            cg_tol=cg_tol,
+            backtrack=bool(backtrack),
+            max_backtracks=max_backtracks,
+            backtrack_ratio=backtrack_ratio,
+            kl_tolerance=kl_tolerance,
+            require_improvement=bool(require_improvement),
+        )
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError("NPG takes a single parameter group (the step is global)")
+        self.last_step: dict[str, Tensor] = {}
+
+    def _solve(self, policy, params, batch, old, grad: Tensor) -> Tensor:
+        group = self.param_groups[0]
+        if group["solver"] == "cg":
+
+            def damped_fvp(v: Tensor) -> Tensor:
+                fv = fisher_vector_product(policy, params, batch, old, v)
+                return fv + group["damping"] * v
+
+            return conjugate_gradient(damped_fvp, grad, group["cg_iters"], group["cg_tol"])
+        from curvopt.mfac import StaticMFAC
+
+        scores = trajectory_scores(policy, params, batch)
+        scale = batch.lengths().mean().clamp_min(1.0).rsqrt()
+        return StaticMFAC(scores * scale, group["damping"]).ihvp(grad)
+
+    @staticmethod
+    @torch.no_grad()
+    def _write(params, flat: Tensor) -> None:
+        for p, v in zip(params, unflatten(flat, params)):
+            p.copy_(v)
+
+    def step(self, sampler: PolicyGradientSampler) -> Tensor:  # type: ignore[override]
+        """One trust-region natural-gradient step on a fresh batch from ``sampler``.
+
+        Args:
+            sampler: A :class:`~curvopt.rl.PolicyGradientSampler` whose policy owns these
+                parameters.
+
+        Returns:
+            The step ``Δθ`` actually taken (flat; zero if the line search rejected every trial).
+        """
+        if sampler is None or not hasattr(sampler, "sample") or not hasattr(sampler, "policy"):
+            raise TypeError(
+                "NPG.step needs a sampler with sample(), weights(batch) and policy, "
+                "e.g. curvopt.rl.PolicyGradientSampler"
+            )
+        group = self.param_groups[0]
+        params = list(group["params"])
+        policy = sampler.policy
+        batch = sampler.sample(kind="gradient")
+        weights = sampler.weights(batch)
+        old = old_distribution(policy, batch)
+        with torch.no_grad():
+            theta = flatten([p.detach() for p in params]).clone()
+            old_logp = policy.log_prob(batch.obs, batch.actions)
+        with torch.enable_grad():
+            grad = policy_gradient(policy, params, batch, weights)
+            x = self._solve(policy, params, batch, old, grad)
+            fx = fisher_vector_product(policy, params, batch, old, x)
+        xfx = (x @ fx).clamp_min(torch.finfo(x.dtype).tiny)
+        beta = torch.sqrt(2 * group["delta"] / xfx)
+        full_step = beta * x
+        step = full_step
+        if group["backtrack"]:
+            step = torch.zeros_like(full_step)
+            with torch.no_grad():
+                base = importance_surrogate(policy, batch, weights, old_logp)
+            for j in range(group["max_backtracks"]):
+                trial = full_step * group["backtrack_ratio"] ** j
+                self._write(params, theta + trial)
+                with torch.no_grad():
+                    kl = mean_kl(policy, batch, old)
+                    gain = importance_surrogate(policy, batch, weights, old_logp) - base
+                ok = bool(kl <= group["kl_tolerance"] * group["delta"])
+                if group["require_improvement"]:
+                    ok = ok and bool(gain > 0)
+                if ok:
+                    step = trial
+                    break
+        self._write(params, theta + step)
+        with torch.no_grad():
+            realized = mean_kl(policy, batch, old)
+        ratio = step.norm() / full_step.norm().clamp_min(torch.finfo(x.dtype).tiny)
+        self.last_step = {
+            "predicted_kl": 0.5 * ratio**2 * beta**2 * xfx,
+            "realized_kl": realized.detach(),
+            "step_fraction": ratio,
+        }
+        for p in params:
+            self.state[p]["step"] = self.state[p].get("step", 0) + 1
+        return step

@@ -1,0 +1,181 @@
+"""Shared pieces of the momentum policy-gradient optimizers (:class:`NHARPG`, :class:`NPGIGT`).
+
+Both keep, per parameter, the previous iterate ``θ_{t-1}`` and the direction ``d_{t-1}``, and
+maximize ``J`` with steps ``θ_{t+1} = θ_t + γ_t d_t / ‖d_t‖`` (or ``γ_t d_t`` unnormalized), where
+the
+norm is the global L2 norm over all parameters of all groups.
+
+Schedules (``t = 0, 1, ...`` counts steps taken):
+
+- step size ``γ_t = lr · (2/(t+2))^lr_power`` — or ``lr · lr_schedule(t)`` if a callable is given;
+- momentum ``η_t = momentum · (2/(t+2))^momentum_power`` — or ``momentum_schedule(t)``; must lie in
+  ``(0, 1]``. With the defaults ``η_0 = 1`` so ``d_0 = g_0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
+
+from curvopt.rl.sampler import EstimateSampler
+from curvopt.utils.params import flatten, unflatten
+
+
+def power_schedule(scale: float, power: float, t: int) -> float:
+    """``scale · (2/(t+2))^power`` — the paper's ``2/(t+2)`` family (``power=1``).
+
+    Example:
+        >>> power_schedule(0.1, 1.0, 0), power_schedule(0.1, 1.0, 2)
+        (0.1, 0.05)
+    """
+    return scale * (2.0 / (t + 2.0)) ** power
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    bad = not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero)
+    if bad or value != value:
+        need = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {need} number, got {value!r}")
+
+
+class MomentumPolicyGradient(Optimizer):
+    """Base class: hyperparameter validation, schedules, flat views, the normalized ascent step.
+
+    Subclasses implement :meth:`_direction` which returns the new ``d_t`` (flat) given the sampler.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float,
+        lr_power: float,
+        momentum: float,
+        momentum_power: float,
+        normalize: bool,
+        lr_schedule: Callable[[int], float] | None,
+        momentum_schedule: Callable[[int], float] | None,
+        generator: torch.Generator | None = None,
+    ):
+        _check_positive("lr (the initial step size γ₀)", lr)
+        _check_positive("lr_power", lr_power, allow_zero=True)
+        _check_positive("momentum_power", momentum_power, allow_zero=True)
+        if not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum (η₀) must be in (0, 1], got {momentum!r}")
+        for name, fn in (("lr_schedule", lr_schedule), ("momentum_schedule", momentum_schedule)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a callable t -> float or None, got {fn!r}")
+        defaults = dict(
+            lr=lr,
+            lr_power=lr_power,
+            momentum=momentum,
+            momentum_power=momentum_power,
+            normalize=bool(normalize),
+            lr_schedule=lr_schedule,
+            momentum_schedule=momentum_schedule,
+        )
+        super().__init__(params, defaults)
+        self.generator = generator
+
+    # ----- schedules --------------------------------------------------------------------------
+    @staticmethod
+    def step_size(group: dict, t: int) -> float:
+        """``γ_t`` of a parameter group."""
+        if group["lr_schedule"] is not None:
+            return group["lr"] * float(group["lr_schedule"](t))
+        return power_schedule(group["lr"], group["lr_power"], t)
+
+    @staticmethod
+    def momentum_weight(group: dict, t: int) -> float:
+        """``η_t`` of a parameter group (checked to lie in ``(0, 1]``)."""
+        if group["momentum_schedule"] is not None:
+            eta = float(group["momentum_schedule"](t))
+        else:
+            eta = power_schedule(group["momentum"], group["momentum_power"], t)
+        if not 0.0 < eta <= 1.0:
+            raise ValueError(f"momentum schedule gave η_{t} = {eta}; it must lie in (0, 1]")
+        return eta
+
+    # ----- flat views -------------------------------------------------------------------------
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _per_param(self, t: int, fn) -> Tensor:
+        """Flat vector holding ``fn(group, t)`` at the coordinates of each group's parameters."""
+        parts = [
+            torch.full((p.numel(),), fn(group, t), dtype=p.dtype, device=p.device)
+            for group in self.param_groups
+            for p in group["params"]
+        ]
+        return torch.cat(parts)
+
+    @property
+    def steps_taken(self) -> int:
+        """Number of completed steps ``t``."""
+        params = self._params()
+        return self.state[params[0]].get("step", 0) if params else 0
+
+    def _load_state(self, params: list[Tensor], theta: Tensor) -> tuple[Tensor, Tensor]:
+        """``(θ_{t-1}, d_{t-1})``; at ``t = 0`` these are ``θ_0`` and 0."""
+        if self.steps_taken == 0:
+            return theta.clone(), torch.zeros_like(theta)
+        prev = flatten([self.state[p]["prev"] for p in params])
+        mom = flatten([self.state[p]["momentum"] for p in params])
+        return prev, mom
+
+    @staticmethod
+    @torch.no_grad()
+    def _write(params: list[Tensor], flat: Tensor) -> None:
+        for p, v in zip(params, unflatten(flat, params)):
+            p.copy_(v)
+
+    def _direction(self, sampler, params, theta, prev, mom, eta, t) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, sampler: EstimateSampler) -> Tensor:  # type: ignore[override]
+        """Take one ascent step; ``sampler`` provides gradients (and HVPs) at the points asked for.
+
+        Args:
+            sampler: A :class:`~curvopt.rl.PolicyGradientSampler` (or anything with the same
+                ``gradient(params)`` / ``hvp(vector, params)`` methods) whose policy owns these
+                parameters.
+
+        Returns:
+            The direction ``d_t`` (flat, detached).
+        """
+        if sampler is None or not hasattr(sampler, "gradient"):
+            raise TypeError(
+                f"{type(self).__name__}.step needs a sampler with gradient(params) (and hvp), "
+                "e.g. curvopt.rl.PolicyGradientSampler; a loss closure is not enough"
+            )
+        params = self._params()
+        t = self.steps_taken
+        with torch.no_grad():
+            theta = flatten([p.detach() for p in params]).clone()
+        prev, mom = self._load_state(params, theta)
+        eta = self._per_param(t, self.momentum_weight)
+        direction = self._direction(sampler, params, theta, prev, mom, eta, t)
+        with torch.no_grad():
+            direction = direction.detach()
+            gamma = self._per_param(t, self.step_size)
+            update = gamma * direction
+            if any(g["normalize"] for g in self.param_groups):
+                norm = direction.norm().clamp_min(torch.finfo(direction.dtype).tiny)
+                scale = torch.cat(
+                    [
+                        torch.full((p.numel(),), g["normalize"], dtype=torch.bool)
+                        for g in self.param_groups
+                        for p in g["params"]
+                    ]
+                ).to(direction.device)
+                update = torch.where(scale, update / norm, update)
+            self._write(params, theta + update)
+            for p, th, d in zip(params, unflatten(theta, params), unflatten(direction, params)):
+                st = self.state[p]
+                st["prev"] = th.clone()
+                st["momentum"] = d.clone()
+                st["step"] = t + 1
+        return direction
