@@ -79,7 +79,7 @@ def obs_update_multi(
     w: Tensor,
     idx: Tensor,
     block_size: int | None,
-    max_rows: int = 4096,
+    max_rows: int | None = None,
 ) -> Tensor:
     """Exact multi-weight OBS update, one ``|Q_b| x |Q_b|`` solve per block of ``F``.
 
@@ -87,9 +87,11 @@ def obs_update_multi(
     ``delta w_b = -F_b^{-1}[:, Q_b] (F_b^{-1}[Q_b, Q_b])^{-1} w_{Q_b}``. With ``block_size=None``
     the whole vector is one block (exact OBS for a dense ``F``; the solve is ``|Q| x |Q|``).
 
-    Rows of ``F^{-1}`` are fetched in chunks of at most ``max_rows`` blocks' worth of indices, so
-    memory is ``max_rows * d`` (rows are zero outside their block). The small systems are solved
-    in float64.
+    Rows of ``F^{-1}`` are fetched in chunks of whole blocks with at most ``max_rows`` rows (default
+    ``2**24 // d``, at least one block), so memory is ``max_rows * d`` (rows are zero outside their
+    block). The small systems are solved in float64. The total work is about ``len(idx) * d``
+    for the rows, which is why :func:`curvopt.prune.prune` switches to
+    :func:`obs_update_diagonal` for large models.
 
     Args:
         inverse: Provider with ``inverse_rows(idx) -> (len(idx), d)``.
@@ -113,6 +115,8 @@ def obs_update_multi(
     ends = torch.cumsum(counts, 0).tolist()
     starts = [0, *ends[:-1]]
     w64 = w.to(torch.float64)
+    if max_rows is None:
+        max_rows = max(1, 2**24 // d)
     # group consecutive blocks into chunks of at most max_rows rows (never split a block)
     chunk: list[int] = []
     rows_in_chunk = 0
