@@ -8,8 +8,8 @@ The matrix is the same one M-FAC represents,
 
 but here the inverse of each diagonal block of ``F`` (or of all of it, ``block_size=None``) is
 formed explicitly in float64. Memory is ``d * block_size`` (``d**2`` without blocks) and time
-``d * block_size * min(block_size, m)``, so this is for small models only: it is the "exact OBS" baseline of
-:func:`curvopt.prune.prune` and the dense reference in the tests.
+``d * block_size * min(block_size, m)``, so this is for small models only: it is the
+"exact OBS" baseline of :func:`curvopt.prune.prune` and the dense reference in the tests.
 """
 
 from __future__ import annotations

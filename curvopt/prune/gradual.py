@@ -24,7 +24,8 @@ class GradualPruner:
         loss_func: Loss for the pruning gradients (see :func:`prune`).
         data: Re-iterable of ``(X, y)`` batches for the pruning gradients.
         schedule: When and how much to prune.
-        **prune_kwargs: Passed to :func:`prune` (``method``, ``scope``, ``num_grads``, ...).
+        **prune_kwargs: Passed to :func:`prune` (``method``, ``scope``, ``num_grads``, ...);
+            ``steps`` defaults to 1 here (the schedule itself spreads the pruning out).
 
     Example:
         >>> import torch
@@ -50,8 +51,9 @@ class GradualPruner:
     ) -> None:
         if not isinstance(schedule, CubicSchedule):
             raise TypeError(f"schedule must be a CubicSchedule, got {type(schedule).__name__}")
-        if "sparsity" in prune_kwargs or "steps" in prune_kwargs:
-            raise ValueError("sparsity and steps come from the schedule")
+        if "sparsity" in prune_kwargs:
+            raise ValueError("the sparsity comes from the schedule; do not pass sparsity")
+        prune_kwargs.setdefault("steps", 1)  # one recomputation per event: training moves w
         self.model, self.loss_func, self.data = model, loss_func, data
         self.schedule = schedule
         self.prune_kwargs = prune_kwargs

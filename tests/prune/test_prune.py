@@ -9,6 +9,7 @@ from test_obs_math import dense_F, kkt_update
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from curvopt import mfac  # noqa: E402
 from curvopt.prune import (
     collect_gradients,
     prunable_weights,
@@ -16,8 +17,6 @@ from curvopt.prune import (
     pruned_state_dict,
     remove_masks,
 )
-
-mfac = pytest.importorskip("curvopt.mfac")
 
 
 def batch_grads(model, data, m):
