@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -30,12 +31,12 @@ class GradualPruner:
     Example:
         >>> import torch
         >>> model = nn.Linear(8, 2)
-        >>> data = [(torch.randn(32, 8), torch.randint(0, 2, (32,)))]
-        >>> pruner = GradualPruner(model, nn.CrossEntropyLoss(), data,
+        >>> X, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+        >>> pruner = GradualPruner(model, nn.CrossEntropyLoss(), [(X, y)],
         ...                        CubicSchedule(0.5, 0, 4, 2), method="magnitude")
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> for _ in range(5):
-        ...     opt.zero_grad(); nn.CrossEntropyLoss()(model(data[0][0]), data[0][1]).backward()
+        ...     opt.zero_grad(); nn.CrossEntropyLoss()(model(X), y).backward()
         ...     opt.step(); _ = pruner.step()
         >>> round(float((model.weight == 0).float().mean()), 2)
         0.5
@@ -47,7 +48,7 @@ class GradualPruner:
         loss_func: Callable[[Tensor, Tensor], Tensor] | None,
         data: Iterable | None,
         schedule: CubicSchedule,
-        **prune_kwargs,
+        **prune_kwargs: Any,
     ) -> None:
         if not isinstance(schedule, CubicSchedule):
             raise TypeError(f"schedule must be a CubicSchedule, got {type(schedule).__name__}")

@@ -32,8 +32,23 @@ The inverse provider is anything with ``inverse_diagonal()``, ``inverse_rows(idx
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
+
+
+class InverseProvider(Protocol):
+    """What the OBS routines need from an inverse curvature (``StaticMFAC`` has all of it)."""
+
+    def inverse_diagonal(self) -> Tensor:
+        """``diag(F^{-1})``, shape ``(d,)``."""
+
+    def inverse_rows(self, idx: Tensor) -> Tensor:
+        """Rows ``F^{-1}[idx, :]``, shape ``(len(idx), d)``."""
+
+    def ihvp(self, x: Tensor) -> Tensor:
+        """``F^{-1} x``."""
 
 
 def obs_scores(w: Tensor, inv_diag: Tensor) -> Tensor:
@@ -52,7 +67,9 @@ def obs_scores(w: Tensor, inv_diag: Tensor) -> Tensor:
     return w.pow(2) / (2 * inv_diag)
 
 
-def obs_update_diagonal(inverse, w: Tensor, idx: Tensor, inv_diag: Tensor | None = None) -> Tensor:
+def obs_update_diagonal(
+    inverse: InverseProvider, w: Tensor, idx: Tensor, inv_diag: Tensor | None = None
+) -> Tensor:
     """Diagonal-approximation OBS update for removing the coordinates ``idx``.
 
     ``delta w = -F^{-1} v`` with ``v_q = w_q / [F^{-1}]_{qq}`` for ``q`` in ``idx`` (else 0): the
@@ -75,7 +92,7 @@ def obs_update_diagonal(inverse, w: Tensor, idx: Tensor, inv_diag: Tensor | None
 
 
 def obs_update_multi(
-    inverse,
+    inverse: InverseProvider,
     w: Tensor,
     idx: Tensor,
     block_size: int | None,

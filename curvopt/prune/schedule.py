@@ -23,8 +23,8 @@ def one_shot_schedule(target: float, steps: int, start: float = 0.0) -> list[flo
         start: Sparsity already present, ``s_0 <= s``.
 
     Example:
-        >>> [round(s, 4) for s in one_shot_schedule(0.9, 2)]
-        [0.6838, 0.9]
+        >>> tuple(round(s, 4) for s in one_shot_schedule(0.9, 2))
+        (0.6838, 0.9)
     """
     _check_sparsity(target, "target")
     _check_sparsity(start, "start")
@@ -54,13 +54,13 @@ class CubicSchedule:
         start_step: ``t_0``, the first pruning step.
         end_step: ``t_1 > t_0``, the step that reaches ``s_f``.
         frequency: ``Delta``, steps between pruning events.
-        initial_sparsity: ``s_i`` applied at ``t_0`` (default 0, i.e. the first event at
-            ``t_0 + Delta``... is the first with nonzero sparsity).
+        initial_sparsity: ``s_i``, the sparsity of the first event at ``t_0`` (default 0: the
+            first event that removes weights is then ``t_0 + Delta``).
 
     Example:
         >>> s = CubicSchedule(0.9, start_step=0, end_step=100, frequency=25)
-        >>> [s.prune_steps(), round(s.sparsity_at(50), 4)]
-        [[0, 25, 50, 75, 100], 0.7875]
+        >>> tuple(s.prune_steps()), round(s.sparsity_at(50), 4)
+        ((0, 25, 50, 75, 100), 0.7875)
     """
 
     def __init__(
