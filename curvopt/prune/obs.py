@@ -105,10 +105,10 @@ def obs_update_multi(
     the whole vector is one block (exact OBS for a dense ``F``; the solve is ``|Q| x |Q|``).
 
     Rows of ``F^{-1}`` are fetched in chunks of whole blocks with at most ``max_rows`` rows (default
-    ``2**24 // d``, at least one block), so memory is ``max_rows * d`` (rows are zero outside their
-    block). The small systems are solved in float64. The total work is about ``len(idx) * d``
-    for the rows, which is why :func:`curvopt.prune.prune` switches to
-    :func:`obs_update_diagonal` for large models.
+    ``2**22 // d``, at least one block), so memory is ``max_rows * d`` (rows are zero outside their
+    block). The small systems are solved in float64; the rows keep the provider's dtype. The
+    total work is about ``len(idx) * d`` for the rows, which is why :func:`curvopt.prune.prune`
+    switches to :func:`obs_update_diagonal` for large models.
 
     Args:
         inverse: Provider with ``inverse_rows(idx) -> (len(idx), d)``.
@@ -133,7 +133,7 @@ def obs_update_multi(
     starts = [0, *ends[:-1]]
     w64 = w.to(torch.float64)
     if max_rows is None:
-        max_rows = max(1, 2**24 // d)
+        max_rows = max(1, 2**22 // d)
     # group consecutive blocks into chunks of at most max_rows rows (never split a block)
     chunk: list[int] = []
     rows_in_chunk = 0
@@ -148,7 +148,7 @@ def obs_update_multi(
     for group in groups:
         lo, hi = starts[group[0]], ends[group[-1]]
         sub = idx[lo:hi]
-        R = inverse.inverse_rows(sub).to(torch.float64)  # (n, d)
+        R = inverse.inverse_rows(sub)  # (n, d), zero outside each row's block
         # per-block systems, padded to a batch: S_b = R_b[:, Q_b], rhs w_{Q_b}
         sizes = [counts[j].item() for j in group]
         k = max(sizes)
@@ -157,10 +157,10 @@ def obs_update_multi(
         offset = 0
         for t, n in enumerate(sizes):
             q = sub[offset : offset + n]
-            S[t, :n, :n] = R[offset : offset + n][:, q]
+            S[t, :n, :n] = R[offset : offset + n][:, q].to(torch.float64)
             rhs[t, :n] = w64[q]
             offset += n
         coef = torch.linalg.solve(S, rhs)  # (groups, k)
         c = torch.cat([coef[t, :n] for t, n in enumerate(sizes)])
-        delta -= R.T @ c
+        delta -= (R.T @ c.to(R.dtype)).to(torch.float64)
     return delta.to(w.dtype)
