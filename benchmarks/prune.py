@@ -40,14 +40,14 @@ METHODS = {
         method="mfac", steps=1, damp=1e-5, damp_mode="absolute", grad_batch_size=16
     ),
     # the recommended setting: relative damping, small-batch gradients, 16 recomputations
-    "mfac (k=16)": dict(method="mfac", steps=16, damp=0.1, grad_batch_size=8),
+    "mfac (k=16)": dict(method="mfac", steps=16, damp=1.0, grad_batch_size=8),
     "mfac diag. update (k=16)": dict(
-        method="mfac", steps=16, damp=0.1, grad_batch_size=8, update="diagonal"
+        method="mfac", steps=16, damp=1.0, grad_batch_size=8, update="diagonal"
     ),
-    "mfac (k=1)": dict(method="mfac", steps=1, damp=0.1, grad_batch_size=8),
+    "mfac (k=1)": dict(method="mfac", steps=1, damp=1.0, grad_batch_size=8),
     # exact OBS: dense d x d empirical Fisher, 2x more gradients, same schedule
     "exact OBS (k=16, m=128)": dict(
-        method="obs", steps=16, damp=0.1, grad_batch_size=8, num_grads=128
+        method="obs", steps=16, damp=1.0, grad_batch_size=8, num_grads=128
     ),
 }
 

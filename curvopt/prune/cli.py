@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-grads", type=int, default=64, help="gradients m (default 64)")
     parser.add_argument("--block-size", type=int, default=128, help="M-FAC block size")
     parser.add_argument(
-        "--damp", type=float, default=1e-2, help="damping relative to mean(diag(G^T G/m))"
+        "--damp", type=float, default=1.0, help="damping relative to mean(diag(G^T G/m))"
     )
     parser.add_argument(
         "--grad-batch-size", type=int, default=8, help="samples per gradient (default 8)"
