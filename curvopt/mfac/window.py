@@ -14,16 +14,11 @@ from ._validation import (
     check_operand,
     check_positive_int,
     check_storage_dtype,
+    finite_flag,
     resolve_accumulate_dtype,
 )
 
 NONFINITE_MODES = ("raise", "skip", "ignore")
-
-
-def _finite_flag(v: Tensor) -> Tensor:
-    """0-dim bool tensor: ``v`` has no NaN/Inf (its min and max are finite; one fast reduction)."""
-    lo, hi = torch.aminmax(v)
-    return torch.isfinite(lo) & torch.isfinite(hi)
 
 
 class SlidingWindowMFAC:
@@ -241,13 +236,13 @@ class SlidingWindowMFAC:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
         stored = g.detach().to(self.dtype)
         if on_nonfinite == "raise":
-            if not bool(_finite_flag(stored)):
+            if not bool(finite_flag(stored)):
                 raise ValueError(
                     f"g contains NaN or Inf values (after conversion to {self.dtype}); "
                     "the window was left unchanged"
                 )
         elif on_nonfinite == "skip":  # no host synchronization: mask the write instead
-            ok = _finite_flag(stored)
+            ok = finite_flag(stored)
             self.last_finite.copy_(ok)
             self.nonfinite_count.add_((~ok).long())
             stored = torch.where(ok, stored, self.G[self.count % self.m])

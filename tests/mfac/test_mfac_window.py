@@ -25,11 +25,11 @@ def test_empty_window_is_scaled_identity():
     assert w.count == 0 and w.filled == 0
 
 
-CASES = [
-    (m, d, damp, None)
-    for m, d in [(1, 6), (2, 40), (5, 3), (16, 40), (24, 30)]
-    for damp in [1e-4, 1e-1, 1e2]
-] + [(m, d, 1e-4, r) for m, d in [(5, 3), (16, 40)] for r in [1, 10_000]]
+CASES = (
+    [(m, d, damp, None) for m, d in [(1, 6), (2, 40), (5, 3)] for damp in [1e-4, 1e-1, 1e2]]
+    + [(m, d, damp, None) for m, d in [(16, 40), (24, 30)] for damp in [1e-4, 1e2]]
+    + [(m, d, 1e-4, r) for m, d in [(5, 3), (16, 40)] for r in [1, 10_000]]
+)
 
 
 @pytest.mark.parametrize("m,d,damp,refresh_every", CASES)
