@@ -325,6 +325,7 @@ def main(argv=None):
             continue
         G_all = random_rows(max(m_ok), d, gen)
         for m in m_ok:
+            print(f"(running d={d:.0e}, m={m})", file=sys.stderr, flush=True)
             G = G_all[:m]
             if m * m * d <= 6e11:
                 K = bench_static(G, args.repeats, static_rows, budget)

@@ -370,6 +370,21 @@ class SlidingWindowMFAC:
             coef = torch.cholesky_solve(dots, cholesky(self.K[:n, :n], self.m, lam))
         return self._finish(x, X, coef, n, lam)
 
+    def inverse_diagonal(self) -> Tensor:
+        """Diagonal of ``F^{-1}`` for the current window, ``(d,)`` in the accumulation dtype.
+
+        ``[F^{-1}]_jj = 1/lam - ||L^{-1} G e_j||^2 / lam^2`` with a fresh Cholesky factor
+        ``A = L L^T`` (``O(m^3 + m^2 d)``; for diagnostics and pruning-style scores, not per step).
+        """
+        n, lam = self.filled, self._damp
+        if n == 0:
+            return torch.full((self.dim,), 1.0 / lam, dtype=self._acc, device=self.device)
+        L = cholesky(self.K[:n, :n], self.m, lam)
+        eye = torch.eye(n, dtype=torch.float64, device=self.device)
+        T = torch.linalg.solve_triangular(L, eye, upper=False)[None].to(self._acc)
+        s = P.block_gram_diag(self.G[:n], P.BlockLayout(self.dim, None), T)
+        return (1.0 / lam) - s / lam**2
+
     def mul(self, x: Tensor) -> Tensor:
         """Curvature products ``F x = lam x + G^T (G x) / m``, shaped like ``x``."""
         X = check_operand(x, self.dim, self.device)
