@@ -317,7 +317,7 @@ class SlidingWindowMFAC:
 
     def _finish(self, x: Tensor, X: Tensor, coef: Tensor, n: int, lam: float) -> Tensor:
         """``X / lam - G^T coef / lam^2`` shaped like ``x``."""
-        C = coef.mul_(-1.0 / lam**2).to(self._acc)
+        C = coef.mul_(-1.0 / lam**2).to(self._acc).contiguous()
         Y = P.combine(1.0 / lam, X, self.G[:n], C)
         return Y if x.ndim == 2 else Y[:, 0]
 
