@@ -7,7 +7,7 @@ peak extra memory of one pruning run per method (a fresh process each; resident 
 sampled every 0.5 ms, peak minus the value before pruning),
 and saves an accuracy-vs-sparsity plot.
 
-    python benchmarks/prune.py            # 3 seeds, 50/70/80/90/95 %, about 10 min on 2 cores
+    python benchmarks/prune.py            # 3 seeds, 50/70/80/90/95 %, 2-7 min on 2 cores
     python benchmarks/prune.py --quick    # 1 seed, 2 sparsities, smaller model
 """
 
