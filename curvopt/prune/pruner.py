@@ -1,0 +1,283 @@
+"""One-shot pruning: :func:`prune` with M-FAC OBS, exact dense OBS or magnitude scores."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .dense import DenseFisherInverse
+from .gradients import collect_gradients
+from .masks import PrunableWeight, prunable_weights, set_mask
+from .obs import obs_scores, obs_update_diagonal, obs_update_multi
+from .report import PruneReport, layer_reports
+from .schedule import _check_sparsity
+
+METHODS = ("mfac", "obs", "magnitude")
+SCOPES = ("global", "layer")
+UPDATES = ("auto", "multi", "diagonal", "none")
+DAMP_MODES = ("relative", "absolute")
+
+
+def prune(
+    model: nn.Module,
+    loss_func: Callable[[Tensor, Tensor], Tensor] | None,
+    data: Iterable | None,
+    sparsity: float | Mapping[str, float],
+    method: str = "mfac",
+    scope: str = "global",
+    num_grads: int = 64,
+    block_size: int | None = 128,
+    damp: float = 1.0,
+    steps: int = 16,
+    *,
+    damp_mode: str = "relative",
+    update: str = "auto",
+    grad_batch_size: int | None = None,
+    normalize: bool = False,
+    layer_types: Iterable[type[nn.Module]] | None = None,
+    names: Iterable[str] | None = None,
+    max_multi: int = 4096,
+    multi_budget: int = 2**28,
+    callback: Callable[[int, int, float], None] | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place to ``sparsity`` and return a per-layer report.
+
+    Each of the ``steps`` recomputation steps (schedule :func:`one_shot_schedule`):
+
+    1. collect ``m = num_grads`` gradients of ``loss_func`` on ``data`` over the remaining
+       prunable weights (``G``, ``m x d``; pruned entries get zero gradient);
+    2. build ``F = lambda I + G^T G / m``: block-wise M-FAC (``method="mfac"``, blocks of
+       ``block_size``), or the dense exact inverse of the full matrix (``method="obs"``,
+       ``d x d``, small models only);
+    3. score every weight by ``rho_q = w_q^2 / (2 [F^{-1}]_qq)`` (``|w_q|`` for magnitude) and
+       remove the lowest-scoring ones (global threshold, or per layer);
+    4. move the remaining weights by the OBS update (see :mod:`curvopt.prune.obs`).
+
+    Which update (``update="auto"``): the exact multi-weight update per block when every block
+    loses at most ``max_multi`` weights in this step and fetching the rows of ``F^{-1}`` is
+    affordable (``removed * d <= multi_budget``, about 2.7e8: small and medium models, e.g. all of
+    the benchmark); otherwise the diagonal approximation (one IHVP), which is what scales to large
+    models. ``"multi"`` / ``"diagonal"`` force one; ``"none"`` only masks. The choice per step is
+    recorded in ``report.update``.
+
+    Damping: with ``damp_mode="relative"`` (default) the damping is
+    ``lambda = damp * mean(diag(G^T G / m))``, i.e. relative to the gradients' scale, which is
+    what keeps the estimator from collapsing into magnitude pruning when gradients are small;
+    ``"absolute"`` uses ``lambda = damp``.
+
+    Defaults ``damp=1`` (relative: ``lambda`` equals the mean curvature) and ``steps=16`` come
+    from the benchmark: with one step M-FAC is no better than magnitude pruning at 90-95 %
+    sparsity, with 16 it is about twice as accurate (see the pruning guide).
+
+    Masks are attached with :func:`curvopt.prune.set_mask` (``torch.nn.utils.parametrize``), so
+    the pruned weights stay zero during later training; :func:`curvopt.prune.pruned_state_dict`
+    exports a plain ``state_dict``.
+
+    Args:
+        model: The network, changed in place (put it in eval mode for BatchNorm/Dropout).
+        loss_func: ``loss_func(model(X), y) -> scalar``; unused for magnitude.
+        data: Iterable of ``(X, y)`` batches (calibration data; unused for magnitude). Read
+            from the start at every step, so it must be re-iterable (list, DataLoader) when
+            ``steps > 1``.
+        sparsity: Target fraction of zeros in ``[0, 1)``; with ``scope="layer"`` either one value
+            for every layer or a dict ``{layer name: sparsity}``.
+        method: ``"mfac"``, ``"obs"`` (exact dense empirical Fisher) or ``"magnitude"``.
+        scope: ``"global"`` (one threshold over all prunable weights) or ``"layer"``.
+        num_grads: ``m``, gradients per step.
+        block_size: M-FAC block size (``None``: one block over all prunable weights).
+        damp: Damping (relative or absolute, see above), ``> 0``.
+        steps: Recomputation steps ``k >= 1``.
+        damp_mode: ``"relative"`` or ``"absolute"``.
+        update: ``"auto"``, ``"multi"``, ``"diagonal"`` or ``"none"``.
+        grad_batch_size: Samples per gradient (``1``: per-sample gradients; ``None``: one
+            gradient per batch of ``data``).
+        normalize: Under global scope, divide each layer's scores by their mean over the layer's
+            remaining weights before the global threshold.
+        layer_types: Prunable module types (default Linear and Conv).
+        names: Prune only these modules (see :func:`curvopt.prune.prunable_weights`).
+        max_multi: Largest per-block removal handled by the exact multi-weight update in auto.
+        multi_budget: Largest ``removed * d`` for which auto uses the multi-weight update.
+        callback: Called as ``callback(step, steps, sparsity)`` after each step.
+
+    Returns:
+        A :class:`PruneReport` (``.sparsity`` overall, ``.layers`` per layer).
+
+    Raises:
+        ValueError: Bad sparsity, method, scope, damping, no prunable layers or empty data.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> data = [(torch.randn(16, 4), torch.randint(0, 2, (16,)))]
+        >>> report = prune(model, nn.CrossEntropyLoss(), data, 0.5, num_grads=16,
+        ...                grad_batch_size=1)
+        >>> round(report.sparsity, 2)
+        0.5
+    """
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    if damp_mode not in DAMP_MODES:
+        raise ValueError(f"damp_mode must be one of {DAMP_MODES}, got {damp_mode!r}")
+    if not (isinstance(damp, (int, float)) and damp > 0):
+        raise ValueError(f"damp must be a positive number, got {damp!r}")
+    if block_size is not None and int(block_size) < 1:
+        raise ValueError(f"block_size must be a positive integer or None, got {block_size}")
+    if method != "magnitude" and (loss_func is None or data is None):
+        raise ValueError(f"method {method!r} needs loss_func and data for the gradients")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps}")
+    if method != "magnitude" and steps > 1 and iter(data) is data:
+        raise ValueError(
+            "data is an iterator that can be read only once, but steps > 1 reads it once per "
+            "step: pass a list of batches or a DataLoader"
+        )
+    targets = prunable_weights(model, layer_types, names)
+    layer_targets = _layer_targets(sparsity, scope, targets)
+    sizes = [t.param.numel() for t in targets]
+    d = sum(sizes)
+    start = _current_sparsity(targets)
+    report = PruneReport(method=method, scope=scope, target=_plain(sparsity), layers=[])
+    with torch.no_grad():
+        for t in targets:  # start from the effective values (mask already applied)
+            if t.mask is None:
+                set_mask(t, torch.ones_like(t.param))
+    for j in range(steps):
+        frac = (j + 1) / steps
+        w = torch.cat([t.param.detach().reshape(-1) * t.mask.reshape(-1) for t in targets])
+        alive = torch.cat([t.mask.reshape(-1) != 0 for t in targets])
+        inverse = None
+        if method == "magnitude":
+            scores = w.abs()
+        else:
+            G = collect_gradients(model, loss_func, data, targets, num_grads, grad_batch_size)
+            lam = float(damp)
+            if damp_mode == "relative":
+                scale = float(G.double().pow(2).sum(0).mean() / G.shape[0])
+                lam = damp * scale if scale > 0 else float(damp)
+            report.damp.append(lam)
+            if method == "mfac":
+                from curvopt.mfac import StaticMFAC
+
+                inverse = StaticMFAC(G, lam, block_size=block_size)
+                bsize = block_size
+            else:
+                inverse = DenseFisherInverse(G, lam, block_size=None)
+                bsize = None
+            inv_diag = inverse.inverse_diagonal().to(w.dtype)
+            scores = obs_scores(w, inv_diag)
+        prune_now = _select(scores, alive, sizes, layer_targets, scope, normalize, frac, start)
+        idx = (prune_now & alive).nonzero().squeeze(1)
+        kind = "none"
+        if inverse is not None and update != "none" and idx.numel() > 0:
+            kind = update
+            if update == "auto":
+                B = d if bsize is None else bsize
+                per_block = torch.bincount(torch.div(idx, B, rounding_mode="floor"))
+                small = int(per_block.max()) <= max_multi and idx.numel() * d <= multi_budget
+                kind = "multi" if small else "diagonal"
+            if kind == "multi":
+                delta = obs_update_multi(inverse, w, idx, bsize)
+            else:
+                delta = obs_update_diagonal(inverse, w, idx, inv_diag)
+            w = w + delta
+        report.update.append(kind)
+        new_alive = alive & ~prune_now
+        with torch.no_grad():
+            offset = 0
+            for t, n in zip(targets, sizes):
+                mask = new_alive[offset : offset + n].reshape(t.param.shape)
+                t.param.copy_(w[offset : offset + n].reshape(t.param.shape))
+                set_mask(t, mask)
+                offset += n
+        reached = 1 - float(new_alive.sum()) / d
+        report.steps.append(reached)
+        if callback is not None:
+            callback(j + 1, steps, reached)
+    report.layers = layer_reports(targets)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _plain(sparsity):
+    return dict(sparsity) if isinstance(sparsity, Mapping) else float(sparsity)
+
+
+def _current_sparsity(targets: list[PrunableWeight]) -> list[float]:
+    out = []
+    for t in targets:
+        w = getattr(t.module, t.attr).detach()
+        out.append(float((w == 0).sum()) / w.numel() if t.mask is not None else 0.0)
+    return out
+
+
+def _layer_targets(sparsity, scope: str, targets: list[PrunableWeight]) -> list[float]:
+    """Per-layer target sparsities (for global scope: the same value, used as the total)."""
+    if isinstance(sparsity, Mapping):
+        if scope != "layer":
+            raise ValueError("a dict of sparsities needs scope='layer'")
+        known = {t.qualified_name: t for t in targets} | {t.name: t for t in targets}
+        unknown = [k for k in sparsity if k not in known]
+        if unknown:
+            raise ValueError(f"unknown layers in sparsity: {unknown}; prunable: {list(known)}")
+        out = []
+        for t in targets:
+            s = sparsity.get(t.qualified_name, sparsity.get(t.name, 0.0))
+            _check_sparsity(s, f"sparsity[{t.qualified_name!r}]")
+            out.append(float(s))
+        return out
+    _check_sparsity(sparsity, "sparsity")
+    return [float(sparsity)] * len(targets)
+
+
+def _select(
+    scores: Tensor,
+    alive: Tensor,
+    sizes: list[int],
+    layer_targets: list[float],
+    scope: str,
+    normalize: bool,
+    frac: float,
+    start: list[float],
+) -> Tensor:
+    """Boolean mask of the weights that are pruned after this step (old ones included)."""
+    scores = scores.clone().to(torch.float64)
+    scores[~alive] = -float("inf")  # already pruned: always counted first
+    d = scores.numel()
+    out = torch.zeros(d, dtype=torch.bool, device=scores.device)
+    if scope == "global":
+        if normalize:
+            offset = 0
+            for n in sizes:
+                seg = scores[offset : offset + n]
+                live = seg[torch.isfinite(seg)]
+                if live.numel() > 0 and float(live.mean()) > 0:
+                    seg /= live.mean()
+                offset += n
+        total_start = sum(s * n for s, n in zip(start, sizes)) / d
+        s_j = one_shot_step(layer_targets[0], frac, total_start)
+        k = min(int(round(s_j * d)), d)
+        out[torch.argsort(scores)[:k]] = True
+        return out | ~alive
+    offset = 0
+    for n, s_t, s_0 in zip(sizes, layer_targets, start):
+        s_j = one_shot_step(s_t, frac, min(s_0, s_t))
+        k = min(int(round(s_j * n)), n)
+        seg = scores[offset : offset + n]
+        out[offset + torch.argsort(seg)[:k]] = True
+        offset += n
+    return out | ~alive
+
+
+def one_shot_step(target: float, frac: float, start: float) -> float:
+    """Sparsity after a fraction ``frac = j/k`` of the schedule from ``start`` to ``target``."""
+    start = min(start, target)
+    if frac >= 1:
+        return target
+    return 1 - (1 - start) * ((1 - target) / (1 - start)) ** frac
