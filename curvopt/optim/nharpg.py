@@ -40,8 +40,9 @@ class NHARPG(MomentumPolicyGradient):
         normalize: Normalized step (N-HARPG, default) or plain step (HARPG).
         lr_schedule: Optional ``t -> factor``, overriding the power law: ``γ_t = γ₀ · factor``.
         momentum_schedule: Optional ``t -> η_t`` overriding the power law.
-        generator: Random generator for the point ``q_t`` on the segment (its state is not part
-            of ``state_dict()``; the global generator when None).
+        generator: Random generator for the point ``q_t`` on the segment; its state is saved in
+            ``state_dict()`` so a resumed run draws the same points. With None, the global
+            generator is used and nothing about it is saved.
 
     Example:
         >>> from curvopt.rl import CategoricalMLPPolicy, GymRollout, PolicyGradientSampler

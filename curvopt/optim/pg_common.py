@@ -80,6 +80,31 @@ class MomentumPolicyGradient(Optimizer):
         super().__init__(params, defaults)
         self.generator = generator
 
+    # ----- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch.optim's state dict, plus the random generator's state when one was given."""
+        state = super().state_dict()
+        if self.generator is not None:
+            state["generator_state"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore per-parameter state, hyperparameters and (if saved) the generator state.
+
+        Raises:
+            ValueError: If the state holds a generator state but this optimizer has no generator.
+        """
+        state_dict = dict(state_dict)
+        generator_state = state_dict.pop("generator_state", None)
+        if generator_state is not None and self.generator is None:
+            raise ValueError(
+                "the state dict holds a random-generator state; construct the optimizer with "
+                "generator=torch.Generator() to restore it"
+            )
+        super().load_state_dict(state_dict)
+        if generator_state is not None:
+            self.generator.set_state(generator_state)
+
     # ----- schedules --------------------------------------------------------------------------
     @staticmethod
     def step_size(group: dict, t: int) -> float:

@@ -187,6 +187,29 @@ def test_state_dict_round_trip(cls):
         torch.testing.assert_close(flat_params(module), flat_params(other), rtol=0, atol=0)
 
 
+def test_nharpg_resume_with_generator_is_exact():
+    torch.manual_seed(1)
+    module = make_module()
+    other = copy.deepcopy(module)
+    opt = NHARPG(module.parameters(), lr=0.1, generator=torch.Generator().manual_seed(3))
+    sampler = ScriptedSampler(module)
+    for _ in range(2):
+        opt.step(sampler)
+    state = copy.deepcopy(opt.state_dict())
+    assert "generator_state" in state
+    with torch.no_grad():
+        for p, q in zip(other.parameters(), module.parameters()):
+            p.copy_(q)
+    opt2 = NHARPG(other.parameters(), lr=0.1, generator=torch.Generator().manual_seed(99))
+    opt2.load_state_dict(state)
+    for _ in range(3):
+        opt.step(sampler)
+        opt2.step(ScriptedSampler(other))
+    torch.testing.assert_close(flat_params(module), flat_params(other), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="generator"):
+        NHARPG(make_module().parameters(), lr=0.1).load_state_dict(state)
+
+
 def test_nharpg_improves_exact_return_on_tabular_mdp():
     mdp, policy = small_mdp(seed=2, n_states=4, n_actions=3, horizon=5)
     j = exact_return_fn(mdp, policy)
