@@ -302,6 +302,8 @@ def main(argv=None):
     parser.add_argument("--big", action="store_true", help="add d=1e7 if memory allows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ds", type=str, default=None, help="comma-separated d values")
+    parser.add_argument("--ms", type=str, default=None, help="comma-separated m values")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -311,6 +313,10 @@ def main(argv=None):
         ds, ms, budget = [10**5, 10**6], [32, 128, 512, 1024], 60.0
         if args.big:
             ds.append(10**7)
+    if args.ds:
+        ds = [int(float(v)) for v in args.ds.split(",")]
+    if args.ms:
+        ms = [int(v) for v in args.ms.split(",")]
     print(
         f"# M-FAC benchmark: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"{os.cpu_count()} CPU(s), G float32, damp {DAMP:g}; times are medians of "
