@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SIZE_DTYPE_CASES, assert_close_scaled
+from kernel_helpers import SIZE_DTYPE_CASES, assert_close_scaled
 
 from curvopt import kernels
 from curvopt.kernels.gram_diag import gram_diag_reference, gram_diag_triton

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_data, tiny_model
+from prune_helpers import tiny_data, tiny_model
 from test_obs_math import dense_F, kkt_update
 from torch import nn
 from torch.func import functional_call, grad, vmap

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_data, tiny_model
+from prune_helpers import tiny_data, tiny_model
 from torch import nn
 
 from curvopt.prune import CubicSchedule, GradualPruner, one_shot_schedule, prunable_weights
