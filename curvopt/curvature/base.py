@@ -208,7 +208,14 @@ class CurvatureOperator:
 
         Example:
             >>> from scipy.sparse.linalg import eigsh
+            >>> from curvopt.curvature import HessianOperator
+            >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+            >>> data = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
+            >>> op = HessianOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
             >>> top = eigsh(op.to_scipy(), k=3, which="LA", return_eigenvectors=False)
+            >>> dense = torch.linalg.eigvalsh(op.to_dense())[-3:]
+            >>> bool(abs(torch.from_numpy(top).sort().values - dense).max() < 1e-8)
+            True
         """
         np_dtype = np.dtype(dtype) if dtype is not None else _numpy_dtype(self.dtype)
 
