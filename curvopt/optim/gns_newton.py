@@ -77,9 +77,9 @@ class GNSNewton(Optimizer):
 
     * ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``: the operators of
       :mod:`curvopt.curvature`, built from ``model_func``, ``loss_func`` and ``data``.
-    * ``"mfac"``: the M-FAC matrix ``mfac_damp I + G^T G / mfac_m`` of the last ``mfac_m`` gradients
-      seen at the iterates; the damped system is solved exactly with the Woodbury identity at damping
-      ``mfac_damp + lambda``.
+    * ``"mfac"``: the M-FAC matrix ``mfac_damp I + G^T G / mfac_m`` of the last ``mfac_m``
+      gradients seen at the iterates; the damped system is solved exactly with the Woodbury
+      identity at damping ``mfac_damp + lambda``.
     * a tensor ``(d, d)`` or any object with ``@`` (a fixed approximation), or a callable
       ``curvature(params) -> operator`` called once per outer step.
 
@@ -356,7 +356,8 @@ class GNSNewton(Optimizer):
         """Run one outer step (one or more trials) and return the loss at the starting point.
 
         Args:
-            closure: Zeroes the gradients, computes the loss, calls ``backward()``, returns the loss.
+            closure: Zeroes the gradients, computes the loss, calls ``backward()`` and returns
+                the loss.
 
         Returns:
             The loss at the point where the step started, as a 0-dim float64 tensor.

@@ -24,8 +24,8 @@ def damped_cholesky_solve(H: Tensor, lam: float | Tensor, b: Tensor) -> Tensor |
         b: Right-hand side ``(d,)``.
 
     Returns:
-        The solution ``x`` of shape ``(d,)``, or ``None`` when ``H + lam I`` is not positive definite
-        (the factorization failed), so the caller can increase ``lam`` and try again.
+        The solution ``x`` of shape ``(d,)``, or ``None`` when ``H + lam I`` is not positive
+        definite (the factorization failed), so the caller can increase ``lam`` and try again.
 
     Example:
         >>> H = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
@@ -65,8 +65,9 @@ def conjugate_gradient(
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
-        >>> x, _ = conjugate_gradient(lambda v: A @ v, torch.tensor([1.0, 2.0], dtype=torch.float64))
-        >>> torch.allclose(A @ x, torch.tensor([1.0, 2.0], dtype=torch.float64))
+        >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> x, _ = conjugate_gradient(lambda v: A @ v, b)
+        >>> torch.allclose(A @ x, b)
         True
     """
     if maxiter is None:
