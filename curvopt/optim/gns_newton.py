@@ -65,8 +65,10 @@ class GNSNewton(Optimizer):
     since the previous step ended (checked through the tensors' version counters): then the loss and
     gradient from the accepted trial are reused. So a step with ``T`` trials calls the closure
     ``T`` times (``T + 1`` on the first step, after an external change of the parameters, or with
-    ``reuse_evaluation=False``). A trial whose system ``H + lambda I`` cannot be factorized (``H``
-    not PSD) counts as rejected without a closure call. When ``||g|| == 0`` the step does nothing.
+    ``reuse_evaluation=False``). A trial whose system ``H + lambda I`` is found not positive
+    definite (failed Cholesky, or CG meeting a direction of non-positive curvature) counts as
+    rejected without a closure call; CG does not always detect an indefinite system, so give a
+    PSD ``H`` on the CG path. When ``||g|| == 0`` the step does nothing.
 
     **When the trials run out** (``max_trials`` rejections in a row), ``on_exhausted="take_last"``
     (default, the behaviour of the authors' code) moves to the last trial point if its loss is

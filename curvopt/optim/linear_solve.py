@@ -47,10 +47,12 @@ def conjugate_gradient(
     x0: Tensor | None = None,
     rtol: float = 1e-10,
     maxiter: int | None = None,
-) -> tuple[Tensor, int]:
+) -> tuple[Tensor | None, int]:
     """Preconditioned conjugate gradient for ``A x = b`` with symmetric positive definite ``A``.
 
     Stops when ``||A x - b|| <= rtol * ||b||`` or after ``maxiter`` iterations (default ``2 d``).
+    A search direction ``p`` with ``p^T A p <= 0`` proves that ``A`` is not positive definite;
+    the solver then returns ``None`` as the solution (like a failed Cholesky factorization).
 
     Args:
         matvec: ``v -> A v`` on ``(d,)`` tensors.
@@ -61,7 +63,7 @@ def conjugate_gradient(
         maxiter: Iteration limit.
 
     Returns:
-        ``(x, iterations)``.
+        ``(x, iterations)``, with ``x = None`` if ``A`` was found not to be positive definite.
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
@@ -85,8 +87,8 @@ def conjugate_gradient(
     while it < maxiter and float(torch.linalg.vector_norm(r)) > target:
         Ap = matvec(p)
         pAp = torch.dot(p, Ap)
-        if float(pAp) <= 0.0:  # A is not positive definite along p: stop with what we have
-            break
+        if float(pAp) <= 0.0:  # A is not positive definite along p
+            return None, it
         alpha = rz / pAp
         x = x + alpha * p
         r = r - alpha * Ap

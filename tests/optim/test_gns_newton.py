@@ -182,16 +182,18 @@ def test_exhausted_trials(on_exhausted):
     assert opt.state["gns"]["exhausted"] == 1
 
 
-def test_indefinite_curvature_counts_failed_factorizations_as_rejections():
+@pytest.mark.parametrize("path", ["cholesky", "cg"])
+def test_indefinite_curvature_counts_failed_solves_as_rejections(path):
     f, d = quadratic_problem()
     H = torch.diag(torch.tensor([-3.0, 2.0, 5.0], dtype=DT))
-    w = torch.ones(d, dtype=DT, requires_grad=True)
+    # the gradient (1, 0, 0) points along the negative eigenvector, so CG meets it at once
+    w = torch.tensor([2.0, 1.0, 0.6], dtype=DT, requires_grad=True)
     calls = [0]
-    opt = GNSNewton([w], curvature=H, gamma0=100.0)
+    curvature = H if path == "cholesky" else MatrixOperator(H)
+    opt = GNSNewton([w], curvature=curvature, gamma0=100.0, dense_threshold=0, cg_rtol=1e-14)
     opt.step(make_closure(f, w, opt, calls))
-    x_ref, gamma_ref, trials, points = reference_step(
-        f, H, torch.ones(d, dtype=DT), 100.0, 1e-9, 40
-    )
+    x0 = torch.tensor([2.0, 1.0, 0.6], dtype=DT)
+    x_ref, gamma_ref, trials, points = reference_step(f, H, x0, 100.0, 1e-9, 40)
     assert trials > points >= 1  # some trials failed to factorize
     torch.testing.assert_close(w.detach(), x_ref, rtol=1e-13, atol=1e-13)
     assert opt.state["gns"]["last_trials"] == trials
@@ -313,3 +315,100 @@ def test_bad_usage_raises():
     f, _ = quadratic_problem()
     with pytest.raises(ValueError, match=r"\(3, 3\)"):
         opt2.step(make_closure(f, a, opt2))
+
+
+def small_network(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)
+    ).double()
+    gen = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(20, 3, generator=gen, dtype=DT)
+    y = torch.randint(0, 3, (20,), generator=gen)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def unpack(w):
+        out, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = int(torch.Size(s).numel())
+            out[n] = w[i : i + k].view(s)
+            i += k
+        return out
+
+    def outputs(w):
+        return torch.func.functional_call(model, unpack(w), (X,))
+
+    def f(w):
+        return torch.nn.functional.cross_entropy(outputs(w), y)
+
+    return model, X, y, f, outputs
+
+
+def dense_ggn(outputs, x):
+    J = torch.func.jacrev(outputs)(x)  # (N, C, d)
+    p = torch.softmax(outputs(x), dim=1)
+    Hout = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("nci,ncd,ndj->ij", J, Hout, J) / J.shape[0]
+
+
+@pytest.mark.parametrize(
+    "curvature, dense_threshold", [("hessian", 2000), ("ggn", 2000), ("ggn", 0)]
+)
+def test_named_operator_curvatures_match_dense_references(curvature, dense_threshold):
+    model, X, y, f, outputs = small_network()
+    params = list(model.parameters())
+    opt = GNSNewton(
+        params,
+        curvature=curvature,
+        model_func=model,
+        loss_func=torch.nn.CrossEntropyLoss(),
+        data=[(X, y)],
+        dense_threshold=dense_threshold,
+        cg_rtol=1e-13,
+        gamma0=0.5,
+    )
+
+    def flat_params():
+        return torch.cat([p.detach().reshape(-1) for p in params])
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        return loss
+
+    x, gamma = flat_params(), 0.5
+    for _ in range(3):
+        H = torch.func.hessian(f)(x) if curvature == "hessian" else dense_ggn(outputs, x)
+        x_ref, gamma_ref, trials, _ = reference_step(f, H, x, gamma, 1e-9, 40)
+        opt.step(closure)
+        torch.testing.assert_close(flat_params(), x_ref, rtol=1e-8, atol=1e-10)
+        assert opt.state["gns"]["last_trials"] == trials
+        x, gamma = x_ref, gamma_ref
+
+
+def test_mfac_curvature_is_the_window_of_iterate_gradients():
+    f, d = logistic_problem(seed=5, d=6)
+    w = torch.zeros(d, dtype=DT, requires_grad=True)
+    m, damp = 3, 1e-2
+    opt = GNSNewton([w], curvature="mfac", mfac_m=m, mfac_damp=damp, gamma0=0.5)
+    closure = make_closure(f, w, opt)
+    x, gamma, rows = w.detach().clone(), 0.5, []
+    for _ in range(5):  # 5 > m: the window drops old gradients
+        rows.append(grad_of(f, x))
+        G = torch.stack(rows[-m:])
+        H = damp * torch.eye(d, dtype=DT) + G.T @ G / m
+        x_ref, gamma_ref, trials, _ = reference_step(f, H, x, gamma, 1e-9, 40)
+        opt.step(closure)
+        torch.testing.assert_close(w.detach(), x_ref, rtol=1e-10, atol=1e-12)
+        assert opt.state["gns"]["last_trials"] == trials
+        x, gamma = x_ref, gamma_ref
+    # the window travels with the state dict
+    sd = opt.state_dict()
+    w2 = w.detach().clone().requires_grad_(True)
+    opt2 = GNSNewton([w2], curvature="mfac", mfac_m=m, mfac_damp=damp)
+    opt2.load_state_dict(sd)
+    opt.step(closure)
+    opt2.step(make_closure(f, w2, opt2))
+    assert torch.equal(w.detach(), w2.detach())
