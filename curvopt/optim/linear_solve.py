@@ -28,9 +28,10 @@ def damped_cholesky_solve(H: Tensor, lam: float | Tensor, b: Tensor) -> Tensor |
         definite (the factorization failed), so the caller can increase ``lam`` and try again.
 
     Example:
-        >>> H = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-        >>> damped_cholesky_solve(H, 1.0, torch.tensor([3.0, 2.0]))
-        tensor([1., 1.])
+        >>> H = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+        >>> x = damped_cholesky_solve(H, 1.0, torch.tensor([3.0, 2.0], dtype=torch.float64))
+        >>> torch.allclose(x, torch.ones(2, dtype=torch.float64))
+        True
     """
     A = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     L, info = torch.linalg.cholesky_ex(A)

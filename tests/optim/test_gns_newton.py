@@ -264,6 +264,18 @@ def test_state_dict_round_trip_resumes_exactly():
     assert opt3.gamma == opt1.gamma
 
 
+def test_grad_tol_stops_at_small_gradients():
+    f, d = quadratic_problem()
+    w = torch.tensor([1.0, 1.0, 0.6 + 1e-6], dtype=DT, requires_grad=True)  # ||g|| = 5e-6
+    calls = [0]
+    opt = GNSNewton([w], curvature=torch.eye(d, dtype=DT), grad_tol=1e-5)
+    opt.step(make_closure(f, w, opt, calls))
+    assert calls[0] == 1 and opt.state["gns"]["trials"] == 0
+    opt.param_groups[0]["grad_tol"] = 1e-6
+    opt.step(make_closure(f, w, opt, calls))
+    assert opt.state["gns"]["trials"] >= 1
+
+
 def test_stationary_point_does_nothing():
     f, d = quadratic_problem()
     w = torch.tensor([1.0, 1.0, 0.6], dtype=DT, requires_grad=True)  # A w = b
@@ -281,6 +293,7 @@ def test_stationary_point_does_nothing():
         (dict(gamma0=math.inf), ValueError),
         (dict(gamma_min=-1.0), ValueError),
         (dict(max_trials=0), ValueError),
+        (dict(grad_tol=-1.0), ValueError),
         (dict(dense_threshold=-1), ValueError),
         (dict(cg_rtol=0.0), ValueError),
         (dict(mfac_m=0), ValueError),
