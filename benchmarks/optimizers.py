@@ -252,7 +252,7 @@ def part_gns(quick, plots):
     print("\n## GNSNewton: iterations to ||grad|| <= 1e-10 (float64, full batch)\n")
     print(
         "| problem (d) | method | it. to 1e-6 | it. to 1e-8 | it. to 1e-10 | closure/grad evals "
-        "| final ||g|| | time [s] |"
+        "| final ‖g‖ | time [s] |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, (rows, d) in results.items():
