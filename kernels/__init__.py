@@ -2,7 +2,15 @@
 
 Call the functions exported here; :mod:`curvopt.kernels.dispatch` picks Triton (CUDA, or the CPU
 interpreter under ``TRITON_INTERPRET=1``) or the reference (everywhere else, or when
-``CURVOPT_KERNELS=reference``).
+``CURVOPT_KERNELS=reference``). Both paths take the same arguments, raise the same errors for bad
+input and return the same result up to floating-point rounding.
+
+Example:
+    >>> import torch
+    >>> from curvopt import kernels
+    >>> G, V = torch.ones(3, 5), torch.ones(2, 5)
+    >>> kernels.multi_dot(G, V).shape
+    torch.Size([3, 2])
 """
 
 from __future__ import annotations
@@ -27,25 +35,42 @@ def _triton_impl(name: str):
 
 
 def multi_dot(G: Tensor, V: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
-    """``G @ V.T`` for ``G`` ``(m, d)`` and ``V`` ``(k, d)``; see :func:`multi_dot_reference`."""
+    """``G @ V.T`` for ``G`` ``(m, d)`` and ``V`` ``(k, d)`` in one pass over ``G``.
+
+    See :func:`~curvopt.kernels.multi_dot.multi_dot_reference` for the arguments; the Triton path
+    is :func:`~curvopt.kernels.multi_dot.multi_dot_triton`.
+    """
     impl = _triton_impl("multi_dot") if use_triton(G) else None
     return (impl or multi_dot_reference)(G, V, out_dtype)
 
 
-def combine(a: float, x: Tensor, G: Tensor, c: Tensor) -> Tensor:
-    """``a * x + G.T @ c``; see :func:`combine_reference`."""
+def combine(a: float | Tensor, x: Tensor, G: Tensor, c: Tensor) -> Tensor:
+    """``a * x + G.T @ c`` in one pass over ``G``.
+
+    See :func:`~curvopt.kernels.combine.combine_reference` for the arguments; the Triton path is
+    :func:`~curvopt.kernels.combine.combine_triton`.
+    """
     impl = _triton_impl("combine") if use_triton(G) else None
     return (impl or combine_reference)(a, x, G, c)
 
 
 def gram_diag(G: Tensor, T: Tensor, block_size: int | None = None) -> Tensor:
-    """Squared column norms of ``T_b G_b`` per block; see :func:`gram_diag_reference`."""
+    """Squared column norms of ``T_b G_b`` per block, without materializing ``T G``.
+
+    See :func:`~curvopt.kernels.gram_diag.gram_diag_reference` for the arguments; the Triton path
+    is :func:`~curvopt.kernels.gram_diag.gram_diag_triton`.
+    """
     impl = _triton_impl("gram_diag") if use_triton(G) else None
     return (impl or gram_diag_reference)(G, T, block_size)
 
 
 def softmax_curvature(logits: Tensor, u: Tensor) -> Tensor:
-    """``(diag(p) - p p^T) u`` per row; see :func:`softmax_curvature_reference`."""
+    """``(diag(p) - p p^T) u`` per row with ``p = softmax(logits)``, tiled over classes.
+
+    See :func:`~curvopt.kernels.softmax_curvature.softmax_curvature_reference` for the
+    arguments; the Triton path is
+    :func:`~curvopt.kernels.softmax_curvature.softmax_curvature_triton`.
+    """
     impl = _triton_impl("softmax_curvature") if use_triton(logits) else None
     return (impl or softmax_curvature_reference)(logits, u)
 

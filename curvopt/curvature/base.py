@@ -2,16 +2,16 @@
 
 A curvature operator represents a ``d x d`` matrix over the trainable parameters of a model,
 averaged over a data set given as an iterable of ``(X, y)`` batches, and multiplies it onto
-vectors without ever forming it. Subclasses implement one method, :meth:`_matmat_batch`, the
+vectors without ever forming it. Subclasses implement one method, `_matmat_batch`, the
 product of the *mini-batch* curvature (of the mini-batch loss, with the loss function's own
 reduction) with a matrix of columns. The base class adds the batches up with curvlinops'
 weighting: a batch of size ``N_b`` counts ``N_b / N`` for ``reduction='mean'`` and ``1`` for
 ``reduction='sum'``, so that the result is the curvature of
 
-.. math::
-
-    \\mathcal{L}(\\theta) = c \\sum_{n=1}^{N} \\ell(f_\\theta(x_n), y_n),
-    \\qquad c = 1/N \\text{ (mean) or } 1 \\text{ (sum)},
+$$
+\\mathcal{L}(\\theta) = c \\sum_{n=1}^{N} \\ell(f_\\theta(x_n), y_n),
+\\qquad c = 1/N \\text{ (mean) or } 1 \\text{ (sum)},
+$$
 
 the loss of the whole data set in one batch (for ``nn.MSELoss(reduction='mean')`` the constant
 also divides by the number of output entries per sample, as the loss itself does).
@@ -142,11 +142,15 @@ class CurvatureOperator:
                 v, self._dim, name="v", dtype=self.dtype, device=self.device, allow_matrix=True
             )
             cols = v.unsqueeze(1) if v.ndim == 1 else v
+            if cols.shape[1] == 0:
+                return torch.zeros_like(v)
             out = self._matmat(self._split_columns(cols))
             flat = torch.cat([o.reshape(o.shape[0], -1) for o in out], dim=1).T
             return flat.squeeze(1) if v.ndim == 1 else flat
         if isinstance(v, (list, tuple)):
             is_vec, k = self._check_list(v)
+            if k == 0:
+                return [torch.zeros_like(t) for t in v]
             cols = [t.unsqueeze(0) if is_vec else t.movedim(-1, 0) for t in v]
             out = self._matmat(cols)
             return [o.squeeze(0) if is_vec else o.movedim(0, -1) for o in out]
@@ -156,7 +160,7 @@ class CurvatureOperator:
         )
 
     def matvec(self, v: Tensor) -> Tensor:
-        """``self @ v`` for a flat vector; see :meth:`__matmul__`."""
+        """``self @ v`` for a flat vector; see `__matmul__`."""
         return self @ v
 
     def _matmat(self, cols: list[Tensor]) -> list[Tensor]:
@@ -169,15 +173,24 @@ class CurvatureOperator:
             The product in the same format.
         """
         self._before_matmat()
-        out = [torch.zeros_like(c) for c in cols]
+        out: list[Tensor] | None = None
         for X, y in self._loop_over_data():
             weight = self._batch_weight(X)
-            for acc, part in zip(out, self._matmat_batch(X, y, cols)):
-                acc.add_(part, alpha=weight)
+            parts = self._matmat_batch(X, y, cols)
+            if out is None:  # the parts are fresh tensors: scale them in place
+                out = [part.mul_(weight) if weight != 1.0 else part for part in parts]
+            else:
+                for acc, part in zip(out, parts):
+                    acc.add_(part, alpha=weight)
+        if out is None:
+            raise ValueError("data yielded no batches")
         return out
 
     def _matmat_batch(self, X: Tensor, y: Tensor, cols: list[Tensor]) -> list[Tensor]:
-        """Multiply the mini-batch curvature onto columns ``(k, *p.shape)``; for subclasses."""
+        """Multiply the mini-batch curvature onto columns ``(k, *p.shape)``; for subclasses.
+
+        Must return new tensors (not views of ``cols``): the base class accumulates in place.
+        """
         raise NotImplementedError
 
     def _before_matmat(self) -> None:

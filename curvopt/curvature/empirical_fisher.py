@@ -13,9 +13,9 @@ from .losses import per_sample_loss, reduction_scale
 class EmpiricalFisherOperator(CurvatureOperator):
     r"""The empirical Fisher ("EF"), the uncentered covariance of per-sample gradients.
 
-    .. math::
-
-        E = c \sum_{n=1}^{N} g_n g_n^\top, \qquad g_n = \nabla_\theta \ell(f_\theta(x_n), y_n),
+    $$
+    E = c \sum_{n=1}^{N} g_n g_n^\top, \qquad g_n = \nabla_\theta \ell(f_\theta(x_n), y_n),
+    $$
 
     with ``\ell`` the unreduced per-sample loss and ``c`` from the reduction (curvlinops'
     ``EFLinearOperator`` convention). A mini-batch product computes the per-sample gradients
@@ -29,7 +29,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         params: Parameters to differentiate by (``requires_grad=False`` ones are left out).
         data: Re-iterable ``(X, y)`` batches.
         num_data: Number of samples; counted from ``data`` if None.
-        check_deterministic: See :class:`~curvopt.curvature.base.CurvatureOperator`.
+        check_deterministic: See `curvopt.curvature.base.CurvatureOperator`.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))

@@ -18,12 +18,12 @@ class FisherOperator(GGNOperator):
     The losses are negative log-likelihoods, ``\ell(f, y) = -\log p(y \mid f)`` (a Gaussian
     with variance 1/2 for ``nn.MSELoss``, a categorical for ``nn.CrossEntropyLoss``). The Fisher
 
-    .. math::
-
-        F = c \sum_{n=1}^{N} J_n^\top \,
-            \mathbb{E}_{\tilde y \sim p(\cdot \mid f_n)}\!\left[g_n(\tilde y)\, g_n(\tilde y)^\top
-            \right] J_n,
-        \qquad g_n(\tilde y) = \nabla_f \ell(f_n, \tilde y),
+    $$
+    F = c \sum_{n=1}^{N} J_n^\top \,
+        \mathbb{E}_{\tilde y \sim p(\cdot \mid f_n)}\!\left[g_n(\tilde y)\, g_n(\tilde y)^\top
+        \right] J_n,
+    \qquad g_n(\tilde y) = \nabla_f \ell(f_n, \tilde y),
+    $$
 
     equals the GGN for both losses, which is what ``mc_samples=None`` (exact) computes. With
     ``mc_samples=M`` the expectation is replaced by the mean over ``M`` labels drawn from the
@@ -40,7 +40,7 @@ class FisherOperator(GGNOperator):
         mc_samples: None for the exact Fisher, else the number of sampled labels per sample.
         seed: Seed of the label sampler (Monte-Carlo only).
         num_data: Number of samples; counted from ``data`` if None.
-        check_deterministic: See :class:`~curvopt.curvature.base.CurvatureOperator`.
+        check_deterministic: See `curvopt.curvature.base.CurvatureOperator`.
 
     Raises:
         ValueError: If ``mc_samples`` is not None or a positive integer.

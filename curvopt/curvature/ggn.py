@@ -15,14 +15,14 @@ from .losses import check_output, loss_hessian_product
 class GGNOperator(CurvatureOperator):
     r"""The generalized Gauss-Newton matrix of the empirical risk, without forming Jacobians.
 
-    .. math::
-
-        G = c \sum_{n=1}^{N} J_n^\top \, \nabla^2_{f} \ell(f_n, y_n) \, J_n,
-        \qquad J_n = \partial f_\theta(x_n) / \partial \theta,
+    $$
+    G = c \sum_{n=1}^{N} J_n^\top \, \nabla^2_{f} \ell(f_n, y_n) \, J_n,
+    \qquad J_n = \partial f_\theta(x_n) / \partial \theta,
+    $$
 
     for ``nn.MSELoss`` (``\nabla^2_f \ell = 2 I``) and ``nn.CrossEntropyLoss`` on logits
     ``(N, C)`` (``\nabla^2_f \ell = \mathrm{diag}(p) - p p^\top``, through
-    :func:`curvopt.kernels.softmax_curvature`), reductions 'mean' and 'sum'.
+    `curvopt.kernels.softmax_curvature`), reductions 'mean' and 'sum'.
 
     A mini-batch product is one forward pass carrying the tangent (``J v``, forward-mode AD),
     the loss Hessian applied in output space, and one backward pass (``J^T u``): about the
@@ -35,7 +35,7 @@ class GGNOperator(CurvatureOperator):
         params: Parameters to differentiate by (``requires_grad=False`` ones are left out).
         data: Re-iterable ``(X, y)`` batches.
         num_data: Number of samples; counted from ``data`` if None.
-        check_deterministic: See :class:`~curvopt.curvature.base.CurvatureOperator`.
+        check_deterministic: See `curvopt.curvature.base.CurvatureOperator`.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
@@ -63,17 +63,23 @@ class GGNOperator(CurvatureOperator):
 
     def _matvec_batch(self, X: Tensor, y: Tensor, v: list[Tensor]) -> list[Tensor]:
         """One column: a forward pass with dual numbers, then one ordinary backward pass."""
-        with torch.enable_grad(), fwAD.dual_level():
-            duals = {
-                name: fwAD.make_dual(p, t.contiguous())
-                for name, p, t in zip(self._names, self._params, v)
-            }
-            output, Jv = fwAD.unpack_dual(functional_call(self._model_func, duals, (X,)))
+        with torch.enable_grad():
+            with fwAD.dual_level():
+                duals = {
+                    name: fwAD.make_dual(p, t.contiguous())
+                    for name, p, t in zip(self._names, self._params, v)
+                }
+                output, Jv = fwAD.unpack_dual(functional_call(self._model_func, duals, (X,)))
+            # the backward pass runs outside the dual level: inside it, autograd would also
+            # push tangents through the backward graph (a second-order term we do not need)
             check_output(self._loss_func, output)
             if Jv is None:  # the output does not depend on the parameters
                 Jv = torch.zeros_like(output)
-            u = self._output_product(output.detach(), y, Jv.unsqueeze(0)).squeeze(0)
-            grads = torch.autograd.grad(output, self._params, grad_outputs=u, allow_unused=True)
+            with torch.no_grad():
+                u = self._output_product(output.detach(), y, Jv.detach().unsqueeze(0))
+            grads = torch.autograd.grad(
+                output, self._params, grad_outputs=u.squeeze(0), allow_unused=True
+            )
         return [
             torch.zeros_like(p).unsqueeze(0) if g is None else g.unsqueeze(0)
             for g, p in zip(grads, self._params)

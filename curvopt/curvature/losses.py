@@ -8,7 +8,7 @@ For a mini-batch with outputs ``f`` (``N_b`` samples) the supported losses are
 * ``nn.CrossEntropyLoss`` on logits ``(N_b, C)``: ``ell_n = -log softmax(f_n)[y_n]``,
   ``c = 1`` ('sum') or ``1 / N_b`` ('mean'); its Hessian in logit space is
   ``c (diag(p_n) - p_n p_n^T)`` per sample, applied through
-  :func:`curvopt.kernels.softmax_curvature`.
+  `curvopt.kernels.softmax_curvature`.
 
 Both are negative log-likelihoods (a Gaussian with variance 1/2, a categorical), so their Fisher
 equals the generalized Gauss-Newton matrix; sampling labels from the model gives the

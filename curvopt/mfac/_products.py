@@ -20,6 +20,8 @@ from curvopt import kernels
 
 # Largest temporary (in elements) that a chunked conversion of G may create.
 TEMP_ELEMENTS = 1 << 22
+# Column chunk (in elements of G) that keeps the temporaries of the reference gram_diag in cache.
+CACHE_ELEMENTS = 1 << 18
 
 
 def needs_chunks(G: Tensor, acc: torch.dtype) -> bool:
@@ -42,7 +44,10 @@ def dots(G: Tensor, X: Tensor, acc: torch.dtype) -> Tensor:
     """``G @ X`` for ``X`` ``(d, k)``, one pass over ``G``; returns ``(m, k)`` in ``acc``."""
     out = None
     for sl in column_chunks(G, acc):
-        part = kernels.multi_dot(G[:, sl], X[sl].T, acc)
+        # (k, d) rows, contiguous: on the CPU, G @ V.T with V row-major is ~7x faster than
+        # with V.T row-major for k >= 2 (BLAS packs the other operand).
+        V = X[sl].T if X.shape[1] == 1 else X[sl].T.contiguous()
+        part = kernels.multi_dot(G[:, sl], V, acc)
         out = part if out is None else out.add_(part)
     return out
 
@@ -58,12 +63,30 @@ def combine(a: float, X: Tensor, G: Tensor, C: Tensor) -> Tensor:
     return out
 
 
+def _lower_gram(Gc: Tensor, acc: torch.dtype) -> Tensor:
+    """``Gc Gc^T`` from the row blocks on and below the diagonal (a SYRK from GEMMs).
+
+    Row block ``i`` times rows ``0..i``: ``(1 + ... + p) / p^2`` of the flops of one full GEMM
+    (62.5 % for ``p = 4``), 1.5x faster on the CPU at m=512, and bitwise the same entries.
+    """
+    m = Gc.shape[0]
+    p = min(4, max(1, m // 64))
+    if p == 1:
+        return kernels.multi_dot(Gc, Gc, acc)
+    K = torch.empty(m, m, dtype=acc, device=Gc.device)
+    edges = [m * i // p for i in range(p + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        rows = kernels.multi_dot(Gc[lo:hi], Gc[:hi], acc)  # (hi - lo, hi)
+        K[lo:hi, :hi] = rows
+        K[:lo, lo:hi] = rows[:, :lo].T
+    return K
+
+
 def gram(G: Tensor, acc: torch.dtype) -> Tensor:
     """``K = G G^T`` (m x m) in float64, accumulated in ``acc``."""
     K = None
     for sl in column_chunks(G, acc):
-        Gc = G[:, sl]
-        part = kernels.multi_dot(Gc, Gc, acc)
+        part = _lower_gram(G[:, sl], acc)
         K = part if K is None else K.add_(part)
     return K.to(torch.float64)
 
@@ -160,18 +183,22 @@ def block_combine(a: float, X: Tensor, G: Tensor, layout: BlockLayout, C: Tensor
 
 
 def block_gram_diag(G: Tensor, layout: BlockLayout, T: Tensor) -> Tensor:
-    """Squared column norms of ``T_b G_b`` per block (``T`` ``(nb, m, m)``): ``(d,)``."""
+    """Squared column norms of ``T_b G_b`` per block (``T`` ``(nb, m, m)``): ``(d,)``.
+
+    On the reference path the columns go in cache-sized chunks (``CACHE_ELEMENTS``): the
+    reference materializes ``T_b G_b``, and at cache size that is ~4x faster than in one piece
+    (measured at m=128, d=1e5 on the CPU).
+    """
     m, d = G.shape
+    out = torch.empty(d, dtype=T.dtype, device=G.device)
+    triton = kernels.use_triton(G)
     if layout.single:
-        out = torch.empty(d, dtype=T.dtype, device=G.device)
-        for sl in column_chunks(G, T.dtype):
-            out[sl] = kernels.gram_diag(G[:, sl], T, None)
+        w = d if triton else max(64, CACHE_ELEMENTS // max(m, 1))
+        for s in range(0, d, w):
+            out[s : s + w] = kernels.gram_diag(G[:, s : s + w], T, None)
         return out
     B = layout.block_size
-    per = layout.num_blocks
-    if needs_chunks(G, T.dtype):
-        per = max(1, TEMP_ELEMENTS // max(m * B, 1))
-    out = torch.empty(d, dtype=T.dtype, device=G.device)
+    per = layout.num_blocks if triton else max(1, CACHE_ELEMENTS // max(m * B, 1))
     for b in range(0, layout.num_blocks, per):
         n = min(per, layout.num_blocks - b)
         sl = slice(b * B, min(d, (b + n) * B))

@@ -83,3 +83,9 @@ def check_indices(idx: object, dim: int, device: torch.device) -> Tensor:
     if lo < 0 or hi >= dim:
         raise ValueError(f"indices must lie in [0, {dim}), got values in [{lo}, {hi}]")
     return idx
+
+
+def finite_flag(v: Tensor) -> Tensor:
+    """0-dim bool tensor: ``v`` has no NaN/Inf (min and max are finite; one fast reduction)."""
+    lo, hi = torch.aminmax(v)
+    return torch.isfinite(lo) & torch.isfinite(hi)

@@ -13,6 +13,7 @@ from ._validation import (
     check_operand,
     check_positive_int,
     check_storage_dtype,
+    finite_flag,
     resolve_accumulate_dtype,
 )
 
@@ -83,7 +84,7 @@ class StaticMFAC:
             raise ValueError(
                 f"grads is empty (shape {tuple(grads.shape)}); pass at least one gradient"
             )
-        if not bool(torch.isfinite(grads).all()):
+        if not bool(finite_flag(grads)):
             raise ValueError("grads contains NaN or Inf values")
         self._damp = check_damp(damp)
         if block_size is not None:

@@ -31,6 +31,35 @@ TOL = dict(rtol=1e-10, atol=1e-12)
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "mode", ["reverse-over-forward", "reverse-over-reverse", "forward-over-reverse"]
+)
+def test_hessian_modes(mode, name, reduction):
+    problem = cached_problem(name, reduction)
+    op = HessianOperator(problem.model, problem.loss, problem.params, problem.data, mode=mode)
+    assert op.mode == mode
+    expected = cached_reference("hessian", name, reduction)
+    torch.testing.assert_close(op.to_dense(chunk_size=40), expected, **TOL)
+    v = torch.randn(op.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(op @ v, expected @ v, **TOL)
+
+
+@pytest.mark.parametrize(
+    "mode", ["auto", "reverse-over-forward", "reverse-over-reverse", "forward-over-reverse"]
+)
+def test_hessian_of_a_model_linear_in_its_parameters(mode):
+    # J v does not depend on theta here (no graph through the tangent): H = GGN = 2 c J^T J
+    problem = cached_problem("mlp-mse", "sum")
+    linear = torch.nn.Linear(4, 3).double()
+    op = HessianOperator(linear, problem.loss, list(linear.parameters()), problem.data, mode=mode)
+    ggn = GGNOperator(linear, problem.loss, list(linear.parameters()), problem.data).to_dense()
+    torch.testing.assert_close(op.to_dense(), ggn, **TOL)
+    v = torch.randn(op.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(op @ v, ggn @ v, **TOL)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_dense_matches_reference(case, name, reduction):
     problem = cached_problem(name, reduction)
@@ -54,6 +83,20 @@ def test_frozen_parameters_are_left_out(case):
     d = sum(p.numel() for p in all_params if p.requires_grad)
     assert op.shape == (d, d) and d < sum(p.numel() for p in all_params)
     torch.testing.assert_close(op.to_dense(), reference(problem), **TOL)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_subset_of_parameters_gives_the_diagonal_block(case):
+    # only the last two layers' parameters: the operator is that block of the full matrix
+    problem = cached_problem("mlp-ce", "sum")
+    cls, kind = CASES[case]
+    subset = problem.params[2:]
+    op = cls(problem.model, problem.loss, subset, problem.data)
+    start = sum(p.numel() for p in problem.params[:2])
+    full = cached_reference(kind, "mlp-ce", "sum")
+    torch.testing.assert_close(op.to_dense(), full[start:, start:], **TOL)
+    v = torch.randn(op.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(op @ v, full[start:, start:] @ v, **TOL)
 
 
 def test_properties_follow_parameters():

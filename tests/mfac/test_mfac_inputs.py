@@ -158,3 +158,31 @@ def test_window_bad_operand_and_state():
         SlidingWindowMFAC(6, 3, 1e-2, dtype=torch.bfloat16).load_state_dict(w.state_dict())
     with pytest.raises(ValueError, match="missing"):
         w.load_state_dict({"dim": 6})
+
+
+def test_window_skip_mode_masks_nonfinite_without_raising():
+    d, m = 8, 3
+    gen = torch.Generator().manual_seed(2)
+    skip = SlidingWindowMFAC(d, m, 1e-2, dtype=torch.float64)
+    ref = SlidingWindowMFAC(d, m, 1e-2, dtype=torch.float64)
+    for _ in range(4):
+        g = torch.randn(d, generator=gen, dtype=torch.float64)
+        skip.add(g, on_nonfinite="skip")
+        ref.add(g)
+    assert bool(skip.last_finite) and int(skip.nonfinite_count) == 0
+    bad = torch.randn(d, generator=gen, dtype=torch.float64)
+    bad[3] = math.nan
+    G_before = skip.G.clone()
+    y = skip.add_and_ihvp(bad, on_nonfinite="skip")
+    assert torch.isnan(y).any()  # NaN in, NaN out
+    assert not bool(skip.last_finite) and int(skip.nonfinite_count) == 1
+    assert torch.equal(skip.G, G_before) and skip.count == 5  # slot kept its old gradient
+    x = torch.randn(d, generator=gen, dtype=torch.float64)
+    assert torch.allclose(skip.ihvp(x), ref.ihvp(x), rtol=1e-10, atol=1e-12)
+    skip.add(torch.ones(d, dtype=torch.float64), on_nonfinite="skip")
+    assert bool(skip.last_finite) and int(skip.nonfinite_count) == 1
+    ignore = SlidingWindowMFAC(d, m, 1e-2)
+    ignore.add(torch.full((d,), math.inf), on_nonfinite="ignore")  # no check at all
+    assert not torch.isfinite(ignore.G).all()
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        ignore.add(torch.ones(d), on_nonfinite="warn")

@@ -20,16 +20,17 @@ def test_empty_window_is_scaled_identity():
     w = SlidingWindowMFAC(7, 3, damp=0.25, dtype=torch.float64)
     x = torch.randn(7, 2, dtype=torch.float64)
     assert torch.equal(w.ihvp(x), x / 0.25)
+    assert torch.equal(w.inverse_diagonal(), torch.full((7,), 4.0, dtype=torch.float64))
     assert torch.equal(w.ihvp(x[:, 0]), x[:, 0] / 0.25)
     assert rel_err(w.mul(x), 0.25 * x) == 0.0
     assert w.count == 0 and w.filled == 0
 
 
-CASES = [
-    (m, d, damp, None)
-    for m, d in [(1, 6), (2, 40), (5, 3), (16, 40), (24, 30)]
-    for damp in [1e-4, 1e-1, 1e2]
-] + [(m, d, 1e-4, r) for m, d in [(5, 3), (16, 40)] for r in [1, 10_000]]
+CASES = (
+    [(m, d, damp, None) for m, d in [(1, 6), (2, 40), (5, 3)] for damp in [1e-4, 1e-1, 1e2]]
+    + [(m, d, damp, None) for m, d in [(16, 40), (24, 30)] for damp in [1e-4, 1e2]]
+    + [(m, d, 1e-4, r) for m, d in [(5, 3), (16, 40)] for r in [1, 10_000]]
+)
 
 
 @pytest.mark.parametrize("m,d,damp,refresh_every", CASES)
@@ -58,6 +59,7 @@ def test_window_matches_dense_after_every_step(m, d, damp, refresh_every):
         assert w.count == step + 1 and w.filled == min(step + 1, m)
         if step % (m + 3) == 0:
             assert rel_err(w.mul(X), F @ X) < 1e-13
+            assert rel_err(w.inverse_diagonal(), torch.linalg.inv(F).diagonal()) < tol
             assert torch.allclose(w.K, w.G.double() @ w.G.double().T, rtol=1e-12, atol=1e-12)
     ev = torch.linalg.eigvalsh(m * torch.eye(m, dtype=torch.float64) + w.K / damp)
     assert float(w.last_drift) < 1e-11 * (ev[-1] / ev[0]).item()  # round-off of the updates
@@ -170,3 +172,23 @@ def test_window_float64_accumulation_in_span():
     err64 = rel_err(w64.ihvp(x), ref)
     assert err64 < woodbury_rtol(G, damp)
     assert err32 > 100 * err64
+
+
+@pytest.mark.parametrize("m,d,damp", [(5, 3, 1e-4), (12, 60, 1e-3)])
+def test_window_without_refinement(m, d, damp):
+    """Without refinement the explicit inverse costs about eps * R^2 (R = lambda_max(F)/damp);
+    with it, about eps * R like a Cholesky solve."""
+    gen = torch.Generator().manual_seed(21)
+    plain = SlidingWindowMFAC(d, m, damp, dtype=torch.float64, refine=False)
+    refined = SlidingWindowMFAC(d, m, damp, dtype=torch.float64)
+    assert refined.refine and not plain.refine
+    history = []
+    for _ in range(2 * m + 1):
+        g = torch.randn(d, generator=gen, dtype=torch.float64)
+        history.append(g)
+        y_plain, y_ref = plain.add_and_ihvp(g), refined.add_and_ihvp(g)
+        G = _window_matrix(history, m, d)
+        ref = torch.linalg.solve(dense_fisher(G, damp), g)
+        tol = woodbury_rtol(G, damp)
+        assert rel_err(y_ref, ref) < tol
+        assert rel_err(y_plain, ref) < tol * max(1.0, tol / 1e-14)

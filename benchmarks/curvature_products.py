@@ -1,0 +1,242 @@
+"""Cost of one curvature-vector product relative to one gradient, ours vs curvlinops.
+
+For an MLP 64-256-256-10 and a small CNN on sklearn's digits (float32), times one product over
+the data set (Hessian-vector and GGN-vector) and divides it by the time of one gradient over the
+same data, side by side in one run:
+
+* curvopt's ``HessianOperator`` (both modes) and ``GGNOperator``,
+* curvlinops' ``HessianLinearOperator`` and ``GGNLinearOperator`` (determinism check off),
+* ``torch.compile`` of the torch.func mini-batch products (jvp of grad; jvp + vjp) where it
+  works; each model gets a fresh compile (``torch._dynamo.reset()``), and a failure is reported
+  in the table instead of stopping the run.
+
+Timing: one thread (``torch.set_num_threads(1)``), rounds interleaved over all methods, median
+over the rounds of the *thread CPU time* (``time.thread_time``), so other processes on a shared
+machine do not distort the ratios; wall-clock medians are printed beside them.
+
+Usage: ``python benchmarks/curvature_products.py [--quick] [--no-compile] [--rounds R]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from sklearn.datasets import load_digits
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp
+
+from curvopt.curvature import GGNOperator, HessianOperator
+from curvopt.curvature.losses import loss_hessian_product
+
+try:
+    import curvlinops
+except ImportError:  # pragma: no cover - optional baseline
+    curvlinops = None
+
+
+def digits_data(num: int, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X[:num] / 16.0, dtype=torch.float32)
+    y = torch.tensor(y[:num])
+    return list(zip(X.split(batch_size), y.split(batch_size)))
+
+
+def make_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+def make_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
+    )
+
+
+def gradient_fn(model, loss_func, params, data) -> Callable[[], list[Tensor]]:
+    """One gradient of the mean loss over the data (batch-size weighted, like the operators)."""
+    n = sum(X.shape[0] for X, _ in data)
+
+    def run():
+        total = [torch.zeros_like(p) for p in params]
+        for X, y in data:
+            loss = loss_func(model(X), y) * (X.shape[0] / n)
+            for t, g in zip(total, torch.autograd.grad(loss, params)):
+                t.add_(g)
+        return total
+
+    return run
+
+
+def compiled_products(model, loss_func, params, data):
+    """torch.compile'd mini-batch HVP (jvp of grad) and GGN-vp (jvp + vjp) over the data."""
+    names = [n for n, _ in model.named_parameters()]
+    primals = tuple(p.detach() for p in params)
+    n = sum(X.shape[0] for X, _ in data)
+
+    def hvp_batch(v, X, y):
+        def loss(ps):
+            return loss_func(functional_call(model, dict(zip(names, ps)), (X,)), y)
+
+        return jvp(grad(loss), (primals,), (v,))[1]
+
+    def ggn_batch(v, X, y):
+        def f(*ps):
+            return functional_call(model, dict(zip(names, ps)), (X,))
+
+        out, Jv = jvp(f, primals, v)
+        _, vjp_fn = vjp(f, *primals)
+        return vjp_fn(loss_hessian_product(loss_func, out, Jv))
+
+    def over_data(batch_fn):
+        def run(v):
+            total = [torch.zeros_like(p) for p in params]
+            for X, y in data:
+                for t, h in zip(total, batch_fn(v, X, y)):
+                    t.add_(h, alpha=X.shape[0] / n)
+            return total
+
+        return run
+
+    # dynamo notes that kernels/dispatch.py caches triton_available(); harmless here
+    warnings.filterwarnings("ignore", message=".*lru_cache.*", category=UserWarning)
+    torch._dynamo.reset()  # a fresh compile per model (reuse across models fails, see docs)
+    return over_data(torch.compile(hvp_batch)), over_data(torch.compile(ggn_batch))
+
+
+def build_methods(model, data, compile_: bool) -> dict[str, tuple[str, Callable[[], object]]]:
+    """name -> (kind, zero-argument callable doing one product / gradient)."""
+    loss_func = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    d = sum(p.numel() for p in params)
+    v = torch.randn(d)
+    v_list = tuple(t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in params]), params))
+    args = (model, loss_func, params, data)
+    methods = {"gradient (eager)": ("grad", gradient_fn(*args))}
+    H = HessianOperator(*args)  # mode="auto": reverse-over-forward for one vector
+    H_rr = HessianOperator(*args, mode="reverse-over-reverse")
+    H_fr = HessianOperator(*args, mode="forward-over-reverse")
+    G = GGNOperator(*args)
+    methods["HVP curvopt (default: reverse-over-forward)"] = ("hvp", lambda: H @ v)
+    methods["HVP curvopt (reverse-over-reverse)"] = ("hvp", lambda: H_rr @ v)
+    methods["HVP curvopt (forward-over-reverse)"] = ("hvp", lambda: H_fr @ v)
+    methods["GGN-vp curvopt"] = ("ggn", lambda: G @ v)
+    if curvlinops is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cH = curvlinops.HessianLinearOperator(*args, check_deterministic=False)
+            cG = curvlinops.GGNLinearOperator(*args, check_deterministic=False)
+        methods["HVP curvlinops"] = ("hvp", lambda: cH @ v)
+        methods["GGN-vp curvlinops"] = ("ggn", lambda: cG @ v)
+    if compile_:
+        try:
+            hvp_c, ggn_c = compiled_products(*args)
+            start = time.perf_counter()
+            hvp_c(v_list)
+            ggn_c(v_list)
+            print(f"  torch.compile warm-up took {time.perf_counter() - start:.1f} s", flush=True)
+            methods["HVP torch.compile(jvp(grad))"] = ("hvp", lambda: hvp_c(v_list))
+            methods["GGN-vp torch.compile(jvp+vjp)"] = ("ggn", lambda: ggn_c(v_list))
+        except Exception as err:  # report, do not stop the benchmark
+            msg = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+            methods["torch.compile"] = ("failed", msg)
+    return methods
+
+
+def measure(methods, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (CPU seconds, wall seconds) per method, rounds interleaved."""
+    runnable = {k: f for k, (kind, f) in methods.items() if kind != "failed"}
+    for f in runnable.values():  # warm-up
+        f()
+    cpu = {k: [] for k in runnable}
+    wall = {k: [] for k in runnable}
+    for _ in range(rounds):
+        for k, f in runnable.items():
+            w0, c0 = time.perf_counter(), time.thread_time()
+            f()
+            cpu[k].append(time.thread_time() - c0)
+            wall[k].append(time.perf_counter() - w0)
+    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in runnable}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small data, few rounds, no compile")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile rows even with --quick"
+    )
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--model",
+        choices=["all", "mlp", "cnn"],
+        default="all",
+        help="'all' measures each model in a fresh process (one model's allocations and "
+        "compiled code do not disturb the next)",
+    )
+    args, _ = parser.parse_known_args()
+    if args.model == "all":
+        for model in ("mlp", "cnn"):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--model", model]
+            if subprocess.run(cmd).returncode != 0:
+                sys.exit(f"benchmark for {model} failed")
+        return
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    num, batch = (256, 256) if args.quick else (1024, 512)
+    rounds = args.rounds or (5 if args.quick else 21)
+    compile_ = args.compile or not (args.quick or args.no_compile)
+    data = digits_data(num, batch)
+    print(
+        f"digits, N={num} in batches of {batch}, float32, 1 thread, median of {rounds} rounds "
+        "(ratio = CPU time / CPU time of one eager gradient)"
+    )
+    rows = []
+    models = {"mlp": ("MLP 64-256-256-10", make_mlp), "cnn": ("CNN", make_cnn)}
+    for name, make in [models[args.model]]:
+        model = make()
+        d = sum(p.numel() for p in model.parameters())
+        print(f"{name}: d={d}", flush=True)
+        methods = build_methods(model, data, compile_)
+        times = measure(methods, rounds)
+        base_cpu, base_wall = times["gradient (eager)"]
+        for method, (kind, f) in methods.items():
+            if kind == "failed":
+                rows.append((name, method, f"failed ({f})", "", "", ""))
+                continue
+            c, w = times[method]
+            rows.append(
+                (
+                    name,
+                    method,
+                    f"{c * 1e3:.2f}",
+                    f"{c / base_cpu:.2f}",
+                    f"{w * 1e3:.2f}",
+                    f"{w / base_wall:.2f}",
+                )
+            )
+    header = ("model", "product", "CPU ms", "x gradient", "wall ms", "x gradient (wall)")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
+    print(line)
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+if __name__ == "__main__":
+    main()

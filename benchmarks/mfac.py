@@ -1,0 +1,397 @@
+"""M-FAC: curvopt vs the published algorithm (a BASELINE in benchmarks/baselines/) and vs the
+memory-bandwidth floor, side by side in one run.
+
+Tables (markdown):
+1. Sliding window, time per optimizer step (``add_and_ihvp``) against the floor of two plain
+   passes over G (``G @ v`` and ``G.T @ c``) and the published algorithm (O(m^3) setup per step).
+2. The m x m algebra of one window step alone: rank-2 update vs a fresh Cholesky vs the
+   published sequential setup.
+3. Static: setup, IHVP, inverse diagonal; ours vs the published sequential loop, and our setup
+   vs one plain GEMM ``G @ G.T`` (GEMM-bound means a ratio near 1).
+4. Step time against m at fixed d (should grow like m, not m^3).
+5. Cancellation: relative error of the IHVP of a vector in the span of G at damp 1e-4 with G in
+   float32 (float32 products, float64 products, published algorithm) against float64.
+
+Usage: ``python benchmarks/mfac.py [--quick] [--threads N] [--big]``.
+"""
+# ruff: noqa: B023  (the closures below are timed right where they are defined)
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from baselines.mfac_published import (  # noqa: E402
+    PublishedStaticMFAC,
+    PublishedWindowMFAC,
+    sequential_coefficients,
+)
+
+from curvopt.mfac import SlidingWindowMFAC, StaticMFAC  # noqa: E402
+from curvopt.mfac._linalg import cholesky, replace_row_inverse  # noqa: E402
+
+DAMP = 1e-4
+
+
+def timed(fn, repeats):
+    """Median wall time of ``fn()`` over ``repeats`` calls (seconds) and the last result."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def mem_available_gb():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 8.0
+
+
+def random_rows(m, d, gen):
+    """(m, d) float32 N(0, 1/d) rows (unit-scale gradients), filled in row chunks."""
+    G = torch.empty(m, d)
+    for s in range(0, m, 64):
+        G[s : s + 64] = torch.randn(min(64, m - s), d, generator=gen) / d**0.5
+    return G
+
+
+def fmt_ms(t):
+    return f"{1e3 * t:.2f}" if t < 10 else f"{t:.1f} s"
+
+
+def table(title, header, rows):
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+    sys.stdout.flush()
+
+
+def window_state(G, K, damp):
+    """A full float32 window over the buffer ``G`` (shared, not copied) with Gram ``K``."""
+    m, d = G.shape
+    w = SlidingWindowMFAC(d, m, damp)
+    w.G = G
+    w.K.copy_(K)
+    w.count = m
+    w.refresh()
+    return w
+
+
+def interleaved(fns, repeats):
+    """Median time of each function, calling them in turn ``repeats`` times (same load for all)."""
+    times = [[] for _ in fns]
+    outs = [None] * len(fns)
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times], outs
+
+
+def bench_window(G, K, repeats, gen, rows, scale_rows):
+    m, d = G.shape
+    ours = window_state(G, K, DAMP)
+    base = PublishedWindowMFAC(d, m, DAMP, G=G)
+    base.K.copy_(K)
+    base.B, base.q = sequential_coefficients(base.K, m, DAMP)
+    g = torch.randn(d, generator=gen) / d**0.5
+    x = torch.randn(d, generator=gen)
+    v, c = torch.randn(d, generator=gen), torch.randn(m, generator=gen)
+
+    def floor():
+        G @ v  # one plain pass
+        return G.T @ c  # and another
+
+    # Agreement on the first step (both write slot 0). Afterwards both objects keep writing into
+    # the shared buffer at their own ring positions: fine for timing, not for comparing results.
+    y_ours, y_base = ours.add_and_ihvp(g), base.add_and_ihvp(g)
+    agree = ((y_ours - y_base).norm() / y_base.norm()).item()
+    (t_floor, t_ours, t_ours_x, t_base), _ = interleaved(
+        [
+            floor,
+            lambda: ours.add_and_ihvp(g),
+            lambda: ours.add_and_ihvp(g, x),
+            lambda: base.add_and_ihvp(g),
+        ],
+        repeats,
+    )
+    rows.append(
+        [
+            f"{d:.0e}",
+            m,
+            fmt_ms(t_floor),
+            fmt_ms(t_ours),
+            fmt_ms(t_ours_x),
+            fmt_ms(t_base),
+            f"{t_ours / t_floor:.2f}",
+            f"{t_ours_x / t_floor:.2f}",
+            f"{t_base / t_floor:.2f}",
+            f"{t_base / t_ours:.1f}",
+            f"{agree:.0e}",
+        ]
+    )
+    scale_rows.setdefault(d, []).append((m, t_ours, t_floor, t_base))
+
+
+def bench_small_algebra(ms, repeats):
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    for m in ms:
+        G = torch.randn(m, 4 * m, generator=gen, dtype=torch.float64)
+        K = G @ G.T
+        lam = 1e-3
+        Ainv = torch.cholesky_inverse(cholesky(K, m, lam))
+        rhs = torch.randn(m, 1, generator=gen, dtype=torch.float64)
+        k_new = K[m // 2] * 1.01
+
+        def update():
+            return replace_row_inverse(Ainv, m // 2, k_new / lam, m + k_new[m // 2] / lam, rhs)
+
+        def update_refined():
+            c = update()
+            Ac = torch.addmm(c, K, c, beta=float(m), alpha=1.0 / lam)
+            return c.add_(Ainv @ (rhs - Ac))
+
+        def fresh():
+            return torch.cholesky_solve(rhs, cholesky(K, m, lam, check=False))
+
+        (t_up, t_ref, t_fresh), _ = interleaved([update, update_refined, fresh], max(repeats, 7))
+        t_seq, _ = timed(lambda: sequential_coefficients(K, m, lam), 1 if m > 256 else 3)
+        rows.append(
+            [
+                m,
+                f"{1e3 * t_up:.3f}",
+                f"{1e3 * t_ref:.3f}",
+                f"{1e3 * t_fresh:.3f}",
+                f"{1e3 * t_seq:.1f}",
+                f"{t_fresh / t_up:.1f}",
+                f"{t_fresh / t_ref:.1f}",
+                f"{t_seq / t_up:.0f}",
+            ]
+        )
+    table(
+        "m x m algebra of one window step (ms, float64)",
+        [
+            "m",
+            "rank-2 update",
+            "+ refinement",
+            "fresh Cholesky + solve",
+            "published O(m^3) setup",
+            "fresh / update",
+            "fresh / refined",
+            "published / update",
+        ],
+        rows,
+    )
+
+
+def bench_static(G, repeats, rows, baseline_budget_s):
+    m, d = G.shape
+    x = torch.randn(d)
+    t_gemm, _ = timed(lambda: G @ G.T, 1 if m * m * d > 1e11 else repeats)
+    t_setup, op = timed(lambda: StaticMFAC(G, DAMP), 1 if m * m * d > 1e11 else repeats)
+    t_ihvp, _ = timed(lambda: op.ihvp(x), repeats)
+
+    def diag():
+        op._diag = None  # time the computation, not the cache
+        return op.inverse_diagonal()
+
+    t_diag, _ = timed(diag, 1 if m * m * d > 1e11 else repeats)
+    # The published loop reads V[:i] twice per step i: about m^2 d * 4 bytes in all.
+    est = m * m * d * 4 / 3e9
+    if est <= baseline_budget_s:
+        t_bsetup, base = timed(lambda: PublishedStaticMFAC(G, DAMP), 1)
+        t_bihvp, _ = timed(lambda: base.ihvp(x), repeats)
+        t_bdiag, _ = timed(base.inverse_diagonal, repeats)
+        del base
+        gc.collect()
+        b = [fmt_ms(t_bsetup), fmt_ms(t_bihvp), fmt_ms(t_bdiag)]
+        r = [f"{t_bsetup / t_setup:.0f}", f"{t_bihvp / t_ihvp:.1f}", f"{t_bdiag / t_diag:.1f}"]
+    else:
+        # Step i of the loop costs a + b*i whatever m is: time the first k1 and k2 steps
+        # (a baseline on G[:k]) and extrapolate the quadratic cost model to m steps.
+        k1, k2 = max(2, m // 16), max(4, m // 8)
+        t1, _ = timed(lambda: PublishedStaticMFAC(G[:k1], DAMP), 1)
+        t2, _ = timed(lambda: PublishedStaticMFAC(G[:k2], DAMP), 1)
+        bq = 2 * (t2 / k2 - t1 / k1) / (k2 - k1)
+        aq = t1 / k1 - bq * k1 / 2
+        t_bsetup = aq * m + bq * m * m / 2
+        b = [fmt_ms(t_bsetup) + f" (extrap. from {k1},{k2} steps)", "-", "-"]
+        r = [f"{t_bsetup / t_setup:.0f}", "-", "-"]
+    rows.append(
+        [
+            f"{d:.0e}",
+            m,
+            fmt_ms(t_gemm),
+            fmt_ms(t_setup),
+            f"{t_setup / t_gemm:.2f}",
+            fmt_ms(t_ihvp),
+            fmt_ms(t_diag),
+            *b,
+            *r,
+        ]
+    )
+    return op.K[0]
+
+
+def bench_cancellation():
+    from numpy import format_float_scientific as sci
+
+    gen = torch.Generator().manual_seed(5)
+    rows = []
+    for m, d in [(32, 4000), (128, 4000)]:
+        G = random_rows(m, d, gen)
+        x = G.T @ torch.randn(m, generator=gen)  # inside the span of G
+        G64, x64 = G.double(), x.double()
+        F = DAMP * torch.eye(d, dtype=torch.float64) + G64.T @ G64 / m
+        ref = torch.linalg.solve(F, x64)
+
+        def err(y):
+            return sci((y.double() - ref).norm().item() / ref.norm().item(), precision=1)
+
+        e32 = err(StaticMFAC(G, DAMP).ihvp(x))
+        e64 = err(StaticMFAC(G, DAMP, accumulate_dtype=torch.float64).ihvp(x64))
+        e64_32 = err(StaticMFAC(G, DAMP, accumulate_dtype=torch.float64).ihvp(x))
+        w32 = SlidingWindowMFAC(d, m, DAMP)
+        w64 = SlidingWindowMFAC(d, m, DAMP, accumulate_dtype=torch.float64)
+        for g in G:
+            w32.add(g)
+            w64.add(g)
+        ew32, ew64 = err(w32.ihvp(x)), err(w64.ihvp(x64))
+        eb = err(PublishedStaticMFAC(G, DAMP).ihvp(x))
+        lam_max = DAMP + torch.linalg.eigvalsh(G64 @ G64.T)[-1].item() / m
+        rows.append([m, d, f"{lam_max / DAMP:.0e}", e32, e64_32, e64, ew32, ew64, eb])
+    table(
+        "Cancellation: IHVP of x in span(G), damp 1e-4, G in float32 (relative error vs float64)",
+        [
+            "m",
+            "d",
+            "R = lambda_max(F)/damp",
+            "static, f32 products",
+            "static, f64 products, f32 out",
+            "static, f64 products, f64 x",
+            "window, f32",
+            "window, f64",
+            "published (f32)",
+        ],
+        rows,
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small grid (about a minute)")
+    parser.add_argument("--big", action="store_true", help="add d=1e7 if memory allows")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ds", type=str, default=None, help="comma-separated d values")
+    parser.add_argument("--ms", type=str, default=None, help="comma-separated m values")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        ds, ms, budget = [10**4, 10**5], [32, 128], 5.0
+    else:
+        ds, ms, budget = [10**5, 10**6], [32, 128, 512, 1024], 60.0
+        if args.big:
+            ds.append(10**7)
+    if args.ds:
+        ds = [int(float(v)) for v in args.ds.split(",")]
+    if args.ms:
+        ms = [int(v) for v in args.ms.split(",")]
+    print(
+        f"# M-FAC benchmark: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{os.cpu_count()} CPU(s), G float32, damp {DAMP:g}; times are medians of "
+        f"{args.repeats}; GPU figures unmeasured"
+    )
+    gen = torch.Generator().manual_seed(0)
+    win_rows, scale_rows, static_rows = [], {}, []
+    for d in ds:
+        m_ok = [m for m in ms if m * d * 4 * 2.5 / 2**30 < mem_available_gb() * 0.6]
+        if not m_ok:
+            print(f"(d={d:.0e} skipped: not enough free memory)")
+            continue
+        G_all = random_rows(max(m_ok), d, gen)
+        for m in m_ok:
+            print(f"(running d={d:.0e}, m={m})", file=sys.stderr, flush=True)
+            G = G_all[:m]
+            if m * m * d <= 6e11:
+                K = bench_static(G, args.repeats, static_rows, budget)
+            else:  # the full GEMM would take minutes here: Gram of a column subsample, rescaled
+                s = d // 16
+                K = (G[:, :s] @ G[:, :s].T).double() * (d / s)
+                print(f"(d={d:.0e}, m={m}: static skipped; window state from a subsampled Gram)")
+            Gw = G.clone() if m * d < 2e8 else G
+            bench_window(Gw, K, args.repeats, gen, win_rows, scale_rows)
+        del G_all
+        gc.collect()
+    table(
+        "Sliding window: time per step (ms) of add_and_ihvp, G float32",
+        [
+            "d",
+            "m",
+            "floor: G@v + G.T@c",
+            "curvopt (x = g)",
+            "curvopt (x != g)",
+            "published (baseline)",
+            "curvopt / floor",
+            "curvopt (x != g) / floor",
+            "published / floor",
+            "published / curvopt",
+            "rel. diff (step 1)",
+        ],
+        win_rows,
+    )
+    bench_small_algebra(ms, args.repeats)
+    table(
+        "Static M-FAC (ms): curvopt vs the published sequential loop (baseline)",
+        [
+            "d",
+            "m",
+            "GEMM G G^T",
+            "setup",
+            "setup / GEMM",
+            "IHVP",
+            "inverse diag",
+            "published setup",
+            "published IHVP",
+            "published diag",
+            "setup speed-up",
+            "IHVP speed-up",
+            "diag speed-up",
+        ],
+        static_rows,
+    )
+    for d, entries in scale_rows.items():
+        m0, t0, f0, b0 = entries[0]
+        table(
+            f"Window step time against m at d={d:.0e} (relative to m={m0})",
+            ["m", "m / m0", "curvopt", "floor", "published"],
+            [
+                [m, f"{m / m0:.0f}", f"{t / t0:.1f}", f"{f / f0:.1f}", f"{b / b0:.1f}"]
+                for m, t, f, b in entries
+            ],
+        )
+    bench_cancellation()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Bad input raises ValueError/TypeError with a message that says what to fix."""
+
+import pytest
+import torch
+from problems import cached_problem
+from torch import nn
+
+from curvopt.curvature import (
+    EmpiricalFisherOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+)
+
+OPERATORS = [HessianOperator, GGNOperator, FisherOperator, EmpiricalFisherOperator]
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return cached_problem("mlp-ce", "mean")
+
+
+@pytest.mark.parametrize("cls", OPERATORS)
+def test_bad_vectors(cls, problem):
+    op = cls(problem.model, problem.loss, problem.params, problem.data)
+    d = op.shape[1]
+    with pytest.raises(ValueError, match=f"shape \\({d},\\)"):
+        op @ torch.randn(d + 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="shape"):
+        op @ torch.randn(d, 2, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="dtype"):
+        op @ torch.randn(d, dtype=torch.float32)
+    with pytest.raises(ValueError, match="on meta"):
+        op @ torch.empty(d, dtype=torch.float64, device="meta")
+    with pytest.raises(TypeError, match="list of tensors"):
+        op @ d
+    with pytest.raises(ValueError, match="6 tensors"):
+        op @ [torch.zeros_like(p) for p in problem.params[:-1]]
+    with pytest.raises(ValueError, match="parameter shapes"):
+        op @ [torch.zeros(3, dtype=torch.float64) for _ in problem.params]
+    with pytest.raises(TypeError, match="dtype"):
+        op @ [torch.zeros_like(p, dtype=torch.float32) for p in problem.params]
+
+
+def test_empty_and_one_shot_data(problem):
+    with pytest.raises(ValueError, match="at least one sample"):
+        GGNOperator(problem.model, problem.loss, problem.params, [])
+    with pytest.raises(TypeError, match="re-iterable"):
+        GGNOperator(problem.model, problem.loss, problem.params, iter(problem.data))
+    with pytest.raises(ValueError, match="pair"):
+        GGNOperator(problem.model, problem.loss, problem.params, [problem.data[0][0]])
+
+
+@pytest.mark.parametrize("cls", [GGNOperator, FisherOperator, EmpiricalFisherOperator])
+def test_unsupported_losses(cls, problem):
+    args = (problem.model, problem.params, problem.data)
+    with pytest.raises(ValueError, match="reduction 'mean' or 'sum'"):
+        cls(args[0], nn.CrossEntropyLoss(reduction="none"), *args[1:])
+    with pytest.raises(TypeError, match="nn.MSELoss, nn.CrossEntropyLoss"):
+        cls(args[0], nn.L1Loss(), *args[1:])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cls(args[0], nn.CrossEntropyLoss(label_smoothing=0.1), *args[1:])
+
+
+def test_hessian_accepts_other_losses_but_not_none_reduction(problem):
+    with pytest.raises(ValueError, match="reduction"):
+        HessianOperator(problem.model, nn.MSELoss(reduction="none"), problem.params, problem.data)
+    with pytest.raises(TypeError, match="nn.Module"):
+        HessianOperator(problem.model, torch.nn.functional.mse_loss, problem.params, problem.data)
+
+
+def test_hessian_mode_is_checked(problem):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        HessianOperator(*_args(problem), mode="double")
+
+
+def test_bad_model_and_params(problem):
+    with pytest.raises(TypeError, match="nn.Module"):
+        GGNOperator(lambda x: x, problem.loss, problem.params, problem.data)
+    frozen = [p.detach() for p in problem.params]
+    with pytest.raises(ValueError, match="requires_grad"):
+        GGNOperator(problem.model, problem.loss, frozen, problem.data)
+    stranger = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not a parameter of model_func"):
+        GGNOperator(problem.model, problem.loss, [*problem.params, stranger], problem.data)
+
+
+def test_ce_needs_two_dimensional_logits():
+    model = nn.Sequential(nn.Conv2d(1, 3, 1)).double()  # outputs (N, 3, H, W)
+    data = [(torch.randn(2, 1, 2, 2, dtype=torch.float64), torch.randint(0, 3, (2, 2, 2)))]
+    op = GGNOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
+    with pytest.raises(ValueError, match="shape \\(N, C\\)"):
+        op @ torch.randn(op.shape[1], dtype=torch.float64)
+
+
+def test_fisher_hyperparameters(problem):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="mc_samples"):
+            FisherOperator(*_args(problem), mc_samples=bad)
+    with pytest.raises(TypeError, match="seed"):
+        FisherOperator(*_args(problem), mc_samples=1, seed="x")
+
+
+def test_to_dense_guards(problem):
+    op = GGNOperator(*_args(problem))
+    with pytest.raises(ValueError, match="max_dim"):
+        op.to_dense(max_dim=10)
+    with pytest.raises(ValueError, match="chunk_size"):
+        op.to_dense(chunk_size=0)
+
+
+def test_check_deterministic_catches_dropout(problem):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
+    data = [(torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))]
+    with pytest.raises(RuntimeError, match="not deterministic"):
+        GGNOperator(model, problem.loss, list(model.parameters()), data, check_deterministic=True)
+    model.eval()
+    GGNOperator(model, problem.loss, list(model.parameters()), data, check_deterministic=True)
+
+
+def _args(problem):
+    return problem.model, problem.loss, problem.params, problem.data
