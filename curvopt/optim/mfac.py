@@ -237,7 +237,7 @@ class MFAC(Optimizer):
             g = torch.where(ok, g, evicted)
             self._skipped.add_((~ok).to(self._skipped.dtype))
             mask = ok.to(g.dtype)
-        u = window.add_and_ihvp(g, check_finite=False)
+        u = window.add_and_ihvp(g, on_nonfinite="ignore")  # checked above
         offset = 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
