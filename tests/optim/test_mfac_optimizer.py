@@ -324,3 +324,23 @@ def test_bad_groups_raise():
         opt.add_param_group({"params": params[2:]})
     with pytest.raises(ValueError, match="dtype"):
         MFAC([params[0], params[1].detach().float().requires_grad_()])
+
+
+def test_closure_is_called_once_and_its_loss_returned():
+    loss_flat = make_loss()
+    params = make_params()
+    opt = MFAC(params, lr=0.1, m=2, damp=1.0)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        opt.zero_grad()
+        loss = loss_flat(torch.cat([p.reshape(-1) for p in params]))
+        loss.backward()
+        return loss
+
+    before = flat(params)
+    loss = opt.step(closure)
+    assert calls[0] == 1
+    torch.testing.assert_close(loss.detach(), loss_flat(before))
+    assert not torch.equal(flat(params), before)
