@@ -6,7 +6,8 @@ from pg_helpers import dense_fisher, flat_params, hessian, jacrev, log_prob_fn
 from test_pg_estimators import random_batch
 
 import curvopt.mfac
-from curvopt.optim import NPG, conjugate_gradient
+from curvopt.optim import NPG
+from curvopt.optim.npg import conjugate_gradient
 from curvopt.rl import (
     CategoricalMLPPolicy,
     GaussianMLPPolicy,

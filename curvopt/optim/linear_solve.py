@@ -1,0 +1,101 @@
+"""Damped linear solves ``(H + lam I) x = b`` used by the second-order optimizers.
+
+Two ways to solve with a symmetric positive semi-definite ``H``:
+
+* :func:`damped_cholesky_solve` factorizes the dense ``(d, d)`` matrix ``H + lam I`` (small ``d``).
+* :func:`conjugate_gradient` runs preconditioned CG on a matrix-free product ``v -> (H + lam I) v``
+  (large ``d``); each iteration costs one product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def damped_cholesky_solve(H: Tensor, lam: float | Tensor, b: Tensor) -> Tensor | None:
+    """Solve ``(H + lam I) x = b`` by a Cholesky factorization.
+
+    Args:
+        H: Dense symmetric ``(d, d)`` matrix.
+        lam: Damping added to the diagonal.
+        b: Right-hand side ``(d,)``.
+
+    Returns:
+        The solution ``x`` of shape ``(d,)``, or ``None`` when ``H + lam I`` is not positive
+        definite (the factorization failed), so the caller can increase ``lam`` and try again.
+
+    Example:
+        >>> H = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+        >>> x = damped_cholesky_solve(H, 1.0, torch.tensor([3.0, 2.0], dtype=torch.float64))
+        >>> torch.allclose(x, torch.ones(2, dtype=torch.float64))
+        True
+    """
+    A = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        return None
+    return torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    *,
+    precond: Callable[[Tensor], Tensor] | None = None,
+    x0: Tensor | None = None,
+    rtol: float = 1e-10,
+    maxiter: int | None = None,
+) -> tuple[Tensor | None, int]:
+    """Preconditioned conjugate gradient for ``A x = b`` with symmetric positive definite ``A``.
+
+    Stops when ``||A x - b|| <= rtol * ||b||`` or after ``maxiter`` iterations (default ``2 d``).
+    A search direction ``p`` with ``p^T A p <= 0`` proves that ``A`` is not positive definite;
+    the solver then returns ``None`` as the solution (like a failed Cholesky factorization).
+
+    Args:
+        matvec: ``v -> A v`` on ``(d,)`` tensors.
+        b: Right-hand side ``(d,)``.
+        precond: ``r -> M^{-1} r`` for a symmetric positive definite ``M ~ A``; identity if None.
+        x0: Starting point (zeros if None), e.g. the previous solution for a nearby system.
+        rtol: Relative residual tolerance.
+        maxiter: Iteration limit.
+
+    Returns:
+        ``(x, iterations)``, with ``x = None`` if ``A`` was found not to be positive definite.
+
+    Example:
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> x, _ = conjugate_gradient(lambda v: A @ v, b)
+        >>> torch.allclose(A @ x, b)
+        True
+    """
+    if maxiter is None:
+        maxiter = 2 * b.numel()
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - matvec(x) if x0 is not None else b.clone()
+    b_norm = torch.linalg.vector_norm(b)
+    if float(b_norm) == 0.0:
+        return torch.zeros_like(b), 0
+    target = rtol * float(b_norm)
+    z = precond(r) if precond is not None else r
+    p = z.clone()
+    rz = torch.dot(r, z)
+    it = 0
+    while it < maxiter and float(torch.linalg.vector_norm(r)) > target:
+        Ap = matvec(p)
+        pAp = torch.dot(p, Ap)
+        if float(pAp) <= 0.0:  # A is not positive definite along p
+            return None, it
+        alpha = rz / pAp
+        x = x + alpha * p
+        r = r - alpha * Ap
+        z = precond(r) if precond is not None else r
+        rz_new = torch.dot(r, z)
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+        it += 1
+    return x, it

@@ -1,0 +1,291 @@
+r"""The M-FAC optimizer: the gradient preconditioned by a sliding-window empirical Fisher inverse.
+
+Frantar, Kurtic, Alistarh, "M-FAC: Efficient Matrix-Free Approximations of Second-Order
+Information" (NeurIPS 2021), optimization section. With ``G`` the ``(m, d)`` matrix of the last
+``m`` gradients of *all* parameters of the optimizer (flattened once, in parameter-group order),
+
+.. math::
+    F = \text{damp}\, I + G^\top G / m, \qquad u_t = F^{-1} g_t,
+
+where ``g_t`` is added to the window before ``u_t`` is computed. The inverse products come from
+:class:`curvopt.mfac.SlidingWindowMFAC` (Woodbury identity, ``O(m d + m^2)`` per step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from curvopt.mfac import SlidingWindowMFAC
+from curvopt.utils.params import num_elements
+
+_WINDOW_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+_STATE_KEY = "mfac_window"
+_SHARED = ("m", "damp", "window_dtype", "nonfinite")
+
+
+def _check_group_hyperparameters(group: dict[str, Any]) -> None:
+    lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+    if isinstance(lr, Tensor) or not lr >= 0:
+        raise ValueError(f"lr must be a float >= 0, got {lr!r}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if not wd >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {wd!r}")
+    if not isinstance(group["decoupled_weight_decay"], bool):
+        raise TypeError("decoupled_weight_decay must be a bool")
+
+
+class MFAC(Optimizer):
+    r"""M-FAC: SGD on the gradient preconditioned by a sliding-window empirical Fisher inverse.
+
+    One step, with ``g`` the gradient of all parameters as one vector and ``w`` the parameters:
+
+    1. Coupled weight decay (``decoupled_weight_decay=False``, default, as in L2 regularization and
+       ``torch.optim.SGD``): ``g <- g + wd * w`` *before* ``g`` enters the window, so the
+       preconditioner sees the regularized gradient.
+    2. ``g`` is added to the window (replacing the oldest of the last ``m`` gradients) and
+       ``u = F^{-1} g`` is computed for the updated window.
+    3. Momentum (heavy ball on the preconditioned direction, like ``torch.optim.SGD`` with
+       ``dampening=0``): ``b <- momentum * b + u`` (``b = u`` on the first step), ``u <- b``.
+    4. Decoupled weight decay (``decoupled_weight_decay=True``, AdamW style; the window sees the raw
+       gradient): ``w <- w * (1 - lr * wd)``.
+    5. ``w <- w - lr * u``.
+
+    **Parameter groups.** All groups share one window over the concatenation of their parameters:
+    ``F`` couples every coordinate, so ``u`` is one joint direction. Each group's ``lr``,
+    ``momentum``, ``weight_decay`` and ``decoupled_weight_decay`` then act on that group's slice of
+    ``u``, ``b`` and ``w``; with coupled decay a group's ``wd * w`` is added to its slice of ``g``
+    before preconditioning. ``m``, ``damp``, ``window_dtype`` and ``nonfinite`` are shared and can
+    only be given to the constructor. All parameter groups must be given at construction.
+
+    **Parameters without a gradient** (``.grad is None``) contribute zeros to this step's window row
+    and are not updated (no decay, their momentum buffer is untouched). A step where no parameter
+    has a gradient does nothing and leaves the window unchanged.
+
+    **Non-finite gradients** (checked after coupled weight decay) never enter the window:
+
+    * ``nonfinite="raise"`` (default): raise ``ValueError`` and change nothing. Reading the check's
+      result costs one host-device synchronization per step (the only one).
+    * ``nonfinite="skip"``: no synchronization. The step is masked on the device: parameters and
+      momentum buffers are left as they are, and the window re-inserts the gradient it would have
+      evicted instead (so ``F`` is unchanged); :attr:`skipped_steps` counts these steps.
+
+    No ``.item()``/``.cpu()`` is called in :meth:`step` (with ``nonfinite="skip"`` it has no host
+    synchronization at all). All parameters must share one dtype and device.
+
+    **Memory.** ``m * d * bytes(window_dtype)`` for the window plus ``O(m^2)`` float64 and one
+    ``d``-vector per parameter with momentum: see :meth:`memory_bytes`.
+
+    Args:
+        params: Parameters or parameter groups.
+        lr: Learning rate (>= 0).
+        m: Window size, the number of recent gradients kept (>= 1).
+        damp: Damping of ``F`` (> 0); larger values move the step towards SGD with step ``lr/damp``.
+        momentum: Heavy-ball momentum in ``[0, 1)``.
+        weight_decay: Weight decay (>= 0), coupled or decoupled as set by the next argument.
+        decoupled_weight_decay: Use decoupled (AdamW-style) instead of coupled weight decay.
+        window_dtype: Storage dtype of the window (float32, bfloat16 or float64; default: the
+            parameters' dtype). The ``m x m`` algebra is float64 regardless.
+        nonfinite: ``"raise"`` or ``"skip"`` (see above).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = MFAC(model.parameters(), lr=1e-2, m=8, damp=1e-3, momentum=0.9)
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     torch.nn.functional.cross_entropy(model(x), y).backward()
+        ...     opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        m: int = 1024,
+        damp: float = 1e-5,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        decoupled_weight_decay: bool = False,
+        window_dtype: torch.dtype | None = None,
+        nonfinite: str = "raise",
+    ) -> None:
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"m (window size) must be an integer >= 1, got {m!r}")
+        if not (isinstance(damp, (int, float)) and damp > 0):
+            raise ValueError(f"damp must be a number > 0, got {damp!r}")
+        if window_dtype is not None and window_dtype not in _WINDOW_DTYPES:
+            raise ValueError(
+                f"window_dtype must be one of {_WINDOW_DTYPES} or None, got {window_dtype!r}"
+            )
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        _check_group_hyperparameters(defaults)
+        self._m, self._damp, self._nonfinite = m, float(damp), nonfinite
+        self._window: SlidingWindowMFAC | None = None
+        super().__init__(params, defaults)
+        ps = self._all_params()
+        if len({(p.dtype, p.device) for p in ps}) != 1:
+            raise ValueError("all parameters of MFAC must share one dtype and one device")
+        if not ps[0].is_floating_point():
+            raise TypeError(f"MFAC needs floating-point parameters, got {ps[0].dtype}")
+        self._window = SlidingWindowMFAC(
+            num_elements(ps),
+            m,
+            self._damp,
+            device=ps[0].device,
+            dtype=ps[0].dtype if window_dtype is None else window_dtype,
+        )
+        self._skipped = torch.zeros((), dtype=torch.int64, device=ps[0].device)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group before the first step (the window spans all parameters at construction)."""
+        if getattr(self, "_window", None) is not None:
+            raise ValueError(
+                "MFAC's window spans all parameters: pass every parameter group to the constructor"
+            )
+        for key in _SHARED:
+            if key in param_group:
+                raise ValueError(
+                    f"{key!r} is shared by all groups (one window); pass it to the constructor"
+                )
+        super().add_param_group(param_group)
+        _check_group_hyperparameters(self.param_groups[-1])
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def window(self) -> SlidingWindowMFAC:
+        """The shared :class:`~curvopt.mfac.SlidingWindowMFAC` (read it, don't modify it)."""
+        assert self._window is not None
+        return self._window
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """0-dim int64 tensor: steps skipped because of a non-finite gradient."""
+        return self._skipped
+
+    def memory_bytes(self) -> int:
+        """Bytes held: the window (``m d`` entries + float64 ``m x m``) plus momentum buffers."""
+        buffers = sum(
+            t.numel() * t.element_size()
+            for key, st in self.state.items()
+            if isinstance(key, Tensor)
+            for t in st.values()
+            if isinstance(t, Tensor)
+        )
+        return self.window.memory_bytes() + buffers
+
+    def _flat_gradient(self) -> Tensor | None:
+        """Concatenated gradients with coupled weight decay applied; None if no gradient at all."""
+        parts, any_grad = [], False
+        for group in self.param_groups:
+            wd = group["weight_decay"]
+            coupled = wd != 0 and not group["decoupled_weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError("MFAC does not support sparse gradients")
+                any_grad = True
+                g = p.grad.add(p, alpha=wd) if coupled else p.grad
+                parts.append(g.reshape(-1))
+        return torch.cat(parts) if any_grad else None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Perform one optimization step.
+
+        Args:
+            closure: Optional; re-evaluates the model and returns the loss (called once).
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        g = self._flat_gradient()
+        if g is None:
+            return loss
+        window = self.window
+        mask = None
+        if self._nonfinite == "raise":
+            if not bool(torch.isfinite(g).all()):
+                raise ValueError(
+                    "MFAC.step: the gradient contains NaN or Inf; nothing was changed (pass "
+                    "nonfinite='skip' to skip such steps instead)"
+                )
+        else:
+            ok = torch.isfinite(g).all()
+            evicted = window.G[window.count % window.m].to(g.dtype)
+            g = torch.where(ok, g, evicted)
+            self._skipped.add_((~ok).to(self._skipped.dtype))
+            mask = ok.to(g.dtype)
+        u = window.add_and_ihvp(g, on_nonfinite="ignore")  # checked above
+        offset = 0
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            wd, decoupled = group["weight_decay"], group["decoupled_weight_decay"]
+            for p in group["params"]:
+                n = p.numel()
+                u_p = u[offset : offset + n].view_as(p)
+                offset += n
+                if p.grad is None:
+                    continue
+                if mask is not None:
+                    u_p = u_p * mask
+                if momentum != 0:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:  # zeros: the first step gives b = u
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buf = state["momentum_buffer"]
+                    if mask is None:
+                        buf.mul_(momentum).add_(u_p)
+                    else:  # a skipped step multiplies by 1 and adds 0
+                        buf.mul_(1 + (momentum - 1) * mask).add_(u_p)
+                    u_p = buf if mask is None else buf * mask
+                if decoupled and wd != 0:
+                    if mask is None:
+                        p.mul_(1 - lr * wd)
+                    else:
+                        p.mul_(1 - lr * wd * mask)
+                p.add_(u_p, alpha=-lr)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The torch.optim state plus the window (buffer, factors, counters) as ``mfac_window``."""
+        sd = super().state_dict()
+        sd["state"] = dict(sd["state"])
+        sd["state"][_STATE_KEY] = {
+            "window": self.window.state_dict(),
+            "skipped": self._skipped.clone(),
+            "nonfinite": self._nonfinite,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; the window must have the same ``m``, ``d`` and dtype."""
+        state_dict = dict(state_dict)
+        state_dict["state"] = dict(state_dict["state"])
+        saved = state_dict["state"].pop(_STATE_KEY, None)
+        if saved is None:
+            raise ValueError("state_dict has no 'mfac_window' entry: it was not saved by MFAC")
+        super().load_state_dict(state_dict)
+        self.window.load_state_dict(saved["window"])
+        self._skipped.copy_(saved["skipped"])
