@@ -3,6 +3,8 @@
 Two ways to solve with a symmetric positive semi-definite ``H``:
 
 * :func:`damped_cholesky_solve` factorizes the dense ``(d, d)`` matrix ``H + lam I`` (small ``d``).
+* :func:`fixed_iteration_cg` runs plain CG for a fixed number of iterations without host syncs
+  (natural policy gradient's solve).
 * :func:`conjugate_gradient` runs preconditioned CG on a matrix-free product ``v -> (H + lam I) v``
   (large ``d``); each iteration costs one product.
 """
@@ -99,3 +101,39 @@ def conjugate_gradient(
         rz = rz_new
         it += 1
     return x, it
+
+
+def fixed_iteration_cg(
+    matvec: Callable[[Tensor], Tensor], b: Tensor, max_iter: int = 10, tol: float = 1e-10
+) -> Tensor:
+    """Solve ``A x = b`` for a symmetric positive definite ``A`` given only ``v -> A v``.
+
+    Starts at ``x = 0`` and stops after ``max_iter`` iterations or when ``‖r‖² < tol``. The
+    stopping test is evaluated without a host sync by freezing the iterate once converged (so the
+    loop always runs ``max_iter`` products). This is the TRPO/NPG recipe (10 iterations); unlike
+    :func:`conjugate_gradient` it never reads a value on the host, so it can run inside CUDA graphs,
+    but it neither preconditions nor detects an indefinite ``A``.
+
+    Example:
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
+        >>> fixed_iteration_cg(lambda v: A @ v, torch.tensor([1.0, 2.0]), max_iter=2)
+        tensor([0.0909, 0.6364])
+    """
+    if max_iter <= 0:
+        raise ValueError(f"max_iter must be positive, got {max_iter}")
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = b.clone()
+    rr = r @ r
+    for _ in range(max_iter):
+        active = rr > tol
+        ap = matvec(p)
+        pap = p @ ap
+        alpha = torch.where(active, rr / torch.where(pap > 0, pap, torch.ones_like(pap)), 0.0)
+        x = x + alpha * p
+        r = r - alpha * ap
+        rr_new = r @ r
+        beta = torch.where(active, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)), 0.0)
+        p = torch.where(active, r + beta * p, p)
+        rr = torch.where(active, rr_new, rr)
+    return x

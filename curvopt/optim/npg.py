@@ -30,13 +30,12 @@ After each step :attr:`NPG.last_step` holds ``predicted_kl`` (``½ΔθᵀFΔθ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from curvopt.optim.linear_solve import fixed_iteration_cg
 from curvopt.rl.sampler import PolicyGradientSampler
 from curvopt.rl.surrogates import (
     fisher_vector_product,
@@ -47,41 +46,6 @@ from curvopt.rl.surrogates import (
     trajectory_scores,
 )
 from curvopt.utils.params import flatten, unflatten
-
-
-def conjugate_gradient(
-    matvec: Callable[[Tensor], Tensor], b: Tensor, max_iter: int = 10, tol: float = 1e-10
-) -> Tensor:
-    """Solve ``A x = b`` for a symmetric positive definite ``A`` given only ``v -> A v``.
-
-    Starts at ``x = 0`` and stops after ``max_iter`` iterations or when ``‖r‖² < tol``. The
-    stopping test
-    is evaluated without a host sync by freezing the iterate once converged (so the loop always runs
-    ``max_iter`` products).
-
-    Example:
-        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
-        >>> conjugate_gradient(lambda v: A @ v, torch.tensor([1.0, 2.0]), max_iter=2)
-        tensor([0.0909, 0.6364])
-    """
-    if max_iter <= 0:
-        raise ValueError(f"max_iter must be positive, got {max_iter}")
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = b.clone()
-    rr = r @ r
-    for _ in range(max_iter):
-        active = rr > tol
-        ap = matvec(p)
-        pap = p @ ap
-        alpha = torch.where(active, rr / torch.where(pap > 0, pap, torch.ones_like(pap)), 0.0)
-        x = x + alpha * p
-        r = r - alpha * ap
-        rr_new = r @ r
-        beta = torch.where(active, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)), 0.0)
-        p = torch.where(active, r + beta * p, p)
-        rr = torch.where(active, rr_new, rr)
-    return x
 
 
 class NPG(Optimizer):
@@ -169,7 +133,7 @@ class NPG(Optimizer):
                 fv = fisher_vector_product(policy, params, batch, old, v)
                 return fv + group["damping"] * v
 
-            return conjugate_gradient(damped_fvp, grad, group["cg_iters"], group["cg_tol"])
+            return fixed_iteration_cg(damped_fvp, grad, group["cg_iters"], group["cg_tol"])
         from curvopt.mfac import StaticMFAC
 
         scores = trajectory_scores(policy, params, batch)
