@@ -1,1 +1,22 @@
-"""curvature."""
+"""Matrix-free curvature operators over a model's trainable parameters (curvlinops style).
+
+Each operator represents a ``d x d`` curvature matrix of the empirical risk over a data set of
+``(X, y)`` batches and multiplies it onto flat vectors, ``(d, k)`` matrices or lists of
+parameter-shaped tensors; ``to_scipy()`` and ``to_dense()`` export it.
+"""
+
+from .base import CurvatureOperator
+from .empirical_fisher import EmpiricalFisherOperator
+from .fisher import FisherOperator
+from .functional import hvp
+from .ggn import GGNOperator
+from .hessian import HessianOperator
+
+__all__ = [
+    "CurvatureOperator",
+    "EmpiricalFisherOperator",
+    "FisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "hvp",
+]

@@ -1,0 +1,112 @@
+"""Matrix-free Fisher information of the model's predictive distribution (exact or Monte-Carlo)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .base import Batch
+from .ggn import GGNOperator
+from .losses import reduction_scale, sample_output_gradients
+
+
+class FisherOperator(GGNOperator):
+    r"""The Fisher of the model's likelihood, exact or estimated with sampled labels.
+
+    The losses are negative log-likelihoods, ``\ell(f, y) = -\log p(y \mid f)`` (a Gaussian
+    with variance 1/2 for ``nn.MSELoss``, a categorical for ``nn.CrossEntropyLoss``). The Fisher
+
+    .. math::
+
+        F = c \sum_{n=1}^{N} J_n^\top \,
+            \mathbb{E}_{\tilde y \sim p(\cdot \mid f_n)}\!\left[g_n(\tilde y)\, g_n(\tilde y)^\top
+            \right] J_n,
+        \qquad g_n(\tilde y) = \nabla_f \ell(f_n, \tilde y),
+
+    equals the GGN for both losses, which is what ``mc_samples=None`` (exact) computes. With
+    ``mc_samples=M`` the expectation is replaced by the mean over ``M`` labels drawn from the
+    model for every sample (curvlinops' ``FisherMCLinearOperator``). The labels are drawn again
+    for each product from a generator seeded with ``seed``, so every product with the same
+    operator uses the same draws (the operator is a fixed matrix); a different ``seed`` gives
+    a different estimate.
+
+    Args:
+        model_func: The network ``f_theta``.
+        loss_func: ``nn.MSELoss`` or ``nn.CrossEntropyLoss`` with reduction 'mean' or 'sum'.
+        params: Parameters to differentiate by (``requires_grad=False`` ones are left out).
+        data: Re-iterable ``(X, y)`` batches (the labels are used only for batch sizes).
+        mc_samples: None for the exact Fisher, else the number of sampled labels per sample.
+        seed: Seed of the label sampler (Monte-Carlo only).
+        num_data: Number of samples; counted from ``data`` if None.
+        check_deterministic: See :class:`~curvopt.curvature.base.CurvatureOperator`.
+
+    Raises:
+        ValueError: If ``mc_samples`` is not None or a positive integer.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+        >>> data = [(torch.randn(8, 3), torch.randint(0, 3, (8,)))]
+        >>> F = FisherOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data,
+        ...                    mc_samples=4, seed=1)
+        >>> v = torch.randn(F.shape[1])
+        >>> torch.equal(F @ v, F @ v)
+        True
+    """
+
+    def __init__(
+        self,
+        model_func: nn.Module,
+        loss_func: nn.Module,
+        params: Iterable[Tensor],
+        data: Iterable[Batch],
+        *,
+        mc_samples: int | None = None,
+        seed: int = 2147483647,
+        num_data: int | None = None,
+        check_deterministic: bool = False,
+    ) -> None:
+        if mc_samples is not None and (
+            isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1
+        ):
+            raise ValueError(
+                f"mc_samples must be None (exact) or an integer >= 1, got {mc_samples}"
+            )
+        if not isinstance(seed, int):
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+        self._mc_samples = mc_samples
+        self._seed = seed
+        self._generator: torch.Generator | None = None
+        super().__init__(
+            model_func,
+            loss_func,
+            params,
+            data,
+            num_data=num_data,
+            check_deterministic=check_deterministic,
+        )
+
+    @property
+    def mc_samples(self) -> int | None:
+        """Number of sampled labels per data point, None for the exact Fisher."""
+        return self._mc_samples
+
+    def _before_matmat(self) -> None:
+        if self._mc_samples is None:
+            return
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(self._seed)
+
+    def _output_product(self, output: Tensor, y: Tensor, Jv: Tensor) -> Tensor:
+        if self._mc_samples is None:
+            return super()._output_product(output, y, Jv)
+        samples = sample_output_gradients(
+            self._loss_func, output, self._mc_samples, self._generator
+        )  # (M, N, ...)
+        axes = tuple(range(2, samples.ndim))
+        # w[k, m, n] = <g_nm, (J v_k)_n>, then u_k = c / M * sum_m g_nm w[k, m, n]
+        w = (samples.unsqueeze(0) * Jv.unsqueeze(1)).sum(dim=tuple(a + 1 for a in axes))
+        u = (w.reshape(*w.shape, *([1] * len(axes))) * samples.unsqueeze(0)).sum(1)
+        return u * (reduction_scale(self._loss_func, output) / self._mc_samples)
