@@ -1,0 +1,179 @@
+"""Products over the gradient buffer ``G`` (m x d), whole or split into coordinate blocks.
+
+The unblocked products go through the dispatching functions of :mod:`curvopt.kernels`
+(``multi_dot``, ``combine``, ``gram_diag``). When the accumulation dtype is wider than the
+storage dtype and the PyTorch reference runs, the reference would convert the whole of ``G``;
+here the columns are processed in chunks so that the temporary stays small (a few MiB).
+
+Block-wise products (``block_size=B``: contiguous chunks of ``B`` coordinates, the last one
+possibly shorter) are batched matrix products over groups of blocks (``torch.bmm``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from curvopt import kernels
+
+# Largest temporary (in elements) that a chunked conversion of G may create.
+TEMP_ELEMENTS = 1 << 22
+
+
+def needs_chunks(G: Tensor, acc: torch.dtype) -> bool:
+    """Whether products must convert ``G`` (so they run over column chunks)."""
+    return G.dtype != acc and not kernels.use_triton(G)
+
+
+def column_chunks(G: Tensor, acc: torch.dtype, align: int = 1) -> Iterator[slice]:
+    """Column slices of ``G`` covering ``[0, d)``; one slice unless a conversion is needed."""
+    m, d = G.shape
+    if not needs_chunks(G, acc):
+        yield slice(0, d)
+        return
+    step = max(align, (TEMP_ELEMENTS // max(m, 1)) // align * align)
+    for s in range(0, d, step):
+        yield slice(s, min(d, s + step))
+
+
+def dots(G: Tensor, X: Tensor, acc: torch.dtype) -> Tensor:
+    """``G @ X`` for ``X`` ``(d, k)``, one pass over ``G``; returns ``(m, k)`` in ``acc``."""
+    out = None
+    for sl in column_chunks(G, acc):
+        part = kernels.multi_dot(G[:, sl], X[sl].T, acc)
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def combine(a: float, X: Tensor, G: Tensor, C: Tensor) -> Tensor:
+    """``a * X + G^T C`` for ``X`` ``(d, k)`` and ``C`` ``(m, k)`` (in the accumulation dtype)."""
+    chunks = list(column_chunks(G, C.dtype))
+    if len(chunks) == 1:
+        return kernels.combine(a, X, G, C)
+    out = torch.empty_like(X)
+    for sl in chunks:
+        out[sl] = kernels.combine(a, X[sl], G[:, sl], C)
+    return out
+
+
+def gram(G: Tensor, acc: torch.dtype) -> Tensor:
+    """``K = G G^T`` (m x m) in float64, accumulated in ``acc``."""
+    K = None
+    for sl in column_chunks(G, acc):
+        Gc = G[:, sl]
+        part = kernels.multi_dot(Gc, Gc, acc)
+        K = part if K is None else K.add_(part)
+    return K.to(torch.float64)
+
+
+class BlockLayout:
+    """Contiguous coordinate blocks of width ``B`` over ``d`` coordinates (the last may be shorter).
+
+    Attributes:
+        dim: ``d``.
+        block_size: ``B`` (``d`` when unblocked).
+        num_blocks: ``ceil(d / B)``.
+        num_full: Number of blocks of full width ``B``.
+        tail: Width of the last, shorter block (0 when ``B`` divides ``d``).
+    """
+
+    def __init__(self, dim: int, block_size: int | None):
+        """Split ``dim`` coordinates into blocks of ``block_size`` (None: one block)."""
+        self.dim = dim
+        self.block_size = dim if block_size is None else min(block_size, dim)
+        self.num_full = dim // self.block_size
+        self.tail = dim - self.num_full * self.block_size
+        self.num_blocks = self.num_full + (1 if self.tail else 0)
+
+    @property
+    def single(self) -> bool:
+        """Whether there is only one block (the unblocked case)."""
+        return self.num_blocks == 1
+
+    def groups(self, m: int, convert: bool) -> Iterator[tuple[int, int, int, int]]:
+        """Groups of equal-width blocks: ``(first_block, num_blocks, width, first_column)``.
+
+        Full blocks come in groups small enough that a converted copy stays below
+        ``TEMP_ELEMENTS`` (all at once when no conversion is needed); the short last block is
+        its own group.
+        """
+        B = self.block_size
+        per = self.num_full
+        if convert:
+            per = max(1, TEMP_ELEMENTS // max(m * B, 1))
+        for b in range(0, self.num_full, per):
+            n = min(per, self.num_full - b)
+            yield b, n, B, b * B
+        if self.tail:
+            yield self.num_full, 1, self.tail, self.num_full * B
+
+    def block_of(self, idx: Tensor) -> Tensor:
+        """Block number of each coordinate index."""
+        return torch.div(idx, self.block_size, rounding_mode="floor")
+
+
+def _as_blocks(A: Tensor, n: int, w: int) -> Tensor:
+    """View the columns of ``A`` ``(r, n*w)`` as ``(n, r, w)``."""
+    return A.reshape(A.shape[0], n, w).permute(1, 0, 2)
+
+
+def block_gram(G: Tensor, layout: BlockLayout, acc: torch.dtype) -> Tensor:
+    """Per-block Gram matrices ``K_b = G_b G_b^T``: ``(nb, m, m)`` float64."""
+    if layout.single:
+        return gram(G, acc)[None]
+    m = G.shape[0]
+    K = torch.empty(layout.num_blocks, m, m, dtype=torch.float64, device=G.device)
+    for b, n, w, c in layout.groups(m, needs_chunks(G, acc)):
+        Gb = _as_blocks(G[:, c : c + n * w].to(acc), n, w)
+        K[b : b + n] = torch.bmm(Gb, Gb.transpose(1, 2))
+    return K
+
+
+def block_dots(G: Tensor, layout: BlockLayout, X: Tensor, acc: torch.dtype) -> Tensor:
+    """``G_b @ X_b`` per block for ``X`` ``(d, k)``: ``(nb, m, k)`` in ``acc``."""
+    if layout.single:
+        return dots(G, X, acc)[None]
+    m, k = G.shape[0], X.shape[1]
+    out = torch.empty(layout.num_blocks, m, k, dtype=acc, device=G.device)
+    for b, n, w, c in layout.groups(m, needs_chunks(G, acc)):
+        Gb = _as_blocks(G[:, c : c + n * w].to(acc), n, w)  # (n, m, w)
+        Xb = X[c : c + n * w].to(acc).reshape(n, w, k)
+        out[b : b + n] = torch.bmm(Gb, Xb)
+    return out
+
+
+def block_combine(a: float, X: Tensor, G: Tensor, layout: BlockLayout, C: Tensor) -> Tensor:
+    """``a X_b + G_b^T C_b`` per block for ``X`` ``(d, k)``, ``C`` ``(nb, m, k)``; like ``X``."""
+    if layout.single:
+        return combine(a, X, G, C[0])
+    m, k = G.shape[0], X.shape[1]
+    acc = C.dtype
+    out = torch.empty_like(X)
+    for b, n, w, c in layout.groups(m, needs_chunks(G, acc)):
+        Gb = _as_blocks(G[:, c : c + n * w].to(acc), n, w)  # (n, m, w)
+        Xb = X[c : c + n * w].to(acc).reshape(n, w, k)
+        Yb = torch.baddbmm(Xb, Gb.transpose(1, 2), C[b : b + n], beta=a)
+        out[c : c + n * w] = Yb.reshape(n * w, k)
+    return out
+
+
+def block_gram_diag(G: Tensor, layout: BlockLayout, T: Tensor) -> Tensor:
+    """Squared column norms of ``T_b G_b`` per block (``T`` ``(nb, m, m)``): ``(d,)``."""
+    m, d = G.shape
+    if layout.single:
+        out = torch.empty(d, dtype=T.dtype, device=G.device)
+        for sl in column_chunks(G, T.dtype):
+            out[sl] = kernels.gram_diag(G[:, sl], T, None)
+        return out
+    B = layout.block_size
+    per = layout.num_blocks
+    if needs_chunks(G, T.dtype):
+        per = max(1, TEMP_ELEMENTS // max(m * B, 1))
+    out = torch.empty(d, dtype=T.dtype, device=G.device)
+    for b in range(0, layout.num_blocks, per):
+        n = min(per, layout.num_blocks - b)
+        sl = slice(b * B, min(d, (b + n) * B))
+        out[sl] = kernels.gram_diag(G[:, sl], T[b : b + n], B)
+    return out
