@@ -11,10 +11,11 @@ from curvopt.bench.problems import CNN_SAMPLES
     [("logistic", 31, 569), ("softmax", 650, 1797), ("mlp", 2410, 1797), ("cnn", 640, CNN_SAMPLES)],
 )
 def test_builtin_problems_build_and_train(name, d, n):
-    untrained = make_problem(name, train_steps=0)
-    trained = make_problem(name, train_steps=5)
+    # float32 keeps this quick (float64 convolutions are slow on the CPU); the CLI test runs float64
+    untrained = make_problem(name, train_steps=0, dtype=torch.float32)
+    trained = make_problem(name, train_steps=5, dtype=torch.float32)
     assert trained.num_params == d and trained.num_samples == n
-    assert trained.dtype == torch.float64
+    assert trained.dtype == torch.float32
     assert trained.loss() < untrained.loss()  # the warm-up training moved away from the init
     assert torch.isfinite(trained.gradient()).all()
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_problem
+from bench_tiny_problem import tiny_problem
 
 from curvopt.bench import SCHEMA_VERSION, DenseApproximation, run_benchmark, validate
 from curvopt.bench.schema import RECORD_FIELDS, TOP_LEVEL_FIELDS
