@@ -7,20 +7,17 @@ largest eigenvalues (:meth:`~Approximation.top_eigenvalues`). ``V`` is ``(d, k)`
 
 Families (:func:`default_approximations` builds the standard set):
 
-=====================  ==========================================================================
-name                   what
-=====================  ==========================================================================
-``hessian``            exact Hessian, :class:`curvopt.curvature.HessianOperator`
-``ggn``                generalized Gauss-Newton, :class:`curvopt.curvature.GGNOperator`
-``fisher``             exact Fisher (expectation over the model's labels), ``FisherOperator``
-``fisher_mc``          Monte-Carlo Fisher, ``FisherOperator(mc_samples=...)``
-``empirical_fisher``   empirical Fisher ``(1/N) sum_n g_n g_n^T``, ``EmpiricalFisherOperator``
-``hutchinson_diag``    Hutchinson diagonal ``mean_s z_s * (H z_s)`` (Rademacher ``z``), absolute
-value
-``sqgrad_diag``        squared-gradient diagonal ``(1/N) sum_n g_n * g_n`` (diagonal of the EF)
-``kfac``               K-FAC from curvlinops (``KFACLinearOperator``, type-2 = exact GGN factors)
-``mfac_m{m}``          M-FAC, ``F = lam I + G^T G / m`` on ``m`` per-sample gradients
-=====================  ==========================================================================
+| name | what |
+| --- | --- |
+| ``hessian`` | exact Hessian, ``curvopt.curvature.HessianOperator`` |
+| ``ggn`` | generalized Gauss-Newton, ``curvopt.curvature.GGNOperator`` |
+| ``fisher`` | exact Fisher (expectation over the model's labels), ``FisherOperator`` |
+| ``fisher_mc`` | Monte-Carlo Fisher, ``FisherOperator(mc_samples=1)`` |
+| ``empirical_fisher`` | empirical Fisher ``(1/N) sum_n g_n g_n^T``, ``EmpiricalFisherOperator`` |
+| ``hutchinson_diag`` | Hutchinson diagonal ``abs(mean_s z_s * (H z_s))`` (Rademacher ``z``) |
+| ``sqgrad_diag`` | squared-gradient diagonal ``(1/N) sum_n g_n * g_n`` (diagonal of the EF) |
+| ``kfac`` | K-FAC from curvlinops (``KFACLinearOperator``, type-2: exact GGN factors) |
+| ``mfac_m{m}`` | M-FAC, ``F = lam I + G^T G / m`` on ``m`` per-sample gradients |
 
 Exact operators are materialized (``to_dense``) and eigendecomposed when ``d`` is at most
 ``max_dense_dim``; beyond that they are used matrix-free (MINRES for the IHVP, Lanczos for the
@@ -226,6 +223,9 @@ class OperatorApproximation(Approximation):
         factory: ``problem -> operator`` with ``op @ V`` and ``op.to_dense()``.
         max_dense_dim: Largest ``d`` for which the operator is materialized and eigendecomposed.
         minres_rtol: Relative residual tolerance of the matrix-free solve.
+        chunk_size: Identity columns per product when materializing: fewer passes over the data
+            for more memory (on the digits MLP, 256 columns cost about 3x the peak memory of 64
+            and a third less time).
     """
 
     family = "exact"
@@ -237,10 +237,12 @@ class OperatorApproximation(Approximation):
         *,
         max_dense_dim: int = 20_000,
         minres_rtol: float = 1e-10,
+        chunk_size: int = 256,
     ) -> None:
         super().__init__()
         self.name, self.factory = name, factory
         self.max_dense_dim, self.minres_rtol = max_dense_dim, minres_rtol
+        self.chunk_size = chunk_size
         self.op: Any = None
         self._eig: _EigenSolver | None = None
 
@@ -253,7 +255,11 @@ class OperatorApproximation(Approximation):
         self.op = self.factory(problem)
         if self.dense:
             self.solver = "dense-eigh"
-            self._eig = _EigenSolver(self.op.to_dense().to(self.dtype))
+            self._eig = _EigenSolver(
+                self.op.to_dense(chunk_size=self.chunk_size, max_dim=self.max_dense_dim).to(
+                    self.dtype
+                )
+            )
         else:
             self.solver = "minres"
 

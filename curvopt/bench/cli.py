@@ -161,8 +161,6 @@ def _check_device(text: str, parser: argparse.ArgumentParser) -> torch.device:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark, print the table, and write the JSON and plot files if asked."""
-    from rich.console import Console
-
     from .problems import make_problem
     from .report import print_table, save_plots
     from .runner import run_benchmark
@@ -195,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         mfac_m=args.mfac_m,
     )
     document = result.to_dict()
-    print_table(document, Console(width=max(Console().width, 110)))
+    print_table(document)
     if args.json is not None:
         args.json.write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -54,12 +54,16 @@ def print_table(document: Mapping[str, Any], console: Any = None) -> None:
 
     Args:
         document: The JSON document (``BenchmarkResult.to_dict()``).
-        console: A ``rich.console.Console``; a new one writing to stdout if omitted.
+        console: A ``rich.console.Console``; by default one writing to stdout (120 columns wide
+            when stdout is not a terminal).
     """
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # files and pipes: wide enough for every column
+            console = Console(width=max(console.width, 120))
     table = Table(title=_title(document), title_justify="left")
     for i, (_, title, _) in enumerate(TABLE_COLUMNS):
         table.add_column(title, justify="left" if i == 0 else "right", no_wrap=i == 0)
