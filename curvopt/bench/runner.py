@@ -212,7 +212,8 @@ def run_benchmark(
         reference: The exact curvature ``A`` (``hessian``, ``ggn``, ``fisher``,
         ``empirical_fisher``)
             or an approximation object to compare against (for instance a
-            :class:`~curvopt.bench.approximations.DenseApproximation` of a matrix).
+            :class:`~curvopt.bench.approximations.DenseApproximation` of a matrix); with the
+            default relative damping it must accept ``set_damping`` after setup.
         damping: ``lam > 0`` used by every method and the reference; default
             ``relative_damping * lambda_max(A)``.
         relative_damping: See ``damping``.
@@ -267,11 +268,11 @@ def run_benchmark(
     ref.setup(problem, 1.0 if damping is None else damping)
     ref_setup = time.perf_counter() - t0
     ref_top = ref.top_eigenvalues(top_k)
-    if damping is None:
+    if damping is None:  # the reference was set up with a placeholder; its solves read it later
         damping = relative_damping * float(ref_top.abs().max())
         if not damping > 0:
             raise ValueError("the reference's top eigenvalue is zero; pass an explicit damping")
-    ref.set_damping(damping)
+        ref.set_damping(damping)
 
     d = problem.num_params
     gen = torch.Generator(device="cpu").manual_seed(seed)
