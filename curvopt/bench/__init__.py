@@ -5,8 +5,8 @@ K-FAC, M-FAC) on one problem for accuracy, time and memory against an exact refe
 
 Example:
     >>> from curvopt.bench import make_problem, run_benchmark
-    >>> result = run_benchmark(make_problem("softmax"), ["ggn", "kfac", "mfac_m64"])  # doctest:
-    +SKIP
+    >>> problem = make_problem("softmax")  # doctest: +SKIP
+    >>> result = run_benchmark(problem, ["ggn", "kfac", "mfac_m64"])  # doctest: +SKIP
     >>> result.to_dict()["results"][0]["ihvp_rel_error"]  # doctest: +SKIP
 """
 

@@ -336,8 +336,7 @@ class HutchinsonDiagonal(DiagonalApproximation):
     """Hutchinson's Hessian diagonal ``|mean_s z_s * (H z_s)|`` with Rademacher probes ``z_s``.
 
     The absolute value keeps the damped diagonal positive (as in AdaHessian); ``samples`` Hessian-
-    vector
-    products are the setup cost.
+    vector products are the setup cost.
 
     Args:
         samples: Number of probe vectors ``z_s``.
@@ -388,9 +387,8 @@ class KFACApproximation(Approximation):
     """K-FAC from curvlinops: ``KFACLinearOperator`` and its inverse with exact damping.
 
     ``KFACInverseLinearOperator(..., use_exact_damping=True)`` inverts ``A ⊗ B + lam I`` exactly
-    through
-    the factors' eigendecompositions, so the damping matches the other methods. Only ``Linear`` and
-    ``Conv2d`` layers are supported (curvlinops' limitation).
+    through the factors' eigendecompositions, so the damping matches the other methods. Only
+    ``Linear`` and ``Conv2d`` layers are supported (curvlinops' limitation).
 
     Args:
         fisher_type: ``type-2`` (exact GGN factors), ``mc`` or ``empirical``.
@@ -447,8 +445,7 @@ class MFACApproximation(Approximation):
     """M-FAC (:class:`curvopt.mfac.StaticMFAC`) on ``m`` per-sample gradients (no replacement).
 
     ``F = lam I + G^T G / m``; as ``m`` grows it approaches the damped empirical Fisher. The setup
-    time
-    includes computing the ``m`` per-sample gradients.
+    time includes computing the ``m`` per-sample gradients.
 
     Args:
         m: Number of gradients, at most the number of samples.

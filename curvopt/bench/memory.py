@@ -5,11 +5,9 @@ The harness therefore measures the **resident set size** (RSS, from ``/proc/self
 process: a background thread samples it every ``interval`` seconds while the block runs, and the
 reported CPU peak is ``max(RSS during the block) - RSS at entry`` in bytes. Before entry, freed heap
 memory is handed back to the operating system (glibc ``malloc_trim``) so that memory freed by an
-earlier
-measurement is not silently reused. The figure is thus an estimate of the *extra* memory a block
-needs:
-it misses peaks shorter than the sampling interval and includes anything else the process allocates
-meanwhile. Where ``/proc`` is missing (macOS, Windows) the CPU figure is ``None``.
+earlier measurement is not silently reused. The figure is thus an estimate of the *extra* memory a
+block needs: it misses peaks shorter than the sampling interval and includes anything else the
+process allocates meanwhile. Where ``/proc`` is missing (macOS, Windows) the CPU figure is ``None``.
 
 CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
 allocated at entry (exact for the caching allocator's allocations), or ``None`` without CUDA.

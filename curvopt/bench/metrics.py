@@ -1,8 +1,7 @@
 """Accuracy metrics of a curvature approximation against a reference.
 
 All functions take tensors and return Python floats; they are pure (no timing, no state) so they can
-be
-checked on constructed cases.
+be checked on constructed cases.
 
 With damping ``lam`` the same for both, the reference ``A`` and the approximation ``Ã``:
 
@@ -10,9 +9,8 @@ With damping ``lam`` the same for both, the reference ``A`` and the approximatio
   ||(A + lam I)^{-1} v||``, averaged over the probes;
 - Newton cosine: the cosine between ``(Ã + lam I)^{-1} g`` and the exact damped Newton direction
   ``(A + lam I)^{-1} g`` for the gradient ``g``;
-- top-eigenvalue error: ``||λ̃_{1:k} - λ_{1:k}|| / ||λ_{1:k}||`` over the ``k`` largest eigenvalues
-of the
-  undamped matrices, each sorted in decreasing order.
+- top-eigenvalue error: ``||λ̃_{1:k} - λ_{1:k}|| / ||λ_{1:k}||`` over the ``k`` largest
+  eigenvalues of the undamped matrices, each sorted in decreasing order.
 """
 
 from __future__ import annotations
@@ -55,9 +53,8 @@ def ihvp_relative_error(approx: Tensor, exact: Tensor) -> float:
     """Mean over the probe columns of ``||Ã⁻¹v - A⁻¹v|| / ||A⁻¹v||`` (solutions already damped).
 
     Example:
-        >>> ihvp_relative_error(torch.tensor([1.1, 0.0]), torch.tensor([1.0, 0.0]))  # doctest:
-        +ELLIPSIS
-        0.100...
+        >>> round(ihvp_relative_error(torch.tensor([1.1, 0.0]), torch.tensor([1.0, 0.0])), 6)
+        0.1
     """
     return float(column_relative_errors(approx, exact).mean())
 

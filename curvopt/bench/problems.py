@@ -3,17 +3,16 @@
 A :class:`Problem` bundles what the curvature operators take (``model_func, loss_func, params,
 data``, curvlinops' convention) with three derived quantities the harness uses directly:
 
-- the full-data loss ``L(w) = sum_b (N_b / N) loss_func(model(X_b; w), y_b)`` as a function of the
-flat
-  parameter vector ``w`` (shape ``(d,)``), so that ``torch.func.hessian`` can check the reference;
+- the full-data loss ``L(w) = sum_b (N_b / N) loss_func(model(X_b; w), y_b)`` as a function of
+  the flat parameter vector ``w`` (shape ``(d,)``), so ``torch.func.hessian`` can check the
+  reference;
 - the full-data gradient ``g = grad L(w)`` (the vector that gets preconditioned);
 - per-sample gradients ``grad l_n(w)`` (rows of an ``(m, d)`` matrix), which feed the
   squared-gradient diagonal and M-FAC.
 
 The built-in problems (:data:`BUILTIN_PROBLEMS`) use only scikit-learn's bundled data sets, so
-nothing is
-downloaded, and train the model briefly first so the curvature is measured away from the
-initialization.
+nothing is downloaded, and train the model briefly first so the curvature is measured away from
+the initialization.
 
 Example:
     >>> problem = make_problem("softmax", train_steps=10)
@@ -313,8 +312,7 @@ def make_problem(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         problem = builder(torch.float32)
-    # Train in float32 (fast, float64 convolutions have no optimized CPU path), then measure in
-    # dtype.
+    # Train in float32 (float64 convolutions have no fast CPU path), then measure in `dtype`.
     problem.model.to(device)
     problem.data = [(X.to(device), y.to(device)) for X, y in problem.data]
     _train(problem, train_steps, lr)

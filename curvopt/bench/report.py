@@ -91,10 +91,9 @@ def _floor(x: float) -> float:
 def save_plots(document: Mapping[str, Any], path: str | Path) -> Path:
     """Save a PNG with two panels: IHVP error vs M-FAC's ``m``, and IHVP error vs time per product.
 
-    Left: M-FAC's error for each ``m`` (log-log), the other methods as horizontal lines. Right:
-    every
-    method's error against its time per IHVP (log-log). Errors are floored at 1e-16 for the log
-    axis.
+    Left: M-FAC's error for each ``m`` (log-log), the other inexact methods as horizontal lines.
+    Right: every method's error against its time per IHVP (log-log). Errors below
+    :data:`EXACT_FLOOR` (exact methods, round-off only) are drawn at that floor.
 
     Args:
         document: The JSON document.

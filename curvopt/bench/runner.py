@@ -210,23 +210,21 @@ def run_benchmark(
             :class:`~curvopt.bench.approximations.Approximation` objects; default: every family and
             M-FAC for each ``m`` in ``mfac_m``.
         reference: The exact curvature ``A`` (``hessian``, ``ggn``, ``fisher``,
-        ``empirical_fisher``)
-            or an approximation object to compare against (for instance a
+            ``empirical_fisher``) or an approximation object to compare against (for instance a
             :class:`~curvopt.bench.approximations.DenseApproximation` of a matrix); with the
             default relative damping it must accept ``set_damping`` after setup.
         damping: ``lam > 0`` used by every method and the reference; default
             ``relative_damping * lambda_max(A)``.
         relative_damping: See ``damping``.
         max_dense_dim: Largest ``d`` for which exact operators are materialized; beyond it the
-        reference
-            and the exact operators run matrix-free.
+            reference and the exact operators run matrix-free.
         num_probes: Number of Gaussian probe vectors for the IHVP error.
         top_k: Number of top eigenvalues compared.
         repeats: Repetitions of each timed product (the median is reported).
         seed: Seed of the probes and of the methods' randomness.
         progress: Show a rich progress bar.
-        mfac_m: M-FAC sizes of the default method list (default ``DEFAULT_MFAC_M``, clipped to
-        ``N``).
+        mfac_m: M-FAC sizes of the default method list (default ``DEFAULT_MFAC_M``, clipped
+            to ``N``).
 
     Returns:
         The :class:`BenchmarkResult`.

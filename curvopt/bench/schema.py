@@ -15,9 +15,8 @@ Top level (an object)::
     }
 
 Every record of ``results`` has exactly the keys of :data:`RECORD_FIELDS` (``null`` where a metric
-does
-not apply or the method failed; then ``error`` holds the reason). Version 1 promises that these keys
-keep their names, meanings and units; new keys may only come with a new version.
+does not apply or the method failed; then ``error`` holds the reason). Version 1 promises that these
+keys keep their names, meanings and units; new keys may only come with a new version.
 """
 
 from __future__ import annotations
