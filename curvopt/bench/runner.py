@@ -89,17 +89,30 @@ class BenchmarkResult:
         raise KeyError(f"no result for method {method!r}")
 
 
-def _median_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
+def _median_time(
+    fn: Callable[[], Any], repeats: int, device: torch.device, min_sample_s: float = 2e-3
+) -> float:
+    """Median seconds per call over ``repeats`` samples, as ``timeit`` does.
+
+    Each sample runs ``fn`` ``n`` times, with ``n`` doubled (up to 1024) until one sample takes
+    at least ``min_sample_s``, so that sub-millisecond products are not dominated by timer
+    resolution and scheduler noise.
+    """
+
+    def sample(n: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        fn()
+        for _ in range(n):
+            fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+
+    n = 1
+    while n < 1024 and sample(n) < min_sample_s:
+        n *= 2
+    return statistics.median(sample(n) / n for _ in range(repeats))
 
 
 def _empty_record(approx: Approximation) -> dict[str, Any]:

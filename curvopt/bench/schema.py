@@ -47,7 +47,10 @@ RECORD_FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
         ("number", "null"),
         "||λ̃₁..ₖ − λ₁..ₖ|| / ||λ₁..ₖ|| against the reference",
     ),
-    "time_s": (("number", "null"), "median wall time of one damped IHVP on one vector, seconds"),
+    "time_s": (
+        ("number", "null"),
+        "median wall time of one damped IHVP on one vector, seconds (timeit-style)",
+    ),
     "matvec_time_s": (("number", "null"), "median wall time of one undamped product Ãv, seconds"),
     "setup_time_s": (("number", "null"), "wall time of the setup (operators, factors, gradients)"),
     "peak_memory_bytes": (
