@@ -26,6 +26,7 @@ from curvopt.cli import main
         (["--problem", "mlp", "--json", "no/such/folder/out.json"], "does not exist"),
         (["--problem", "mlp", "--methods", "ggn", "--mfac-m", "8"], "--mfac-m"),
         (["--problem", "mlp", "--device", "tpu"], "--device"),
+        (["--problem", "mlp", "--threads", "0"], "positive integer"),
     ],
 )
 def test_bad_options_exit_2_with_a_message(argv, message, capsys):
