@@ -159,8 +159,8 @@ def measure(
             newton = approx.ihvp(targets.gradient)
             top = approx.top_eigenvalues(top_k)
         record["peak_memory_bytes"] = mem.cpu_bytes
-        # Timed outside PeakMemory, whose sampling thread competes for the GIL with products that
-        # spend their time in Python.
+        # Timed outside PeakMemory so that its sampling thread does not share the CPU with the
+        # timed products.
         g = targets.gradient
         record["time_s"] = _median_time(lambda: approx.ihvp(g), repeats, problem.device)
         record["matvec_time_s"] = _median_time(lambda: approx.matvec(g), repeats, problem.device)
