@@ -28,7 +28,7 @@ $(DOCS_STAMP): $(STAMP)
 	touch $(DOCS_STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/curvopt demo
+	$(VENV)/bin/curvopt bench --problem softmax --threads 1
 
 test: $(STAMP)
 	$(PYTEST) $(PYTEST_ARGS) -m "not slow" --ignore=tests/kernels

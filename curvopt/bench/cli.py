@@ -1,0 +1,214 @@
+"""``curvopt bench``: compare curvature approximations on a built-in problem.
+
+Example:
+    curvopt bench --problem mlp --json out.json --plot out.png
+
+Prints a rich table, and optionally writes the JSON document (:mod:`curvopt.bench.schema`) and a PNG
+with the error-vs-m and error-vs-time plots. Invalid options exit with status 2 and a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from .approximations import METHOD_NAMES, make_approximation
+from .problems import BUILTIN_PROBLEMS
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number, got {text}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of positive integers")
+    return [_positive_int(p) for p in parts]
+
+
+def _method_list(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of method names")
+    for name in names:
+        try:
+            make_approximation(name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the options of ``curvopt bench``."""
+    parser.add_argument(
+        "--problem", required=True, choices=sorted(BUILTIN_PROBLEMS), help="built-in problem to run"
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON here")
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="write the PNG plots here")
+    parser.add_argument(
+        "--methods",
+        type=_method_list,
+        metavar="LIST",
+        help=f"comma-separated methods (default: all of {', '.join(METHOD_NAMES)} and M-FAC)",
+    )
+    parser.add_argument(
+        "--mfac-m",
+        type=_int_list,
+        default=None,
+        metavar="LIST",
+        help="M-FAC gradient counts for the default method list (default 8,32,128,512)",
+    )
+    parser.add_argument(
+        "--reference",
+        default="hessian",
+        choices=("hessian", "ggn", "fisher", "empirical_fisher"),
+        help="exact curvature the methods are compared against (default hessian)",
+    )
+    parser.add_argument(
+        "--damping", type=_positive_float, help="damping λ for all methods (default: relative)"
+    )
+    parser.add_argument(
+        "--relative-damping",
+        type=_positive_float,
+        default=1e-2,
+        help="λ = this × largest reference eigenvalue when --damping is not given (default 1e-2)",
+    )
+    parser.add_argument("--probes", type=_positive_int, default=8, help="probe vectors (default 8)")
+    parser.add_argument(
+        "--top-k", type=_positive_int, default=5, help="top eigenvalues (default 5)"
+    )
+    parser.add_argument(
+        "--repeats", type=_positive_int, default=5, help="timing repeats (default 5)"
+    )
+    parser.add_argument(
+        "--train-steps",
+        type=_nonnegative_int,
+        default=100,
+        help="Adam steps before measuring (default 100)",
+    )
+    parser.add_argument(
+        "--max-dense-dim",
+        type=_positive_int,
+        default=20_000,
+        help="largest d with a dense reference (default 20000)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default="float64", help="default float64"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch CPU threads (default: torch's choice); 1 gives steadier timings of small "
+        "products on a busy machine",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(_parser=parser)
+
+
+def _check_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        if path.is_dir():
+            parser.error(f"{flag} {path} is a directory; give a file name")
+        if not path.parent.exists():
+            parser.error(f"{flag} {path}: folder {path.parent} does not exist")
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        parser.error(f"--plot {args.plot}: the plot is a PNG; use a .png file name")
+
+
+def _check_device(text: str, parser: argparse.ArgumentParser) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        parser.error(f"--device {text!r} is not a torch device (try cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {text!r}: only cpu and cuda are supported")
+    return device
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark, print the table, and write the JSON and plot files if asked."""
+    from .problems import make_problem
+    from .report import print_table, save_plots
+    from .runner import run_benchmark
+
+    parser: argparse.ArgumentParser = args._parser
+    _check_paths(args, parser)
+    device = _check_device(args.device, parser)
+    if args.methods is not None and args.mfac_m is not None:
+        parser.error("--mfac-m only shapes the default method list; with --methods name mfac_m<m>")
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    problem = make_problem(
+        args.problem,
+        seed=args.seed,
+        train_steps=args.train_steps,
+        dtype=_DTYPES[args.dtype],
+        device=device,
+    )
+    result = run_benchmark(
+        problem,
+        args.methods,
+        reference=args.reference,
+        damping=args.damping,
+        relative_damping=args.relative_damping,
+        max_dense_dim=args.max_dense_dim,
+        num_probes=args.probes,
+        top_k=args.top_k,
+        repeats=args.repeats,
+        seed=args.seed,
+        progress=not args.no_progress,
+        mfac_m=args.mfac_m,
+    )
+    document = result.to_dict()
+    print_table(document)
+    if args.json is not None:
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        save_plots(document, args.plot)
+        print(f"wrote {args.plot}")
+    failed = [r for r in document["results"] if r["error"]]
+    for r in failed:
+        print(f"warning: {r['method']} failed: {r['error']}", file=sys.stderr)
+    return 0
