@@ -11,53 +11,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 
+from ..cli_types import nonnegative_int, positive_float, positive_int
 from .approximations import METHOD_NAMES, make_approximation
 from .problems import BUILTIN_PROBLEMS
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive, finite number, got {text}")
-    return value
-
-
 def _int_list(text: str) -> list[int]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise argparse.ArgumentTypeError("expected a comma-separated list of positive integers")
-    return [_positive_int(p) for p in parts]
+    return [positive_int(p) for p in parts]
 
 
 def _method_list(text: str) -> list[str]:
@@ -99,30 +69,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="exact curvature the methods are compared against (default hessian)",
     )
     parser.add_argument(
-        "--damping", type=_positive_float, help="damping λ for all methods (default: relative)"
+        "--damping", type=positive_float, help="damping λ for all methods (default: relative)"
     )
     parser.add_argument(
         "--relative-damping",
-        type=_positive_float,
+        type=positive_float,
         default=1e-2,
         help="λ = this × largest reference eigenvalue when --damping is not given (default 1e-2)",
     )
-    parser.add_argument("--probes", type=_positive_int, default=8, help="probe vectors (default 8)")
+    parser.add_argument("--probes", type=positive_int, default=8, help="probe vectors (default 8)")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="top eigenvalues (default 5)")
     parser.add_argument(
-        "--top-k", type=_positive_int, default=5, help="top eigenvalues (default 5)"
-    )
-    parser.add_argument(
-        "--repeats", type=_positive_int, default=5, help="timing repeats (default 5)"
+        "--repeats", type=positive_int, default=5, help="timing repeats (default 5)"
     )
     parser.add_argument(
         "--train-steps",
-        type=_nonnegative_int,
+        type=nonnegative_int,
         default=100,
         help="Adam steps before measuring (default 100)",
     )
     parser.add_argument(
         "--max-dense-dim",
-        type=_positive_int,
+        type=positive_int,
         default=20_000,
         help="largest d with a dense reference (default 20000)",
     )
@@ -133,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         help="torch CPU threads (default: torch's choice); 1 gives steadier timings of small "
         "products on a busy machine",
     )

@@ -19,6 +19,7 @@ import time
 import torch
 from torch import nn
 
+from ..cli_types import nonnegative_int, positive_float, positive_int
 from .pruner import METHODS, SCOPES, prune
 from .zoo import DATASETS, MODELS, accuracy, batches, build_model, load_dataset, train
 
@@ -32,16 +33,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--method", choices=METHODS, default="mfac", help="pruning method")
     parser.add_argument(
-        "--steps", type=int, default=16, help="recomputation steps per sparsity (default 16)"
+        "--steps",
+        type=positive_int,
+        default=16,
+        help="recomputation steps per sparsity (default 16)",
     )
     parser.add_argument("--scope", choices=SCOPES, default="global", help="threshold scope")
-    parser.add_argument("--num-grads", type=int, default=64, help="gradients m (default 64)")
-    parser.add_argument("--block-size", type=int, default=128, help="M-FAC block size")
     parser.add_argument(
-        "--damp", type=float, default=1.0, help="damping relative to mean(diag(G^T G/m))"
+        "--num-grads", type=positive_int, default=64, help="gradients m (default 64)"
+    )
+    parser.add_argument("--block-size", type=positive_int, default=128, help="M-FAC block size")
+    parser.add_argument(
+        "--damp", type=positive_float, default=1.0, help="damping relative to mean(diag(G^T G/m))"
     )
     parser.add_argument(
-        "--grad-batch-size", type=int, default=8, help="samples per gradient (default 8)"
+        "--grad-batch-size", type=positive_int, default=8, help="samples per gradient (default 8)"
     )
     parser.add_argument(
         "--update",
@@ -49,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="OBS weight update",
     )
-    parser.add_argument("--hidden", type=int, default=64, help="hidden width of the mlp")
-    parser.add_argument("--epochs", type=int, default=60, help="training epochs")
+    parser.add_argument("--hidden", type=positive_int, default=64, help="hidden width of the mlp")
+    parser.add_argument("--epochs", type=nonnegative_int, default=60, help="training epochs")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("."), help="output dir")
 

@@ -43,3 +43,13 @@ def test_prune_cli_rejects_bad_sparsity(tmp_path):
 
     with pytest.raises(SystemExit):
         main(["prune", "--sparsity", "1.0", "--out", str(tmp_path)])
+
+
+def test_prune_cli_rejects_bad_numbers_with_a_usage_error(tmp_path, capsys):
+    import pytest
+
+    for option, value in [("--num-grads", "0"), ("--block-size", "-3"), ("--damp", "nan")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["prune", option, value, "--out", str(tmp_path)])
+        assert exc.value.code == 2
+        assert option in capsys.readouterr().err
