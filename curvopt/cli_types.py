@@ -36,4 +36,4 @@ def nonnegative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """Parse a finite number ``> 0``."""
-    return _parse(text, float, lambda v: v > 0 and math.isfinite(v), "a positive, finite number")
+    return _parse(text, float, lambda v: v > 0 and math.isfinite(v), "a finite positive number")
