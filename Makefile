@@ -12,7 +12,7 @@ PYTEST := $(PY) -m pytest
 # before triton is imported, so the kernel tests run in a pytest process of their own).
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test test-all bench docs lint format clean
+.PHONY: demo test test-all bench bench-quick docs lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,13 @@ test-all: $(STAMP)
 	$(PYTEST) $(PYTEST_ARGS) --ignore=tests/kernels
 	TRITON_INTERPRET=1 $(PYTEST) $(PYTEST_ARGS) tests/kernels
 
+# Full runs take tens of minutes and refresh the figures under docs/img; `make bench-quick` is a
+# smoke run (a few minutes) that writes its figures under results/quick instead.
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run_all.py --quick
 
 # mkdocstrings reads the source statically and cannot follow the package-dir mapping of kernels/,
 # so the docs are built from a plain (non-editable) copy of the package under build/docs-pkg.

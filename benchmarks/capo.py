@@ -5,7 +5,7 @@ Adam: small-lr GRPO, large-lr GRPO, large-lr GRPO + CAPO (token mask with the Ad
 model). Reports, per arm and seed: final reward, whether the run collapsed, CAPO's rejected-token
 fraction, and the samples needed to reach a target reward (sample-efficiency ratio against
 small-lr GRPO); plots reward vs samples, the rejected fraction, and predicted vs realized KL
-(PNGs under docs/img/).
+(PNGs under docs/img/; with --quick under results/quick/).
 
 Thresholds. The paper's thresholds are for a 7B model; here they are set from percentiles of the
 predictions: before the first RL step of each CAPO run, the predicted |dJ_t| and dKL_t of one
@@ -318,7 +318,8 @@ def plot(results, arms, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = ROOT / "docs" / "img"
+    # --quick runs never overwrite the documented figures
+    out = ROOT / "results" / "quick" if args.quick else ROOT / "docs" / "img"
     out.mkdir(parents=True, exist_ok=True)
     per_step = args.prompts * GROUP
     colors = ["tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown"]

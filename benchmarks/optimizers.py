@@ -433,10 +433,17 @@ def part_mfac(quick, plots):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations and steps")
-    parser.add_argument("--plots", type=pathlib.Path, default=ROOT / "docs" / "img")
+    parser.add_argument(
+        "--plots",
+        type=pathlib.Path,
+        default=None,
+        help="plot folder (default docs/img; results/quick with --quick, so the docs stay intact)",
+    )
     parser.add_argument("--part", choices=("all", "gns", "mfac"), default="all")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
+    if args.plots is None:
+        args.plots = ROOT / "results" / "quick" if args.quick else ROOT / "docs" / "img"
     args.plots.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -136,8 +136,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--plot", type=pathlib.Path, default=ROOT / "docs/img/prune_accuracy.png")
+    parser.add_argument(
+        "--plot",
+        type=pathlib.Path,
+        default=None,
+        help="plot path (default docs/img/prune_accuracy.png; under results/quick with --quick)",
+    )
     args = parser.parse_args()
+    if args.plot is None:
+        folder = ROOT / "results" / "quick" if args.quick else ROOT / "docs" / "img"
+        args.plot = folder / "prune_accuracy.png"
     torch.set_num_threads(1)
     sparsities = [0.5, 0.7, 0.8, 0.9, 0.95]
     seeds = list(range(args.seeds))
