@@ -31,12 +31,12 @@ demo: $(STAMP)
 	$(VENV)/bin/curvopt bench --problem softmax --threads 1
 
 test: $(STAMP)
-	$(PYTEST) $(PYTEST_ARGS) -m "not slow" --ignore=tests/kernels
 	TRITON_INTERPRET=1 $(PYTEST) $(PYTEST_ARGS) -m "not slow" tests/kernels
+	$(PYTEST) $(PYTEST_ARGS) -m "not slow" --ignore=tests/kernels
 
 test-all: $(STAMP)
-	$(PYTEST) $(PYTEST_ARGS) --ignore=tests/kernels
 	TRITON_INTERPRET=1 $(PYTEST) $(PYTEST_ARGS) tests/kernels
+	$(PYTEST) $(PYTEST_ARGS) --ignore=tests/kernels
 
 # Full runs take tens of minutes and refresh the figures under docs/img; `make bench-quick` is a
 # smoke run (a few minutes) that writes its figures under results/quick instead.
