@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --upgrade pip setuptools wheel
 	$(PIP) install $(TORCH_PIN)
 	$(PIP) install -c .ci/constraints.txt -e ".[dev,gpu,rl,bench]"
+	# backpack (via curvlinops) pulls the registry's torchvision, which fails to import beside the CPU
+	# torch and breaks `import transformers`; neither curvlinops nor backpack needs it.
+	$(PIP) uninstall -y torchvision
 	touch $(STAMP)
 
 $(DOCS_STAMP): $(STAMP)

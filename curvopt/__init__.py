@@ -1,14 +1,34 @@
 """curvopt: cheap, drop-in second-order optimization for PyTorch."""
 
+import importlib.abc as _abc
+import importlib.util as _util
 import os as _os
+import sys as _sys
 
 __version__ = "0.1.0"
 
-# The top-level folder ``kernels/`` ships as the subpackage ``curvopt.kernels`` (pyproject maps it).
-# Run straight from a source tree (``PYTHONPATH=.``, no install, e.g. on a GPU machine without
-# registry access), that mapping is absent: let ``curvopt.kernels`` resolve to the source folder.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+
+class _SourceKernelsFinder(_abc.MetaPathFinder):
+    """Finds ``curvopt.kernels`` in the top-level source folder ``kernels/``.
+
+    An install maps that folder to the subpackage (pyproject's ``package-dir``). Run straight from a
+    source tree (``PYTHONPATH=.``, no install, e.g. on a GPU machine without registry access), the
+    mapping is absent; this finder supplies it, for that one name only.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def find_spec(self, name, path=None, target=None):  # noqa: D102
+        if name != "curvopt.kernels":
+            return None
+        init = _os.path.join(self.folder, "__init__.py")
+        return _util.spec_from_file_location(name, init, submodule_search_locations=[self.folder])
+
+
+_source_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+_kernels_src = _os.path.join(_source_root, "kernels")
 if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile(
-    _os.path.join(_root, "kernels", "__init__.py")
+    _os.path.join(_kernels_src, "__init__.py")
 ):
-    __path__.append(_root)
+    _sys.meta_path.insert(0, _SourceKernelsFinder(_kernels_src))
