@@ -186,8 +186,12 @@ class SlidingWindowMFAC:
             "nonfinite_count": self.nonfinite_count.clone(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (the window must have the same ``dim``, ``m`` and dtype)."""
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise if :meth:`load_state_dict` would fail on ``state``; change nothing.
+
+        Checks the keys, ``dim``, ``m``, the storage dtype, the shapes of the tensors, the damping
+        and the counters, so a caller can validate every part of a larger state before loading any.
+        """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
         missing = {"dim", "m", "damp", "count", "G", "K", "Ainv"} - set(state)
@@ -198,14 +202,31 @@ class SlidingWindowMFAC:
                 f"state is for dim={state['dim']}, m={state['m']} but this window has "
                 f"dim={self.dim}, m={self.m}"
             )
+        shapes = {"G": (self.m, self.dim), "K": (self.m, self.m), "Ainv": (self.m, self.m)}
+        shapes.update(last_drift=(), last_finite=(), nonfinite_count=())
+        for key, shape in shapes.items():
+            if key in state and not (
+                isinstance(state[key], Tensor) and tuple(state[key].shape) == shape
+            ):
+                got = getattr(state[key], "shape", type(state[key]).__name__)
+                raise ValueError(f"state[{key!r}] must be a tensor of shape {shape}, got {got}")
         if state["G"].dtype != self.dtype:
             raise TypeError(
                 f"state holds G in {state['G'].dtype} but this window stores {self.dtype}"
             )
-        self._damp = check_damp(state["damp"])
-        self.refresh_every = check_positive_int(
-            state.get("refresh_every", self.refresh_every), "refresh_every"
-        )
+        check_damp(state["damp"])
+        check_positive_int(state.get("refresh_every", self.refresh_every), "refresh_every")
+        resolve_accumulate_dtype(state.get("accumulate_dtype"), self.dtype)
+        for key in ("count", "since_refresh"):
+            value = state.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (same ``dim``, ``m``, dtype); on error nothing changes."""
+        self.check_state(state)
+        self._damp = float(state["damp"])
+        self.refresh_every = int(state.get("refresh_every", self.refresh_every))
         self._acc = resolve_accumulate_dtype(state.get("accumulate_dtype"), self.dtype)
         self.refine = bool(state.get("refine", self.refine))
         self.count = int(state["count"])

@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvopt.mfac import SlidingWindowMFAC
-from curvopt.utils.params import num_elements
+from curvopt.optim._state_checks import check_optimizer_state
+from curvopt.utils.params import num_elements, trainable
 
 _WINDOW_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _STATE_KEY = "mfac_window"
@@ -66,6 +67,10 @@ class MFAC(Optimizer):
     **Parameters without a gradient** (``.grad is None``) contribute zeros to this step's window row
     and are not updated (no decay, their momentum buffer is untouched). A step where no parameter
     has a gradient does nothing and leaves the window unchanged.
+
+    **Frozen parameters** (``requires_grad=False`` at construction) are left out of the window
+    (``d`` counts only trainable ones, so a frozen backbone costs no window memory) and are never
+    updated. Changing ``requires_grad`` after construction is an error at the next step.
 
     **Non-finite gradients** (checked after coupled weight decay) never enter the window:
 
@@ -136,7 +141,12 @@ class MFAC(Optimizer):
         self._m, self._damp, self._nonfinite = m, float(damp), nonfinite
         self._window: SlidingWindowMFAC | None = None
         super().__init__(params, defaults)
-        ps = self._all_params()
+        ps = trainable(self._all_params())
+        if not ps:
+            raise ValueError(
+                "MFAC got no parameter with requires_grad=True: nothing to optimize (frozen "
+                "parameters are left out of the window)"
+            )
         if len({(p.dtype, p.device) for p in ps}) != 1:
             raise ValueError("all parameters of MFAC must share one dtype and one device")
         if not ps[0].is_floating_point():
@@ -195,7 +205,7 @@ class MFAC(Optimizer):
         for group in self.param_groups:
             wd = group["weight_decay"]
             coupled = wd != 0 and not group["decoupled_weight_decay"]
-            for p in group["params"]:
+            for p in trainable(group["params"]):
                 if p.grad is None:
                     parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
                     continue
@@ -204,6 +214,12 @@ class MFAC(Optimizer):
                 any_grad = True
                 g = p.grad.add(p, alpha=wd) if coupled else p.grad
                 parts.append(g.reshape(-1))
+        if sum(part.numel() for part in parts) != self.window.dim:
+            raise ValueError(
+                f"MFAC's window spans the {self.window.dim} entries of the parameters that had "
+                "requires_grad=True at construction; requires_grad was changed since. Build a "
+                "new optimizer for the new set of trainable parameters"
+            )
         return torch.cat(parts) if any_grad else None
 
     @torch.no_grad()
@@ -242,7 +258,7 @@ class MFAC(Optimizer):
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             wd, decoupled = group["weight_decay"], group["decoupled_weight_decay"]
-            for p in group["params"]:
+            for p in trainable(group["params"]):
                 n = p.numel()
                 u_p = u[offset : offset + n].view_as(p)
                 offset += n
@@ -280,12 +296,25 @@ class MFAC(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`; the window must have the same ``m``, ``d`` and dtype."""
+        """Load a :meth:`state_dict`; the window must have the same ``m``, ``d`` and dtype.
+
+        Everything is validated before anything is loaded: on error the optimizer is unchanged.
+        """
+        check_optimizer_state(self, state_dict, ["momentum_buffer"])
         state_dict = dict(state_dict)
         state_dict["state"] = dict(state_dict["state"])
         saved = state_dict["state"].pop(_STATE_KEY, None)
-        if saved is None:
+        if not isinstance(saved, dict) or "window" not in saved:
             raise ValueError("state_dict has no 'mfac_window' entry: it was not saved by MFAC")
+        self.window.check_state(saved["window"])
+        skipped = saved.get("skipped")
+        if not (isinstance(skipped, Tensor) and skipped.numel() == 1):
+            raise ValueError("the saved MFAC skipped-step counter must be a 1-element tensor")
+        for i, group in enumerate(state_dict["param_groups"]):
+            missing = {"lr", "momentum", "weight_decay", "decoupled_weight_decay"} - set(group)
+            if missing:
+                raise ValueError(f"parameter group {i} of state_dict lacks {sorted(missing)}")
+            _check_group_hyperparameters(group)
         super().load_state_dict(state_dict)
         self.window.load_state_dict(saved["window"])
-        self._skipped.copy_(saved["skipped"])
+        self._skipped.copy_(skipped.reshape(()))

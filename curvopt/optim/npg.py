@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from curvopt.optim._state_checks import check_optimizer_state
 from curvopt.optim.linear_solve import fixed_iteration_cg
 from curvopt.rl.sampler import PolicyGradientSampler
 from curvopt.rl.surrogates import (
@@ -139,6 +140,11 @@ class NPG(Optimizer):
         scores = trajectory_scores(policy, params, batch)
         scale = batch.lengths().mean().clamp_min(1.0).rsqrt()
         return StaticMFAC(scores * scale, group["damping"]).ihvp(grad)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`state_dict`; validated first, so on error the optimizer is unchanged."""
+        check_optimizer_state(self, state_dict)
+        super().load_state_dict(state_dict)
 
     @staticmethod
     @torch.no_grad()
