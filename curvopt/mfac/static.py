@@ -165,12 +165,19 @@ class StaticMFAC:
         return torch.linalg.solve_triangular(self._L, eye.expand_as(self._L), upper=False)
 
     def inverse_diagonal(self) -> Tensor:
-        """Diagonal of ``F^{-1}``: ``1/lam - ||L_b^{-1} G_b e_j||^2 / lam^2``; ``(d,)``.
+        """Diagonal of ``F^{-1}``, ``(d,)`` in the accumulation dtype; computed once and cached.
 
-        Computed once (one GEMM-sized pass, ``O(m^2 d)``) and cached. Returned in the
-        accumulation dtype. At small ``damp`` with ``d <= m`` the difference cancels; use
-        ``accumulate_dtype=torch.float64`` there.
+        * Blocks wider than ``m``: ``1/lam - ||L_b^{-1} G_b e_j||^2 / lam^2`` (Woodbury; one
+          GEMM-sized pass, ``O(m^2 d)``). At small ``damp`` the difference cancels; use
+          ``accumulate_dtype=torch.float64`` there.
+        * Blocks of width ``B <= m`` (including ``d <= m`` unblocked): from the Cholesky factor of
+          the ``B x B`` block ``F_b = lam I + G_b^T G_b / m`` itself, in float64,
+          ``[F_b^{-1}]_jj = ||R_b^{-1} e_j||^2`` with ``F_b = R_b R_b^T``: a sum of positive terms,
+          accurate to a few ulps at any ``damp`` (``O(m B d)``).
         """
+        if self._diag is None and self.block_size <= self.m:
+            diag = P.small_block_inverse_diagonal(self.G, self._layout, self._damp)
+            self._diag = diag.to(self._acc)
         if self._diag is None:
             T = self._inverse_factor().to(self._acc)
             s = P.block_gram_diag(self.G, self._layout, T)
