@@ -195,7 +195,7 @@ def small_block_inverse_diagonal(G: Tensor, layout: BlockLayout, damp: float) ->
     """
     m, d = G.shape
     out = torch.empty(d, dtype=torch.float64, device=G.device)
-    for b, n, w, c in layout.groups(m, True):
+    for _, n, w, c in layout.groups(m, True):
         Gb = _as_blocks(G[:, c : c + n * w].to(torch.float64), n, w)  # (n, m, w)
         F = torch.bmm(Gb.transpose(1, 2), Gb).div_(m)
         F.diagonal(dim1=-2, dim2=-1).add_(damp)
