@@ -14,8 +14,10 @@ from ._validation import (
     check_operand,
     check_positive_int,
     check_storage_dtype,
+    conditioning_estimate,
     finite_flag,
     resolve_accumulate_dtype,
+    warn_if_ill_conditioned,
 )
 
 NONFINITE_MODES = ("raise", "skip", "ignore")
@@ -59,6 +61,15 @@ class SlidingWindowMFAC:
             Cholesky solve. Default: on with float64 accumulation, off with float32 (whose own
             error, about ``eps32 * R``, dominates while ``R < 1e8``).
 
+    Warns:
+        RuntimeWarning: When ``R = lambda_max(F)/damp``, estimated from above by
+            ``1 + ||K||_inf/(m damp)`` at each refresh (kept in :attr:`conditioning`, no host
+            synchronization), reaches ``1/eps`` of the accumulation dtype: the products then
+            cancel to noise. Checked by :meth:`check_conditioning`, which ``add``/``add_and_ihvp``
+            call after a refresh with ``on_nonfinite="raise"`` (a mode that synchronizes anyway),
+            and by :meth:`ihvp` with another ``damp``. ``damp`` so small that ``1/damp^2``
+            overflows float64 (below about 1e-154) raises ``ValueError``.
+
     Attributes:
         G: The ``(m, d)`` ring buffer.
         K: ``(m, m)`` float64 Gram matrix of the buffer.
@@ -69,6 +80,8 @@ class SlidingWindowMFAC:
         nonfinite_count: 0-dim int64 tensor, gradients skipped as non-finite.
         last_drift: 0-dim float64 tensor, max-norm relative difference between the updated and
             the freshly computed ``A^{-1}`` at the last refresh (no host synchronization).
+        conditioning: 0-dim float64 tensor, the upper estimate ``1 + ||K||_inf/(m damp)`` of
+            ``lambda_max(F)/damp`` at the last refresh (1 before any).
 
     Example:
         >>> window = SlidingWindowMFAC(dim=10, m=4, damp=1e-3)
@@ -106,6 +119,7 @@ class SlidingWindowMFAC:
         self.K = torch.zeros(self.m, self.m, dtype=torch.float64, device=device)
         self.Ainv = torch.eye(self.m, dtype=torch.float64, device=device) / self.m
         self.last_drift = torch.zeros((), dtype=torch.float64, device=device)
+        self.conditioning = torch.ones((), dtype=torch.float64, device=device)
         self.last_finite = torch.ones((), dtype=torch.bool, device=device)
         self.nonfinite_count = torch.zeros((), dtype=torch.long, device=device)
         self.count = 0
@@ -148,6 +162,7 @@ class SlidingWindowMFAC:
         self.K.zero_()
         self.Ainv.copy_(torch.eye(self.m, dtype=torch.float64, device=self.device) / self.m)
         self.last_drift.zero_()
+        self.conditioning.fill_(1.0)
         self.last_finite.fill_(True)
         self.nonfinite_count.zero_()
         self.count = 0
@@ -159,12 +174,25 @@ class SlidingWindowMFAC:
         self._since_refresh = 0
         if n == 0:
             return
+        k_norm = self.K[:n, :n].abs().sum(-1).max()
+        self.conditioning.copy_(conditioning_estimate(k_norm, self.m, self._damp))
         L = cholesky(self.K[:n, :n], self.m, self._damp, check=False)
         fresh = torch.cholesky_inverse(L)
         sub = self.Ainv[:n, :n]
         drift = (sub - fresh).abs().max() / fresh.abs().max()
         self.last_drift.copy_(drift)
         sub.copy_(fresh)
+
+    @property
+    def refreshed(self) -> bool:
+        """Whether the last insertion (or call of :meth:`refresh`) recomputed ``A^{-1}``."""
+        return self._since_refresh == 0
+
+    def check_conditioning(self) -> None:
+        """Warn if :attr:`conditioning` is past ``1/eps`` of the accumulation dtype (one sync)."""
+        warn_if_ill_conditioned(
+            float(self.conditioning), self._acc, f"SlidingWindowMFAC(damp={self._damp:g})"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: buffer, Gram, inverse, counters, settings."""
@@ -182,6 +210,7 @@ class SlidingWindowMFAC:
             "K": self.K.clone(),
             "Ainv": self.Ainv.clone(),
             "last_drift": self.last_drift.clone(),
+            "conditioning": self.conditioning.clone(),
             "last_finite": self.last_finite.clone(),
             "nonfinite_count": self.nonfinite_count.clone(),
         }
@@ -203,7 +232,7 @@ class SlidingWindowMFAC:
                 f"dim={self.dim}, m={self.m}"
             )
         shapes = {"G": (self.m, self.dim), "K": (self.m, self.m), "Ainv": (self.m, self.m)}
-        shapes.update(last_drift=(), last_finite=(), nonfinite_count=())
+        shapes.update(last_drift=(), last_finite=(), nonfinite_count=(), conditioning=())
         for key, shape in shapes.items():
             if key in state and not (
                 isinstance(state[key], Tensor) and tuple(state[key].shape) == shape
@@ -234,7 +263,7 @@ class SlidingWindowMFAC:
         self.G.copy_(state["G"])
         self.K.copy_(state["K"])
         self.Ainv.copy_(state["Ainv"])
-        for key in ("last_drift", "last_finite", "nonfinite_count"):
+        for key in ("last_drift", "last_finite", "nonfinite_count", "conditioning"):
             if key in state:
                 getattr(self, key).copy_(state[key])
 
@@ -300,6 +329,8 @@ class SlidingWindowMFAC:
         coef = replace_row_inverse(sub, r, k_new / lam, self.m + k_new[r] / lam, rhs)
         if self._since_refresh >= self.refresh_every:
             self.refresh()
+            if on_nonfinite == "raise":
+                self.check_conditioning()
             coef = None if rhs is None else symmetric_matmul(sub, rhs)
         if rhs is None or not self.refine:
             return coef
@@ -388,6 +419,9 @@ class SlidingWindowMFAC:
             if self.refine:
                 coef = self._refine(coef, dots, n)
         else:
+            k_norm = float(self.K[:n, :n].abs().sum(-1).max())
+            ratio = conditioning_estimate(k_norm, self.m, lam)
+            warn_if_ill_conditioned(ratio, self._acc, f"SlidingWindowMFAC.ihvp(damp={lam:g})")
             coef = torch.cholesky_solve(dots, cholesky(self.K[:n, :n], self.m, lam))
         return self._finish(x, X, coef, n, lam)
 

@@ -53,6 +53,9 @@ class MFAC(Optimizer):
        ``u = F^{-1} g`` is computed for the updated window.
     3. Momentum (heavy ball on the preconditioned direction, like ``torch.optim.SGD`` with
        ``dampening=0``): ``b <- momentum * b + u`` (``b = u`` on the first step), ``u <- b``.
+       The authors' reference optimizer averages instead, ``v <- momentum * v + (1 - momentum) u``
+       from ``v = 0``, so ``v = (1 - momentum) b`` at every step: its trajectory is ours with
+       ``lr = (1 - momentum) * lr_ref``.
     4. Decoupled weight decay (``decoupled_weight_decay=True``, AdamW style; the window sees the raw
        gradient): ``w <- w * (1 - lr * wd)``.
     5. ``w <- w - lr * u``.
@@ -75,13 +78,18 @@ class MFAC(Optimizer):
     **Non-finite gradients** (checked after coupled weight decay) never enter the window:
 
     * ``nonfinite="raise"`` (default): raise ``ValueError`` and change nothing. Reading the check's
-      result costs one host-device synchronization per step (the only one).
-    * ``nonfinite="skip"``: no synchronization. The step is masked on the device: parameters and
-      momentum buffers are left as they are, and the window re-inserts the gradient it would have
-      evicted instead (so ``F`` is unchanged); :attr:`skipped_steps` counts these steps.
+      result costs one host-device synchronization per step.
+    * ``nonfinite="skip"``: no per-step synchronization. The step is masked on the device:
+      parameters and momentum buffers are left as they are, and the window re-inserts the gradient
+      it would have evicted instead (so ``F`` is unchanged); :attr:`skipped_steps` counts these
+      steps.
 
-    No ``.item()``/``.cpu()`` is called in :meth:`step` (with ``nonfinite="skip"`` it has no host
-    synchronization at all). All parameters must share one dtype and device.
+    No ``.item()``/``.cpu()`` is called in :meth:`step`; with ``nonfinite="skip"`` it has no
+    host synchronization at all. With ``"raise"``, every ``m`` steps (when the window refreshes
+    its inverse) one more reads the window's conditioning estimate and raises a
+    ``RuntimeWarning`` if ``damp`` is so small that the products are noise (with ``"skip"``, read
+    ``opt.window.conditioning`` or call ``opt.window.check_conditioning()`` yourself). All
+    parameters must share one dtype and device.
 
     **Memory.** ``m * d * bytes(window_dtype)`` for the window plus ``O(m^2)`` float64 and one
     ``d``-vector per parameter with momentum: see :meth:`memory_bytes`.
@@ -254,6 +262,8 @@ class MFAC(Optimizer):
             self._skipped.add_((~ok).to(self._skipped.dtype))
             mask = ok.to(g.dtype)
         u = window.add_and_ihvp(g, on_nonfinite="ignore")  # checked above
+        if self._nonfinite == "raise" and window.refreshed:
+            window.check_conditioning()  # once per refresh, in the mode that synchronizes anyway
         offset = 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]

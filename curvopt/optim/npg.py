@@ -58,7 +58,9 @@ class NPG(Optimizer):
         damping: ``c ≥ 0`` added to the Fisher (for ``"mfac"`` the M-FAC ``damp``, must be > 0).
         solver: ``"cg"`` (Fisher-vector products) or ``"mfac"`` (Woodbury over trajectory scores).
         cg_iters: Conjugate-gradient iterations.
-        cg_tol: Stop CG when the squared residual is below this.
+        cg_tol: Stop CG when ``‖r‖² <= cg_tol · ‖g‖²`` (relative to the gradient, so the step
+            does not depend on the scale of the rewards; an absolute floor at the dtype's
+            smallest normal number). In ``[0, 1)``.
         backtrack: Run the line search on the realized KL (needs host syncs for the accept test).
         max_backtracks: Step fractions tried.
         backtrack_ratio: ``ρ`` in ``(0, 1)``.
@@ -103,6 +105,10 @@ class NPG(Optimizer):
             raise ValueError(f"damping must be >= 0 (> 0 for solver='mfac'), got {damping!r}")
         if not isinstance(cg_iters, int) or cg_iters <= 0:
             raise ValueError(f"cg_iters must be a positive int, got {cg_iters!r}")
+        if not isinstance(cg_tol, (int, float)) or not 0 <= cg_tol < 1:
+            raise ValueError(
+                f"cg_tol (relative squared residual of CG) must be in [0, 1), got {cg_tol!r}"
+            )
         if not isinstance(max_backtracks, int) or max_backtracks <= 0:
             raise ValueError(f"max_backtracks must be a positive int, got {max_backtracks!r}")
         if not 0.0 < backtrack_ratio < 1.0:
