@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -82,6 +83,8 @@ class SlidingWindowMFAC:
             the freshly computed ``A^{-1}`` at the last refresh (no host synchronization).
         conditioning: 0-dim float64 tensor, the upper estimate ``1 + ||K||_inf/(m damp)`` of
             ``lambda_max(F)/damp`` at the last refresh (1 before any).
+        inverse_conditioning: 0-dim float64 tensor, ``(max_i L_ii / min_i L_ii)^2`` of the
+            Cholesky factor of ``A`` at the last refresh, a lower estimate of ``cond(A)``.
 
     Example:
         >>> window = SlidingWindowMFAC(dim=10, m=4, damp=1e-3)
@@ -120,6 +123,7 @@ class SlidingWindowMFAC:
         self.Ainv = torch.eye(self.m, dtype=torch.float64, device=device) / self.m
         self.last_drift = torch.zeros((), dtype=torch.float64, device=device)
         self.conditioning = torch.ones((), dtype=torch.float64, device=device)
+        self.inverse_conditioning = torch.ones((), dtype=torch.float64, device=device)
         self.last_finite = torch.ones((), dtype=torch.bool, device=device)
         self.nonfinite_count = torch.zeros((), dtype=torch.long, device=device)
         self.count = 0
@@ -163,6 +167,7 @@ class SlidingWindowMFAC:
         self.Ainv.copy_(torch.eye(self.m, dtype=torch.float64, device=self.device) / self.m)
         self.last_drift.zero_()
         self.conditioning.fill_(1.0)
+        self.inverse_conditioning.fill_(1.0)
         self.last_finite.fill_(True)
         self.nonfinite_count.zero_()
         self.count = 0
@@ -177,6 +182,8 @@ class SlidingWindowMFAC:
         k_norm = self.K[:n, :n].abs().sum(-1).max()
         self.conditioning.copy_(conditioning_estimate(k_norm, self.m, self._damp))
         L = cholesky(self.K[:n, :n], self.m, self._damp, check=False)
+        diag = L.diagonal()
+        self.inverse_conditioning.copy_((diag.max() / diag.min()).square())
         fresh = torch.cholesky_inverse(L)
         sub = self.Ainv[:n, :n]
         drift = (sub - fresh).abs().max() / fresh.abs().max()
@@ -189,10 +196,28 @@ class SlidingWindowMFAC:
         return self._since_refresh == 0
 
     def check_conditioning(self) -> None:
-        """Warn if :attr:`conditioning` is past ``1/eps`` of the accumulation dtype (one sync)."""
-        warn_if_ill_conditioned(
-            float(self.conditioning), self._acc, f"SlidingWindowMFAC(damp={self._damp:g})"
-        )
+        """Warn if the products or the ``m x m`` solve have lost every digit (one host sync).
+
+        Two conditions, each with its number in the message: :attr:`conditioning` ``R`` past
+        ``1/eps`` of the accumulation dtype (the cancellation of the Woodbury form), or
+        ``eps64 * cond(A) * R`` past ``1e6`` with ``cond(A)`` from :attr:`inverse_conditioning`:
+        the explicit inverse of ``A`` (refined once) then fails. That happens when the window's
+        gradients are (nearly) linearly dependent, e.g. ``d < m``: ``cond(A)`` grows like ``R``
+        instead of staying near ``cond(K)`` (measured: ``benchmarks/mfac.py --accuracy``).
+        """
+        where = f"SlidingWindowMFAC(damp={self._damp:g})"
+        ratio, cond_a = float(self.conditioning), float(self.inverse_conditioning)
+        warn_if_ill_conditioned(ratio, self._acc, where)
+        product = torch.finfo(torch.float64).eps * cond_a * ratio
+        if ratio < 1.0 / torch.finfo(self._acc).eps and not product < 1e6:
+            warnings.warn(
+                f"{where}: the m x m system is too ill-conditioned for the explicit inverse: "
+                f"cond(A) >= {cond_a:.3g} with lambda_max(F)/damp up to {ratio:.3g} "
+                f"(eps64 * cond(A) * R = {product:.3g} > 1e6); the gradients in the window are "
+                "nearly linearly dependent: increase damp",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: buffer, Gram, inverse, counters, settings."""
@@ -211,6 +236,7 @@ class SlidingWindowMFAC:
             "Ainv": self.Ainv.clone(),
             "last_drift": self.last_drift.clone(),
             "conditioning": self.conditioning.clone(),
+            "inverse_conditioning": self.inverse_conditioning.clone(),
             "last_finite": self.last_finite.clone(),
             "nonfinite_count": self.nonfinite_count.clone(),
         }
@@ -232,7 +258,8 @@ class SlidingWindowMFAC:
                 f"dim={self.dim}, m={self.m}"
             )
         shapes = {"G": (self.m, self.dim), "K": (self.m, self.m), "Ainv": (self.m, self.m)}
-        shapes.update(last_drift=(), last_finite=(), nonfinite_count=(), conditioning=())
+        shapes.update(last_drift=(), last_finite=(), nonfinite_count=())
+        shapes.update(conditioning=(), inverse_conditioning=())
         for key, shape in shapes.items():
             if key in state and not (
                 isinstance(state[key], Tensor) and tuple(state[key].shape) == shape
@@ -263,7 +290,8 @@ class SlidingWindowMFAC:
         self.G.copy_(state["G"])
         self.K.copy_(state["K"])
         self.Ainv.copy_(state["Ainv"])
-        for key in ("last_drift", "last_finite", "nonfinite_count", "conditioning"):
+        optional = ("last_drift", "last_finite", "nonfinite_count", "conditioning")
+        for key in (*optional, "inverse_conditioning"):
             if key in state:
                 getattr(self, key).copy_(state[key])
 

@@ -82,3 +82,25 @@ def test_bench_exits_nonzero_when_a_method_fails(capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "mfac_m8 failed" in err and "too small" in err
+
+
+def test_window_warns_when_its_m_by_m_inverse_fails():
+    """d < m: K is rank-deficient, cond(A) grows like R, and the window's explicit (refined)
+    inverse fails long before the Woodbury cancellation does (R ~ 1e12 here, 1/eps64 = 4.5e15):
+    a warning then, none one decade of damping earlier where the result is still accurate."""
+    m, d = 8, 4
+    G = _big_rows(m, d, 1e2, seed=0)
+    x = torch.randn(d, dtype=DT)
+
+    def run(damp):
+        w = SlidingWindowMFAC(d, m, damp, dtype=DT)
+        for g in G[:-1]:
+            w.add(g)
+        return w.add_and_ihvp(G[-1], x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        y = run(1e-5)
+    assert rel_err(y, torch.linalg.solve(dense_fisher(G, 1e-5), x)) < 1e-5
+    with pytest.warns(RuntimeWarning, match="cond\\(A\\)"):
+        run(1e-7)
