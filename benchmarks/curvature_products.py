@@ -28,7 +28,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
@@ -42,6 +41,9 @@ except ImportError:  # pragma: no cover - optional baseline
 
 
 def digits_data(num: int, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    """The first ``num`` of sklearn's 8 x 8 digits (scaled to [0, 1]) in batches."""
+    from sklearn.datasets import load_digits  # imported here: optional on a GPU machine
+
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X[:num] / 16.0, dtype=torch.float32)
     y = torch.tensor(y[:num])
