@@ -65,14 +65,27 @@ def mem_available_gb():
 def random_rows(m, d, gen=None, *, device="cpu", dtype=torch.float32):
     """(m, d) N(0, 1/d) rows (unit-scale gradients) in ``dtype``, filled in row chunks.
 
-    ``gen`` is a generator on ``device`` (None: the default one); the chunks keep the float32
-    temporaries of a half-precision buffer small.
+    ``gen`` is a generator on ``device`` (None: the default one); chunks of at most 64 rows and
+    2^28 entries keep the float32 temporaries small.
     """
     G = torch.empty(m, d, device=device, dtype=dtype)
-    for s in range(0, m, 64):
-        rows = torch.randn(min(64, m - s), d, generator=gen, device=device)
-        G[s : s + 64] = rows.div_(d**0.5)
+    step = max(1, min(64, (1 << 28) // d))
+    for s in range(0, m, step):
+        rows = torch.randn(min(step, m - s), d, generator=gen, device=device)
+        G[s : s + step] = rows.div_(d**0.5)
     return G
+
+
+def gram_float64(G, chunk_elements=1 << 28):
+    """``G G^T`` in float64, summed over column chunks of float32 products (no float32 copy of
+    a half-precision ``G``): the Gram of a window too large for a static M-FAC."""
+    m, d = G.shape
+    K = torch.zeros(m, m, dtype=torch.float64, device=G.device)
+    step = max(1, chunk_elements // m)
+    for s in range(0, d, step):
+        block = G[:, s : s + step].float()
+        K += (block @ block.T).double()
+    return K
 
 
 def fmt_ms(t):
