@@ -110,12 +110,15 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
 
 
 def test_a_part_over_its_budget_stops_and_says_so(tmp_path):
-    run = _run(tmp_path, "--parts", "3", "--budget-scale", "1e-6")
+    run = _run(tmp_path, "--parts", "1,3", "--budget-scale", "1e-6")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    (part,) = json.loads((tmp_path / "gpu_report.json").read_text())["parts"]
-    assert part["status"] == "over budget"
-    assert part["rows"] == []
-    assert any(n.startswith("over budget: stopped before d=") for n in part["notes"])
+    tests, window = json.loads((tmp_path / "gpu_report.json").read_text())["parts"]
+    assert tests["status"] == window["status"] == "over budget"
+    # pytest stops after its first test (a GPU-only one: they run first), with a verdict on it
+    assert tests["rows"] == [dict(module="test_gpu_only", passed=1, failed=0, skipped=0)]
+    assert "over budget: pytest stopped after 1 tests" in tests["notes"]
+    assert window["rows"] == []
+    assert any(n.startswith("over budget: stopped before d=") for n in window["notes"])
 
 
 def test_bad_arguments_are_rejected(capsys):
