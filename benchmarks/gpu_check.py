@@ -338,16 +338,13 @@ def part_kernels(part: Part, sizes: Sizes, out: Path) -> None:
         if part.over(f"{kernel} {case}"):
             break
         before = len(table.records)
-        if kernel in ("multi_dot", "combine"):
-            m, d, dt = case
-            fn = getattr(bench, f"bench_{kernel}")
-            fn(table, sizes.rounds, [m], [d], [torch_dtype(dt)], device=device)
-        elif kernel == "gram_diag":
-            m, d, B, dt = case
-            bench.bench_gram_diag(table, sizes.rounds, [(m, d, B, torch_dtype(dt))], device=device)
-        else:
-            rows, C, dt = case
-            bench.bench_softmax_curvature(table, sizes.rounds, [(rows, C, torch_dtype(dt))], device)
+        try:
+            _kernel_case(bench, table, sizes.rounds, kernel, case, device)
+        except torch.cuda.OutOfMemoryError as err:
+            part.note(f"{kernel} {case}: out of memory ({str(err).splitlines()[0][:160]})")
+            del table.records[before:], table.rows[before:]
+            _free_memory()
+            continue
         new = table.records[before:]
         if not new:
             part.note(f"{kernel} {case}: skipped, does not fit in 40 % of free memory")
@@ -363,6 +360,20 @@ def part_kernels(part: Part, sizes: Sizes, out: Path) -> None:
             part.row(**record)
         _free_memory()
     table.print()
+
+
+def _kernel_case(bench, table, rounds: int, kernel: str, case: tuple, device) -> None:
+    """One problem of one kernel through the matching ``bench_*`` of benchmarks/kernels.py."""
+    if kernel in ("multi_dot", "combine"):
+        m, d, dt = case
+        fn = getattr(bench, f"bench_{kernel}")
+        fn(table, rounds, [m], [d], [torch_dtype(dt)], device=device)
+    elif kernel == "gram_diag":
+        m, d, B, dt = case
+        bench.bench_gram_diag(table, rounds, [(m, d, B, torch_dtype(dt))], device=device)
+    else:
+        rows, C, dt = case
+        bench.bench_softmax_curvature(table, rounds, [(rows, C, torch_dtype(dt))], device=device)
 
 
 def part_mfac_window(part: Part, sizes: Sizes, out: Path) -> None:
@@ -639,6 +650,7 @@ def run_part(number: int, out: Path, deadline: float, dry_run: bool) -> int:
 
     if dry_run:
         torch.set_num_threads(1)
+    torch.manual_seed(number)  # reproducible inputs where a benchmark draws from the global RNG
     part = Part(number, out / "parts" / f"part{number}.json", deadline, dry_run)
     sizes = DRY_SIZES if dry_run else GPU_SIZES
     try:
