@@ -528,27 +528,33 @@ def part_curvature_products(part: Part, sizes: Sizes, out: Path) -> None:
             name, model, data = built
         else:
             model = make().to(device)
-        d = sum(p.numel() for p in model.parameters())
-        methods = bench.build_methods(model, data, compile_=False)
-        for key, (kind, fn) in list(methods.items()):
-            if kind == "failed":
-                continue
-            try:
-                fn()
-            except Exception as err:  # one failing product must not hide the others
-                methods[key] = ("failed", f"{type(err).__name__}: {str(err).splitlines()[0][:120]}")
-        times = bench.measure(methods, sizes.rounds_products, sync=_sync)
-        base = times["gradient (eager)"][1]
-        for method, (kind, fn) in methods.items():
-            if kind == "failed":
-                part.note(f"{name}: {method} failed ({fn})")
-                continue
-            wall = times[method][1]
-            part.row(
-                model=name, d=d, method=method, kind=kind, ms=1e3 * wall, x_gradient=wall / base
-            )
-        del model, methods
+        try:
+            _products_of_model(part, bench, sizes, name, model, data)
+        except Exception as err:  # e.g. out of memory: the other models still run
+            part.note(f"{name}: failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
+        del model, data
         _free_memory()
+
+
+def _products_of_model(part: Part, bench, sizes: Sizes, name: str, model, data) -> None:
+    """Rows of part 4 for one model: each product's wall time and its ratio to one gradient."""
+    d = sum(p.numel() for p in model.parameters())
+    methods = bench.build_methods(model, data, compile_=False)
+    for key, (kind, fn) in list(methods.items()):
+        if kind == "failed":
+            continue
+        try:
+            fn()
+        except Exception as err:  # one failing product must not hide the others
+            methods[key] = ("failed", f"{type(err).__name__}: {str(err).splitlines()[0][:120]}")
+    times = bench.measure(methods, sizes.rounds_products, sync=_sync)
+    base = times["gradient (eager)"][1]
+    for method, (kind, fn) in methods.items():
+        if kind == "failed":
+            part.note(f"{name}: {method} failed ({fn})")
+            continue
+        wall = times[method][1]
+        part.row(model=name, d=d, method=method, kind=kind, ms=1e3 * wall, x_gradient=wall / base)
 
 
 def part_optimizer_step(part: Part, sizes: Sizes, out: Path) -> None:
