@@ -622,10 +622,16 @@ def part_optimizer_step(part: Part, sizes: Sizes, out: Path) -> None:
         inner=1,
         device=device,
     )
+    adam_state = sum(
+        t.numel() * t.element_size()
+        for state in adam.state.values()
+        for t in state.values()
+        if torch.is_tensor(t)
+    )
     part.row(
         model=name,
         d=d,
-        window=f"m={sizes.window_m} bf16",
+        window=f"m={sizes.window_m} bf16, nonfinite=skip",
         mfac_step_ms=steps["mfac"],
         adam_step_ms=steps["adam"],
         step_ratio=steps["mfac"] / steps["adam"],
@@ -634,7 +640,7 @@ def part_optimizer_step(part: Part, sizes: Sizes, out: Path) -> None:
         forward_backward_ms=iters["fb"],
         iteration_ratio=iters["mfac"] / iters["adam"],
         mfac_state_mb=mfac.memory_bytes() / 2**20,
-        adam_state_mb=2 * d * 4 / 2**20,
+        adam_state_mb=adam_state / 2**20,
     )
     part.info(adam=adam_name)
     if not all(torch.isfinite(p).all() for p in params):
