@@ -12,7 +12,7 @@ PYTEST := $(PY) -m pytest
 # before triton is imported, so the kernel tests run in a pytest process of their own).
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test test-all bench bench-quick docs lint format clean
+.PHONY: demo test test-all bench bench-quick gpu-check docs lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,16 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick
+
+# Every GPU figure in one command (benchmarks/gpu_check.py: five parts with their own budgets, under
+# 8 minutes on an H200; report in results/gpu/). Without CUDA it is a dry run of well under a minute
+# (also run by `make test`). On the GPU machine, which has its own Python and no registry access,
+# skip the venv and run from the source tree:  CURVOPT_NO_VENV=1 make gpu-check
+GPU_CHECK_PY = $(if $(CURVOPT_NO_VENV),$(PYTHON),$(PY))
+GPU_CHECK_ARGS ?=
+
+gpu-check: $(if $(CURVOPT_NO_VENV),,$(STAMP))
+	PYTHONPATH=. $(GPU_CHECK_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 # mkdocstrings reads the source statically and cannot follow the package-dir mapping of kernels/,
 # so the docs are built from a plain (non-editable) copy of the package under build/docs-pkg.

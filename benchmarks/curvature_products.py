@@ -28,7 +28,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
@@ -42,6 +41,9 @@ except ImportError:  # pragma: no cover - optional baseline
 
 
 def digits_data(num: int, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    """The first ``num`` of sklearn's 8 x 8 digits (scaled to [0, 1]) in batches."""
+    from sklearn.datasets import load_digits  # imported here: optional on a GPU machine
+
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X[:num] / 16.0, dtype=torch.float32)
     y = torch.tensor(y[:num])
@@ -123,7 +125,7 @@ def build_methods(model, data, compile_: bool) -> dict[str, tuple[str, Callable[
     loss_func = nn.CrossEntropyLoss()
     params = list(model.parameters())
     d = sum(p.numel() for p in params)
-    v = torch.randn(d)
+    v = torch.randn(d, device=params[0].device)
     v_list = tuple(t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in params]), params))
     args = (model, loss_func, params, data)
     methods = {"gradient (eager)": ("grad", gradient_fn(*args))}
@@ -157,8 +159,14 @@ def build_methods(model, data, compile_: bool) -> dict[str, tuple[str, Callable[
     return methods
 
 
-def measure(methods, rounds: int) -> dict[str, tuple[float, float]]:
-    """Median (CPU seconds, wall seconds) per method, rounds interleaved."""
+def measure(
+    methods, rounds: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, tuple[float, float]]:
+    """Median (CPU seconds, wall seconds) per method, rounds interleaved.
+
+    ``sync`` waits for queued device work (``torch.cuda.synchronize`` on a GPU, where only the
+    wall times mean anything); it runs before each call starts and before its clocks stop.
+    """
     runnable = {k: f for k, (kind, f) in methods.items() if kind != "failed"}
     for f in runnable.values():  # warm-up
         f()
@@ -166,8 +174,10 @@ def measure(methods, rounds: int) -> dict[str, tuple[float, float]]:
     wall = {k: [] for k in runnable}
     for _ in range(rounds):
         for k, f in runnable.items():
+            sync()
             w0, c0 = time.perf_counter(), time.thread_time()
             f()
+            sync()
             cpu[k].append(time.thread_time() - c0)
             wall[k].append(time.perf_counter() - w0)
     return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in runnable}

@@ -18,6 +18,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -53,49 +54,91 @@ def parse_args(argv):
 # --------------------------------------------------------------------------------------------
 
 
-def time_side_by_side(fns: dict, rounds: int, inner: int = 3) -> dict:
-    """Median milliseconds per call of each function, timed round by round in turn."""
+def time_side_by_side(fns: dict, rounds: int, inner: int = 3, device="cuda") -> dict:
+    """Median milliseconds per call of each function, timed round by round in turn.
+
+    On CUDA the calls are timed with CUDA events; on the CPU (the dry run of
+    ``benchmarks/gpu_check.py``) with ``time.perf_counter``.
+    """
+    cuda = torch.device(device).type == "cuda"
     times = {name: [] for name in fns}
     for fn in fns.values():  # warm-up (compilation, autotuning, allocator)
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     for _ in range(rounds):
         for name, fn in fns.items():
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                stop = torch.cuda.Event(enable_timing=True)
+                start.record()
+            else:
+                t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
-            stop.record()
-            stop.synchronize()
-            times[name].append(start.elapsed_time(stop) / inner)
+            if cuda:
+                stop.record()
+                stop.synchronize()
+                times[name].append(start.elapsed_time(stop) / inner)
+            else:
+                times[name].append(1e3 * (time.perf_counter() - t0) / inner)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def copy_bandwidth(device="cuda", n: int = 1 << 28, rounds: int = 5) -> float:
+    """GB/s of a device-to-device copy of ``n`` float32 (read + write): the achievable bandwidth."""
+    src = torch.empty(n, device=device)
+    dst = torch.empty_like(src)
+    fns = {"copy": lambda s=src, t=dst: t.copy_(s)}
+    ms = time_side_by_side(fns, rounds=rounds, device=device)["copy"]
+    del src, dst, fns
+    return 2 * n * 4 / ms / 1e6
+
+
+def nominal_peaks(name: str):
+    """(HBM GB/s, FP32 TFLOP/s, FP64 TFLOP/s) of a device name from NOMINAL_PEAKS, or Nones."""
+    return next((v for k, v in NOMINAL_PEAKS.items() if k in name), (None, None, None))
 
 
 def device_peaks():
     """(name, nominal GB/s or None, FP32 TFLOP/s or None, FP64 TFLOP/s or None, copy GB/s)."""
     name = torch.cuda.get_device_name()
-    nominal = next((v for k, v in NOMINAL_PEAKS.items() if k in name), (None, None, None))
-    n = 1 << 28  # 1 GiB of float32: a device-to-device copy as the achievable bandwidth
-    src = torch.empty(n, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_side_by_side({"copy": lambda s=src, t=dst: t.copy_(s)}, rounds=5)["copy"]
-    del src, dst
-    return name, *nominal, 2 * n * 4 / ms / 1e6
+    return name, *nominal_peaks(name), copy_bandwidth()
 
 
-def fits(nbytes: int) -> bool:
+CPU_MEMORY_BUDGET = 1 << 30
+"""Bytes a problem may take on the CPU (dry runs use tiny problems only)."""
+
+
+def fits(nbytes: int, device="cuda") -> bool:
+    """Whether a problem of ``nbytes`` fits: 40 % of free GPU memory, or CPU_MEMORY_BUDGET."""
+    if torch.device(device).type != "cuda":
+        return nbytes < CPU_MEMORY_BUDGET
     free, _ = torch.cuda.mem_get_info()
     return nbytes < 0.4 * free
 
 
+def rel_diff(a, b) -> float:
+    """Norm-wise relative difference of two results (float64), 0 when both are zero."""
+    a, b = a.double(), b.double()
+    scale = b.norm().item()
+    return (a - b).norm().item() / scale if scale > 0 else (a - b).norm().item()
+
+
 class Table:
-    """Rows of (kernel, problem, implementation, ms, rate, % of peak, ours-vs-this speedup)."""
+    """Rows of (kernel, problem, implementation, ms, rate, % of peak, ours-vs-this speedup).
+
+    Each row is also kept as a dict in :attr:`records` (``benchmarks/gpu_check.py`` reports them
+    as JSON); ``rel_diff`` is the norm-wise relative difference of the Triton result from the
+    reference result on the same input.
+    """
 
     def __init__(self, peak_gbs, peak_tflops32, peak_tflops64):
         self.peak = {"GB/s": peak_gbs, "FP32": peak_tflops32, "FP64": peak_tflops64}
         self.rows = []
+        self.records = []
 
-    def add(self, kernel, problem, results: dict, amount: float, unit: str):
+    def add(self, kernel, problem, results: dict, amount: float, unit: str, rel_diff=None, **meta):
         """``results`` maps implementation -> ms; ``amount`` is bytes (GB/s) or flops."""
         ours = results["triton"]
         for impl, ms in results.items():
@@ -106,21 +149,36 @@ class Table:
             pct = f"{100 * rate / peak:5.1f}%" if peak else "   n/a"
             label = "TFLOP/s" if unit != "GB/s" else "GB/s"
             speed = f"{ms / ours:6.2f}x" if impl != "triton" else "      "
+            diff = f"{rel_diff:8.1e}" if impl == "triton" and rel_diff is not None else " " * 8
             self.rows.append(
                 f"{kernel:18s} {problem:34s} {impl:10s} {ms:9.3f} {rate:9.1f} {label:7s} "
-                f"{pct} {speed}"
+                f"{pct} {speed} {diff}"
+            )
+            self.records.append(
+                {
+                    "kernel": kernel,
+                    "problem": problem,
+                    "impl": impl,
+                    "ms": ms,
+                    "rate": rate,
+                    "unit": label,
+                    "pct_peak": 100 * rate / peak if peak else None,
+                    "ours_faster_by": ms / ours,
+                    "rel_diff_vs_reference": rel_diff if impl == "triton" else None,
+                    **meta,
+                }
             )
 
     def print(self):
         print(
             f"{'kernel':18s} {'problem':34s} {'impl':10s} {'ms':>9s} {'rate':>9s} {'unit':7s} "
-            f"{'%peak':>6s} {'ours faster by':>14s}"
+            f"{'%peak':>6s} {'ours faster by':>14s} {'rel.diff':>8s}"
         )
         for row in self.rows:
             print(row)
 
 
-def bench_multi_dot(table, rounds, ms_grid, ds, dtypes):
+def bench_multi_dot(table, rounds, ms_grid, ds, dtypes, device="cuda"):
     from curvopt.kernels.multi_dot import multi_dot_reference, multi_dot_triton
 
     for dtype in dtypes:
@@ -128,71 +186,79 @@ def bench_multi_dot(table, rounds, ms_grid, ds, dtypes):
             for d in ds:
                 k = 2
                 size = torch.tensor([], dtype=dtype).element_size()
-                if not fits(m * d * size + 4 * k * d * 4):
+                if not fits(m * d * size + 4 * k * d * 4, device):
                     continue
-                G = torch.randn(m, d, device="cuda").to(dtype)
-                V = torch.randn(k, d, device="cuda")
+                G = torch.randn(m, d, device=device).to(dtype)
+                V = torch.randn(k, d, device=device)
                 Vc = V.to(dtype)
                 fns = {
                     "triton": lambda G=G, V=V: multi_dot_triton(G, V),
                     "reference": lambda G=G, V=V: multi_dot_reference(G, V),
                     "cuBLAS": lambda G=G, Vc=Vc: G @ Vc.T,  # V rounded to G's dtype
                 }
-                res = time_side_by_side(fns, rounds)
+                diff = rel_diff(fns["triton"](), fns["reference"]())
+                res = time_side_by_side(fns, rounds, device=device)
                 nbytes = m * d * size + k * d * 4
-                table.add("multi_dot k=2", f"m={m} d={d:.0e} {_short(dtype)}", res, nbytes, "GB/s")
+                problem = f"m={m} d={d:.0e} {_short(dtype)}"
+                meta = dict(m=m, d=d, dtype=_short(dtype))
+                table.add("multi_dot k=2", problem, res, nbytes, "GB/s", diff, **meta)
                 del G, V, Vc
 
 
-def bench_combine(table, rounds, ms_grid, ds, dtypes):
+def bench_combine(table, rounds, ms_grid, ds, dtypes, device="cuda"):
     from curvopt.kernels.combine import combine_reference, combine_triton
 
     for dtype in dtypes:
         for m in ms_grid:
             for d in ds:
                 size = torch.tensor([], dtype=dtype).element_size()
-                if not fits(m * d * size + 3 * d * 4):
+                if not fits(m * d * size + 3 * d * 4, device):
                     continue
-                G = torch.randn(m, d, device="cuda").to(dtype)
-                x = torch.randn(d, device="cuda")
-                c = torch.randn(m, device="cuda")
+                G = torch.randn(m, d, device=device).to(dtype)
+                x = torch.randn(d, device=device)
+                c = torch.randn(m, device=device)
                 cc, xc = c.to(dtype), x.to(dtype)
                 fns = {
                     "triton": lambda G=G, x=x, c=c: combine_triton(0.5, x, G, c),
                     "reference": lambda G=G, x=x, c=c: combine_reference(0.5, x, G, c),
                     "cuBLAS": lambda G=G, xc=xc, cc=cc: torch.addmv(xc, G.T, cc, beta=0.5),
                 }
-                res = time_side_by_side(fns, rounds)
+                diff = rel_diff(fns["triton"](), fns["reference"]())
+                res = time_side_by_side(fns, rounds, device=device)
                 nbytes = m * d * size + 2 * d * 4
-                table.add("combine", f"m={m} d={d:.0e} {_short(dtype)}", res, nbytes, "GB/s")
+                problem = f"m={m} d={d:.0e} {_short(dtype)}"
+                meta = dict(m=m, d=d, dtype=_short(dtype))
+                table.add("combine", problem, res, nbytes, "GB/s", diff, **meta)
                 del G, x, c, cc, xc
 
 
-def bench_gram_diag(table, rounds, cases):
+def bench_gram_diag(table, rounds, cases, device="cuda"):
     from curvopt.kernels.gram_diag import gram_diag_reference, gram_diag_triton
 
     for m, d, B, t_dtype in cases:
         nb = 1 if B is None else -(-d // B)
         t_size = torch.tensor([], dtype=t_dtype).element_size()
-        if not fits(m * d * 4 + 2 * m * d * t_size + nb * m * m * t_size):  # G, G.to(T), T G
+        if not fits(m * d * 4 + 2 * m * d * t_size + nb * m * m * t_size, device):  # G, T G
             continue
-        G = torch.randn(m, d, device="cuda")
-        T = torch.randn(nb, m, m, device="cuda", dtype=t_dtype) / m**0.5
+        G = torch.randn(m, d, device=device)
+        T = torch.randn(nb, m, m, device=device, dtype=t_dtype) / m**0.5
         fns = {
             "triton": lambda G=G, T=T, B=B: gram_diag_triton(G, T, B),
             "reference": lambda G=G, T=T, B=B: gram_diag_reference(G, T, B),
         }
         if B is None:  # materialize V = T G in one cuBLAS GEMM, then square and sum
             fns["cuBLAS"] = lambda G=G, T=T: (T[0] @ G.to(T.dtype)).square().sum(0)
-        res = time_side_by_side(fns, rounds)
+        diff = rel_diff(fns["triton"](), fns["reference"]())
+        res = time_side_by_side(fns, rounds, device=device)
         unit = "FP64" if t_dtype == torch.float64 else "FP32"
         blocks = "one block" if B is None else f"B={B}"
         problem = f"m={m} d={d:.0e} {blocks} T {_short(t_dtype)}"
-        table.add("gram_diag", problem, res, 2.0 * m * m * d, unit)
+        meta = dict(m=m, d=d, block_size=B, dtype=_short(t_dtype))
+        table.add("gram_diag", problem, res, 2.0 * m * m * d, unit, diff, **meta)
         del G, T
 
 
-def bench_softmax_curvature(table, rounds, cases):
+def bench_softmax_curvature(table, rounds, cases, device="cuda"):
     from curvopt.kernels.softmax_curvature import (
         softmax_curvature_reference,
         softmax_curvature_triton,
@@ -200,17 +266,19 @@ def bench_softmax_curvature(table, rounds, cases):
 
     for rows, C, dtype in cases:
         size = torch.tensor([], dtype=dtype).element_size()
-        if not fits(8 * rows * C * size):
+        if not fits(8 * rows * C * size, device):
             continue
-        z = torch.randn(rows, C, device="cuda").to(dtype)
-        u = torch.randn(rows, C, device="cuda").to(dtype)
+        z = torch.randn(rows, C, device=device).to(dtype)
+        u = torch.randn(rows, C, device=device).to(dtype)
         fns = {
             "triton": lambda z=z, u=u: softmax_curvature_triton(z, u),
             "reference": lambda z=z, u=u: softmax_curvature_reference(z, u),
         }
-        res = time_side_by_side(fns, rounds)
+        diff = rel_diff(fns["triton"](), fns["reference"]())
+        res = time_side_by_side(fns, rounds, device=device)
         problem = f"rows={rows} C={C} {_short(dtype)}"
-        table.add("softmax_curv", problem, res, 3 * rows * C * size, "GB/s")
+        meta = dict(rows=rows, classes=C, dtype=_short(dtype))
+        table.add("softmax_curv", problem, res, 3 * rows * C * size, "GB/s", diff, **meta)
         del z, u
 
 
@@ -250,7 +318,8 @@ def run_gpu(args):
     bench_softmax_curvature(table, args.rounds, sm_cases)
     table.print()
     print("GB/s counts the bytes that must move once (G, vectors, output); 'ours faster by' is")
-    print("that implementation's time divided by the Triton kernel's time (>1: Triton is faster).")
+    print("that implementation's time divided by the Triton kernel's time (>1: Triton is faster);")
+    print("'rel.diff' is the norm-wise difference of the Triton result from the reference's.")
     return 0
 
 

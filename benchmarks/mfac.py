@@ -62,12 +62,30 @@ def mem_available_gb():
     return 8.0
 
 
-def random_rows(m, d, gen):
-    """(m, d) float32 N(0, 1/d) rows (unit-scale gradients), filled in row chunks."""
-    G = torch.empty(m, d)
-    for s in range(0, m, 64):
-        G[s : s + 64] = torch.randn(min(64, m - s), d, generator=gen) / d**0.5
+def random_rows(m, d, gen=None, *, device="cpu", dtype=torch.float32):
+    """(m, d) N(0, 1/d) rows (unit-scale gradients) in ``dtype``, filled in row chunks.
+
+    ``gen`` is a generator on ``device`` (None: the default one); chunks of at most 64 rows and
+    2^28 entries keep the float32 temporaries small.
+    """
+    G = torch.empty(m, d, device=device, dtype=dtype)
+    step = max(1, min(64, (1 << 28) // d))
+    for s in range(0, m, step):
+        rows = torch.randn(min(step, m - s), d, generator=gen, device=device)
+        G[s : s + step] = rows.div_(d**0.5)
     return G
+
+
+def gram_float64(G, chunk_elements=1 << 28):
+    """``G G^T`` in float64, summed over column chunks of float32 products (no float32 copy of
+    a half-precision ``G``): the Gram of a window too large for a static M-FAC."""
+    m, d = G.shape
+    K = torch.zeros(m, m, dtype=torch.float64, device=G.device)
+    step = max(1, chunk_elements // m)
+    for s in range(0, d, step):
+        block = G[:, s : s + step].float()
+        K += (block @ block.T).double()
+    return K
 
 
 def fmt_ms(t):
@@ -84,9 +102,10 @@ def table(title, header, rows):
 
 
 def window_state(G, K, damp):
-    """A full float32 window over the buffer ``G`` (shared, not copied) with Gram ``K``."""
+    """A full window over the buffer ``G`` (shared, not copied; its dtype and device) with Gram
+    ``K`` (float64 ``m x m``)."""
     m, d = G.shape
-    w = SlidingWindowMFAC(d, m, damp)
+    w = SlidingWindowMFAC(d, m, damp, device=G.device, dtype=G.dtype)
     w.G = G
     w.K.copy_(K)
     w.count = m
@@ -106,6 +125,15 @@ def interleaved(fns, repeats):
     return [statistics.median(t) for t in times], outs
 
 
+def two_pass_floor(G, v, c):
+    """The memory-bandwidth floor of a window step: two plain passes over ``G``.
+
+    ``G @ v`` and ``G.T @ c`` (cuBLAS on a GPU), with ``v`` and ``c`` already in ``G``'s dtype.
+    """
+    G @ v  # one plain pass
+    return G.T @ c  # and another
+
+
 def bench_window(G, K, repeats, gen, rows, scale_rows):
     m, d = G.shape
     ours = window_state(G, K, DAMP)
@@ -117,8 +145,7 @@ def bench_window(G, K, repeats, gen, rows, scale_rows):
     v, c = torch.randn(d, generator=gen), torch.randn(m, generator=gen)
 
     def floor():
-        G @ v  # one plain pass
-        return G.T @ c  # and another
+        return two_pass_floor(G, v, c)
 
     # Agreement on the first step (both write slot 0). Afterwards both objects keep writing into
     # the shared buffer at their own ring positions: fine for timing, not for comparing results.

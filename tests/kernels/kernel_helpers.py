@@ -32,9 +32,12 @@ def assert_close_scaled(actual, expected, scale, *, out_dtype, acc_dtype, n):
     """
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert actual.dtype == out_dtype, (actual.dtype, out_dtype)
-    err = (actual.double().cpu() - expected.double().cpu()).abs()
+    # Compared on actual's device (a GPU result need not come back to the CPU in full).
+    expected = expected.to(actual.device, torch.float64)
+    scale = scale.to(actual.device, torch.float64)
+    err = (actual.double() - expected).abs()
     # Output rounding, relative for normal numbers and absolute for subnormals (float16).
-    bound = 2 * EPS[out_dtype] * (expected.double().cpu().abs() + torch.finfo(out_dtype).tiny)
-    bound += 8 * math.sqrt(max(n, 1)) * EPS[acc_dtype] * scale.double().cpu() + 1e-30
+    bound = 2 * EPS[out_dtype] * (expected.abs() + torch.finfo(out_dtype).tiny)
+    bound += 8 * math.sqrt(max(n, 1)) * EPS[acc_dtype] * scale + 1e-30
     worst = (err / bound).max().item() if err.numel() else 0.0
     assert worst <= 1.0, f"error {worst:.3g} x the bound (max abs error {err.max().item():.3g})"
