@@ -58,17 +58,18 @@ def print_table(document: Mapping[str, Any], console: Any = None) -> None:
             when stdout is not a terminal).
     """
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     if console is None:
         console = Console()
         if not console.is_terminal:  # files and pipes: wide enough for every column
             console = Console(width=max(console.width, 120))
-    table = Table(title=_title(document), title_justify="left")
+    table = Table(title=escape(_title(document)), title_justify="left")
     for i, (_, title, _) in enumerate(TABLE_COLUMNS):
-        table.add_column(title, justify="left" if i == 0 else "right", no_wrap=i == 0)
-    for row in table_rows(document):
-        table.add_row(*row)
+        table.add_column(escape(title), justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in table_rows(document):  # plain text: "[s]" or an error's "[...]" is not markup
+        table.add_row(*(escape(cell) for cell in row))
     console.print(table)
 
 
