@@ -175,5 +175,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}")
     failed = [r for r in document["results"] if r["error"]]
     for r in failed:
-        print(f"warning: {r['method']} failed: {r['error']}", file=sys.stderr)
-    return 0
+        print(f"error: {r['method']} failed: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 from torch import Tensor
@@ -19,7 +20,42 @@ def check_damp(damp: object, name: str = "damp") -> float:
     value = float(damp)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{name} must be a finite number > 0, got {damp}")
+    if value**2 == 0.0 or not math.isfinite(1.0 / value**2):  # the Woodbury form uses 1/lam^2
+        raise ValueError(
+            f"{name}={damp} is too small: M-FAC scales by 1/{name}^2, which overflows float64 "
+            f"below {name} ~ 1e-154; use a damping well above lambda_max(F) * 1e-16"
+        )
     return value
+
+
+def conditioning_estimate(k_norm: float | Tensor, m: int, damp: float) -> float | Tensor:
+    """Upper estimate of ``lambda_max(F) / damp`` for ``F = damp I + G^T G / m``.
+
+    ``k_norm`` is ``||K||_inf = max_i sum_j |K_ij|`` of ``K = G G^T``. Since
+    ``lambda_max(G^T G) = lambda_max(K) <= ||K||_inf``, ``1 + ||K||_inf / (m damp)`` bounds the
+    ratio from above; the bound is tight when the gradients share a direction and within a small
+    factor for unrelated ones (about 1.2x for 16 Gaussian rows of length 2000).
+    """
+    return 1.0 + k_norm / (m * damp)
+
+
+def warn_if_ill_conditioned(ratio: float, acc: torch.dtype, where: str) -> None:
+    """Warn when ``lambda_max(F)/damp`` (estimated) reaches ``1/eps`` of the products' dtype.
+
+    The Woodbury form ``x/lam - G^T A^{-1} G x / lam^2`` subtracts terms that are ``ratio``
+    times larger than the result, so its relative error is about ``eps * ratio``: past
+    ``1/eps`` no digit is left (the results are noise, e.g. 0 or 1e13 instead of 1e-8).
+    """
+    limit = 1.0 / torch.finfo(acc).eps
+    if not ratio < limit:
+        hint = "" if acc == torch.float64 else " or pass accumulate_dtype=torch.float64"
+        warnings.warn(
+            f"{where}: lambda_max(F)/damp is estimated at up to {ratio:.3g} (from "
+            f"||G G^T||_inf/(m damp)), past 1/eps = {limit:.3g} of the {acc} products: the "
+            f"M-FAC products lose every digit to cancellation; increase damp{hint}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def check_positive_int(value: object, name: str) -> int:

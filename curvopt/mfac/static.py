@@ -13,8 +13,10 @@ from ._validation import (
     check_operand,
     check_positive_int,
     check_storage_dtype,
+    conditioning_estimate,
     finite_flag,
     resolve_accumulate_dtype,
+    warn_if_ill_conditioned,
 )
 
 
@@ -44,6 +46,12 @@ class StaticMFAC:
             float64 removes most of the cancellation at small ``damp`` (see the guide);
             default float64 for float64 ``grads``, float32 otherwise. The m x m algebra is
             always float64.
+
+    Warns:
+        RuntimeWarning: When ``lambda_max(F)/damp``, estimated from above by
+            ``1 + max_b ||K_b||_inf / (m damp)``, reaches ``1/eps`` of the accumulation dtype: the
+            Woodbury products then cancel to noise. ``damp`` so small that ``1/damp^2``
+            overflows float64 (below about 1e-154) raises ``ValueError``.
 
     Attributes:
         G: The gradients, ``(m, d)``.
@@ -95,6 +103,8 @@ class StaticMFAC:
         self._layout = P.BlockLayout(self.dim, block_size)
         self.block_size = self._layout.block_size
         self.K = P.block_gram(grads, self._layout, self._acc)
+        self._k_norm = float(self.K.abs().sum(-1).max())  # ||K_b||_inf >= lambda_max(K_b)
+        self._check_conditioning(self._damp)
         self._L = cholesky(self.K, self.m, self._damp)
         self._eig: tuple[Tensor, Tensor] | None = None
         self._diag: Tensor | None = None
@@ -103,6 +113,11 @@ class StaticMFAC:
     def damp(self) -> float:
         """The damping ``lam`` of ``F = lam I + G^T G / m``."""
         return self._damp
+
+    def _check_conditioning(self, damp: float) -> None:
+        """Warn if ``lambda_max(F)/damp`` (upper estimate) is past ``1/eps`` of the products."""
+        ratio = conditioning_estimate(self._k_norm, self.m, damp)
+        warn_if_ill_conditioned(ratio, self._acc, f"StaticMFAC(damp={damp:g})")
 
     @property
     def num_blocks(self) -> int:
@@ -147,6 +162,8 @@ class StaticMFAC:
         """
         X = check_operand(x, self.dim, self.G.device)
         lam = self._damp if damp is None else check_damp(damp)
+        if lam != self._damp:
+            self._check_conditioning(lam)
         dots = P.block_dots(self.G, self._layout, X, self._acc).to(torch.float64)
         C = self._solve(dots, lam).mul_(-1.0 / lam**2).to(self._acc)
         Y = P.block_combine(1.0 / lam, X, self.G, self._layout, C)
@@ -165,12 +182,19 @@ class StaticMFAC:
         return torch.linalg.solve_triangular(self._L, eye.expand_as(self._L), upper=False)
 
     def inverse_diagonal(self) -> Tensor:
-        """Diagonal of ``F^{-1}``: ``1/lam - ||L_b^{-1} G_b e_j||^2 / lam^2``; ``(d,)``.
+        """Diagonal of ``F^{-1}``, ``(d,)`` in the accumulation dtype; computed once and cached.
 
-        Computed once (one GEMM-sized pass, ``O(m^2 d)``) and cached. Returned in the
-        accumulation dtype. At small ``damp`` with ``d <= m`` the difference cancels; use
-        ``accumulate_dtype=torch.float64`` there.
+        * Blocks wider than ``m``: ``1/lam - ||L_b^{-1} G_b e_j||^2 / lam^2`` (Woodbury; one
+          GEMM-sized pass, ``O(m^2 d)``). At small ``damp`` the difference cancels; use
+          ``accumulate_dtype=torch.float64`` there.
+        * Blocks of width ``B <= m`` (including ``d <= m`` unblocked): from the Cholesky factor of
+          the ``B x B`` block ``F_b = lam I + G_b^T G_b / m`` itself, in float64,
+          ``[F_b^{-1}]_jj = ||R_b^{-1} e_j||^2`` with ``F_b = R_b R_b^T``: a sum of positive terms,
+          accurate to a few ulps at any ``damp`` (``O(m B d)``).
         """
+        if self._diag is None and self.block_size <= self.m:
+            diag = P.small_block_inverse_diagonal(self.G, self._layout, self._damp)
+            self._diag = diag.to(self._acc)
         if self._diag is None:
             T = self._inverse_factor().to(self._acc)
             s = P.block_gram_diag(self.G, self._layout, T)

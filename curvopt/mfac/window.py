@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -14,8 +15,10 @@ from ._validation import (
     check_operand,
     check_positive_int,
     check_storage_dtype,
+    conditioning_estimate,
     finite_flag,
     resolve_accumulate_dtype,
+    warn_if_ill_conditioned,
 )
 
 NONFINITE_MODES = ("raise", "skip", "ignore")
@@ -59,6 +62,15 @@ class SlidingWindowMFAC:
             Cholesky solve. Default: on with float64 accumulation, off with float32 (whose own
             error, about ``eps32 * R``, dominates while ``R < 1e8``).
 
+    Warns:
+        RuntimeWarning: When ``R = lambda_max(F)/damp``, estimated from above by
+            ``1 + ||K||_inf/(m damp)`` at each refresh (kept in :attr:`conditioning`, no host
+            synchronization), reaches ``1/eps`` of the accumulation dtype: the products then
+            cancel to noise. Checked by :meth:`check_conditioning`, which ``add``/``add_and_ihvp``
+            call after a refresh with ``on_nonfinite="raise"`` (a mode that synchronizes anyway),
+            and by :meth:`ihvp` with another ``damp``. ``damp`` so small that ``1/damp^2``
+            overflows float64 (below about 1e-154) raises ``ValueError``.
+
     Attributes:
         G: The ``(m, d)`` ring buffer.
         K: ``(m, m)`` float64 Gram matrix of the buffer.
@@ -69,6 +81,10 @@ class SlidingWindowMFAC:
         nonfinite_count: 0-dim int64 tensor, gradients skipped as non-finite.
         last_drift: 0-dim float64 tensor, max-norm relative difference between the updated and
             the freshly computed ``A^{-1}`` at the last refresh (no host synchronization).
+        conditioning: 0-dim float64 tensor, the upper estimate ``1 + ||K||_inf/(m damp)`` of
+            ``lambda_max(F)/damp`` at the last refresh (1 before any).
+        inverse_conditioning: 0-dim float64 tensor, ``(max_i L_ii / min_i L_ii)^2`` of the
+            Cholesky factor of ``A`` at the last refresh, a lower estimate of ``cond(A)``.
 
     Example:
         >>> window = SlidingWindowMFAC(dim=10, m=4, damp=1e-3)
@@ -106,6 +122,8 @@ class SlidingWindowMFAC:
         self.K = torch.zeros(self.m, self.m, dtype=torch.float64, device=device)
         self.Ainv = torch.eye(self.m, dtype=torch.float64, device=device) / self.m
         self.last_drift = torch.zeros((), dtype=torch.float64, device=device)
+        self.conditioning = torch.ones((), dtype=torch.float64, device=device)
+        self.inverse_conditioning = torch.ones((), dtype=torch.float64, device=device)
         self.last_finite = torch.ones((), dtype=torch.bool, device=device)
         self.nonfinite_count = torch.zeros((), dtype=torch.long, device=device)
         self.count = 0
@@ -148,6 +166,8 @@ class SlidingWindowMFAC:
         self.K.zero_()
         self.Ainv.copy_(torch.eye(self.m, dtype=torch.float64, device=self.device) / self.m)
         self.last_drift.zero_()
+        self.conditioning.fill_(1.0)
+        self.inverse_conditioning.fill_(1.0)
         self.last_finite.fill_(True)
         self.nonfinite_count.zero_()
         self.count = 0
@@ -159,12 +179,45 @@ class SlidingWindowMFAC:
         self._since_refresh = 0
         if n == 0:
             return
+        k_norm = self.K[:n, :n].abs().sum(-1).max()
+        self.conditioning.copy_(conditioning_estimate(k_norm, self.m, self._damp))
         L = cholesky(self.K[:n, :n], self.m, self._damp, check=False)
+        diag = L.diagonal()
+        self.inverse_conditioning.copy_((diag.max() / diag.min()).square())
         fresh = torch.cholesky_inverse(L)
         sub = self.Ainv[:n, :n]
         drift = (sub - fresh).abs().max() / fresh.abs().max()
         self.last_drift.copy_(drift)
         sub.copy_(fresh)
+
+    @property
+    def refreshed(self) -> bool:
+        """Whether the last insertion (or call of :meth:`refresh`) recomputed ``A^{-1}``."""
+        return self._since_refresh == 0
+
+    def check_conditioning(self) -> None:
+        """Warn if the products or the ``m x m`` solve have lost every digit (one host sync).
+
+        Two conditions, each with its number in the message: :attr:`conditioning` ``R`` past
+        ``1/eps`` of the accumulation dtype (the cancellation of the Woodbury form), or
+        ``eps64 * cond(A) * R`` past ``1e6`` with ``cond(A)`` from :attr:`inverse_conditioning`:
+        the explicit inverse of ``A`` (refined once) then fails. That happens when the window's
+        gradients are (nearly) linearly dependent, e.g. ``d < m``: ``cond(A)`` grows like ``R``
+        instead of staying near ``cond(K)`` (measured: ``benchmarks/mfac.py --accuracy``).
+        """
+        where = f"SlidingWindowMFAC(damp={self._damp:g})"
+        ratio, cond_a = float(self.conditioning), float(self.inverse_conditioning)
+        warn_if_ill_conditioned(ratio, self._acc, where)
+        product = torch.finfo(torch.float64).eps * cond_a * ratio
+        if ratio < 1.0 / torch.finfo(self._acc).eps and not product < 1e6:
+            warnings.warn(
+                f"{where}: the m x m system is too ill-conditioned for the explicit inverse: "
+                f"cond(A) >= {cond_a:.3g} with lambda_max(F)/damp up to {ratio:.3g} "
+                f"(eps64 * cond(A) * R = {product:.3g} > 1e6); the gradients in the window are "
+                "nearly linearly dependent: increase damp",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: buffer, Gram, inverse, counters, settings."""
@@ -182,12 +235,18 @@ class SlidingWindowMFAC:
             "K": self.K.clone(),
             "Ainv": self.Ainv.clone(),
             "last_drift": self.last_drift.clone(),
+            "conditioning": self.conditioning.clone(),
+            "inverse_conditioning": self.inverse_conditioning.clone(),
             "last_finite": self.last_finite.clone(),
             "nonfinite_count": self.nonfinite_count.clone(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (the window must have the same ``dim``, ``m`` and dtype)."""
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise if :meth:`load_state_dict` would fail on ``state``; change nothing.
+
+        Checks the keys, ``dim``, ``m``, the storage dtype, the shapes of the tensors, the damping
+        and the counters, so a caller can validate every part of a larger state before loading any.
+        """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
         missing = {"dim", "m", "damp", "count", "G", "K", "Ainv"} - set(state)
@@ -198,14 +257,32 @@ class SlidingWindowMFAC:
                 f"state is for dim={state['dim']}, m={state['m']} but this window has "
                 f"dim={self.dim}, m={self.m}"
             )
+        shapes = {"G": (self.m, self.dim), "K": (self.m, self.m), "Ainv": (self.m, self.m)}
+        shapes.update(last_drift=(), last_finite=(), nonfinite_count=())
+        shapes.update(conditioning=(), inverse_conditioning=())
+        for key, shape in shapes.items():
+            if key in state and not (
+                isinstance(state[key], Tensor) and tuple(state[key].shape) == shape
+            ):
+                got = getattr(state[key], "shape", type(state[key]).__name__)
+                raise ValueError(f"state[{key!r}] must be a tensor of shape {shape}, got {got}")
         if state["G"].dtype != self.dtype:
             raise TypeError(
                 f"state holds G in {state['G'].dtype} but this window stores {self.dtype}"
             )
-        self._damp = check_damp(state["damp"])
-        self.refresh_every = check_positive_int(
-            state.get("refresh_every", self.refresh_every), "refresh_every"
-        )
+        check_damp(state["damp"])
+        check_positive_int(state.get("refresh_every", self.refresh_every), "refresh_every")
+        resolve_accumulate_dtype(state.get("accumulate_dtype"), self.dtype)
+        for key in ("count", "since_refresh"):
+            value = state.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (same ``dim``, ``m``, dtype); on error nothing changes."""
+        self.check_state(state)
+        self._damp = float(state["damp"])
+        self.refresh_every = int(state.get("refresh_every", self.refresh_every))
         self._acc = resolve_accumulate_dtype(state.get("accumulate_dtype"), self.dtype)
         self.refine = bool(state.get("refine", self.refine))
         self.count = int(state["count"])
@@ -213,7 +290,8 @@ class SlidingWindowMFAC:
         self.G.copy_(state["G"])
         self.K.copy_(state["K"])
         self.Ainv.copy_(state["Ainv"])
-        for key in ("last_drift", "last_finite", "nonfinite_count"):
+        optional = ("last_drift", "last_finite", "nonfinite_count", "conditioning")
+        for key in (*optional, "inverse_conditioning"):
             if key in state:
                 getattr(self, key).copy_(state[key])
 
@@ -279,6 +357,8 @@ class SlidingWindowMFAC:
         coef = replace_row_inverse(sub, r, k_new / lam, self.m + k_new[r] / lam, rhs)
         if self._since_refresh >= self.refresh_every:
             self.refresh()
+            if on_nonfinite == "raise":
+                self.check_conditioning()
             coef = None if rhs is None else symmetric_matmul(sub, rhs)
         if rhs is None or not self.refine:
             return coef
@@ -367,6 +447,9 @@ class SlidingWindowMFAC:
             if self.refine:
                 coef = self._refine(coef, dots, n)
         else:
+            k_norm = float(self.K[:n, :n].abs().sum(-1).max())
+            ratio = conditioning_estimate(k_norm, self.m, lam)
+            warn_if_ill_conditioned(ratio, self._acc, f"SlidingWindowMFAC.ihvp(damp={lam:g})")
             coef = torch.cholesky_solve(dots, cholesky(self.K[:n, :n], self.m, lam))
         return self._finish(x, X, coef, n, lam)
 

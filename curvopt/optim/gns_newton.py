@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from curvopt.optim._state_checks import check_optimizer_state
 from curvopt.optim.linear_solve import conjugate_gradient, damped_cholesky_solve
 from curvopt.utils.params import flat_grad, flatten, unflatten
 
@@ -62,7 +63,8 @@ class GNSNewton(Optimizer):
     **Closure calls per step.** Each trial that produces a point evaluates the closure once at that
     point (loss and gradient at ``x+``). The evaluation at the current point ``x`` costs one more
     call, except when ``reuse_evaluation=True`` (default) and the parameters have not been changed
-    since the previous step ended (checked through the tensors' version counters): then the loss and
+    since the previous step ended (checked through the tensors' version counters and by comparing
+    the values, so ``p.data`` writes and ``vector_to_parameters`` are seen too): then the loss and
     gradient from the accepted trial are reused. So a step with ``T`` trials calls the closure
     ``T`` times (``T + 1`` on the first step, after an external change of the parameters, or with
     ``reuse_evaluation=False``). A trial whose system ``H + lambda I`` is found not positive
@@ -78,6 +80,11 @@ class GNSNewton(Optimizer):
     (default, the behaviour of the authors' code) moves to the last trial point if its loss is
     finite, and otherwise stays at ``x``; ``on_exhausted="stay"`` always stays at ``x``. ``gamma``
     keeps its halved value. ``state["gns"]["exhausted"]`` counts these events.
+
+    **Non-finite curvature.** If the curvature (or its solve) yields NaN/Inf, :meth:`step` raises
+    ``ValueError`` and leaves the parameters, ``gamma`` and the counters as they were (a broken
+    ``H`` is not a reason to shrink the radius). Parameters must be real floating-point tensors
+    with dense gradients (``TypeError`` otherwise).
 
     **Curvature** ``H``, rebuilt at every outer step for the current parameters:
 
@@ -221,6 +228,12 @@ class GNSNewton(Optimizer):
                 "GNSNewton treats all parameters as one vector: pass a single parameter group"
             )
         ps = self._params
+        for p in ps:
+            if not p.is_floating_point():
+                raise TypeError(
+                    f"GNSNewton needs real floating-point parameters, got {p.dtype} (for complex "
+                    "parameters optimize torch.view_as_real(p) instead)"
+                )
         if len({(p.dtype, p.device) for p in ps}) != 1:
             raise ValueError("all parameters of GNSNewton must share one dtype and one device")
         self._curvature = curvature
@@ -228,7 +241,7 @@ class GNSNewton(Optimizer):
         self._model_func, self._loss_func, self._data = model_func, loss_func, data
         self._generator = torch.Generator(device=ps[0].device).manual_seed(seed)
         self._window = None  # SlidingWindowMFAC for curvature="mfac", built on first use
-        self._cache: tuple[float, Tensor, list[int]] | None = None
+        self._cache: tuple[float, Tensor, list[int], Tensor] | None = None
         self.state[_STATE_KEY] = dict(
             gamma=float(gamma0), steps=0, trials=0, closure_calls=0, exhausted=0, last_trials=0
         )
@@ -265,10 +278,25 @@ class GNSNewton(Optimizer):
                 "after the closure no parameter has a gradient: the closure must call "
                 "loss.backward()"
             )
+        if any(p.grad is not None and p.grad.layout != torch.strided for p in self._params):
+            raise TypeError(
+                "GNSNewton needs dense gradients; a parameter got a sparse gradient (e.g. from "
+                "nn.Embedding(sparse=True)): use sparse=False"
+            )
         return float(loss), flat_grad(self._params).detach().clone()
 
     def _versions(self) -> list[int]:
         return [p._version for p in self._params]
+
+    def _remember(self, loss: float, g: Tensor) -> None:
+        """Cache the evaluation at the current parameters (reused if they are left unchanged)."""
+        x = flatten([p.detach() for p in self._params]).clone()
+        self._cache = (loss, g, self._versions(), x)
+
+    def _cache_is_current(self) -> bool:
+        if self._cache is None or self._cache[2] != self._versions():
+            return False
+        return torch.equal(self._cache[3], flatten([p.detach() for p in self._params]))
 
     def _write(self, x: Tensor) -> None:
         for p, v in zip(self._params, unflatten(x, self._params)):
@@ -341,6 +369,8 @@ class GNSNewton(Optimizer):
             shape = tuple(H.shape) if isinstance(H, Tensor) else type(H).__name__
             raise ValueError(f"the curvature must be a ({d}, {d}) matrix, got {shape}")
         H = H.to(dtype=g.dtype, device=g.device)
+        if not bool(torch.isfinite(H).all()):
+            raise ValueError("the curvature matrix contains NaN/Inf entries")
         return 0.5 * (H + H.T)
 
     def _make_preconditioner(self, op: Any, g: Tensor):
@@ -373,11 +403,7 @@ class GNSNewton(Optimizer):
         group = self.param_groups[0]
         st = self.state[_STATE_KEY]
         params = self._params
-        if (
-            group["reuse_evaluation"]
-            and self._cache is not None
-            and self._cache[2] == self._versions()
-        ):
+        if group["reuse_evaluation"] and self._cache_is_current():
             loss, g = self._cache[0], self._cache[1]
         else:
             loss, g = self._evaluate(closure)
@@ -385,14 +411,19 @@ class GNSNewton(Optimizer):
             raise ValueError("the loss or gradient at the current point is NaN/Inf")
         x = flatten([p.detach() for p in params]).clone()
         g_norm = float(torch.linalg.vector_norm(g))
+        before = dict(st)
         st["steps"] += 1
         st["last_trials"] = 0
         result = torch.tensor(loss, dtype=torch.float64)
         if g_norm <= group["grad_tol"]:
-            self._cache = (loss, g, self._versions())
+            self._remember(loss, g)
             return result
 
-        solve = self._make_solver(g)
+        try:
+            solve = self._make_solver(g)
+        except Exception:
+            self.state[_STATE_KEY] = before
+            raise
         gamma = st["gamma"]
         last: tuple[float, Tensor] | None = None
         dx: Tensor | None = None
@@ -402,7 +433,16 @@ class GNSNewton(Optimizer):
             st["last_trials"] += 1
             lam = g_norm / gamma
             dx_new = solve(lam, dx)
-            if dx_new is None or not bool(torch.isfinite(dx_new).all()):
+            if dx_new is not None and not bool(torch.isfinite(dx_new).all()):
+                self._write(x)
+                self.state[_STATE_KEY] = before
+                self._cache = None
+                raise ValueError(
+                    f"GNSNewton.step: the curvature solve at lambda={lam:.3g} gave NaN/Inf (the "
+                    "curvature or its products contain non-finite values); the parameters, gamma "
+                    "and the counters were left unchanged"
+                )
+            if dx_new is None:
                 gamma /= 2
                 last = None
                 continue
@@ -430,7 +470,7 @@ class GNSNewton(Optimizer):
                 self._write(x)
                 last = (loss, g)
         assert last is not None
-        self._cache = (last[0], last[1], self._versions())
+        self._remember(last[0], last[1])
         return result
 
     # -- state --------------------------------------------------------------------------------
@@ -444,19 +484,38 @@ class GNSNewton(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state from :meth:`state_dict`; the cached evaluation is dropped."""
+        """Load a state from :meth:`state_dict`; the cached evaluation is dropped.
+
+        Everything is validated before anything is loaded: on error the optimizer is unchanged.
+        """
+        from curvopt.mfac import SlidingWindowMFAC
+
+        check_optimizer_state(self, state_dict)
         state_dict = dict(state_dict)
         state_dict["state"] = dict(state_dict["state"])
         window_state = state_dict["state"].pop("gns_mfac_window", None)
+        gns = state_dict["state"].get(_STATE_KEY)
+        needed = set(self.state[_STATE_KEY])
+        if not isinstance(gns, dict) or not needed <= set(gns):
+            raise ValueError(
+                f"state_dict['state'][{_STATE_KEY!r}] must be a dict with {sorted(needed)}: the "
+                "state was not saved by GNSNewton"
+            )
+        gamma = gns["gamma"]
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"the saved gamma must be a positive finite number, got {gamma!r}")
+        group = state_dict["param_groups"][0]
+        missing = set(self.defaults) - set(group)
+        if missing:
+            raise ValueError(f"the saved parameter group lacks {sorted(missing)}")
+        window = None
+        if window_state is not None:
+            g = flatten([p.detach() for p in self._params])
+            window = SlidingWindowMFAC(
+                g.numel(), group["mfac_m"], group["mfac_damp"], device=g.device, dtype=g.dtype
+            )
+            window.load_state_dict(window_state)  # validates before this optimizer changes
         super().load_state_dict(state_dict)
         self.state[_STATE_KEY] = dict(self.state[_STATE_KEY])
         self._cache = None
-        if window_state is not None:
-            g = flatten([p.detach() for p in self._params])
-            from curvopt.mfac import SlidingWindowMFAC
-
-            group = self.param_groups[0]
-            self._window = SlidingWindowMFAC(
-                g.numel(), group["mfac_m"], group["mfac_damp"], device=g.device, dtype=g.dtype
-            )
-            self._window.load_state_dict(window_state)
+        self._window = window

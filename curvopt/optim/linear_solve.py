@@ -108,8 +108,10 @@ def fixed_iteration_cg(
 ) -> Tensor:
     """Solve ``A x = b`` for a symmetric positive definite ``A`` given only ``v -> A v``.
 
-    Starts at ``x = 0`` and stops after ``max_iter`` iterations or when ``‖r‖² < tol``. The
-    stopping test is evaluated without a host sync by freezing the iterate once converged (so the
+    Starts at ``x = 0`` and stops after ``max_iter`` iterations or when ``‖r‖² <= tol · ‖b‖²``
+    (relative, so the iterates scale with ``b``: ``x(c b) = c x(b)``), or when ``‖r‖²`` falls
+    below the smallest normal number of the dtype (the absolute floor). The stopping test is
+    evaluated without a host sync by freezing the iterate once converged (so the
     loop always runs ``max_iter`` products). This is the TRPO/NPG recipe (10 iterations); unlike
     :func:`conjugate_gradient` it never reads a value on the host, so it can run inside CUDA graphs,
     but it neither preconditions nor detects an indefinite ``A``.
@@ -125,8 +127,9 @@ def fixed_iteration_cg(
     r = b.clone()
     p = b.clone()
     rr = r @ r
+    threshold = torch.clamp_min(tol * rr, torch.finfo(b.dtype).tiny)
     for _ in range(max_iter):
-        active = rr > tol
+        active = rr > threshold
         ap = matvec(p)
         pap = p @ ap
         alpha = torch.where(active, rr / torch.where(pap > 0, pap, torch.ones_like(pap)), 0.0)

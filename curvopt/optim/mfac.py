@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvopt.mfac import SlidingWindowMFAC
-from curvopt.utils.params import num_elements
+from curvopt.optim._state_checks import check_optimizer_state
+from curvopt.utils.params import num_elements, trainable
 
 _WINDOW_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _STATE_KEY = "mfac_window"
@@ -52,6 +53,9 @@ class MFAC(Optimizer):
        ``u = F^{-1} g`` is computed for the updated window.
     3. Momentum (heavy ball on the preconditioned direction, like ``torch.optim.SGD`` with
        ``dampening=0``): ``b <- momentum * b + u`` (``b = u`` on the first step), ``u <- b``.
+       The authors' reference optimizer averages instead, ``v <- momentum * v + (1 - momentum) u``
+       from ``v = 0``, so ``v = (1 - momentum) b`` at every step: its trajectory is ours with
+       ``lr = (1 - momentum) * lr_ref``.
     4. Decoupled weight decay (``decoupled_weight_decay=True``, AdamW style; the window sees the raw
        gradient): ``w <- w * (1 - lr * wd)``.
     5. ``w <- w - lr * u``.
@@ -67,16 +71,25 @@ class MFAC(Optimizer):
     and are not updated (no decay, their momentum buffer is untouched). A step where no parameter
     has a gradient does nothing and leaves the window unchanged.
 
+    **Frozen parameters** (``requires_grad=False`` at construction) are left out of the window
+    (``d`` counts only trainable ones, so a frozen backbone costs no window memory) and are never
+    updated. Changing ``requires_grad`` after construction is an error at the next step.
+
     **Non-finite gradients** (checked after coupled weight decay) never enter the window:
 
     * ``nonfinite="raise"`` (default): raise ``ValueError`` and change nothing. Reading the check's
-      result costs one host-device synchronization per step (the only one).
-    * ``nonfinite="skip"``: no synchronization. The step is masked on the device: parameters and
-      momentum buffers are left as they are, and the window re-inserts the gradient it would have
-      evicted instead (so ``F`` is unchanged); :attr:`skipped_steps` counts these steps.
+      result costs one host-device synchronization per step.
+    * ``nonfinite="skip"``: no per-step synchronization. The step is masked on the device:
+      parameters and momentum buffers are left as they are, and the window re-inserts the gradient
+      it would have evicted instead (so ``F`` is unchanged); :attr:`skipped_steps` counts these
+      steps.
 
-    No ``.item()``/``.cpu()`` is called in :meth:`step` (with ``nonfinite="skip"`` it has no host
-    synchronization at all). All parameters must share one dtype and device.
+    No ``.item()``/``.cpu()`` is called in :meth:`step`; with ``nonfinite="skip"`` it has no
+    host synchronization at all. With ``"raise"``, every ``m`` steps (when the window refreshes
+    its inverse) one more reads the window's conditioning estimate and raises a
+    ``RuntimeWarning`` if ``damp`` is so small that the products are noise (with ``"skip"``, read
+    ``opt.window.conditioning`` or call ``opt.window.check_conditioning()`` yourself). All
+    parameters must share one dtype and device.
 
     **Memory.** ``m * d * bytes(window_dtype)`` for the window plus ``O(m^2)`` float64 and one
     ``d``-vector per parameter with momentum: see :meth:`memory_bytes`.
@@ -136,7 +149,12 @@ class MFAC(Optimizer):
         self._m, self._damp, self._nonfinite = m, float(damp), nonfinite
         self._window: SlidingWindowMFAC | None = None
         super().__init__(params, defaults)
-        ps = self._all_params()
+        ps = trainable(self._all_params())
+        if not ps:
+            raise ValueError(
+                "MFAC got no parameter with requires_grad=True: nothing to optimize (frozen "
+                "parameters are left out of the window)"
+            )
         if len({(p.dtype, p.device) for p in ps}) != 1:
             raise ValueError("all parameters of MFAC must share one dtype and one device")
         if not ps[0].is_floating_point():
@@ -195,7 +213,7 @@ class MFAC(Optimizer):
         for group in self.param_groups:
             wd = group["weight_decay"]
             coupled = wd != 0 and not group["decoupled_weight_decay"]
-            for p in group["params"]:
+            for p in trainable(group["params"]):
                 if p.grad is None:
                     parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
                     continue
@@ -204,6 +222,12 @@ class MFAC(Optimizer):
                 any_grad = True
                 g = p.grad.add(p, alpha=wd) if coupled else p.grad
                 parts.append(g.reshape(-1))
+        if sum(part.numel() for part in parts) != self.window.dim:
+            raise ValueError(
+                f"MFAC's window spans the {self.window.dim} entries of the parameters that had "
+                "requires_grad=True at construction; requires_grad was changed since. Build a "
+                "new optimizer for the new set of trainable parameters"
+            )
         return torch.cat(parts) if any_grad else None
 
     @torch.no_grad()
@@ -238,11 +262,13 @@ class MFAC(Optimizer):
             self._skipped.add_((~ok).to(self._skipped.dtype))
             mask = ok.to(g.dtype)
         u = window.add_and_ihvp(g, on_nonfinite="ignore")  # checked above
+        if self._nonfinite == "raise" and window.refreshed:
+            window.check_conditioning()  # once per refresh, in the mode that synchronizes anyway
         offset = 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             wd, decoupled = group["weight_decay"], group["decoupled_weight_decay"]
-            for p in group["params"]:
+            for p in trainable(group["params"]):
                 n = p.numel()
                 u_p = u[offset : offset + n].view_as(p)
                 offset += n
@@ -280,12 +306,25 @@ class MFAC(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`; the window must have the same ``m``, ``d`` and dtype."""
+        """Load a :meth:`state_dict`; the window must have the same ``m``, ``d`` and dtype.
+
+        Everything is validated before anything is loaded: on error the optimizer is unchanged.
+        """
+        check_optimizer_state(self, state_dict, ["momentum_buffer"])
         state_dict = dict(state_dict)
         state_dict["state"] = dict(state_dict["state"])
         saved = state_dict["state"].pop(_STATE_KEY, None)
-        if saved is None:
+        if not isinstance(saved, dict) or "window" not in saved:
             raise ValueError("state_dict has no 'mfac_window' entry: it was not saved by MFAC")
+        self.window.check_state(saved["window"])
+        skipped = saved.get("skipped")
+        if not (isinstance(skipped, Tensor) and skipped.numel() == 1):
+            raise ValueError("the saved MFAC skipped-step counter must be a 1-element tensor")
+        for i, group in enumerate(state_dict["param_groups"]):
+            missing = {"lr", "momentum", "weight_decay", "decoupled_weight_decay"} - set(group)
+            if missing:
+                raise ValueError(f"parameter group {i} of state_dict lacks {sorted(missing)}")
+            _check_group_hyperparameters(group)
         super().load_state_dict(state_dict)
         self.window.load_state_dict(saved["window"])
-        self._skipped.copy_(saved["skipped"])
+        self._skipped.copy_(skipped.reshape(()))

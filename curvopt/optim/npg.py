@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from curvopt.optim._state_checks import check_optimizer_state
 from curvopt.optim.linear_solve import fixed_iteration_cg
 from curvopt.rl.sampler import PolicyGradientSampler
 from curvopt.rl.surrogates import (
@@ -57,7 +58,9 @@ class NPG(Optimizer):
         damping: ``c ≥ 0`` added to the Fisher (for ``"mfac"`` the M-FAC ``damp``, must be > 0).
         solver: ``"cg"`` (Fisher-vector products) or ``"mfac"`` (Woodbury over trajectory scores).
         cg_iters: Conjugate-gradient iterations.
-        cg_tol: Stop CG when the squared residual is below this.
+        cg_tol: Stop CG when ``‖r‖² <= cg_tol · ‖g‖²`` (relative to the gradient, so the step
+            does not depend on the scale of the rewards; an absolute floor at the dtype's
+            smallest normal number). In ``[0, 1)``.
         backtrack: Run the line search on the realized KL (needs host syncs for the accept test).
         max_backtracks: Step fractions tried.
         backtrack_ratio: ``ρ`` in ``(0, 1)``.
@@ -102,6 +105,10 @@ class NPG(Optimizer):
             raise ValueError(f"damping must be >= 0 (> 0 for solver='mfac'), got {damping!r}")
         if not isinstance(cg_iters, int) or cg_iters <= 0:
             raise ValueError(f"cg_iters must be a positive int, got {cg_iters!r}")
+        if not isinstance(cg_tol, (int, float)) or not 0 <= cg_tol < 1:
+            raise ValueError(
+                f"cg_tol (relative squared residual of CG) must be in [0, 1), got {cg_tol!r}"
+            )
         if not isinstance(max_backtracks, int) or max_backtracks <= 0:
             raise ValueError(f"max_backtracks must be a positive int, got {max_backtracks!r}")
         if not 0.0 < backtrack_ratio < 1.0:
@@ -139,6 +146,11 @@ class NPG(Optimizer):
         scores = trajectory_scores(policy, params, batch)
         scale = batch.lengths().mean().clamp_min(1.0).rsqrt()
         return StaticMFAC(scores * scale, group["damping"]).ihvp(grad)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`state_dict`; validated first, so on error the optimizer is unchanged."""
+        check_optimizer_state(self, state_dict)
+        super().load_state_dict(state_dict)
 
     @staticmethod
     @torch.no_grad()

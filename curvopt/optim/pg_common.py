@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from curvopt.optim._state_checks import check_optimizer_state
 from curvopt.rl.sampler import EstimateSampler
 from curvopt.utils.params import flatten, unflatten
 
@@ -91,9 +92,13 @@ class MomentumPolicyGradient(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore per-parameter state, hyperparameters and (if saved) the generator state.
 
+        Everything is validated before anything is loaded: on error the optimizer is unchanged.
+
         Raises:
-            ValueError: If the state holds a generator state but this optimizer has no generator.
+            ValueError: If the state does not fit these parameters, or holds a generator state
+                but this optimizer has no generator.
         """
+        check_optimizer_state(self, state_dict, ["prev", "momentum"])
         state_dict = dict(state_dict)
         generator_state = state_dict.pop("generator_state", None)
         if generator_state is not None and self.generator is None:
@@ -101,6 +106,11 @@ class MomentumPolicyGradient(Optimizer):
                 "the state dict holds a random-generator state; construct the optimizer with "
                 "generator=torch.Generator() to restore it"
             )
+        if generator_state is not None:  # a bad state raises here, on a scratch generator
+            try:
+                torch.Generator(device=self.generator.device).set_state(generator_state)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"the saved generator state cannot be restored: {err}") from None
         super().load_state_dict(state_dict)
         if generator_state is not None:
             self.generator.set_state(generator_state)

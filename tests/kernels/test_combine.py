@@ -102,3 +102,19 @@ def test_combine_bad_input(device, fn):
         fn("1", x, G, c)
     with pytest.raises(TypeError, match="float16, bfloat16"):
         fn(1.0, x, G, c.to(torch.int64))
+
+
+@pytest.mark.parametrize("d,m", [(300, 17), (1025, 5)])
+def test_combine_float64_stays_float64(device, d, m):
+    """A float64 G, x and c must accumulate in float64 (C's dtype). Narrower storage dtypes cannot
+    tell: their entries are exact in float32, so a kernel that converts G or x to float32 would
+    still pass every other test under the interpreter."""
+    gen = torch.Generator().manual_seed(d + m)
+    G = torch.randn(m, d, generator=gen, dtype=torch.float64).to(device)
+    x = torch.randn(d, generator=gen, dtype=torch.float64).to(device)
+    c = torch.randn(m, generator=gen, dtype=torch.float64).to(device)
+    got = combine_triton(1.0 / 3.0, x, G, c)
+    assert got.dtype == torch.float64
+    dense = x.cpu() / 3.0 + G.cpu().T @ c.cpu()
+    scale = x.cpu().abs() / 3.0 + G.cpu().abs().T @ c.cpu().abs()
+    assert float(((got.cpu() - dense).abs() / scale).max()) < 1e-14

@@ -133,3 +133,20 @@ def test_static_attributes_and_memory():
     assert op.memory_bytes() >= 6 * 100 * 4 + 2 * 4 * 36 * 8
     assert op.G is G  # not copied
     assert StaticMFAC(G, 1.0, block_size=1000).num_blocks == 1
+
+
+@pytest.mark.parametrize("damp", [1e-5, 1e-8, 1e-12])
+@pytest.mark.parametrize("m,d,block_size", [(64, 96, 32), (64, 100, 64), (16, 10, None)])
+def test_small_block_inverse_diagonal_is_accurate_at_small_damp(m, d, block_size, damp):
+    """Blocks no wider than m: the diagonal comes from the B x B factor, without the cancellation
+    of the Woodbury form (which loses log10(lambda_max/damp) digits: 1e-10 at damp=1e-5 here).
+    Entry-wise against torch.linalg.inv of the dense float64 F, whose own error is about
+    eps * cond(F) (cond(F) ~ 30 for B = m/2, larger for square blocks)."""
+    G = torch.randn(m, d, dtype=torch.float64)
+    F = dense_fisher(G, damp, block_size)
+    evals = torch.linalg.eigvalsh(F)
+    tol = max(1e-13, 20 * torch.finfo(torch.float64).eps * float(evals[-1] / evals[0]))
+    Finv = torch.linalg.inv(F)
+    diag = StaticMFAC(G, damp, block_size).inverse_diagonal()
+    assert diag.dtype == torch.float64
+    assert float(((diag - Finv.diagonal()).abs() / Finv.diagonal()).max()) < tol

@@ -192,3 +192,20 @@ def test_window_without_refinement(m, d, damp):
         tol = woodbury_rtol(G, damp)
         assert rel_err(y_ref, ref) < tol
         assert rel_err(y_plain, ref) < tol * max(1.0, tol / 1e-14)
+
+
+@pytest.mark.parametrize("every", [1, 3, 4])
+def test_refresh_happens_exactly_every_refresh_every_insertions(every):
+    """Right after insertion k * refresh_every, A^{-1} is the fresh inverse from K (bitwise), and
+    only then; a refresh one insertion late would leave the updated inverse in place."""
+    from curvopt.mfac._linalg import cholesky
+
+    d, m, damp = 9, 4, 1e-2
+    w = SlidingWindowMFAC(d, m, damp, dtype=torch.float64, refresh_every=every)
+    for i in range(1, 3 * every + 2):
+        w.add(torch.randn(d, dtype=torch.float64))
+        assert w.refreshed == (i % every == 0)
+        if i % every == 0:
+            n = w.filled
+            fresh = torch.cholesky_inverse(cholesky(w.K[:n, :n], m, damp))
+            assert torch.equal(w.Ainv[:n, :n], fresh)

@@ -277,3 +277,23 @@ def test_token_losses_against_explicit_loops():
     # per-token advantages give the same result as per-completion ones broadcast
     adv_tok = adv[:, None].expand(B, T)
     assert torch.allclose(grpo_loss(lp, old, adv_tok, mask), grpo_loss(lp, old, adv, mask))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_thresholds_are_strict_at_a_tokens_own_value(symmetric):
+    """The rule is ``Delta KL < tau_f`` and ``|Delta J| < tau_h``: a token whose prediction equals
+    the threshold exactly is dropped (quantile thresholds never land on a value exactly)."""
+    W, bias, hidden, actions, adv, mask = _inputs(3)
+    masker = CAPOMasker(float("inf"), float("inf"), top_k=6, symmetric=symmetric)
+    first = masker(W, hidden, actions, adv, 0.05, bias, mask)
+    dkl, dj = first.delta_kl[mask], first.delta_j[mask]
+    ok_j = dj.abs() if symmetric else torch.where(dj >= 0, dj, torch.inf)
+    for name, values in (("tau_f", dkl), ("tau_h", ok_j)):
+        masker.tau_h = masker.tau_f = float("inf")
+        tau = float(values[values.isfinite()].median())  # an observed value, bit for bit
+        setattr(masker, name, tau)
+        out = masker(W, hidden, actions, adv, 0.05, bias, mask)
+        at_tau = (values == tau) & mask[mask]
+        assert int(at_tau.sum()) >= 1
+        assert not bool(out.keep[mask][at_tau].any()), name
+        assert bool(out.keep[mask][values < tau].all()), name

@@ -205,3 +205,32 @@ def test_npg_state_dict_round_trip():
     assert opt2.state_dict()["param_groups"] == state["param_groups"]
     assert opt2.param_groups[0]["delta"] == 0.02
     assert all(s["step"] == 1 for s in opt2.state_dict()["state"].values())
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-9])
+def test_npg_step_does_not_depend_on_the_reward_scale(scale):
+    """The trust-region step is invariant to scaling the rewards; CG's tolerance is relative to
+    ‖g‖² (an absolute one stopped CG before its first iteration when ‖g‖² < cg_tol: step 0)."""
+    import copy
+    import dataclasses
+
+    policy, batch = setup_policy_and_batch(seed=4)
+    small = dataclasses.replace(batch, rewards=batch.rewards * scale)
+    steps = []
+    for b in (batch, small):
+        pi = copy.deepcopy(policy)
+        steps.append(NPG(pi.parameters(), delta=1e-2).step(FixedBatchSampler(pi, b)))
+    g = policy_gradient(
+        policy,
+        list(policy.parameters()),
+        small,
+        discounted_reward_to_go(small.rewards, small.mask, 0.9),
+    )
+    assert float(g @ g) < 1e-10  # the regime where an absolute tolerance gave a zero step
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-6, atol=1e-12)
+    assert steps[0].norm() > 0
+    x1 = fixed_iteration_cg(lambda v: 3.0 * v + v.flip(0), g, max_iter=4)
+    x2 = fixed_iteration_cg(lambda v: 3.0 * v + v.flip(0), g / scale, max_iter=4)
+    torch.testing.assert_close(x1 / scale, x2, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="cg_tol"):
+        NPG(policy.parameters(), cg_tol=1.0)

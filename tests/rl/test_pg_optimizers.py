@@ -36,6 +36,16 @@ class ScriptedSampler:
         return self.C @ vector
 
 
+class PointDependentSampler(ScriptedSampler):
+    """ScriptedSampler whose 'Hessian' depends on the query point: B(θ) v = C v + (θ·θ) v, so
+    NHARPG's random point q on the segment (drawn from its generator) changes the direction."""
+
+    def hvp(self, vector, params):
+        theta = flat_params(self.module)
+        super().hvp(vector, params)
+        return self.C @ vector + (theta @ theta) * vector
+
+
 def make_module():
     torch.manual_seed(0)
     return nn.Linear(3, 2).double()
@@ -192,7 +202,7 @@ def test_nharpg_resume_with_generator_is_exact():
     module = make_module()
     other = copy.deepcopy(module)
     opt = NHARPG(module.parameters(), lr=0.1, generator=torch.Generator().manual_seed(3))
-    sampler = ScriptedSampler(module)
+    sampler = PointDependentSampler(module)
     for _ in range(2):
         opt.step(sampler)
     state = copy.deepcopy(opt.state_dict())
@@ -202,10 +212,13 @@ def test_nharpg_resume_with_generator_is_exact():
             p.copy_(q)
     opt2 = NHARPG(other.parameters(), lr=0.1, generator=torch.Generator().manual_seed(99))
     opt2.load_state_dict(state)
+    other_sampler = PointDependentSampler(other)
     for _ in range(3):
         opt.step(sampler)
-        opt2.step(ScriptedSampler(other))
+        opt2.step(other_sampler)
     torch.testing.assert_close(flat_params(module), flat_params(other), rtol=0, atol=0)
+    # both drew the same points q (a generator left at seed 99 would draw others)
+    assert torch.equal(torch.stack(sampler.hvp_points[-3:]), torch.stack(other_sampler.hvp_points))
     with pytest.raises(ValueError, match="generator"):
         NHARPG(make_module().parameters(), lr=0.1).load_state_dict(state)
 

@@ -1,0 +1,85 @@
+"""Checks run before an optimizer loads a state dict, so that a failed load changes nothing.
+
+``torch.optim.Optimizer.load_state_dict`` checks the number of groups and of parameters per
+group, but not the shapes of the per-parameter state: a state from another model with the same
+number of tensors loads, and the next step fails. Our optimizers call
+:func:`check_optimizer_state` first and then validate their own extra entries, all before the
+first assignment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+def check_optimizer_state(
+    optimizer: Optimizer, state_dict: Any, shaped_keys: Iterable[str] = ()
+) -> dict[int, Tensor]:
+    """Raise ``TypeError``/``ValueError`` if ``state_dict`` does not fit ``optimizer``.
+
+    Checks the structure (``state`` and ``param_groups``), the number of groups, the number of
+    parameters of each group, and that every per-parameter entry named in ``shaped_keys``
+    (e.g. a momentum buffer) is a tensor shaped like its parameter. Changes nothing.
+
+    Args:
+        optimizer: The optimizer that will load the state.
+        state_dict: The candidate, as returned by ``optimizer.state_dict()``.
+        shaped_keys: Per-parameter state entries that must have the parameter's shape.
+
+    Returns:
+        The map from the saved parameter ids to this optimizer's parameters.
+
+    Example:
+        >>> w = torch.zeros(3, requires_grad=True)
+        >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+        >>> sd = {"state": {0: {"momentum_buffer": torch.zeros(5)}},
+        ...       "param_groups": [dict(opt.state_dict()["param_groups"][0])]}
+        >>> check_optimizer_state(opt, sd, ["momentum_buffer"])
+        Traceback (most recent call last):
+        ...
+        ValueError: state_dict['state'][0]['momentum_buffer'] has shape (5,) but parameter 0 ...
+    """
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        raise TypeError(
+            "state_dict must be a dict with 'state' and 'param_groups', as returned by "
+            f"state_dict(); got {type(state_dict).__name__}"
+        )
+    saved_groups, groups = state_dict["param_groups"], optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise ValueError(
+            f"state_dict has {len(saved_groups)} parameter groups but the optimizer has "
+            f"{len(groups)}"
+        )
+    id_map: dict[int, Tensor] = {}
+    for i, (saved, group) in enumerate(zip(saved_groups, groups)):
+        if not isinstance(saved, Mapping) or "params" not in saved:
+            raise TypeError(f"state_dict['param_groups'][{i}] must be a dict with 'params'")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"parameter group {i} of state_dict has {len(saved['params'])} parameters but "
+                f"the optimizer's has {len(group['params'])}"
+            )
+        id_map.update(zip(saved["params"], group["params"]))
+    state = state_dict["state"]
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
+    keys = tuple(shaped_keys)
+    for pid, entry in state.items():
+        if pid not in id_map or not keys:
+            continue
+        p = id_map[pid]
+        for key in keys:
+            if key not in entry:
+                continue
+            t = entry[key]
+            if not isinstance(t, Tensor) or t.shape != p.shape:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"state_dict['state'][{pid}][{key!r}] has shape {got} but parameter {pid} "
+                    f"has shape {tuple(p.shape)}: the state is from another model"
+                )
+    return id_map
