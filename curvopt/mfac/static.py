@@ -103,7 +103,7 @@ class StaticMFAC:
         self._layout = P.BlockLayout(self.dim, block_size)
         self.block_size = self._layout.block_size
         self.K = P.block_gram(grads, self._layout, self._acc)
-        self._k_norm = float(self.K.abs().sum(-1).max())  # ||K_b||_inf >= lambda_max(K_b)
+        self._k_norm = float(self.K.detach().abs().sum(-1).max())  # >= lambda_max(K_b)
         self._check_conditioning(self._damp)
         self._L = cholesky(self.K, self.m, self._damp)
         self._eig: tuple[Tensor, Tensor] | None = None
