@@ -37,9 +37,10 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(PYTEST) $(PYTEST_ARGS) -m "not slow" tests/kernels
 	$(PYTEST) $(PYTEST_ARGS) -m "not slow" --ignore=tests/kernels
 
+# test-all also runs the property-based tests (tests/fuzz) with a large example budget.
 test-all: $(STAMP)
 	TRITON_INTERPRET=1 $(PYTEST) $(PYTEST_ARGS) tests/kernels
-	$(PYTEST) $(PYTEST_ARGS) --ignore=tests/kernels
+	HYPOTHESIS_PROFILE=thorough $(PYTEST) $(PYTEST_ARGS) --ignore=tests/kernels
 
 # Full runs take tens of minutes and refresh the figures under docs/img; `make bench-quick` is a
 # smoke run (a few minutes) that writes its figures under results/quick instead.

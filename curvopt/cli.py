@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from . import __version__
+from .cli_types import DefaultsHelpFormatter
 
 #: subcommand name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -35,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
             if err.name and module_name.startswith(err.name):
                 continue  # subcommand not part of this build
             raise
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter
+        )
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -15,20 +15,29 @@ import torch
 from scipy.sparse.linalg import eigsh
 from torch.func import functional_call, grad
 
+from curvopt.cli_types import positive_int, seed
 from curvopt.curvature import HessianOperator
 from curvopt.utils import unflatten
+
+#: Parameters of the demo's model: softmax regression from 64 pixels to 10 classes.
+NUM_PARAMS = 64 * 10 + 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the demo's options."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--k", type=int, default=5, help="number of top eigenvalues (default 5)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed")
+    parser.add_argument(
+        "--k", type=positive_int, default=5, help=f"number of top eigenvalues, < d = {NUM_PARAMS}"
+    )
+    parser.set_defaults(_parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print a short table."""
     from sklearn.datasets import load_digits
 
+    if args.k >= NUM_PARAMS:  # eigsh (ARPACK) finds at most d - 1 eigenvalues
+        args._parser.error(f"--k {args.k}: at most {NUM_PARAMS - 1} eigenvalues (d = {NUM_PARAMS})")
     torch.manual_seed(args.seed)
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X / 16.0, dtype=torch.float64)

@@ -1,5 +1,15 @@
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based tests (tests/fuzz): a small example budget for `make test`, a large one for
+# `make test-all` (HYPOTHESIS_PROFILE=thorough). No deadline: the machine is shared and busy.
+_QUIET = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+settings.register_profile("fast", max_examples=10, deadline=None, suppress_health_check=_QUIET)
+settings.register_profile("thorough", max_examples=300, deadline=None, suppress_health_check=_QUIET)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli_types import nonnegative_int, positive_float, positive_int
+from ..cli_types import check_output_file, nonnegative_int, positive_float, positive_int, seed
 from .approximations import METHOD_NAMES, make_approximation
 from .problems import BUILTIN_PROBLEMS
 
@@ -78,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="λ = this × largest reference eigenvalue when --damping is not given (default 1e-2)",
     )
     parser.add_argument("--probes", type=positive_int, default=8, help="probe vectors (default 8)")
-    parser.add_argument("--top-k", type=positive_int, default=5, help="top eigenvalues (default 5)")
+    parser.add_argument(
+        "--top-k", type=positive_int, default=5, help="top eigenvalues, <= d (default 5)"
+    )
     parser.add_argument(
         "--repeats", type=positive_int, default=5, help="timing repeats (default 5)"
     )
@@ -94,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=20_000,
         help="largest d with a dense reference (default 20000)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--dtype", choices=sorted(_DTYPES), default="float64", help="default float64"
     )
@@ -110,15 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is None:
-            continue
-        if path.is_dir():
-            parser.error(f"{flag} {path} is a directory; give a file name")
-        if not path.parent.exists():
-            parser.error(f"{flag} {path}: folder {path.parent} does not exist")
-    if args.plot is not None and args.plot.suffix.lower() != ".png":
-        parser.error(f"--plot {args.plot}: the plot is a PNG; use a .png file name")
+    check_output_file(parser, "--json", args.json)
+    check_output_file(parser, "--plot", args.plot, suffix=".png")
 
 
 def _check_device(text: str, parser: argparse.ArgumentParser) -> torch.device:
@@ -154,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         dtype=_DTYPES[args.dtype],
         device=device,
     )
+    if args.top_k > problem.num_params:
+        parser.error(f"--top-k {args.top_k} exceeds the problem's d = {problem.num_params}")
     result = run_benchmark(
         problem,
         args.methods,

@@ -58,17 +58,18 @@ def print_table(document: Mapping[str, Any], console: Any = None) -> None:
             when stdout is not a terminal).
     """
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     if console is None:
         console = Console()
         if not console.is_terminal:  # files and pipes: wide enough for every column
             console = Console(width=max(console.width, 120))
-    table = Table(title=_title(document), title_justify="left")
+    table = Table(title=escape(_title(document)), title_justify="left")
     for i, (_, title, _) in enumerate(TABLE_COLUMNS):
-        table.add_column(title, justify="left" if i == 0 else "right", no_wrap=i == 0)
-    for row in table_rows(document):
-        table.add_row(*row)
+        table.add_column(escape(title), justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in table_rows(document):  # plain text: "[s]" or an error's "[...]" is not markup
+        table.add_row(*(escape(cell) for cell in row))
     console.print(table)
 
 
@@ -80,20 +81,128 @@ def markdown_table(document: Mapping[str, Any]) -> str:
     return "\n".join([head, sep, *body])
 
 
-#: Errors below this are drawn at this value ("exact up to round-off") on the log axes.
+#: Errors below this count as exact (round-off only): such methods get a strip of their own
+#: under the error-vs-time panel instead of a point far below every approximation.
 EXACT_FLOOR = 1e-12
 
+#: Two methods whose IHVP errors differ by less than this (relatively) share one line/label.
+COINCIDE_RTOL = 1e-6
 
-def _floor(x: float) -> float:
-    return max(x, EXACT_FLOOR)
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<", ">", "p", "*")
+
+
+def _groups(records: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """Records in groups whose IHVP errors coincide (e.g. GGN and Fisher for cross-entropy)."""
+    groups: list[list[Mapping[str, Any]]] = []
+    for r in records:
+        e = r["ihvp_rel_error"]
+        for g in groups:
+            e0 = g[0]["ihvp_rel_error"]
+            if abs(e - e0) <= COINCIDE_RTOL * max(abs(e), abs(e0)):
+                g.append(r)
+                break
+        else:
+            groups.append([r])
+    return groups
+
+
+def plot_figure(document: Mapping[str, Any]) -> Any:
+    """The matplotlib figure of :func:`save_plots` (for saving or inspecting).
+
+    Left: IHVP error against M-FAC's ``m`` (log-log), the other inexact methods as horizontal
+    lines; methods with coinciding errors (relative difference below :data:`COINCIDE_RTOL`) share
+    one line labelled ``"a = b"``. Right: every inexact method's error against its time per IHVP,
+    one marker and colour per method (hollow, so coinciding points stay visible), named in a
+    legend rather than by labels that could overlap. Exact methods (error below
+    :data:`EXACT_FLOOR`) sit in a strip of their own under the right panel, at their time.
+
+    Args:
+        document: The JSON document (``BenchmarkResult.to_dict()``).
+
+    Returns:
+        A ``matplotlib.figure.Figure`` (close it with ``matplotlib.pyplot.close``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in document["results"] if not r["error"]]
+    exact = [r for r in ok if r["ihvp_rel_error"] < EXACT_FLOOR]
+    inexact = [r for r in ok if r["ihvp_rel_error"] >= EXACT_FLOOR]
+    mfac = sorted((r for r in inexact if r["m"] is not None), key=lambda r: r["m"])
+    others = [r for r in inexact if r["m"] is None]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    style = {}  # method -> (color, marker), the same in every panel
+    for i, r in enumerate(others + exact):
+        style[r["method"]] = (colors[i % len(colors)], _MARKERS[i % len(_MARKERS)])
+    shades = plt.get_cmap("Greys")
+    for i, r in enumerate(mfac):
+        style[r["method"]] = (shades(0.45 + 0.55 * (i + 1) / len(mfac)), _MARKERS[i % 4])
+
+    fig = plt.figure(figsize=(13, 5.2))
+    rows = 2 if exact else 1
+    grid = fig.add_gridspec(rows, 2, height_ratios=[7, 1][:rows], width_ratios=[1, 1.3])
+    left = fig.add_subplot(grid[:, 0])
+    right = fig.add_subplot(grid[0, 1])
+
+    if mfac:
+        left.plot(
+            [r["m"] for r in mfac], [r["ihvp_rel_error"] for r in mfac], "o-", color="black",
+            label="M-FAC",
+        )  # fmt: skip
+    linestyles = ("--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
+    for i, group in enumerate(_groups(others)):
+        left.axhline(
+            group[0]["ihvp_rel_error"],
+            ls=linestyles[i % len(linestyles)],
+            lw=1.2,
+            color=style[group[0]["method"]][0],
+            label=" = ".join(r["method"] for r in group),
+        )
+    left.set(xscale="log", yscale="log", xlabel="M-FAC gradients m", ylabel="IHVP relative error")
+    title = "error vs m"
+    if exact:
+        title += f" (exact: {', '.join(r['method'] for r in exact)})"
+    left.set_title(title, fontsize=10)
+    if mfac or others:
+        left.legend(  # below the axes: inside, it would cover the highest lines
+            fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False
+        )
+
+    for r in inexact:
+        color, marker = style[r["method"]]
+        right.scatter(
+            r["time_s"], r["ihvp_rel_error"], s=42, marker=marker, facecolors="none",
+            edgecolors=[color], linewidths=1.4, label=r["method"],
+        )  # fmt: skip
+    right.set(xscale="log", yscale="log", ylabel="IHVP relative error")
+    right.set_title("error vs time per IHVP", fontsize=10)
+    if inexact:
+        right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    if exact:
+        strip = fig.add_subplot(grid[1, 1], sharex=right)
+        for r in exact:
+            color, marker = style[r["method"]]
+            strip.scatter(r["time_s"], 0, s=42, marker=marker, color=color, label=r["method"])
+        strip.set_yticks([])
+        strip.set_ylabel(f"< {EXACT_FLOOR:.0e}", fontsize=7, rotation=0, ha="right", va="center")
+        strip.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        strip.set_xlabel("time per IHVP (s)")
+        right.tick_params(labelbottom=False)
+    else:
+        right.set_xlabel("time per IHVP (s)")
+    p = document["problem"]
+    fig.suptitle(
+        f"{p['name']} (d = {p['num_params']}), reference {document['reference']['curvature']}, "
+        f"λ = {document['config']['damping']:.3g}"
+    )
+    fig.tight_layout()
+    return fig
 
 
 def save_plots(document: Mapping[str, Any], path: str | Path) -> Path:
-    """Save a PNG with two panels: IHVP error vs M-FAC's ``m``, and IHVP error vs time per product.
-
-    Left: M-FAC's error for each ``m`` (log-log), the other inexact methods as horizontal lines.
-    Right: every method's error against its time per IHVP (log-log). Errors below
-    :data:`EXACT_FLOOR` (exact methods, round-off only) are drawn at that floor.
+    """Save the figure of :func:`plot_figure` as a PNG.
 
     Args:
         document: The JSON document.
@@ -102,59 +211,9 @@ def save_plots(document: Mapping[str, Any], path: str | Path) -> Path:
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in document["results"] if not r["error"]]
-    mfac = sorted((r for r in ok if r["m"] is not None), key=lambda r: r["m"])
-    others = [r for r in ok if r["m"] is None]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-
-    if mfac:
-        left.plot(
-            [r["m"] for r in mfac],
-            [_floor(r["ihvp_rel_error"]) for r in mfac],
-            "o-",
-            color="black",
-            label="M-FAC",
-        )
-    for i, r in enumerate(others):
-        if r["ihvp_rel_error"] < EXACT_FLOOR:
-            continue  # exact up to round-off: a line at the floor would squash the others
-        left.axhline(
-            _floor(r["ihvp_rel_error"]),
-            ls="--",
-            lw=1,
-            color=colors[i % len(colors)],
-            label=r["method"],
-        )
-    left.set(xscale="log", yscale="log", xlabel="M-FAC gradients m", ylabel="IHVP relative error")
-    left.set_title(f"error vs m (exact methods, error < {EXACT_FLOOR:.0e}, not drawn)", fontsize=10)
-    left.legend(fontsize=7, loc="best")
-
-    for r in ok:
-        color = "black" if r["m"] is not None else colors[(others.index(r)) % len(colors)]
-        right.scatter(r["time_s"], _floor(r["ihvp_rel_error"]), color=color)
-        right.annotate(
-            r["method"],
-            (r["time_s"], _floor(r["ihvp_rel_error"])),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
-    right.set(xscale="log", yscale="log", xlabel="time per IHVP (s)", ylabel="IHVP relative error")
-    right.set_title(
-        f"error vs time (errors < {EXACT_FLOOR:.0e} drawn at {EXACT_FLOOR:.0e})", fontsize=10
-    )
-    p = document["problem"]
-    fig.suptitle(
-        f"{p['name']} (d = {p['num_params']}), reference {document['reference']['curvature']}, "
-        f"λ = {document['config']['damping']:.3g}"
-    )
-    fig.tight_layout()
+    fig = plot_figure(document)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

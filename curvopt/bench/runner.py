@@ -255,6 +255,8 @@ def run_benchmark(
     for value, name in ((num_probes, "num_probes"), (top_k, "top_k"), (repeats, "repeats")):
         _check_positive_int(value, name)
     _check_positive_int(max_dense_dim, "max_dense_dim")
+    if top_k > problem.num_params:
+        raise ValueError(f"top_k = {top_k} exceeds the parameter count d = {problem.num_params}")
     if damping is not None and not (damping > 0 and damping < float("inf")):
         raise ValueError(f"damping must be positive and finite, got {damping}")
     if not relative_damping > 0:

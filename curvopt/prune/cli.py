@@ -4,8 +4,8 @@ Example::
 
     curvopt prune --model mlp --dataset digits --sparsity 0.8 0.9 0.95 --method mfac --steps 16
 
-prints a per-layer table for each sparsity and a summary (accuracy before/after), writes
-``prune_result.json`` and, for several sparsities, ``prune_accuracy.png`` to ``--out``.
+prints a per-layer table for each sparsity and a summary (accuracy before/after), and writes
+``prune_result.json`` and ``prune_accuracy.png`` (accuracy against sparsity) to ``--out``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ import time
 import torch
 from torch import nn
 
-from ..cli_types import nonnegative_int, positive_float, positive_int
+from ..cli_types import (
+    check_output_dir,
+    fraction,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    seed,
+)
 from .pruner import METHODS, SCOPES, prune
 from .zoo import DATASETS, MODELS, accuracy, batches, build_model, load_dataset, train
 
@@ -29,25 +36,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODELS, default="mlp", help="built-in model")
     parser.add_argument("--dataset", choices=DATASETS, default="digits", help="sklearn dataset")
     parser.add_argument(
-        "--sparsity", type=float, nargs="+", default=[0.9], help="target sparsities in [0, 1)"
+        "--sparsity", type=fraction, nargs="+", default=[0.9], help="target sparsities in [0, 1)"
     )
     parser.add_argument("--method", choices=METHODS, default="mfac", help="pruning method")
     parser.add_argument(
         "--steps",
         type=positive_int,
         default=16,
-        help="recomputation steps per sparsity (default 16)",
+        help="recomputation steps per sparsity",
     )
     parser.add_argument("--scope", choices=SCOPES, default="global", help="threshold scope")
-    parser.add_argument(
-        "--num-grads", type=positive_int, default=64, help="gradients m (default 64)"
-    )
+    parser.add_argument("--num-grads", type=positive_int, default=64, help="gradients m")
     parser.add_argument("--block-size", type=positive_int, default=128, help="M-FAC block size")
     parser.add_argument(
         "--damp", type=positive_float, default=1.0, help="damping relative to mean(diag(G^T G/m))"
     )
     parser.add_argument(
-        "--grad-batch-size", type=positive_int, default=8, help="samples per gradient (default 8)"
+        "--grad-batch-size", type=positive_int, default=8, help="samples per gradient"
     )
     parser.add_argument(
         "--update",
@@ -57,19 +62,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--hidden", type=positive_int, default=64, help="hidden width of the mlp")
     parser.add_argument("--epochs", type=nonnegative_int, default=60, help="training epochs")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("."), help="output dir")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed")
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("."),
+        help="folder for prune_result.json and prune_accuracy.png (default: the current folder, "
+        "created if missing)",
+    )
+    parser.set_defaults(_parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Train, prune at each sparsity (from the same trained model), print and save results."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import Progress
     from rich.table import Table
 
-    for s in args.sparsity:
-        if not 0 <= s < 1:
-            raise SystemExit(f"--sparsity values must be in [0, 1), got {s}")
+    parser: argparse.ArgumentParser = args._parser
+    if args.model == "cnn" and args.dataset != "digits":
+        parser.error(f"--model cnn needs an image dataset (--dataset digits), not {args.dataset}")
+    check_output_dir(parser, "--out", args.out)
     console = Console()
     torch.manual_seed(args.seed)
     split = load_dataset(args.dataset, seed=args.seed)
@@ -125,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
     summary = Table(title=f"{args.model} on {args.dataset}: test accuracy")
     for col in ("target", "sparsity", "acc. before", "acc. after", "time [s]", "update"):
-        summary.add_column(col, justify="right")
+        summary.add_column(escape(col), justify="right")  # plain text, not rich markup
     for r in results:
         summary.add_row(
             f"{r['target']:g}",
@@ -153,15 +167,14 @@ def run(args: argparse.Namespace) -> int:
     json_path = args.out / "prune_result.json"
     json_path.write_text(json.dumps(out, indent=2))
     console.print(f"wrote {json_path}")
-    if len(results) > 1:
-        png = args.out / "prune_accuracy.png"
-        plot_accuracy(
-            {args.method: [(r["sparsity"], r["accuracy_after"]) for r in results]},
-            acc_before,
-            png,
-            title=f"{args.model} on {args.dataset}",
-        )
-        console.print(f"wrote {png}")
+    png = args.out / "prune_accuracy.png"
+    plot_accuracy(
+        {args.method: [(r["sparsity"], r["accuracy_after"]) for r in results]},
+        acc_before,
+        png,
+        title=f"{args.model} on {args.dataset}",
+    )
+    console.print(f"wrote {png}")
     return 0
 
 

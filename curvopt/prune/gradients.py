@@ -41,7 +41,9 @@ def collect_gradients(
         dtype: Dtype of ``G`` (default: that of the weights).
 
     Raises:
-        ValueError: If ``num_grads < 1``, the data yields nothing, or a batch is not ``(X, y)``.
+        ValueError: If ``num_grads < 1``, the data yields nothing, a batch is not ``(X, y)``, is
+            empty or fails in the model or loss (the message names the batch and the shapes), or
+            a gradient is not finite.
     """
     if int(num_grads) < 1:
         raise ValueError(f"num_grads must be >= 1, got {num_grads}")
@@ -51,20 +53,35 @@ def collect_gradients(
     masks = [t.mask for t in targets]
     dtype = dtype or params[0].dtype
     rows: list[Tensor] = []
-    for batch in data:
+    for i, batch in enumerate(data):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError("data must yield (X, y) pairs")
+            raise ValueError(f"data must yield (X, y) pairs; batch {i} is {type(batch).__name__}")
         X, y = batch
-        n = X.shape[0]
+        n = len(X)
+        if n == 0:
+            raise ValueError(f"batch {i} of data has 0 samples: leave empty batches out")
         step = n if grad_batch_size is None else int(grad_batch_size)
         for s in range(0, n, step):
-            loss = loss_func(model(X[s : s + step]), y[s : s + step])
+            Xs, ys = X[s : s + step], y[s : s + step]
+            try:
+                loss = loss_func(model(Xs), ys)
+            except (RuntimeError, IndexError, ValueError, TypeError) as err:
+                raise ValueError(
+                    f"batch {i} of data (X {_shape(Xs)}, y {_shape(ys)}, samples {s}:{s + len(Xs)})"
+                    f" failed in the model or loss_func: {err}"
+                ) from err
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             parts = []
             for p, g, mk in zip(params, grads, masks):
                 g = torch.zeros_like(p) if g is None else g
                 parts.append((g if mk is None else g * mk).reshape(-1))
-            rows.append(torch.cat(parts).to(dtype))
+            row = torch.cat(parts).to(dtype)
+            if not bool(torch.isfinite(row).all()):
+                raise ValueError(
+                    f"the gradient of batch {i} (samples {s}:{s + len(Xs)}) is not finite "
+                    "(NaN or inf): check the calibration data and the loss"
+                )
+            rows.append(row)
             if len(rows) == num_grads:
                 return torch.stack(rows)
     if not rows:
@@ -74,3 +91,7 @@ def collect_gradients(
         stacklevel=2,
     )
     return torch.stack(rows)
+
+
+def _shape(x: object) -> str:
+    return f"of shape {tuple(x.shape)}" if isinstance(x, Tensor) else f"a {type(x).__name__}"

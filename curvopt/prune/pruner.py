@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from curvopt.mfac._validation import check_damp, check_positive_int
 
 from .dense import DenseFisherInverse
 from .gradients import collect_gradients
-from .masks import PrunableWeight, prunable_weights, set_mask
+from .masks import PrunableWeight, WeightMask, prunable_weights, set_mask
 from .obs import obs_scores, obs_update_diagonal, obs_update_multi
 from .report import PruneReport, layer_reports
 from .schedule import _check_sparsity
+from .snapshot import ModelSnapshot
 
 METHODS = ("mfac", "obs", "magnitude")
 SCOPES = ("global", "layer")
@@ -76,6 +81,11 @@ def prune(
     the pruned weights stay zero during later training; :func:`curvopt.prune.pruned_state_dict`
     exports a plain ``state_dict``.
 
+    All or nothing: every argument is checked before the model is touched, and if anything
+    fails later (the data, the loss, the callback, an interrupt) the model is restored exactly -
+    values, masks, parametrizations, buffers, ``requires_grad`` - before the error propagates
+    (:class:`curvopt.prune.snapshot.ModelSnapshot`; costs one copy of the prunable weights).
+
     Args:
         model: The network, changed in place (put it in eval mode for BatchNorm/Dropout).
         loss_func: ``loss_func(model(X), y) -> scalar``; unused for magnitude.
@@ -106,7 +116,10 @@ def prune(
         A :class:`PruneReport` (``.sparsity`` overall, ``.layers`` per layer).
 
     Raises:
-        ValueError: Bad sparsity, method, scope, damping, no prunable layers or empty data.
+        ValueError: Bad sparsity, method, scope, damping or counts, no prunable layers, a
+            prunable weight with ``requires_grad=False``, empty data or an empty batch, a batch
+            the model or loss cannot take, or non-finite gradients.
+        TypeError: Arguments of the wrong type (e.g. ``block_size=1.5``).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -117,29 +130,31 @@ def prune(
         0.5
     """
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if update not in UPDATES:
-        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
-    if damp_mode not in DAMP_MODES:
-        raise ValueError(f"damp_mode must be one of {DAMP_MODES}, got {damp_mode!r}")
-    if not (isinstance(damp, (int, float)) and damp > 0):
-        raise ValueError(f"damp must be a positive number, got {damp!r}")
-    if block_size is not None and int(block_size) < 1:
-        raise ValueError(f"block_size must be a positive integer or None, got {block_size}")
-    if method != "magnitude" and (loss_func is None or data is None):
-        raise ValueError(f"method {method!r} needs loss_func and data for the gradients")
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
-    if method != "magnitude" and steps > 1 and iter(data) is data:
-        raise ValueError(
-            "data is an iterator that can be read only once, but steps > 1 reads it once per "
-            "step: pass a list of batches or a DataLoader"
-        )
+    _check_arguments(
+        model, loss_func, data, method, scope, num_grads, block_size, damp, steps, damp_mode,
+        update, grad_batch_size, normalize, max_multi, multi_budget, callback,
+    )  # fmt: skip
     targets = prunable_weights(model, layer_types, names)
     layer_targets = _layer_targets(sparsity, scope, targets)
+    _check_targets(targets, method)
+    snapshot = ModelSnapshot(model, targets)
+    try:
+        return _prune_steps(
+            model, loss_func, data, sparsity, method, scope, num_grads, block_size, damp, steps,
+            damp_mode, update, grad_batch_size, normalize, max_multi, multi_budget, callback,
+            targets, layer_targets, t0,
+        )  # fmt: skip
+    except BaseException:
+        snapshot.restore()  # all or nothing: a failed prune leaves the model as it was
+        raise
+
+
+def _prune_steps(
+    model, loss_func, data, sparsity, method, scope, num_grads, block_size, damp, steps,
+    damp_mode, update, grad_batch_size, normalize, max_multi, multi_budget, callback,
+    targets, layer_targets, t0,
+) -> PruneReport:  # fmt: skip
+    """The body of :func:`prune` after its checks (may leave the model half-pruned on error)."""
     sizes = [t.param.numel() for t in targets]
     d = sum(sizes)
     start = _current_sparsity(targets)
@@ -203,6 +218,77 @@ def prune(
     report.layers = layer_reports(targets)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_arguments(
+    model, loss_func, data, method, scope, num_grads, block_size, damp, steps, damp_mode,
+    update, grad_batch_size, normalize, max_multi, multi_budget, callback,
+) -> None:  # fmt: skip
+    """Every check of :func:`prune` that needs no data, done before the model is touched."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, value, choices in (
+        ("method", method, METHODS),
+        ("scope", scope, SCOPES),
+        ("update", update, UPDATES),
+        ("damp_mode", damp_mode, DAMP_MODES),
+    ):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    check_damp(damp)
+    check_positive_int(steps, "steps")
+    check_positive_int(num_grads, "num_grads")
+    if block_size is not None:
+        check_positive_int(block_size, "block_size (or None for one block)")
+    if grad_batch_size is not None:
+        check_positive_int(grad_batch_size, "grad_batch_size (or None for one per batch)")
+    for name, value in (("max_multi", max_multi), ("multi_budget", multi_budget)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be True or False, got {normalize!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+    if method == "magnitude":
+        return
+    if loss_func is None or data is None:
+        raise ValueError(f"method {method!r} needs loss_func and data for the gradients")
+    if not callable(loss_func):
+        raise TypeError(f"loss_func must be callable, got {type(loss_func).__name__}")
+    try:
+        once = iter(data) is data
+    except TypeError:
+        raise TypeError(
+            f"data must be an iterable of (X, y) batches, got {type(data).__name__}"
+        ) from None
+    if steps > 1 and once:
+        raise ValueError(
+            "data is an iterator that can be read only once, but steps > 1 reads it once per "
+            "step: pass a list of batches or a DataLoader"
+        )
+
+
+def _check_targets(targets: list[PrunableWeight], method: str) -> None:
+    """Checks of the prunable weights themselves, before the model is touched."""
+    for t in targets:
+        kinds = []
+        if parametrize.is_parametrized(t.module, t.attr):
+            kinds = [type(p).__name__ for p in t.module.parametrizations[t.attr]]
+        if kinds not in ([], [WeightMask.__name__]):
+            raise ValueError(
+                f"{t.qualified_name} carries parametrizations {kinds} that prune cannot see "
+                "through; bake them in (torch.nn.utils.parametrize.remove_parametrizations(..., "
+                "leave_parametrized=True)) or leave the layer out with names="
+            )
+        p = t.param
+        if not p.is_floating_point():
+            raise TypeError(f"{t.qualified_name} has dtype {p.dtype}; prune needs float weights")
+        if method != "magnitude" and not p.requires_grad:
+            raise ValueError(
+                f"{t.qualified_name} has requires_grad=False, so its gradients (which {method!r} "
+                "needs) cannot be computed: call requires_grad_(True) on it for pruning, or leave "
+                "it out with names= / method='magnitude'"
+            )
 
 
 def _plain(sparsity):

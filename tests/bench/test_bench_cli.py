@@ -27,6 +27,11 @@ from curvopt.cli import main
         (["--problem", "mlp", "--methods", "ggn", "--mfac-m", "8"], "--mfac-m"),
         (["--problem", "mlp", "--device", "tpu"], "--device"),
         (["--problem", "mlp", "--threads", "0"], "positive integer"),
+        (["--problem", "mlp", "--seed", str(2**70)], "--seed"),
+        (["--problem", "mlp", "--seed", "-3"], "--seed"),
+        (["--problem", "mlp", "--json", "/proc/no/such.json"], "--json"),
+        (["--problem", "mlp", "--plot", "README.md/out.png"], "does not exist"),
+        (["--problem", "logistic", "--top-k", "32", "--train-steps", "0"], "d = 31"),
     ],
 )
 def test_bad_options_exit_2_with_a_message(argv, message, capsys):

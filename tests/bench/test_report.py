@@ -33,3 +33,56 @@ def test_markdown_table_has_header_separator_and_rows():
     assert len(lines) == 4
     assert lines[0].startswith("| method | IHVP rel. err")
     assert lines[2].startswith("| kfac | 1.25e-01 |")
+
+
+def _plot_document():
+    def rec(method, err, t, m=None):
+        return {"method": method, "m": m, "ihvp_rel_error": err, "time_s": t, "error": None}
+
+    results = [
+        rec("hessian", 0.0, 1e-3),
+        rec("ggn", 3e-15, 1.1e-3),
+        rec("fisher", 0.1, 1e-3),
+        rec("empirical_fisher", 0.1 * (1 + 1e-9), 1.2e-3),  # coincides with fisher
+        rec("kfac", 0.2, 2e-4),
+        rec("mfac_m8", 0.3, 1e-5, m=8),
+        rec("mfac_m32", 0.25, 1.1e-5, m=32),
+        dict(rec("mfac_m512", None, None, m=512), error="ValueError: m exceeds N"),
+    ]
+    return {
+        "problem": {"name": "toy", "num_params": 10},
+        "reference": {"curvature": "hessian"},
+        "config": {"damping": 0.1},
+        "results": results,
+    }
+
+
+def test_plot_keeps_exact_methods_apart_and_merges_coinciding_lines():
+    import matplotlib.pyplot as plt
+
+    from curvopt.bench.report import EXACT_FLOOR, plot_figure
+
+    fig = plot_figure(_plot_document())
+    try:
+        left, right, strip = fig.axes
+        left_labels = left.get_legend_handles_labels()[1]
+        assert left_labels == ["M-FAC", "fisher = empirical_fisher", "kfac"]
+        # the exact methods are not on the log error axis, so it spans only the approximations
+        assert right.get_ylim()[0] > 1e3 * EXACT_FLOOR
+        right_labels = right.get_legend_handles_labels()[1]
+        assert set(right_labels) == {"fisher", "empirical_fisher", "kfac", "mfac_m8", "mfac_m32"}
+        assert strip.get_legend_handles_labels()[1] == ["hessian", "ggn"]
+        assert not right.texts and not left.texts  # names in legends, no overlapping labels
+        shape = {c.get_label(): c.get_paths()[0].vertices.tobytes() for c in right.collections}
+        assert shape["fisher"] != shape["empirical_fisher"]  # coinciding points differ in shape
+    finally:
+        plt.close(fig)
+
+
+def test_plot_without_exact_methods_has_two_panels(tmp_path):
+    from curvopt.bench.report import save_plots
+
+    document = _plot_document()
+    document["results"] = [r for r in document["results"] if r["method"] not in ("hessian", "ggn")]
+    out = save_plots(document, tmp_path / "sub" / "p.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from curvopt.cli import main
 
 
@@ -29,6 +31,7 @@ def test_prune_cli_writes_json_and_plot(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "acc. after" in out and "0.weight" in out
+    assert "time [s]" in out  # not eaten as rich markup
     result = json.loads((tmp_path / "prune_result.json").read_text())
     assert [r["target"] for r in result["results"]] == [0.5, 0.8]
     for r in result["results"]:
@@ -38,16 +41,63 @@ def test_prune_cli_writes_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "prune_accuracy.png").stat().st_size > 1000
 
 
-def test_prune_cli_rejects_bad_sparsity(tmp_path):
-    import pytest
+def test_prune_cli_single_sparsity_writes_the_plot_too(tmp_path, capsys):
+    out = tmp_path / "new" / "folder"
+    argv = ["prune", "--dataset", "iris", "--sparsity", "0.5", "--steps", "1", "--hidden", "8"]
+    argv += ["--epochs", "2", "--num-grads", "4", "--out", str(out)]
+    assert main(argv) == 0
+    assert (out / "prune_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "prune_result.json").read_text())["results"][0]["target"] == 0.5
 
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sparsity", "1.0"], "--sparsity"),
+        (["--sparsity", "0.5", "-0.1"], "--sparsity"),
+        (["--model", "cnn", "--dataset", "iris"], "image dataset"),
+        (["--seed", str(2**70)], "--seed"),
+        (["--seed", "-1"], "--seed"),
+        (["--epochs", "-1"], "--epochs"),
+        (["--steps", "1.5"], "--steps"),
+    ],
+)
+def test_prune_cli_bad_values_exit_2_with_usage(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", *argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: curvopt prune" in err and message in err
+
+
+def test_prune_cli_checks_the_output_folder_before_training(tmp_path, capsys, monkeypatch):
+    import curvopt.prune.cli as prune_cli
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(prune_cli, "train", no_training)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        with pytest.raises(SystemExit) as exc:
+            main(["prune", "--out", str(out)])
+        assert exc.value.code == 2
+        assert "usage: curvopt prune" in capsys.readouterr().err
+
+
+def test_prune_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
-        main(["prune", "--sparsity", "1.0", "--out", str(tmp_path)])
+        main(["prune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for option, default in [("--steps STEPS", "16"), ("--seed SEED", "0"), ("--damp DAMP", "1.0")]:
+        assert option in out
+        assert f"(default: {default})" in out.split(option, 2)[-1].split("--", 1)[0]
+    assert "(default: the current folder" in out
+    assert out.count("(default") >= 15
 
 
 def test_prune_cli_rejects_bad_numbers_with_a_usage_error(tmp_path, capsys):
-    import pytest
-
     for option, value in [("--num-grads", "0"), ("--block-size", "-3"), ("--damp", "nan")]:
         with pytest.raises(SystemExit) as exc:
             main(["prune", option, value, "--out", str(tmp_path)])
