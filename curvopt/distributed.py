@@ -43,6 +43,7 @@ __all__ = [
     "all_reduce_sum_",
     "check_process_group",
     "check_shard0",
+    "group_ranks",
     "is_dtensor",
     "local_tensor",
     "rank",
@@ -74,6 +75,11 @@ def check_process_group(group: object, name: str = "process_group") -> object:
             f"got {type(group).__name__}"
         )
     return group
+
+
+def group_ranks(group: object) -> tuple[int, ...]:
+    """Global ranks of ``group`` (``(0,)`` for None), to compare two groups."""
+    return (0,) if group is None else tuple(dist.get_process_group_ranks(group))
 
 
 def world_size(group: object) -> int:
@@ -150,6 +156,8 @@ class CommCounter:
 
 
 _COUNTERS: list[CommCounter] = []
+# all_gather_single replaces all_gather_into_tensor (deprecated) in recent torch
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _record(kind: str, t: Tensor) -> None:
@@ -216,7 +224,7 @@ def all_gather_flat(local: Tensor, sizes: Sequence[int], group: object) -> Tenso
     padded[: local.numel()] = local
     out = local.new_empty(P * width)
     _record("all_gather", padded)
-    dist.all_gather_into_tensor(out, padded, group=group)
+    _all_gather_single(out, padded, group=group)
     if all(s == width for s in sizes):
         return out
     return torch.cat([out[i * width : i * width + s] for i, s in enumerate(sizes)])
