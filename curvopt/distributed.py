@@ -45,9 +45,11 @@ __all__ = [
     "check_shard0",
     "group_ranks",
     "is_dtensor",
+    "local_columns",
     "local_tensor",
     "rank",
     "shard_range",
+    "sharded_columns",
     "world_size",
 ]
 
@@ -297,3 +299,36 @@ def no_counting() -> Iterator[None]:
         yield
     finally:
         _COUNTERS.extend(saved)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def sharded_columns(local: Tensor, total: int, offset: int, group: object) -> Tensor:
+    """A checkpointable tensor whose last dimension is split over the ranks of ``group``.
+
+    ``local`` (``(..., n)``) holds columns ``[offset, offset + n)`` of a ``(..., total)`` tensor;
+    every rank passes its own range (ranges may be empty and of any lengths, but together
+    cover ``[0, total)`` once). The result is a ``ShardedTensor`` that
+    ``torch.distributed.checkpoint`` saves and loads into any other split of the columns (e.g.
+    another world size). A collective (it exchanges the ranges). ``local`` is copied.
+    """
+    import warnings
+
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
+
+    lead = list(local.shape[:-1])
+    n = local.shape[-1]
+    shards = []
+    if n > 0:
+        where = f"rank:{rank(group)}/{local.device}"
+        meta = ShardMetadata([0] * len(lead) + [offset], lead + [n], where)
+        shards.append(Shard(local.contiguous().clone(), meta))
+    with warnings.catch_warnings():  # ShardedTensor is deprecated for DTensor, which cannot
+        warnings.simplefilter("ignore", FutureWarning)  # express floor/ceil or FSDP2 splits
+        return init_from_local_shards(shards, lead + [total], process_group=group)
+
+
+def local_columns(t: Tensor) -> Tensor | None:
+    """This rank's data of a :func:`sharded_columns` tensor (None if it holds no columns)."""
+    shards = t.local_shards()
+    return shards[0].tensor if shards else None

@@ -324,3 +324,116 @@ class MFAC(Optimizer):
         super().load_state_dict(state_dict)
         self.window.load_state_dict(saved["window"])
         self._skipped.copy_(saved["skipped"])
+
+    # ------------------------------------------------------------------ sharded checkpoints
+    def _local_columns(self) -> list[tuple[int, int, int]]:
+        """Per parameter: (column of the window, offset in the flat parameter, length)."""
+        out, col = [], 0
+        for off, n in self._shards.ranges:
+            out.append((col, off, n))
+            col += n
+        return out
+
+    def _momentum_params(self) -> list[int]:
+        """Indices of the parameters whose group uses momentum."""
+        idx, i = [], 0
+        for group in self.param_groups:
+            for _ in group["params"]:
+                if group["momentum"] != 0:
+                    idx.append(i)
+                i += 1
+        return idx
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """State for ``torch.distributed.checkpoint`` that loads at any world size (collective).
+
+        The window's columns and the momentum buffers are stored per parameter as tensors of the
+        parameter's full flat size, sharded by the coordinates each rank holds; ``K``,
+        ``A^{-1}`` and the counters are replicated. Hyperparameters are not included: they
+        come from the constructor. Load with :meth:`load_sharded_state_dict`::
+
+            dcp.save({"model": model_sd, "optim": opt.sharded_state_dict()}, checkpoint_id=path)
+            # later, at any world size, after building the same model and MFAC:
+            sd = {"model": model_sd, "optim": opt.sharded_state_dict()}
+            dcp.load(sd, checkpoint_id=path)
+            opt.load_sharded_state_dict(sd["optim"])
+
+        Raises:
+            ValueError: For an MFAC without a process group or FSDP2 parameters (use
+                :meth:`state_dict`).
+        """
+        shards, w = self._shards, self.window
+        if shards.group is None:
+            raise ValueError(
+                "sharded_state_dict() is for a sharded MFAC (FSDP2 parameters or "
+                "process_group=...); use state_dict() for a single process"
+            )
+        group, cols = shards.group, self._local_columns()
+        G = {
+            str(i): D.sharded_columns(w.G[:, c : c + n], p.numel(), off, group)
+            for i, (p, (c, off, n)) in enumerate(zip(shards.params, cols))
+        }
+        momentum = {}
+        for i in self._momentum_params():
+            p, (_, off, n) = shards.params[i], cols[i]
+            buf = self.state.get(p, {}).get("momentum_buffer")
+            flat = (
+                torch.zeros(n, dtype=p.dtype, device=w.device) if buf is None else buf.reshape(-1)
+            )
+            momentum[str(i)] = D.sharded_columns(flat, p.numel(), off, group)
+        counters = torch.tensor([w.count, w._since_refresh], dtype=torch.int64, device=w.device)
+        return {
+            "window": {
+                "K": w.K.clone(),
+                "Ainv": w.Ainv.clone(),
+                "damp": torch.tensor(w.damp, dtype=torch.float64, device=w.device),
+                "counters": counters,
+                "last_drift": w.last_drift.clone(),
+                "last_finite": w.last_finite.clone(),
+                "nonfinite_count": w.nonfinite_count.clone(),
+                "G": G,
+            },
+            "momentum": momentum,
+            "skipped": self._skipped.clone(),
+        }
+
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a :meth:`sharded_state_dict` filled by ``torch.distributed.checkpoint.load``.
+
+        The checkpoint may come from another world size; this rank takes its own coordinates.
+        """
+        if not isinstance(state, dict) or {"window", "momentum", "skipped"} - set(state):
+            raise ValueError(
+                "state must be the dict of sharded_state_dict() after dcp.load, with the keys "
+                "'window', 'momentum' and 'skipped'"
+            )
+        shards, w, win = self._shards, self.window, state["window"]
+        cols = self._local_columns()
+        G = torch.zeros_like(w.G)
+        for i, (c, _, n) in enumerate(cols):
+            local = D.local_columns(win["G"][str(i)])
+            if n:
+                G[:, c : c + n] = local
+        counters = win["counters"].tolist()
+        w.load_state_dict(
+            {
+                "dim": w.dim,
+                "m": w.m,
+                "damp": float(win["damp"]),
+                "refresh_every": w.refresh_every,
+                "accumulate_dtype": w.accumulate_dtype,
+                "refine": w.refine,
+                "count": counters[0],
+                "since_refresh": counters[1],
+                "G": G,
+                **{
+                    k: win[k] for k in ("K", "Ainv", "last_drift", "last_finite", "nonfinite_count")
+                },
+            }
+        )
+        for i in self._momentum_params():
+            target = shards.param(i)
+            local = D.local_columns(state["momentum"][str(i)])
+            buf = torch.zeros_like(target) if local is None else local.reshape(target.shape)
+            self.state[shards.params[i]]["momentum_buffer"] = buf.clone()
+        self._skipped.copy_(state["skipped"])

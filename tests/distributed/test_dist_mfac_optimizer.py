@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from dist_helpers import run_workers
+from dist_runs import results
 from torch import nn
 
 from curvopt import distributed as D
@@ -138,7 +138,7 @@ def _optimizer_checks(rank, world):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_mfac_ddp_zero1_and_fsdp2_match_one_process(world):
-    out = run_workers(_optimizer_checks, world, timeout=120)
+    out = [r["optimizer"] for r in results(world)]
     d = sum(p.numel() for p in make_model().parameters())
     for res in out:
         assert res["ddp_err"] <= 1e-10, res["ddp_err"]
