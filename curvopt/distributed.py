@@ -168,12 +168,17 @@ def _record(kind: str, t: Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------- collectives
+def _active(group: object) -> bool:
+    """Whether a collective over ``group`` communicates (a group of one rank does not)."""
+    return group is not None and dist.get_world_size(group) > 1
+
+
 def all_reduce_sum_(tensor: Tensor, group: object) -> Tensor:
-    """Sum ``tensor`` over the ranks of ``group`` in place and return it (None: no-op).
+    """Sum ``tensor`` over the ranks of ``group`` in place and return it (None or 1 rank: no-op).
 
     Every rank receives the same result, bit for bit, so algebra that follows stays replicated.
     """
-    if group is not None:
+    if _active(group):
         _record("all_reduce", tensor)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
@@ -181,7 +186,7 @@ def all_reduce_sum_(tensor: Tensor, group: object) -> Tensor:
 
 def all_reduce_max_(tensor: Tensor, group: object) -> Tensor:
     """Element-wise maximum over the ranks of ``group``, in place (None: no-op)."""
-    if group is not None:
+    if _active(group):
         _record("all_reduce", tensor)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return tensor
@@ -194,7 +199,7 @@ def all_reduce_any(flag: Tensor, group: object) -> Tensor:
         >>> bool(all_reduce_any(torch.tensor(True), None))
         True
     """
-    if group is None:
+    if not _active(group):
         return flag
     t = flag.to(torch.int32).reshape(1)
     all_reduce_max_(t, group)
@@ -213,7 +218,7 @@ def all_gather_flat(local: Tensor, sizes: Sequence[int], group: object) -> Tenso
     Returns:
         ``(sum(sizes),)`` tensor, the same on every rank.
     """
-    if group is None:
+    if not _active(group):
         return local
     P, r = world_size(group), rank(group)
     if len(sizes) != P or local.shape != (sizes[r],):

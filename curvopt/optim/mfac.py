@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from curvopt import distributed as D
 from curvopt.mfac import SlidingWindowMFAC
+from curvopt.mfac._validation import finite_flag
 from curvopt.optim.mfac_shards import ParamShards
 
 _WINDOW_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
@@ -250,9 +251,10 @@ class MFAC(Optimizer):
         if g is None:
             return loss
         window, shards = self.window, self._shards
-        bad = ~torch.isfinite(g).all()
-        if shards.mode == "zero1":
-            bad = bad | shards.nonfinite_elsewhere()
+        if shards.mode == "zero1":  # every rank holds the whole gradient: check all of it
+            bad = shards.nonfinite_elsewhere()
+        else:
+            bad = ~finite_flag(g)
         bad = D.all_reduce_any(bad, shards.group)  # on any rank
         if self._check_replicated and not bool(bad):  # optional; costs a synchronization
             shards.check_replicated_grads()
@@ -420,6 +422,7 @@ class MFAC(Optimizer):
                 "dim": w.dim,
                 "m": w.m,
                 "damp": float(win["damp"]),
+                "dtype": w.dtype,
                 "refresh_every": w.refresh_every,
                 "accumulate_dtype": w.accumulate_dtype,
                 "refine": w.refine,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from curvopt import distributed as D
+from curvopt.mfac._validation import finite_flag
 
 
 class ParamShards:
@@ -130,15 +131,15 @@ class ParamShards:
         return p.grad.reshape(-1)[off : off + n]
 
     def nonfinite_elsewhere(self) -> Tensor:
-        """ZeRO-1: 0-dim bool, a NaN/Inf in the gradient outside this rank's shard.
+        """ZeRO-1: 0-dim bool, a NaN/Inf anywhere in the (whole, replicated) gradient.
 
-        Every rank holds the whole (replicated) gradient; a non-finite entry anywhere in it must
-        stop the step on every rank, not only on the rank that owns the coordinate.
+        Every rank holds the whole gradient; a non-finite entry anywhere in it must stop the
+        step on every rank, not only on the rank that owns the coordinate.
         """
         dev = self.params[0].device
         if self.mode != "zero1":
             return torch.zeros((), dtype=torch.bool, device=dev)
-        flags = [~torch.isfinite(p.grad).all() for p in self.params if p.grad is not None]
+        flags = [~finite_flag(p.grad) for p in self.params if p.grad is not None]
         return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool, device=dev)
 
     def check_replicated_grads(self) -> None:

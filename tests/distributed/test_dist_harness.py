@@ -35,7 +35,7 @@ def test_collectives_sum_any_gather(world):
         )
         assert res["any"] == (world > 1)
         assert torch.equal(res["gathered"], torch.arange(7).double())
-        assert res["calls"] == {"all_reduce": 2, "all_gather": 1}
+        assert res["calls"] == ({"all_reduce": 2, "all_gather": 1} if world > 1 else {})
 
 
 def test_worker_error_reaches_pytest_without_hanging():
