@@ -130,7 +130,7 @@ class ParamShards:
         off, n = self.ranges[i]
         return p.grad.reshape(-1)[off : off + n]
 
-    def nonfinite_elsewhere(self) -> Tensor:
+    def nonfinite_anywhere(self) -> Tensor:
         """ZeRO-1: 0-dim bool, a NaN/Inf anywhere in the (whole, replicated) gradient.
 
         Every rank holds the whole gradient; a non-finite entry anywhere in it must stop the
@@ -163,8 +163,8 @@ class ParamShards:
 
     def gather_(self) -> None:
         """ZeRO-1: all-gather the updated coordinates into every rank's full parameters."""
-        if self.mode != "zero1":
-            return
+        if self.mode != "zero1" or D.world_size(self.group) == 1:
+            return  # one rank updated its parameters in place already
         P = D.world_size(self.group)
         d = sum(p.numel() for p in self.params)
         sizes = [b - a for a, b in (D.shard_range(d, r, P) for r in range(P))]
