@@ -41,6 +41,11 @@ class ParamShards:
         group: The process group of the collectives (None for ``"local"``).
         ranges: Per parameter, ``(offset, length)`` of its flattened coordinates held here.
         local_dim: Coordinates held here (the window's ``dim``).
+
+    Example:
+        >>> shards = ParamShards([torch.zeros(2, 3), torch.zeros(4)])  # one process
+        >>> shards.mode, shards.local_dim, shards.ranges
+        ('local', 10, [(0, 6), (0, 4)])
     """
 
     def __init__(self, params: Sequence[Tensor], process_group: object = None) -> None:
