@@ -9,15 +9,19 @@ first assignment.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 
 def check_optimizer_state(
-    optimizer: Optimizer, state_dict: Any, shaped_keys: Iterable[str] = ()
+    optimizer: Optimizer,
+    state_dict: Any,
+    shaped_keys: Iterable[str] = (),
+    state_shape: Callable[[Tensor], torch.Size] | None = None,
 ) -> dict[int, Tensor]:
     """Raise ``TypeError``/``ValueError`` if ``state_dict`` does not fit ``optimizer``.
 
@@ -29,6 +33,8 @@ def check_optimizer_state(
         optimizer: The optimizer that will load the state.
         state_dict: The candidate, as returned by ``optimizer.state_dict()``.
         shaped_keys: Per-parameter state entries that must have the parameter's shape.
+        state_shape: The shape those entries must have for a parameter, when it is not the
+            parameter's own (e.g. an optimizer that keeps only this rank's shard of it).
 
     Returns:
         The map from the saved parameter ids to this optimizer's parameters.
@@ -41,7 +47,7 @@ def check_optimizer_state(
         >>> check_optimizer_state(opt, sd, ["momentum_buffer"])
         Traceback (most recent call last):
         ...
-        ValueError: state_dict['state'][0]['momentum_buffer'] has shape (5,) but parameter 0 ...
+        ValueError: state_dict['state'][0]['momentum_buffer'] has shape (5,) but ... needs ...
     """
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
         raise TypeError(
@@ -72,14 +78,15 @@ def check_optimizer_state(
         if pid not in id_map or not keys:
             continue
         p = id_map[pid]
+        shape = p.shape if state_shape is None else state_shape(p)
         for key in keys:
             if key not in entry:
                 continue
             t = entry[key]
-            if not isinstance(t, Tensor) or t.shape != p.shape:
+            if not isinstance(t, Tensor) or t.shape != shape:
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(
                     f"state_dict['state'][{pid}][{key!r}] has shape {got} but parameter {pid} "
-                    f"has shape {tuple(p.shape)}: the state is from another model"
+                    f"needs shape {tuple(shape)}: the state is from another model"
                 )
     return id_map
