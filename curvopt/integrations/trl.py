@@ -259,14 +259,16 @@ class CAPOGRPOTrainer(GRPOTrainer):
         )
         mask.mul_(out.keep.to(mask.dtype))
         stats = out.stats()
+        keys = ("mean_delta_kl_all", "mean_delta_kl_kept", "mean_abs_delta_j_all")
+        keys += ("mean_abs_delta_j_kept",)
         counts = torch.stack([stats["num_valid"] - stats["num_kept"], stats["num_valid"]]).float()
-        counts = self.accelerator.reduce(counts, reduction="sum")
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        values = torch.cat([counts, torch.stack([stats[k].float() for k in keys])]).tolist()
         metrics = self._metrics["train"]
-        metrics["capo/rejected_fraction"].append((counts[0] / counts[1].clamp(min=1)).item())
-        for key in ("mean_delta_kl_all", "mean_delta_kl_kept"):
-            metrics[f"capo/{key}"].append(stats[key].item())
-        for key in ("mean_abs_delta_j_all", "mean_abs_delta_j_kept"):
-            metrics[f"capo/{key}"].append(stats[key].item())
+        metrics["capo/rejected_fraction"].append(values[0] / max(values[1], 1.0))
+        for key, value in zip(keys, values[2:]):
+            metrics[f"capo/{key}"].append(value)
         if self.capo_predict_step:
             self._capo_window.append(
                 {

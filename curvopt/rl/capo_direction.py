@@ -258,8 +258,14 @@ class _HeadParts:
     def params(self) -> tuple[Tensor, ...]:
         return (self.weight,) if self.bias is None else (self.weight, self.bias)
 
-    def columns(self, values: tuple[float, ...], ref: Tensor) -> Tensor:
-        """``(H [+ 1],)``: ``values[0]`` on the weight's columns, ``values[1]`` on the bias."""
+    def columns(self, values: tuple[float, ...], ref: Tensor) -> Tensor | float:
+        """``(H [+ 1],)``: ``values[0]`` on the weight's columns, ``values[1]`` on the bias.
+
+        A plain float when all columns share the value (no bias, or equal values): the common
+        case costs no tensor operations.
+        """
+        if self.bias is None or float(values[0]) == float(values[1]):
+            return float(values[0])
         out = ref.new_full((self.H + (self.bias is not None),), float(values[0]))
         if self.bias is not None:
             out[-1] = float(values[1])
@@ -280,6 +286,14 @@ class _HeadParts:
         w, b = pair
         z = h[:, : self.H] @ w.to(h.dtype).T
         return z if b is None else z + h[:, self.H :] * b.to(h.dtype)
+
+
+def _nonzero(x: Tensor | float) -> bool:
+    return bool((x != 0).any()) if isinstance(x, Tensor) else x != 0
+
+
+def _cast(x: Tensor | float, dtype: torch.dtype) -> Tensor | float:
+    return x.to(dtype) if isinstance(x, Tensor) else x
 
 
 _SUPPORTED = "torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW"
@@ -383,17 +397,17 @@ class SGDOptimizerDirection(_OptimizerDirection):
         """``D_0 h`` over the whole vocabulary, ``(c, V)``, or None when ``D_0 = 0``."""
         out = None
         wd = self._hyper("weight_decay", h) * alpha
-        if bool((wd != 0).any()):
-            out = -self.parts.logits(self._theta(), h * wd.to(h.dtype))
-        if buf is not None and bool((beta != 0).any()):
-            term = self.parts.logits(buf, h * beta.to(h.dtype))
+        if _nonzero(wd):
+            out = -self.parts.logits(self._theta(), h * _cast(wd, h.dtype))
+        if buf is not None and _nonzero(beta):
+            term = self.parts.logits(buf, h * _cast(beta, h.dtype))
             out = -term if out is None else out - term
         return out
 
     def token_terms(self, h: Tensor, s: Tensor, adv: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """``<G_t, Delta_t>`` and ``u_t`` for a chunk (closed form; see the class docstring)."""
         alpha, beta, buf = self._coefficients(h)
-        hh = (h * h * alpha.to(h.dtype)).sum(-1)
+        hh = (h * h * _cast(alpha, h.dtype)).sum(-1)
         gd = adv.square() * (s * s).sum(-1) * hh
         u = (adv * hh).unsqueeze(-1) * s
         drift = self._drift_logits(h, alpha, beta, buf)
@@ -465,11 +479,11 @@ class AdamOptimizerDirection(_OptimizerDirection):
         """``Delta(G)`` with the state read through ``pick(pair) -> tensor like G``."""
         hp = self._hypers(G)
         wd_c, wd_d = hp.pop("wd_coupled"), hp.pop("wd_decoupled")
-        theta = pick(self._theta()).to(G.dtype) if bool(((wd_c != 0) | (wd_d != 0)).any()) else None
+        theta = pick(self._theta()).to(G.dtype) if _nonzero(wd_c) or _nonzero(wd_d) else None
         g = -G if theta is None else theta * wd_c - G
         m, v = self._state("exp_avg"), self._state("exp_avg_sq")
-        m = G.new_zeros(()) if m is None else pick(m).to(G.dtype)
-        v = G.new_zeros(()) if v is None else pick(v).to(G.dtype)
+        m = 0.0 if m is None else pick(m).to(G.dtype)
+        v = 0.0 if v is None else pick(v).to(G.dtype)
         v_max = None
         if self.groups[0]["amsgrad"]:
             vm = self._state("max_exp_avg_sq")
