@@ -1,11 +1,16 @@
 """GRPO with CAPO inside TRL on a tiny random GPT-2 (CPU, about a minute).
 
-    python examples/capo_trl.py --steps 20 --tau-f 1e-3 --tau-h 1.0
+    python examples/capo_trl.py --steps 20 --tau-f 2e-2 --tau-h 0.5
 
 CAPOGRPOTrainer takes every argument of trl.GRPOTrainer plus CAPO's thresholds; it masks, per
 token, the updates whose predicted KL change (tau_f) or objective change (tau_h) is too large,
 and logs the rejected fraction and its predictions of each optimizer step next to TRL's metrics.
 The task: prompts "a+b=", reward 1 for the right sum plus 0.1 per digit.
+
+Thresholds are model- and lr-specific (the paper's tau_F = 1e-4, tau_H = 0.01 belong to a 7B model
+at lr 1.5e-5; curvopt.rl.capo.calibrate_thresholds sets them from percentiles instead). Here the
+first step is usually rejected whole: a fresh Adam's first step is sign-like (every entry of the
+head moves by about lr), which the model predicts as a large KL change.
 """
 
 import argparse
@@ -37,8 +42,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--tau-h", type=float, default=1.0, help="threshold on |dJ_t| (inf: off)")
-    ap.add_argument("--tau-f", type=float, default=1e-3, help="threshold on dKL_t (inf: off)")
+    ap.add_argument("--tau-h", type=float, default=0.5, help="threshold on |dJ_t| (inf: off)")
+    ap.add_argument("--tau-f", type=float, default=2e-2, help="threshold on dKL_t (inf: off)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
