@@ -34,6 +34,12 @@ _HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _HERE]
 
 import torch  # noqa: E402
+
+try:
+    import trl  # noqa: E402, F401
+except ImportError:  # the optional extra curvopt[trl]
+    print("benchmarks/capo_trl.py: skipped, trl is not installed (pip install curvopt[trl])")
+    sys.exit(0)
 from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
