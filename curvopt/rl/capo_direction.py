@@ -28,6 +28,12 @@ on the rows ``I_t``.
   (:meth:`AdamDirection.update`). The map is elementwise, so the ``c x K x H`` per-token matrices
   are formed only for a chunk of ``c`` tokens at a time.
 
+* :class:`SGDOptimizerDirection` and :class:`AdamOptimizerDirection` (from
+  :func:`direction_for`): the step of a real ``torch.optim.SGD`` (momentum, dampening, nesterov,
+  weight decay) or ``Adam``/``AdamW`` (coupled or decoupled decay, AMSGrad), read from the
+  optimizer's param group and state before the coming step; any other optimizer is refused with
+  a ``TypeError``.
+
 The loss that the optimizer minimizes is ``-J``; pass the *ascent* gradient ``-W.grad`` to
 :meth:`update` and :meth:`preview` (the :class:`~curvopt.rl.capo.CAPOLoss` wrapper does this).
 """
