@@ -54,10 +54,14 @@ from curvopt.kernels import softmax_curvature
 
 from .capo_direction import (
     AdamDirection,
+    AdamOptimizerDirection,
     SGDDirection,
+    SGDOptimizerDirection,
     direction_for,
     find_param_group,
 )
+
+Direction = SGDDirection | AdamDirection | SGDOptimizerDirection | AdamOptimizerDirection
 
 #: Elements allowed in one chunk's largest temporary when ``chunk_size`` is not given.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -88,16 +92,26 @@ class CAPOMask:
         return (self.valid & ~self.keep).sum() / n
 
     def stats(self) -> dict[str, Tensor]:
-        """Summary statistics over the valid tokens, as 0-d tensors."""
-        n = self.valid.sum().clamp_min(1)
-        w = self.valid.to(self.delta_kl.dtype)
-        return {
+        """Summary statistics, as 0-d tensors, over two named token sets.
+
+        ``*_all``: every valid token (rejected ones included), ``*_kept``: the kept tokens only
+        (what the update is made of; 0 when none is kept). Keys: ``rejected_fraction``,
+        ``num_valid``, ``num_kept`` and ``mean_delta_j``, ``mean_abs_delta_j``,
+        ``mean_delta_kl``, ``max_delta_kl``, each with the suffix ``_all`` or ``_kept``.
+        """
+        out = {
             "rejected_fraction": self.rejected_fraction,
-            "mean_delta_j": (self.delta_j * w).sum() / n,
-            "mean_abs_delta_j": (self.delta_j.abs() * w).sum() / n,
-            "mean_delta_kl": (self.delta_kl * w).sum() / n,
-            "max_delta_kl": (self.delta_kl * w).max(),
+            "num_valid": self.valid.sum(),
+            "num_kept": self.keep.sum(),
         }
+        for name, sel in (("all", self.valid), ("kept", self.keep)):
+            n = sel.sum().clamp_min(1)
+            w = sel.to(self.delta_kl.dtype)
+            out[f"mean_delta_j_{name}"] = (self.delta_j * w).sum() / n
+            out[f"mean_abs_delta_j_{name}"] = (self.delta_j.abs() * w).sum() / n
+            out[f"mean_delta_kl_{name}"] = (self.delta_kl * w).sum() / n
+            out[f"max_delta_kl_{name}"] = (self.delta_kl * w).max()
+        return out
 
 
 def _check_threshold(value: float, name: str) -> float:
@@ -117,12 +131,22 @@ def _check_lr(lr: float) -> float:
     return float(lr)
 
 
-def _augment(weight: Tensor, bias: Tensor | None, hidden: Tensor) -> tuple[Tensor, Tensor]:
-    """Fold the bias into the weight: ``[W, b]`` and ``[h, 1]``."""
-    if bias is None:
-        return weight, hidden
-    ones = hidden.new_ones(*hidden.shape[:-1], 1)
-    return torch.cat([weight, bias[:, None]], 1), torch.cat([hidden, ones], -1)
+def _augment(
+    weight: Tensor, bias: Tensor | None, hidden: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Fold the bias into the weight, ``[W, b]`` and ``[h, 1]``, and the temperature into ``h``.
+
+    Logits ``(W h + b) / T`` are ``[W, b] [h, 1] / T``, so dividing the augmented hidden state by
+    ``T`` gives the tempered policy and its gradients with respect to ``[W, b]`` exactly.
+    """
+    if not (
+        isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    if bias is not None:
+        ones = hidden.new_ones(*hidden.shape[:-1], 1)
+        weight, hidden = torch.cat([weight, bias[:, None]], 1), torch.cat([hidden, ones], -1)
+    return weight, (hidden if temperature == 1 else hidden / temperature)
 
 
 def _validate(weight, bias, hidden, actions, advantages, mask):
@@ -175,10 +199,17 @@ class CAPOMasker:
         top_k: Size ``K`` of the per-position softmax support (``None``: the whole vocabulary).
         direction: ``"sgd"``, ``"adam"`` or a direction model instance
             (:class:`~curvopt.rl.capo_direction.SGDDirection`,
-            :class:`~curvopt.rl.capo_direction.AdamDirection`).
+            :class:`~curvopt.rl.capo_direction.AdamDirection`, or a model of a real optimizer from
+            :func:`~curvopt.rl.capo_direction.direction_for`).
         symmetric: Keep iff ``|Delta J| < tau_h`` (True) or ``0 <= Delta J < tau_h`` (False).
+            With ``tau_h = inf`` the rule on ``Delta J`` is off either way (no token is rejected
+            for its ``Delta J``, whatever its sign).
         chunk_size: Tokens per chunk (``None``: as many as fit
             :data:`DEFAULT_CHUNK_ELEMENTS` elements in the largest temporary).
+        level: Which prediction gates the mask: ``"token"`` (each token by its own ``Delta J_t``,
+            ``Delta KL_t``; the CAPO recipe), ``"sequence"`` (all tokens of a completion by its
+            token-averaged prediction) or ``"global"`` (all or none, by the batch's), see
+            :meth:`predict_groups`.
     """
 
     def __init__(
@@ -186,10 +217,14 @@ class CAPOMasker:
         tau_h: float,
         tau_f: float,
         top_k: int | None = None,
-        direction: str | SGDDirection | AdamDirection = "sgd",
+        direction: str | Direction = "sgd",
         symmetric: bool = True,
         chunk_size: int | None = None,
+        level: str = "token",
     ):
+        if level not in ("token", "sequence", "global"):
+            raise ValueError(f"level must be 'token', 'sequence' or 'global', got {level!r}")
+        self.level = level
         self.tau_h = tau_h
         self.tau_f = tau_f
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
@@ -203,6 +238,8 @@ class CAPOMasker:
             direction = SGDDirection() if direction == "sgd" else AdamDirection()
         if not all(hasattr(direction, a) for a in ("token_terms", "preview", "update")):
             raise TypeError("direction must provide token_terms, preview and update")
+        if not hasattr(direction, "forms_token_matrices"):
+            direction.forms_token_matrices = True  # the memory-safe assumption for chunking
         self.direction = direction
         self.symmetric = bool(symmetric)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -230,7 +267,7 @@ class CAPOMasker:
     def _chunk(self, K: int, H: int, V: int) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        per_token = max(V, K * H if isinstance(self.direction, AdamDirection) else K + H)
+        per_token = max(V, K * H if self.direction.forms_token_matrices else K + H)
         return max(1, DEFAULT_CHUNK_ELEMENTS // per_token)
 
     @torch.no_grad()
@@ -243,6 +280,7 @@ class CAPOMasker:
         lr: float,
         bias: Tensor | None = None,
         mask: Tensor | None = None,
+        temperature: float = 1.0,
     ) -> tuple[Tensor, Tensor]:
         """Predicted ``Delta J_t`` and ``Delta KL_t`` for every token.
 
@@ -254,6 +292,8 @@ class CAPOMasker:
             lr: Learning rate ``eta`` of the step being modeled.
             bias: Optional ``(V,)`` head bias (folded in as a column of ``W``).
             mask: Optional ``(B, T)`` bool completion mask; predictions are 0 outside it.
+            temperature: The policy is ``softmax((W h + b) / temperature)`` (TRL divides the
+                logits by its sampling temperature).
 
         Returns:
             ``(delta_j, delta_kl)``, each ``(B, T)`` in the weight's dtype.
@@ -269,7 +309,9 @@ class CAPOMasker:
         K = V if self.top_k is None else self.top_k
         if K > V:
             raise ValueError(f"top_k={K} is larger than the vocabulary size V={V}")
-        W, h = _augment(weight.detach(), None if bias is None else bias.detach(), hidden.detach())
+        W, h = _augment(
+            weight.detach(), None if bias is None else bias.detach(), hidden.detach(), temperature
+        )
         moments = getattr(self.direction, "exp_avg", None)
         if moments is not None and moments.shape != W.shape:
             raise ValueError(
@@ -293,31 +335,119 @@ class CAPOMasker:
         return dj, dkl
 
     def _chunk_terms(self, W, h, a, adv, K, lr):
-        z = h @ W.T  # (c, V)
-        if K < z.shape[1]:
-            zk, rows = z.topk(K, dim=-1)
-            missing = ~(rows == a[:, None]).any(-1)
-            rows[missing, -1] = a[missing]  # the sampled action is always in the support
-            zk[missing, -1] = z[missing, a[missing]]
-        else:
-            rows = torch.arange(z.shape[1], device=z.device).expand_as(z)
-            zk = z
-        pi = torch.softmax(zk, dim=-1)
-        s = (rows == a[:, None]).to(pi.dtype) - pi
+        rows, zk, s = _support(h @ W.T, a, K)
         g_dot_d, u = self.direction.token_terms(h, s, adv, rows)
         su = (s * u).sum(-1)
         curv = (u * softmax_curvature(zk, u)).sum(-1)
         dj = lr * g_dot_d + 0.5 * lr**2 * adv * (su.square() - curv)
         return dj, 0.5 * lr**2 * su.square()
 
-    def keep(self, delta_j: Tensor, delta_kl: Tensor) -> Tensor:
-        """The keep rule on given predictions: ``|Delta J| < tau_h`` and ``Delta KL < tau_f``."""
-        ok_j = (
-            delta_j.abs() < self.tau_h
-            if self.symmetric
-            else (delta_j >= 0) & (delta_j < self.tau_h)
+    @torch.no_grad()
+    def predict_groups(
+        self,
+        weight: Tensor,
+        hidden: Tensor,
+        actions: Tensor,
+        advantages: Tensor,
+        lr: float,
+        bias: Tensor | None = None,
+        mask: Tensor | None = None,
+        level: str = "sequence",
+        temperature: float = 1.0,
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sequence or global predictions from token-averaged gradients.
+
+        For a group ``g`` of valid tokens (one completion, or the whole batch) with weights
+        ``w_t`` summing to 1 (``1/n_i`` within completion ``i``; ``1/(B' n_i)`` globally over the
+        ``B'`` completions with a valid token, GRPO's averaging), the group gradient is
+        ``G_g = sum_t w_t A_t s_t h_t^T`` (on each token's top-K rows), the modeled step
+        ``Delta_g = P(G_g)`` and ``u_t = Delta_g h_t`` on the rows ``I_t``:
+
+        .. math::
+
+            \\Delta J_g = \\sum_{t\\in g} w_t A_t\\big[\\eta\\, s_t\\cdot u_t
+                + \\tfrac12\\eta^2\\big((s_t\\cdot u_t)^2 - u_t^\\top F_t u_t\\big)\\big],
+            \\qquad
+            \\Delta\\mathrm{KL}_g = \\tfrac12\\eta^2 \\sum_{t\\in g} w_t (s_t\\cdot u_t)^2,
+
+        with ``F_t = Diag(pi_t) - pi_t pi_t^T`` (the first-order term equals
+        ``eta <G_g, Delta_g>``). Each group forms one dense ``(V, H)`` gradient: the cost is
+        ``O(groups x V x H)``, well above the token-level mask's.
+
+        Args:
+            weight: ``(V, H)`` last-layer weight.
+            hidden: ``(B, T, H)`` final hidden states.
+            actions: ``(B, T)`` sampled token ids.
+            advantages: ``(B,)`` or ``(B, T)``.
+            lr: Learning rate ``eta``.
+            bias: Optional ``(V,)`` head bias.
+            mask: Optional ``(B, T)`` bool completion mask.
+            level: ``"sequence"`` (returns ``(B,)`` tensors) or ``"global"`` (0-d tensors).
+            temperature: Logit temperature (see :meth:`predict`).
+
+        Returns:
+            ``(delta_j, delta_kl)``; 0 for a completion without valid tokens.
+        """
+        if level not in ("sequence", "global"):
+            raise ValueError(f"level must be 'sequence' or 'global', got {level!r}")
+        _validate(weight, bias, hidden, actions, advantages, mask)
+        lr = _check_lr(lr)
+        V = weight.shape[0]
+        K = V if self.top_k is None else self.top_k
+        if K > V:
+            raise ValueError(f"top_k={K} is larger than the vocabulary size V={V}")
+        W, h = _augment(
+            weight.detach(), None if bias is None else bias.detach(), hidden.detach(), temperature
         )
-        return ok_j & (delta_kl < self.tau_f)
+        B, T, Hp = h.shape
+        valid = torch.ones(B, T, dtype=torch.bool, device=h.device) if mask is None else mask
+        adv = advantages.to(W.dtype)
+        adv = adv[:, None].expand(B, T) if adv.ndim == 1 else adv
+        n = valid.sum(1)
+        w = valid.to(W.dtype) / n.clamp_min(1)[:, None].to(W.dtype)
+        if level == "global":
+            w = w / (n > 0).sum().clamp_min(1)
+            groups = [torch.arange(B, device=h.device)]
+        else:
+            groups = [torch.tensor([i], device=h.device) for i in range(B)]
+        dj = W.new_zeros(len(groups))
+        dkl = W.new_zeros(len(groups))
+        for gi, idx in enumerate(groups):
+            sel = valid[idx]
+            if not bool(sel.any()):
+                continue
+            hg, ag = h[idx][sel], actions[idx][sel].long()
+            wa = (w[idx] * adv[idx])[sel]
+            rows, zk, sc = _support(hg @ W.T, ag, K)
+            grad = W.new_zeros(W.shape)
+            step = self._chunk(K, Hp, V)
+            for lo in range(0, hg.shape[0], step):
+                sl = slice(lo, lo + step)
+                src = (wa[sl, None, None] * sc[sl, :, None]) * hg[sl, None, :]
+                grad.index_add_(0, rows[sl].reshape(-1), src.reshape(-1, Hp))
+            delta = self.direction.preview(grad)
+            u = (hg @ delta.T).gather(1, rows)
+            su = (sc * u).sum(-1)
+            curv = (u * softmax_curvature(zk, u)).sum(-1)
+            dj[gi] = (wa * (lr * su + 0.5 * lr**2 * (su.square() - curv))).sum()
+            dkl[gi] = 0.5 * lr**2 * (w[idx][sel] * su.square()).sum() / w[idx][sel].sum()
+        return (dj[0], dkl[0]) if level == "global" else (dj, dkl)
+
+    def keep(self, delta_j: Tensor, delta_kl: Tensor) -> Tensor:
+        """The keep rule on given predictions (any shape): see :class:`CAPOMasker`.
+
+        ``|Delta J| < tau_h`` (``symmetric=False``: ``0 <= Delta J < tau_h``) and
+        ``Delta KL < tau_f``; an infinite threshold switches its rule off entirely.
+        """
+        ok = torch.ones_like(delta_j, dtype=torch.bool)
+        if math.isfinite(self.tau_h):
+            if self.symmetric:
+                ok = delta_j.abs() < self.tau_h
+            else:
+                ok = (delta_j >= 0) & (delta_j < self.tau_h)
+        if math.isfinite(self.tau_f):
+            ok = ok & (delta_kl < self.tau_f)
+        return ok
 
     def __call__(
         self,
@@ -328,13 +458,127 @@ class CAPOMasker:
         lr: float,
         bias: Tensor | None = None,
         mask: Tensor | None = None,
+        temperature: float = 1.0,
     ) -> CAPOMask:
-        """Predict and mask; arguments as in :meth:`predict`. Returns a :class:`CAPOMask`."""
-        dj, dkl = self.predict(weight, hidden, actions, advantages, lr, bias, mask)
+        """Predict and mask; arguments as in :meth:`predict`. Returns a :class:`CAPOMask`.
+
+        With ``level="sequence"``/``"global"`` the mask's ``delta_j``/``delta_kl`` hold, on each
+        valid token, the prediction of its completion / of the batch.
+        """
+        if self.level == "token":
+            dj, dkl = self.predict(weight, hidden, actions, advantages, lr, bias, mask, temperature)
+        else:
+            dj, dkl = self.predict_groups(
+                weight, hidden, actions, advantages, lr, bias, mask, self.level, temperature
+            )
+            shape = hidden.shape[:2]
+            dj = (dj[:, None] if dj.ndim else dj).expand(shape)
+            dkl = (dkl[:, None] if dkl.ndim else dkl).expand(shape)
+            if mask is not None:
+                dj, dkl = dj * mask, dkl * mask
         valid = torch.ones_like(dj, dtype=torch.bool) if mask is None else mask
         return CAPOMask(keep=self.keep(dj, dkl) & valid, delta_j=dj, delta_kl=dkl, valid=valid)
 
     @torch.no_grad()
+    def predict_update(
+        self,
+        weight: Tensor,
+        hidden: Tensor,
+        ascent_grad: Tensor,
+        lr: float,
+        bias: Tensor | None = None,
+        mask: Tensor | None = None,
+        actions: Tensor | None = None,
+        advantages: Tensor | None = None,
+        token_weights: Tensor | None = None,
+        temperature: float = 1.0,
+    ) -> dict[str, Tensor]:
+        """Predicted mean KL and objective change of one whole step of the last layer.
+
+        The modeled step is ``eta P(g)`` for the batch ascent gradient ``g`` (``(V, H)``, or
+        ``(V, H + 1)`` with the bias gradient as last column); per token the logit change is
+        ``u_t = P(g) h_t`` over the full vocabulary, ``p_t`` the full softmax,
+        ``F_t = Diag(p_t) - p_t p_t^T`` and ``s_t = e_{a_t} - p_t``:
+
+        .. math::
+
+            \\mathrm{KL} = \\operatorname{mean}_t \\tfrac12\\eta^2 u_t^\\top F_t u_t,
+            \\qquad
+            \\Delta J = \\sum_t w_t A_t \\big[\\eta\\, s_t\\cdot u_t
+                + \\tfrac12\\eta^2\\big((s_t\\cdot u_t)^2 - u_t^\\top F_t u_t\\big)\\big],
+
+        the second-order expansions of the mean KL(p_old || p_new) over the valid tokens and of
+        the change of the batch surrogate ``J = sum_t w_t A_t pi_new(a_t) / pi_old(a_t)``. The
+        direction model's state is not changed.
+
+        Args:
+            weight: ``(V, H)`` last-layer weight.
+            hidden: ``(B, T, H)`` final hidden states.
+            ascent_grad: The step's ascent gradient of the head (``-grad`` of the loss).
+            lr: Learning rate ``eta``.
+            actions: ``(B, T)`` sampled ids (needed for ``delta_j``).
+            advantages: ``(B,)`` or ``(B, T)`` (needed for ``delta_j``).
+            token_weights: ``(B, T)`` weights ``w_t`` of the surrogate (default: the token mean
+                over valid tokens, ``1 / #valid``).
+            bias: Optional ``(V,)`` head bias.
+            mask: Optional ``(B, T)`` bool mask of the valid tokens.
+            temperature: Logit temperature (see :meth:`predict`).
+
+        Returns:
+            ``{"kl": 0-d, "delta_j": 0-d}`` (``delta_j`` is NaN without actions/advantages).
+        """
+        lr = _check_lr(lr)
+        if hidden.ndim != 3 or hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(
+                f"hidden must have shape (B, T, {weight.shape[1]}), got {tuple(hidden.shape)}"
+            )
+        if mask is not None and mask.shape != hidden.shape[:2]:
+            raise ValueError(f"mask must have shape {tuple(hidden.shape[:2])}")
+        with_j = actions is not None and advantages is not None
+        if with_j:
+            _validate(weight, bias, hidden, actions, advantages, mask)
+        W, h = _augment(
+            weight.detach(), None if bias is None else bias.detach(), hidden.detach(), temperature
+        )
+        if ascent_grad.shape != W.shape:
+            raise ValueError(
+                f"ascent_grad must have shape {tuple(W.shape)}, got {ascent_grad.shape}"
+            )
+        delta = self.direction.preview(ascent_grad.to(W.dtype))
+        B, T, Hp = h.shape
+        h = h.reshape(B * T, Hp)
+        valid = (
+            torch.ones(B * T, dtype=W.dtype, device=W.device)
+            if mask is None
+            else mask.reshape(-1).to(W.dtype)
+        )
+        if token_weights is None:
+            tw = valid / valid.sum().clamp_min(1)
+        else:
+            if token_weights.shape != (B, T):
+                raise ValueError(f"token_weights must have shape {(B, T)}")
+            tw = token_weights.reshape(-1).to(W.dtype) * valid
+        if with_j:
+            a = actions.reshape(-1).long()
+            adv = advantages.to(W.dtype)
+            adv = (adv[:, None].expand(B, T) if adv.ndim == 1 else adv).reshape(-1)
+        kl = W.new_zeros(B * T)
+        dj = W.new_zeros(B * T)
+        step = self._chunk(1, Hp, W.shape[0])
+        for lo in range(0, B * T, step):
+            sl = slice(lo, lo + step)
+            z, u = h[sl] @ W.T, h[sl] @ delta.T
+            curv = (u * softmax_curvature(z, u)).sum(-1)
+            kl[sl] = 0.5 * lr**2 * curv
+            if with_j:
+                su = u.gather(1, a[sl, None]).squeeze(1) - (torch.softmax(z, -1) * u).sum(-1)
+                dj[sl] = adv[sl] * (lr * su + 0.5 * lr**2 * (su.square() - curv))
+        nan = W.new_full((), float("nan"))
+        return {
+            "kl": (kl * valid).sum() / valid.sum().clamp_min(1),
+            "delta_j": (dj * tw).sum() if with_j else nan,
+        }
+
     def predict_update_kl(
         self,
         weight: Tensor,
@@ -344,40 +588,25 @@ class CAPOMasker:
         bias: Tensor | None = None,
         mask: Tensor | None = None,
     ) -> Tensor:
-        """Predicted mean KL(pi_old || pi_new) of one whole step of the last layer.
+        """Predicted mean KL(pi_old || pi_new) of one whole step: ``predict_update(...)["kl"]``."""
+        return self.predict_update(weight, hidden, ascent_grad, lr, bias, mask)["kl"]
 
-        The modeled step is ``eta P(g)`` for the batch ascent gradient ``g`` (``(V, H)``, or
-        ``(V, H + 1)`` with the bias gradient as last column); per token the logit change is
-        ``u_t = P(g) h_t`` over the full vocabulary and the prediction is
-        ``eta^2/2 u_t^T (Diag(p_t) - p_t p_t^T) u_t`` (second-order KL), averaged over the valid
-        tokens. The direction model's state is not changed.
 
-        Returns:
-            0-d tensor.
-        """
-        lr = _check_lr(lr)
-        if hidden.ndim != 3 or hidden.shape[-1] != weight.shape[1]:
-            raise ValueError(
-                f"hidden must have shape (B, T, {weight.shape[1]}), got {tuple(hidden.shape)}"
-            )
-        if mask is not None and mask.shape != hidden.shape[:2]:
-            raise ValueError(f"mask must have shape {tuple(hidden.shape[:2])}")
-        W, h = _augment(weight.detach(), None if bias is None else bias.detach(), hidden.detach())
-        if ascent_grad.shape != W.shape:
-            raise ValueError(
-                f"ascent_grad must have shape {tuple(W.shape)}, got {ascent_grad.shape}"
-            )
-        delta = self.direction.preview(ascent_grad.to(W.dtype))
-        B, T, Hp = h.shape
-        h = h.reshape(B * T, Hp)
-        out = W.new_zeros(B * T)
-        step = self._chunk(1, Hp, W.shape[0])
-        for lo in range(0, B * T, step):
-            hc = h[lo : lo + step]
-            z, u = hc @ W.T, hc @ delta.T
-            out[lo : lo + step] = 0.5 * lr**2 * (u * softmax_curvature(z, u)).sum(-1)
-        w = torch.ones(B * T, dtype=W.dtype, device=W.device) if mask is None else mask.reshape(-1)
-        return (out * w).sum() / w.sum().clamp_min(1)
+def _support(z: Tensor, a: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-K rows of ``z`` (``(c, V)``) with the action forced in, their logits, and the scores.
+
+    Returns ``rows`` and ``zk`` (``(c, K)``) and ``s = e_a - softmax(zk)``.
+    """
+    if K < z.shape[1]:
+        zk, rows = z.topk(K, dim=-1)
+        missing = ~(rows == a[:, None]).any(-1)
+        rows[missing, -1] = a[missing]  # the sampled action is always in the support
+        zk[missing, -1] = z[missing, a[missing]]
+    else:
+        rows = torch.arange(z.shape[1], device=z.device).expand_as(z)
+        zk = z
+    pi = torch.softmax(zk, dim=-1)
+    return rows, zk, (rows == a[:, None]).to(pi.dtype) - pi
 
 
 def calibrate_thresholds(
@@ -433,15 +662,18 @@ class CAPOLoss:
     Args:
         loss_fn: Token-level loss.
         head: The policy's last layer (``nn.Linear``; ``logits = head(hidden)``).
-        optimizer: The optimizer training ``head`` (gives ``lr`` and, for Adam/AdamW, the
-            direction model's ``betas``/``eps``). May be None if ``lr`` is passed per call.
+        optimizer: The optimizer training ``head``: gives ``lr`` and the direction model,
+            which reads the optimizer's hyperparameters and state
+            (:func:`~curvopt.rl.capo_direction.direction_for`: SGD, Adam, AdamW; others are
+            refused unless ``direction`` is given). May be None if ``lr`` is passed per call.
         tau_h: Threshold on ``|Delta J_t|`` (see :class:`CAPOMasker`).
         tau_f: Threshold on ``Delta KL_t``.
         top_k: Softmax support size ``K`` (``None``: whole vocabulary).
-        direction: Direction model; default: chosen from ``optimizer``
-            (:func:`~curvopt.rl.capo_direction.direction_for`).
+        direction: Direction model; default: the model of ``optimizer``'s real update
+            (:func:`~curvopt.rl.capo_direction.direction_for`; plain SGD without optimizer).
         symmetric: Keep rule on ``Delta J`` (see :class:`CAPOMasker`).
         chunk_size: Tokens per chunk (see :class:`CAPOMasker`).
+        level: ``"token"``, ``"sequence"`` or ``"global"`` mask (see :class:`CAPOMasker`).
     """
 
     def __init__(
@@ -453,9 +685,10 @@ class CAPOLoss:
         tau_h: float,
         tau_f: float,
         top_k: int | None = None,
-        direction: str | SGDDirection | AdamDirection | None = None,
+        direction: str | Direction | None = None,
         symmetric: bool = True,
         chunk_size: int | None = None,
+        level: str = "token",
     ):
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable(logprobs, old_logprobs, advantages, mask)")
@@ -464,11 +697,13 @@ class CAPOLoss:
         if optimizer is not None:
             find_param_group(optimizer, head.weight)
         if direction is None:
-            direction = "sgd" if optimizer is None else direction_for(optimizer, head.weight)
+            direction = (
+                "sgd" if optimizer is None else direction_for(optimizer, head.weight, head.bias)
+            )
         self.loss_fn = loss_fn
         self.head = head
         self.optimizer = optimizer
-        self.masker = CAPOMasker(tau_h, tau_f, top_k, direction, symmetric, chunk_size)
+        self.masker = CAPOMasker(tau_h, tau_f, top_k, direction, symmetric, chunk_size, level)
 
     def lr(self) -> float:
         """The current learning rate of the head's param group."""
@@ -528,23 +763,46 @@ class CAPOLoss:
         """Update the direction model once with the masked global gradient (after backward)."""
         self.masker.direction.update(self.ascent_grad().detach())
 
-    def predict_step_kl(self, hidden: Tensor, lr: float | None = None, mask: Tensor | None = None):
-        """Predicted mean KL of the coming step of the head.
+    def predict_step(
+        self,
+        hidden: Tensor,
+        actions: Tensor | None = None,
+        advantages: Tensor | None = None,
+        lr: float | None = None,
+        mask: Tensor | None = None,
+        token_weights: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Predicted mean KL and batch ``Delta J`` of the coming step of the head.
 
-        Call after ``backward`` and before :meth:`update_direction`; see
-        :meth:`CAPOMasker.predict_update_kl`.
+        Call after ``backward`` and before ``optimizer.step()`` (and before
+        :meth:`update_direction`); see :meth:`CAPOMasker.predict_update`.
         """
         lr = self.lr() if lr is None else lr
-        return self.masker.predict_update_kl(
-            self.head.weight, hidden, self.ascent_grad(), lr, self.head.bias, mask
+        return self.masker.predict_update(
+            self.head.weight,
+            hidden,
+            self.ascent_grad(),
+            lr,
+            self.head.bias,
+            mask,
+            actions=actions,
+            advantages=advantages,
+            token_weights=token_weights,
         )
+
+    def predict_step_kl(self, hidden: Tensor, lr: float | None = None, mask: Tensor | None = None):
+        """Predicted mean KL of the coming step of the head: ``predict_step(...)["kl"]``."""
+        return self.predict_step(hidden, lr=lr, mask=mask)["kl"]
 
 
 __all__ = [
     "AdamDirection",
+    "AdamOptimizerDirection",
     "CAPOLoss",
     "CAPOMask",
     "CAPOMasker",
     "SGDDirection",
+    "SGDOptimizerDirection",
     "calibrate_thresholds",
+    "direction_for",
 ]

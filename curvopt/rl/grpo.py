@@ -148,11 +148,13 @@ class GRPOTrainer:
 
         Returns:
             0-d tensors: ``reward`` (mean), ``loss``, ``entropy`` (mean per token),
-            ``rejected_fraction``, ``predicted_kl`` (CAPO's last-layer model of the step's mean
-            KL; NaN without CAPO or ``track_kl``), ``realized_kl`` and ``realized_head_kl`` (the
-            step's mean KL for the whole model and for the head alone on the old hidden states;
-            NaN when ``track_kl`` is off), ``mean_delta_kl``/``mean_abs_delta_j`` (CAPO's token
-            predictions; NaN without CAPO).
+            ``rejected_fraction``, ``predicted_kl`` and ``predicted_delta_j`` (CAPO's last-layer
+            model of the step's mean KL and of the change of the batch surrogate with token-mean
+            weights; NaN without CAPO or ``track_kl``), ``realized_kl`` and ``realized_head_kl``
+            (the step's mean KL for the whole model and for the head alone on the old hidden
+            states; NaN when ``track_kl`` is off), ``mean_delta_kl_all``/``_kept`` and
+            ``mean_abs_delta_j_all``/``_kept`` (CAPO's token predictions averaged over all valid
+            tokens and over the kept ones; NaN without CAPO).
         """
         G, Lp = self.group_size, prompts.shape[1]
         rep = prompts.repeat_interleave(G, 0)
@@ -165,7 +167,9 @@ class GRPOTrainer:
         valid = torch.ones_like(completions, dtype=torch.bool)
         nan = torch.tensor(float("nan"))
         out = {"reward": rewards.mean(), "rejected_fraction": torch.tensor(0.0)}
-        out.update(predicted_kl=nan, mean_delta_kl=nan, mean_abs_delta_j=nan)
+        capo_keys = ("mean_delta_kl_all", "mean_delta_kl_kept")
+        capo_keys += ("mean_abs_delta_j_all", "mean_abs_delta_j_kept")
+        out.update(dict.fromkeys(("predicted_kl", "predicted_delta_j") + capo_keys, nan))
         old_logp = None
         for it in range(self.num_iterations):
             h, logits, logp = self._forward(seq, Lp, completions)
@@ -179,16 +183,14 @@ class GRPOTrainer:
                 loss, m = self.capo(logp, old_logp, adv, valid, h.detach(), completions)
                 if it == 0:
                     st = m.stats()
-                    out.update(
-                        rejected_fraction=st["rejected_fraction"],
-                        mean_delta_kl=st["mean_delta_kl"],
-                        mean_abs_delta_j=st["mean_abs_delta_j"],
-                    )
+                    out["rejected_fraction"] = st["rejected_fraction"]
+                    out.update({k: st[k] for k in capo_keys})
             self.optimizer.zero_grad()
             loss.backward()
             if self.capo is not None:
                 if it == 0 and self.track_kl:
-                    out["predicted_kl"] = self.capo.predict_step_kl(old_h)
+                    pred = self.capo.predict_step(old_h, completions, adv)
+                    out["predicted_kl"], out["predicted_delta_j"] = pred["kl"], pred["delta_j"]
                 self.capo.update_direction()
             self.optimizer.step()
             if it == 0:

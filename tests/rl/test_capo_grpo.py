@@ -115,7 +115,8 @@ def test_grpo_step_is_gradient_ascent_on_its_batch_surrogate(with_capo):
             return seen["r"]
 
         out = trainer.step(prompts, task.answer_len, reward_fn)
-        capo_only = {"predicted_kl", "mean_delta_kl", "mean_abs_delta_j"}
+        capo_only = {"predicted_kl", "predicted_delta_j", "mean_delta_kl_all"}
+        capo_only |= {"mean_delta_kl_kept", "mean_abs_delta_j_all", "mean_abs_delta_j_kept"}
         for k, v in out.items():
             assert bool(torch.isfinite(v)) == (with_capo or k not in capo_only), k
         r = seen["r"].double().view(-1, 8)

@@ -5,8 +5,10 @@ import torch
 
 from curvopt.rl.capo import (
     AdamDirection,
+    AdamOptimizerDirection,
     CAPOLoss,
     CAPOMasker,
+    SGDOptimizerDirection,
     calibrate_thresholds,
 )
 from curvopt.rl.sequence_policy import GRUPolicy
@@ -45,8 +47,31 @@ def test_mask_keeps_exactly_tokens_below_both_thresholds(symmetric):
     assert float(out.rejected_fraction) == pytest.approx((n_valid - int(out.keep.sum())) / n_valid)
     assert torch.equal(out.delta_j[~mask], torch.zeros_like(out.delta_j[~mask]))
     st = out.stats()
-    assert float(st["mean_delta_kl"]) == pytest.approx(float(dkl[mask].mean()))
-    assert float(st["mean_abs_delta_j"]) == pytest.approx(float(dj[mask].abs().mean()))
+    assert int(st["num_valid"]) == n_valid and int(st["num_kept"]) == int(out.keep.sum())
+    for name, sel in (("all", mask), ("kept", out.keep)):
+        assert float(st[f"mean_delta_kl_{name}"]) == pytest.approx(float(dkl[sel].mean()))
+        assert float(st[f"mean_abs_delta_j_{name}"]) == pytest.approx(float(dj[sel].abs().mean()))
+        assert float(st[f"mean_delta_j_{name}"]) == pytest.approx(float(dj[sel].mean()))
+        assert float(st[f"max_delta_kl_{name}"]) == pytest.approx(float(dkl[sel].max()))
+    # the kept tokens are the ones below the thresholds: their mean KL is below the all-token one
+    assert float(st["mean_delta_kl_kept"]) < float(st["mean_delta_kl_all"])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_infinite_thresholds_switch_their_rule_off(symmetric):
+    W, bias, hidden, actions, adv, mask = _inputs(9)
+    # an Adam model with history: its momentum drift makes some Delta J negative
+    adam = AdamDirection()
+    adam.update(
+        torch.randn(V, H + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    )
+    masker = CAPOMasker(float("inf"), float("inf"), top_k=6, direction=adam, symmetric=symmetric)
+    out = masker(W, hidden, actions, adv, 0.05, bias, mask)
+    assert bool((out.delta_j[mask] < 0).any())  # negative Delta J exist and are kept
+    assert torch.equal(out.keep, mask)
+    masker.tau_f = float(out.delta_kl[mask].median())
+    out2 = masker(W, hidden, actions, adv, 0.05, bias, mask)
+    assert torch.equal(out2.keep, mask & (out.delta_kl < masker.tau_f))
 
 
 @pytest.mark.parametrize("direction", ["sgd", "adam"])
@@ -117,19 +142,34 @@ def test_masked_tokens_contribute_zero_gradient(loss_fn):
             assert torch.allclose(x, y, rtol=1e-10, atol=1e-14)
 
 
-def test_capo_loss_direction_follows_optimizer_and_updates_with_masked_gradient():
+def test_capo_loss_direction_follows_optimizer_and_explicit_models_update():
     torch.manual_seed(3)
     pol = GRUPolicy(V, H).double()
-    opt = torch.optim.Adam(pol.parameters(), lr=0.01, betas=(0.5, 0.6), eps=1e-5)
-    capo = CAPOLoss(grpo_loss, pol.head, opt, tau_h=1.0, tau_f=1.0)
-    d = capo.masker.direction
-    assert isinstance(d, AdamDirection) and d.betas == (0.5, 0.6) and d.eps == 1e-5
-    assert (
-        CAPOLoss(
-            grpo_loss, pol.head, torch.optim.SGD(pol.parameters(), 0.1), tau_h=1.0, tau_f=1.0
-        ).masker.direction.name
-        == "sgd"
-    )
+    params = list(pol.parameters())
+    for cls, name in (
+        (torch.optim.SGD, "sgd"),
+        (torch.optim.Adam, "adam"),
+        (torch.optim.AdamW, "adam"),
+    ):
+        capo = CAPOLoss(grpo_loss, pol.head, cls(params, lr=0.1), tau_h=1.0, tau_f=1.0)
+        assert capo.masker.direction.name == name
+        assert isinstance(capo.masker.direction, SGDOptimizerDirection | AdamOptimizerDirection)
+    for cls in (
+        torch.optim.RMSprop,
+        torch.optim.NAdam,
+        torch.optim.RAdam,
+        torch.optim.Adamax,
+        torch.optim.Adagrad,
+    ):
+        with pytest.raises(TypeError, match="SGD, torch.optim.Adam and torch.optim.AdamW"):
+            CAPOLoss(grpo_loss, pol.head, cls(params, lr=0.1), tau_h=1.0, tau_f=1.0)
+    with pytest.raises(ValueError, match="maximize"):
+        CAPOLoss(grpo_loss, pol.head, torch.optim.SGD(params, 0.1, maximize=True), tau_h=1, tau_f=1)
+    # an explicit own-moment Adam model is still updated with the masked global gradient
+    opt = torch.optim.Adam(params, lr=0.01, betas=(0.5, 0.6), eps=1e-5)
+    d = AdamDirection.from_optimizer(opt, pol.head.weight)
+    assert d.betas == (0.5, 0.6) and d.eps == 1e-5
+    capo = CAPOLoss(grpo_loss, pol.head, opt, tau_h=1.0, tau_f=1.0, direction=d)
     tokens = torch.randint(0, V, (B, T + 1))
     h = pol.hidden_states(tokens[:, :-1])
     logp = torch.log_softmax(pol.head(h), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
@@ -297,3 +337,23 @@ def test_thresholds_are_strict_at_a_tokens_own_value(symmetric):
         assert int(at_tau.sum()) >= 1
         assert not bool(out.keep[mask][at_tau].any()), name
         assert bool(out.keep[mask][values < tau].all()), name
+
+
+@pytest.mark.parametrize("level", ["sequence", "global"])
+def test_sequence_and_global_masks_gate_whole_groups(level):
+    W, bias, hidden, actions, adv, mask = _inputs(10)
+    masker = CAPOMasker(float("inf"), float("inf"), top_k=6, level=level)
+    dj, dkl = masker.predict_groups(W, hidden, actions, adv, 0.05, bias, mask, level=level)
+    if level == "sequence":
+        masker.tau_f = float(dkl.median())  # rejects about half the completions
+        out = masker(W, hidden, actions, adv, 0.05, bias, mask)
+        want = (dkl < masker.tau_f)[:, None] & mask
+        assert torch.equal(out.keep, want) and 0 < int(want.sum()) < int(mask.sum())
+        assert torch.equal(out.delta_kl, dkl[:, None] * mask)
+    else:
+        for tau, kept in ((float(dkl) * 2, True), (float(dkl) / 2, False)):
+            masker.tau_f = tau
+            out = masker(W, hidden, actions, adv, 0.05, bias, mask)
+            assert torch.equal(out.keep, mask if kept else torch.zeros_like(mask))
+    with pytest.raises(ValueError, match="level"):
+        CAPOMasker(1.0, 1.0, level="batch")

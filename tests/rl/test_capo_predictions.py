@@ -174,3 +174,103 @@ def test_adam_direction_state_dict_round_trip():
     x = torch.randn(V, H, dtype=torch.float64)
     assert torch.equal(e.preview(x), d.preview(x))
     assert math.isfinite(float(e.preview(x).sum()))
+
+
+def _taylor2(f, eta):
+    """eta f'(0) + eta^2/2 f''(0) of a scalar function of a scalar, by autograd."""
+    x = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    (d1,) = torch.autograd.grad(f(x), x, create_graph=True)
+    (d2,) = torch.autograd.grad(d1, x)
+    return eta * d1.detach() + 0.5 * eta**2 * d2
+
+
+@pytest.mark.parametrize("direction_kind", ["sgd", "adam"])
+def test_whole_step_delta_j_and_kl_match_autograd_taylor(direction_kind):
+    W, b, hidden, actions, adv = _problem(5)
+    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(1)) < 0.75
+    direction = SGDDirection() if direction_kind == "sgd" else _adam_with_history(5, (V, H + 1))
+    masker = CAPOMasker(1.0, 1.0, direction=direction)
+    g = torch.randn(V, H + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    weights = torch.rand(B, T, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    eta = 0.05
+    out = masker.predict_update(
+        W, hidden, g, eta, b, mask, actions=actions, advantages=adv, token_weights=weights
+    )
+    Wa = torch.cat([W, b[:, None]], 1)
+    ha = torch.cat([hidden, torch.ones(B, T, 1, dtype=torch.float64)], -1)
+    D = direction.preview(g) if direction_kind == "adam" else g
+
+    def logp(x):
+        return torch.log_softmax(ha @ (Wa + x * D).T, -1)
+
+    lp0 = logp(torch.zeros((), dtype=torch.float64)).detach()
+    a = actions[..., None]
+
+    def surrogate(x):
+        r = torch.exp(logp(x).gather(-1, a) - lp0.gather(-1, a)).squeeze(-1)
+        return (weights * mask * adv[:, None] * r).sum()
+
+    def kl(x):
+        p0 = lp0.exp()
+        return ((p0 * (lp0 - logp(x))).sum(-1) * mask).sum() / mask.sum()
+
+    assert torch.allclose(out["delta_j"], _taylor2(surrogate, eta), rtol=1e-9)
+    assert torch.allclose(out["kl"], _taylor2(kl, eta), rtol=1e-9)
+    assert torch.isnan(masker.predict_update(W, hidden, g, eta, b)["delta_j"])
+
+
+@pytest.mark.parametrize("level", ["sequence", "global"])
+@pytest.mark.parametrize("direction_kind", ["sgd", "adam"])
+def test_group_predictions_match_autograd_taylor(level, direction_kind):
+    """Group gradient by autograd of the weighted top-K log-likelihood, its modeled step, and the
+    second-order change of the group's importance-weighted objective and mean KL estimate."""
+    W, b, hidden, actions, adv = _problem(6)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 2:] = False
+    mask[2] = False  # a completion without valid tokens
+    K = 4
+    direction = SGDDirection() if direction_kind == "sgd" else _adam_with_history(6, (V, H + 1))
+    masker = CAPOMasker(1.0, 1.0, top_k=K, direction=direction)
+    eta = 0.04
+    dj, dkl = masker.predict_groups(W, hidden, actions, adv, eta, b, mask, level=level)
+    assert dj.shape == dkl.shape == ((B,) if level == "sequence" else ())
+    dj, dkl = dj.reshape(-1), dkl.reshape(-1)
+    Wa = torch.cat([W, b[:, None]], 1)
+    n = mask.sum(1)
+    groups = [[i] for i in range(B)] if level == "sequence" else [list(range(B))]
+    n_seq = int((n > 0).sum())
+    for gi, seqs in enumerate(groups):
+        toks = [(i, t) for i in seqs for t in range(T) if mask[i, t]]
+        if not toks:
+            assert float(dj[gi]) == 0.0 and float(dkl[gi]) == 0.0
+            continue
+        w = {(i, t): 1 / float(n[i]) / (n_seq if level == "global" else 1) for i, t in toks}
+        supp = {}
+        for i, t in toks:
+            haug = torch.cat([hidden[i, t], torch.ones(1, dtype=torch.float64)])
+            supp[i, t] = (haug, *_support(Wa @ haug, int(actions[i, t]), K))
+
+        def token_logp(Wx, key, supp=supp):
+            haug, rows, pos = supp[key]
+            return torch.log_softmax((Wx @ haug)[rows], 0)[pos]
+
+        Wv = Wa.clone().requires_grad_(True)
+        obj = sum(w[k] * adv[k[0]] * token_logp(Wv, k) for k in toks)
+        (G,) = torch.autograd.grad(obj, Wv)
+        D = _dense_direction(direction, G)
+        lp0 = {k: token_logp(Wa, k).detach() for k in toks}
+
+        def surrogate(x, toks=toks, w=w, D=D, lp0=lp0, token_logp=token_logp):
+            return sum(
+                w[k] * adv[k[0]] * torch.exp(token_logp(Wa + x * D, k) - lp0[k]) for k in toks
+            )
+
+        def kl_est(x, toks=toks, w=w, D=D, lp0=lp0, token_logp=token_logp):
+            tot = sum(w[k] for k in toks)
+            return sum(w[k] * 0.5 * (token_logp(Wa + x * D, k) - lp0[k]) ** 2 for k in toks) / tot
+
+        want_j, want_kl = _taylor2(surrogate, eta), _taylor2(kl_est, eta)
+        assert torch.allclose(dj[gi], want_j, rtol=1e-9, atol=1e-15)
+        assert torch.allclose(dkl[gi], want_kl, rtol=1e-9, atol=1e-15)
+    with pytest.raises(ValueError, match="level"):
+        masker.predict_groups(W, hidden, actions, adv, eta, b, mask, level="batch")

@@ -1,0 +1,196 @@
+"""CAPO's overhead per GRPO step inside TRL: CAPOGRPOTrainer vs trl.GRPOTrainer, side by side.
+
+Same model (a random-init GPT-2 from :mod:`curvopt.integrations.trl_addition`), data, seed and
+GRPOConfig for both arms. CAPO runs with infinite thresholds: every prediction is computed, the
+mask is multiplied in and the per-step predictions are made (``capo_predict_step=True``), but no
+token is rejected, so both arms train bit-identical models on identical completions and do the
+same work apart from CAPO's (a finite threshold would change the completions and with them the
+generation time, which dominates). Rounds alternate the arms (GRPO, CAPO, CAPO, GRPO, ...) so
+that a load change on the shared machine hits both alike. Per optimizer step the wall time from
+``on_step_begin`` to ``on_step_end`` (generation, rewards, forward, backward, CAPO, optimizer
+step) is recorded, and TRL's own ``step_time`` metric (``training_step`` only); the first step of
+each round is dropped (warm-up). Independently of that noisy difference, the time spent inside
+CAPO's two entry points (the token mask per micro-batch and the step prediction at the
+optimizer's pre-step hook) is measured directly. The table reports medians and ratios.
+
+Run: ``python benchmarks/capo_trl.py`` (a few minutes) or ``--quick`` (under a minute). CPU only;
+the ~100M-parameter GPU figure of the issue needs a GPU (``--n-embd 768 --n-layer 12`` with
+``--device cuda`` is not wired up: this script measures the CPU configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+# benchmarks/kernels.py would shadow the Hugging Face `kernels` package that transformers probes
+# for (and it switches TRITON_INTERPRET on when imported): drop this folder from the import path.
+_HERE = pathlib.Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _HERE]
+
+import torch  # noqa: E402
+
+try:
+    import trl  # noqa: E402, F401
+except ImportError:  # the optional extra curvopt[trl]
+    print("benchmarks/capo_trl.py: skipped, trl is not installed (pip install curvopt[trl])")
+    sys.exit(0)
+from transformers import PrinterCallback, TrainerCallback  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from curvopt.integrations.trl import CAPOGRPOTrainer  # noqa: E402
+from curvopt.integrations.trl_addition import (  # noqa: E402
+    addition_prompts,
+    addition_reward,
+    char_tokenizer,
+    tiny_gpt2,
+)
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self.t0)
+
+
+def run(arm: str, args, out_dir: str) -> tuple[list[float], list[float], float]:
+    cfg = GRPOConfig(
+        output_dir=out_dir,
+        use_cpu=True,
+        max_steps=args.steps,
+        num_generations=args.generations,
+        per_device_train_batch_size=args.batch,
+        max_completion_length=args.completion_len,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        loss_type="grpo",
+        seed=0,
+        disable_tqdm=True,
+    )
+    common = dict(
+        model=tiny_gpt2(seed=0, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head),
+        reward_funcs=addition_reward,
+        args=cfg,
+        train_dataset=addition_prompts(n=args.steps * args.batch, seed=0),
+        processing_class=char_tokenizer(),
+    )
+    if arm == "GRPO":
+        trainer = GRPOTrainer(**common)
+    else:
+        trainer = CAPOGRPOTrainer(**common, capo_tau_h=math.inf, capo_tau_f=math.inf)
+    trainer.remove_callback(PrinterCallback)
+    own = []
+    if arm == "CAPO":  # time CAPO's own work where it happens
+        for name in ("_capo_apply", "_capo_before_step"):
+            setattr(trainer, name, _timed(getattr(trainer, name), own))
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "step_time" in h]
+    # one micro-batch per step: own[0], own[1] are the first (warm-up) step's two calls
+    own_step = sum(own[2:]) / (args.steps - 1) if arm == "CAPO" else math.nan
+    isolated = isolated_capo_time(trainer) if arm == "CAPO" else math.nan
+    return timer.times[1:], [h["step_time"] for h in logs][1:], (own_step, isolated)
+
+
+def isolated_capo_time(trainer, reps: int = 20) -> float:
+    """CAPO's work for the last step's batch (mask + step prediction), warm, in a tight loop."""
+    mb = trainer.capo_last_step["batches"][0]
+    inputs = {"completion_ids": mb["actions"], "advantages": mb["advantages"]}
+    times = []
+    for _ in range(reps):
+        inputs["completion_mask"] = mb["valid"].long()
+        t0 = time.perf_counter()
+        trainer._capo_apply(inputs, mb["hidden"])
+        trainer._capo_before_step(None, (), {})
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _timed(fn, into):
+    def wrapper(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            into.append(time.perf_counter() - t0)
+
+    return wrapper
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 rounds per arm of 6 steps")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--generations", type=int, default=4)
+    p.add_argument("--completion-len", type=int, default=8)
+    p.add_argument("--n-embd", type=int, default=64)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    if args.quick:
+        args.rounds, args.steps = 2, 6
+    torch.set_num_threads(args.threads)
+    order = ["GRPO", "CAPO", "CAPO", "GRPO"] * math.ceil(args.rounds / 2)
+    order = order[: 2 * args.rounds]
+    wall = {"GRPO": [], "CAPO": []}
+    inner = {"GRPO": [], "CAPO": []}
+    own = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out_dir:
+        for arm in order:
+            w, s, r = run(arm, args, out_dir)
+            wall[arm] += w
+            inner[arm] += s
+            if arm == "CAPO":
+                own.append(r)
+    n_params = sum(
+        p.numel() for p in tiny_gpt2(n_embd=args.n_embd, n_layer=args.n_layer).parameters()
+    )
+    print(
+        f"tiny GPT-2: {n_params} parameters (H={args.n_embd}, {args.n_layer} layers, V=14), "
+        f"{args.batch} completions/step ({args.generations} per prompt), <= {args.completion_len} "
+        f"tokens, {args.rounds} rounds x {args.steps - 1} timed steps per arm, "
+        f"{args.threads} thread(s)"
+    )
+    print()
+    print("| time per GRPO step (median) | trl.GRPOTrainer (ms) | CAPOGRPOTrainer (ms) | ratio |")
+    print("|---|---|---|---|")
+    for label, data in (
+        ("whole optimizer step (generation .. optimizer.step)", wall),
+        ("TRL step_time (training_step: generation, loss, backward)", inner),
+    ):
+        a, b = statistics.median(data["GRPO"]), statistics.median(data["CAPO"])
+        print(f"| {label} | {1e3 * a:.1f} | {1e3 * b:.1f} | {b / a:.3f} |")
+    base = statistics.median(wall["GRPO"])
+    mean_own = statistics.mean(r[0] for r in own)
+    isolated = statistics.median(r[1] for r in own)
+    print(
+        f"| CAPO's own work inside training (mask + step prediction), mean per step | - | "
+        f"{1e3 * mean_own:.1f} | {mean_own / base:.3f} of the GRPO step |"
+    )
+    print(
+        f"| CAPO's own work on one step's batch, warm, isolated (median) | - | "
+        f"{1e3 * isolated:.1f} | {isolated / base:.3f} of the GRPO step |"
+    )
+    print()
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

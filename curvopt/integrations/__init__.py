@@ -1,0 +1,7 @@
+"""Adapters to other libraries' trainers; each submodule imports its library only when imported.
+
+* :mod:`curvopt.integrations.trl`: :class:`~curvopt.integrations.trl.CAPOGRPOTrainer`, CAPO
+  token masking inside TRL's ``GRPOTrainer`` (needs the ``curvopt[trl]`` extra).
+
+Nothing in the core package imports this package.
+"""

@@ -1,0 +1,333 @@
+"""CAPO inside TRL: :class:`CAPOGRPOTrainer`, a drop-in subclass of ``trl.GRPOTrainer``.
+
+CAPO (:mod:`curvopt.rl.capo`) only selects data: per token it predicts, from the policy's final
+hidden state ``h_t``, its output layer ``W`` (``model.get_output_embeddings()``, any
+``nn.Linear``, tied or not) and the trainer's real optimizer, the change ``Delta J_t`` of the
+objective and ``Delta KL_t`` of the policy that the token's gradient would cause, and keeps the
+token iff ``|Delta J_t| < tau_H`` and ``Delta KL_t < tau_F``. The keep mask multiplies TRL's
+completion mask before TRL's own loss, so the loss form, its normalization and all of TRL's
+options stay TRL's.
+
+**How it hooks in.** ``_compute_loss`` hands TRL a private copy of the completion mask (TRL's
+buffered batch is never changed). During TRL's own forward pass a forward hook on the backbone
+(``model.base_model``) records its last hidden state (TRL's fused LM head reads the head's
+weight directly; there is no extra forward of the transformer), and right
+after the forward, before TRL forms the loss, the CAPO mask is computed in one no-grad pass over
+last-layer quantities, chunked over tokens (memory ``O(chunk K H)``; no extra backward), and
+multiplied into that mask in place. TRL divides the logits by its ``temperature``; the model does
+the same (:meth:`~curvopt.rl.capo.CAPOMasker.predict`). With both thresholds infinite the mask is
+all ones and the loss and gradients equal ``trl.GRPOTrainer``'s bit for bit.
+
+**Optimizer.** The update is modeled from the trainer's real optimizer
+(:func:`~curvopt.rl.capo_direction.direction_for`: ``torch.optim.SGD`` with momentum, dampening,
+nesterov and weight decay, ``Adam``/``AdamW`` with coupled or decoupled decay and AMSGrad),
+reading its hyperparameters, learning rate and state (moments, buffers, step) as they are before
+the coming step. Any other optimizer raises a ``TypeError`` when the trainer is built (an
+optimizer passed in ``optimizers=``) or when training creates it (``args.optim``).
+
+**Loss types.** ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo`` (TRL's default), ``cispo`` and ``sapo``
+with ``importance_sampling_level="token"``: all are token-level and their gradient at ratio 1 is
+the token's ``A grad log pi``, which is what CAPO models. ``luspo``, ``vespo`` and sequence-level
+importance sampling are refused (their weights couple the tokens of a completion), as are Liger's
+fused loss and tool/environment masks (``tool_mask``). ``dapo`` and ``cispo`` keep TRL's
+normalizer, the number of completion tokens of the global batch counted before masking.
+
+**Logged metrics** (through the trainer's metrics, averaged per logging step):
+``capo/rejected_fraction`` (of the valid completion tokens, across processes),
+``capo/mean_delta_kl_all``/``_kept`` and ``capo/mean_abs_delta_j_all``/``_kept`` (token
+predictions over all valid and over the kept tokens), and, at each optimizer step (a
+``torch.optim`` step pre-hook, after gradient clipping and accumulation),
+``capo/predicted_step_kl`` and ``capo/predicted_delta_j``: the last-layer model of the coming
+step's mean KL over the completion tokens and of the change of the loss's surrogate
+``sum_t w_t A_t pi_new/pi_old`` (``w_t`` the loss type's token weights over the kept tokens)
+(:meth:`~curvopt.rl.capo.CAPOMasker.predict_update`).
+
+Example:
+    >>> from curvopt.integrations.trl import CAPOGRPOTrainer
+    >>> CAPOGRPOTrainer.SUPPORTED_LOSS_TYPES
+    ('grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo')
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from torch import Tensor, nn
+from trl import GRPOTrainer
+
+from curvopt.rl.capo import CAPOMasker
+from curvopt.rl.capo_direction import direction_for, find_param_group
+
+__all__ = ["CAPOGRPOTrainer"]
+
+
+class CAPOGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` with CAPO's curvature-aware token mask.
+
+    Takes every argument of ``trl.GRPOTrainer`` plus CAPO's settings as keywords.
+
+    Args:
+        *args: Passed to ``trl.GRPOTrainer``.
+        capo_tau_h: Threshold on ``|Delta J_t|`` (``math.inf`` disables the rule).
+        capo_tau_f: Threshold on ``Delta KL_t`` (``math.inf`` disables the rule).
+        capo_symmetric: Keep iff ``|Delta J| < tau_h`` (True) or ``0 <= Delta J < tau_h``.
+        capo_top_k: Size ``K`` of the per-position softmax support of the model (the authors'
+            code uses 200; clipped to the vocabulary; ``None``: the whole vocabulary).
+        capo_level: ``"token"`` (the CAPO recipe), ``"sequence"`` or ``"global"`` mask
+            (:class:`~curvopt.rl.capo.CAPOMasker`).
+        capo_chunk_size: Tokens per chunk of the no-grad pass (``None``: automatic).
+        capo_predict_step: Log the predicted KL and ``Delta J`` of every optimizer step (one more
+            no-grad pass over the step's hidden states, at the step).
+        **kwargs: Passed to ``trl.GRPOTrainer``.
+
+    Raises:
+        ValueError: For an unsupported loss type, sequence-level importance sampling, Liger's
+            fused loss, invalid thresholds.
+        TypeError: For a model whose output embeddings are not an ``nn.Linear``, or an optimizer
+            CAPO has no model of.
+    """
+
+    SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+
+    def __init__(
+        self,
+        *args: Any,
+        capo_tau_h: float = math.inf,
+        capo_tau_f: float = math.inf,
+        capo_symmetric: bool = True,
+        capo_top_k: int | None = 200,
+        capo_level: str = "token",
+        capo_chunk_size: int | None = None,
+        capo_predict_step: bool = True,
+        **kwargs: Any,
+    ):
+        # validates the thresholds, top_k, level and chunk size before the (slow) parent init
+        self.capo_masker = CAPOMasker(
+            capo_tau_h,
+            capo_tau_f,
+            top_k=capo_top_k,
+            symmetric=capo_symmetric,
+            chunk_size=capo_chunk_size,
+            level=capo_level,
+        )
+        self.capo_predict_step = bool(capo_predict_step)
+        self._capo_pending: dict | None = None
+        self._capo_window: list[dict] = []
+        self._capo_bound: torch.optim.Optimizer | None = None
+        self._capo_hook = None
+        #: The last optimizer step's predictions (``kl``, ``delta_j``) and the micro-batches'
+        #: ``hidden``, ``valid`` and ``keep`` they were made from (for diagnostics and tests).
+        self.capo_last_step: dict | None = None
+        super().__init__(*args, **kwargs)
+        if self.loss_type not in self.SUPPORTED_LOSS_TYPES:
+            raise ValueError(
+                f"CAPOGRPOTrainer supports the token-level loss types "
+                f"{', '.join(self.SUPPORTED_LOSS_TYPES)}; got loss_type={self.loss_type!r}"
+            )
+        if self.importance_sampling_level != "token":
+            raise ValueError(
+                "CAPOGRPOTrainer needs importance_sampling_level='token' (CAPO models token-level "
+                f"updates); got {self.importance_sampling_level!r}"
+            )
+        if getattr(self.args, "use_liger_kernel", False):
+            raise ValueError("CAPOGRPOTrainer does not support use_liger_kernel (fused loss)")
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise TypeError(
+                "CAPO needs a causal LM whose output layer (get_output_embeddings()) is an "
+                f"nn.Linear; got {type(head).__name__}"
+            )
+        self.capo_head = head
+        if self.capo_masker.top_k is not None:
+            self.capo_masker.top_k = min(self.capo_masker.top_k, head.weight.shape[0])
+        # TRL >= 1.16 scores tokens with a fused LM head that runs the backbone and then reads the
+        # head's weight directly (the head module is never called): record the backbone's output.
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        self._capo_backbone = base.base_model
+        if self._capo_backbone is base:
+            raise TypeError("CAPO needs a causal LM with a separate backbone (model.base_model)")
+        text_config = base.config.get_text_config()
+        if getattr(text_config, "final_logit_softcapping", None) is not None:
+            raise ValueError("CAPO's linear-logit model does not cover final_logit_softcapping")
+        scale = next(
+            (
+                getattr(text_config, k)
+                for k in ("logit_scale", "output_multiplier", "lm_head_multiplier")
+                if getattr(text_config, k, None) is not None
+            ),
+            None,
+        )
+        if scale is not None or getattr(text_config, "logits_scaling", None) is not None:
+            raise ValueError("CAPO's linear-logit model does not cover scaled logits (logit_scale)")
+        if self.optimizer is not None:
+            self._capo_bind(self.optimizer)
+
+    # --- optimizer ---------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """Create the optimizer as the parent does, then bind CAPO's model of its update."""
+        optimizer = (
+            super().create_optimizer(model) if model is not None else super().create_optimizer()
+        )
+        self._capo_bind(optimizer)
+        return optimizer
+
+    def _capo_bind(self, optimizer: torch.optim.Optimizer) -> None:
+        direction = direction_for(optimizer, self.capo_head.weight, self.capo_head.bias)
+        if direction.optimizer is self._capo_bound:
+            return
+        if self._capo_hook is not None:
+            self._capo_hook.remove()
+        self.capo_masker.direction = direction
+        self._capo_bound = direction.optimizer
+        if self.capo_predict_step:
+            self._capo_hook = direction.optimizer.register_step_pre_hook(self._capo_before_step)
+
+    def _capo_lr(self) -> float:
+        return float(find_param_group(self._capo_bound, self.capo_head.weight)["lr"])
+
+    # --- the mask ----------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        if self._capo_bound is None or not self.model.training:
+            return super()._compute_loss(model, inputs)
+        if "tool_mask" in inputs:
+            raise ValueError(
+                "CAPOGRPOTrainer does not support tool/environment masks (tool_mask): the CAPO "
+                "mask is applied through TRL's completion mask"
+            )
+        inputs = dict(inputs)
+        inputs["completion_mask"] = inputs["completion_mask"].clone()
+        self._capo_pending = inputs
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._capo_pending = None
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+    ):
+        pending, self._capo_pending = self._capo_pending, None
+        if pending is None:  # old/ref log-probs, evaluation
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        captured: list[Tensor] = []
+
+        def record(module, hook_args, output):
+            h = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            captured.append(h.detach()[:, :-1][:, -logits_to_keep:])
+
+        handle = self._capo_backbone.register_forward_hook(record)
+        try:
+            out = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        finally:
+            handle.remove()
+        hidden = torch.cat(captured, 0)
+        mask = pending["completion_mask"]
+        if hidden.shape[:2] != mask.shape:
+            raise RuntimeError(
+                f"captured hidden states {tuple(hidden.shape)} do not match the completion mask "
+                f"{tuple(mask.shape)}"
+            )
+        self._capo_apply(pending, hidden)
+        return out
+
+    @torch.no_grad()
+    def _capo_apply(self, inputs: dict, hidden: Tensor) -> None:
+        """Compute the CAPO mask for one micro-batch and multiply it into ``completion_mask``."""
+        mask = inputs["completion_mask"]
+        valid = mask.bool()
+        actions = inputs["completion_ids"]
+        advantages = inputs["advantages"]
+        head = self.capo_head
+        hidden = hidden.to(head.weight.dtype)
+        out = self.capo_masker(
+            head.weight,
+            hidden,
+            actions,
+            advantages,
+            self._capo_lr(),
+            head.bias,
+            valid,
+            temperature=self.temperature,
+        )
+        mask.mul_(out.keep.to(mask.dtype))
+        stats = out.stats()
+        keys = ("mean_delta_kl_all", "mean_delta_kl_kept", "mean_abs_delta_j_all")
+        keys += ("mean_abs_delta_j_kept",)
+        counts = torch.stack([stats["num_valid"] - stats["num_kept"], stats["num_valid"]]).float()
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        values = torch.cat([counts, torch.stack([stats[k].float() for k in keys])]).tolist()
+        metrics = self._metrics["train"]
+        metrics["capo/rejected_fraction"].append(values[0] / max(values[1], 1.0))
+        for key, value in zip(keys, values[2:]):
+            metrics[f"capo/{key}"].append(value)
+        if self.capo_predict_step:
+            self._capo_window.append(
+                {
+                    "hidden": hidden,
+                    "actions": actions,
+                    "advantages": advantages,
+                    "valid": valid,
+                    "keep": out.keep,
+                    "weights": self._capo_token_weights(inputs, out.keep),
+                }
+            )
+
+    def _capo_token_weights(self, inputs: dict, keep: Tensor) -> Tensor:
+        """Weights ``w_t`` with TRL's loss ``~ -sum_t w_t A_t r_t`` for this micro-batch."""
+        k = keep.float()
+        accum = self.current_gradient_accumulation_steps
+        if self.loss_type in ("grpo", "sapo"):
+            return k / k.sum(-1, keepdim=True).clamp(min=1) / (k.shape[0] * accum)
+        if self.loss_type == "bnpo":
+            return k / k.sum().clamp(min=1) / accum
+        if self.loss_type == "dr_grpo":
+            return k / (k.shape[0] * self.max_completion_length * accum)
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        return k / normalizer  # dapo, cispo
+
+    # --- step-level predictions ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def _capo_before_step(self, optimizer, args, kwargs) -> None:
+        window, self._capo_window = self._capo_window, []
+        head = self.capo_head
+        if not window or head.weight.grad is None:
+            return
+        grad = head.weight.grad
+        if head.bias is not None:
+            gb = head.bias.grad if head.bias.grad is not None else torch.zeros_like(head.bias)
+            grad = torch.cat([grad, gb[:, None]], 1)
+        lr = self._capo_lr()
+        kl_sum = torch.zeros((), dtype=torch.float64, device=grad.device)
+        n_sum = torch.zeros((), dtype=torch.float64, device=grad.device)
+        delta_j = torch.zeros((), dtype=torch.float64, device=grad.device)
+        for mb in window:
+            pred = self.capo_masker.predict_update(
+                head.weight,
+                mb["hidden"],
+                -grad,
+                lr,
+                head.bias,
+                mb["valid"],
+                actions=mb["actions"],
+                advantages=mb["advantages"],
+                token_weights=mb["weights"],
+                temperature=self.temperature,
+            )
+            n = mb["valid"].sum()
+            kl_sum += pred["kl"].double() * n
+            n_sum += n
+            delta_j += pred["delta_j"].double()
+        kl = kl_sum / n_sum.clamp(min=1)
+        self.capo_last_step = {"kl": kl, "delta_j": delta_j, "lr": lr, "batches": window}
+        self._metrics["train"]["capo/predicted_step_kl"].append(kl.item())
+        self._metrics["train"]["capo/predicted_delta_j"].append(delta_j.item())

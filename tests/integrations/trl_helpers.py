@@ -1,0 +1,34 @@
+"""The tiny GPT-2 GRPO setup of the TRL integration tests (no download, CPU)."""
+
+from trl import GRPOConfig
+
+from curvopt.integrations.trl_addition import (
+    addition_prompts,
+    addition_reward,
+    char_tokenizer,
+    tiny_gpt2,
+)
+
+tokenizer = char_tokenizer
+model = tiny_gpt2
+dataset = addition_prompts
+reward = addition_reward
+
+
+def config(tmp_path, **kw) -> GRPOConfig:
+    base = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        max_steps=2,
+        num_generations=4,
+        per_device_train_batch_size=8,
+        max_completion_length=6,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        seed=0,
+        disable_tqdm=True,
+    )
+    base.update(kw)
+    return GRPOConfig(**base)
