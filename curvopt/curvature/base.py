@@ -15,6 +15,13 @@ $$
 
 the loss of the whole data set in one batch (for ``nn.MSELoss(reduction='mean')`` the constant
 also divides by the number of output entries per sample, as the loss itself does).
+
+Data-parallel operators: with ``process_group=`` every rank passes its own shard of the data
+(shards may differ in size; a rank may hold no batch at all). ``N`` is then the number of samples
+of all ranks together (one all-reduce at construction), each rank weights its batches by
+``N_b / N``, and every product ends with ONE all-reduce (sum) of the ``d x k`` result, so every
+rank gets the product with the curvature of the whole data set, bit for bit the same on every
+rank. Products are collectives: all ranks must multiply together, with the same vectors.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
+from curvopt.distributed import all_reduce_max_, all_reduce_sum_, check_process_group
 from curvopt.utils.params import check_vector, num_elements, trainable
 
 from .losses import check_loss
@@ -44,9 +52,15 @@ class CurvatureOperator:
         params: Parameters of ``model_func`` to differentiate by; those with
             ``requires_grad=False`` are left out. Their order defines the flat layout.
         data: Re-iterable source of ``(X, y)`` batches, e.g. a list or a ``DataLoader``.
-        num_data: Total number of samples ``N``; counted with one pass over ``data`` if None.
+        num_data: Number of samples in ``data``; counted with one pass over ``data`` if None.
+            With a process group this is this rank's count (``0`` allowed); the operator's
+            `num_data` is the sum over ranks.
         check_deterministic: Multiply one random vector twice and raise if the results differ
             (catches shuffling loaders, dropout, ...). Off by default; costs two products.
+        process_group: A ``torch.distributed`` process group over which the data is sharded
+            (see the module docstring), or None for one process. Every rank of the group must
+            build the operator with the same model and parameters, and call every product,
+            `to_dense` and `to_scipy`'s products together with identical inputs.
 
     Attributes:
         SELF_ADJOINT: Whether the matrix is symmetric (all curvature matrices here are).
@@ -56,7 +70,9 @@ class CurvatureOperator:
         TypeError: If ``model_func``/``loss_func`` have the wrong type, or ``data`` is a one-shot
             iterator.
         ValueError: If there are no trainable parameters, a parameter is not one of the model's,
-            the loss reduction is unsupported, or ``data`` is empty.
+            the loss reduction is unsupported, or ``data`` is empty (on every rank).
+            With a process group: if ``torch.distributed`` is not initialized or the ranks'
+            parameter counts differ.
     """
 
     SELF_ADJOINT: bool = True
@@ -71,7 +87,9 @@ class CurvatureOperator:
         *,
         num_data: int | None = None,
         check_deterministic: bool = False,
+        process_group: Any = None,
     ) -> None:
+        self._group = check_process_group(process_group)
         if not isinstance(model_func, nn.Module):
             raise TypeError(f"model_func must be an nn.Module, got {type(model_func).__name__}")
         check_loss(loss_func, self.SUPPORTED_LOSSES, type(self).__name__)
@@ -90,9 +108,7 @@ class CurvatureOperator:
         self._data = data
         if num_data is None:
             num_data = sum(self._batch_size(X) for X, _ in self._loop_over_data())
-        if not isinstance(num_data, int) or num_data <= 0:
-            raise ValueError(f"data must hold at least one sample, got num_data={num_data}")
-        self._num_data = num_data
+        self._num_data = self._total_num_data(num_data)
         if check_deterministic:
             self._check_deterministic()
 
@@ -116,6 +132,11 @@ class CurvatureOperator:
     def num_data(self) -> int:
         """Total number of samples ``N`` in the data set."""
         return self._num_data
+
+    @property
+    def process_group(self) -> Any:
+        """The process group the data is sharded over (None: one process)."""
+        return self._group
 
     @property
     def params(self) -> list[Tensor]:
@@ -183,8 +204,43 @@ class CurvatureOperator:
                 for acc, part in zip(out, parts):
                     acc.add_(part, alpha=weight)
         if out is None:
-            raise ValueError("data yielded no batches")
-        return out
+            if self._group is None:
+                raise ValueError("data yielded no batches")
+            out = [torch.zeros_like(c) for c in cols]  # a rank without data adds nothing
+        return self._sum_over_ranks(out)
+
+    def _sum_over_ranks(self, parts: list[Tensor]) -> list[Tensor]:
+        """Sum the per-rank products over the process group in one all-reduce (None: as is)."""
+        if self._group is None:
+            return parts
+        flat = all_reduce_sum_(torch.cat([p.reshape(-1) for p in parts]), self._group)
+        return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in parts]), parts)]
+
+    def _total_num_data(self, num_data: Any) -> int:
+        """Check this rank's sample count; with a process group, sum it over the ranks.
+
+        The same all-reduce checks that every rank has the same number of parameters (the
+        products would be summed entry by entry).
+        """
+        local_min = 0 if self._group is not None else 1
+        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < local_min:
+            raise ValueError(f"data must hold at least one sample, got num_data={num_data}")
+        if self._group is None:
+            return num_data
+        stats = torch.tensor(
+            [num_data, self._dim, -self._dim], dtype=torch.int64, device=self.device
+        )
+        total = all_reduce_sum_(stats[:1].clone(), self._group)
+        dims = all_reduce_max_(stats[1:].clone(), self._group)
+        if int(dims[0]) != -int(dims[1]):
+            raise ValueError(
+                f"the ranks' operators have different numbers of parameters (this rank "
+                f"{self._dim}, between {-int(dims[1])} and {int(dims[0])} over the group); "
+                "every rank must pass the same model and params"
+            )
+        if int(total) <= 0:
+            raise ValueError("data must hold at least one sample on some rank, got none at all")
+        return int(total)
 
     def _matmat_batch(self, X: Tensor, y: Tensor, cols: list[Tensor]) -> list[Tensor]:
         """Multiply the mini-batch curvature onto columns ``(k, *p.shape)``; for subclasses.
@@ -205,6 +261,10 @@ class CurvatureOperator:
 
         Returns:
             A symmetric linear operator of shape ``(d, d)`` computing products in PyTorch.
+
+        With a process group every product is a collective: all ranks must run the same scipy
+        routine together with the same inputs (for ``eigsh``/``lobpcg`` pass the same start
+        vector ``v0``/``X`` on every rank; scipy's random default may differ between processes).
 
         Example:
             >>> from scipy.sparse.linalg import eigsh
