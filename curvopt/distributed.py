@@ -96,7 +96,9 @@ def shard_range(d: int, rank: int, world: int) -> tuple[int, int]:
         [(0, 3), (3, 5), (5, 7)]
     """
     if world < 1 or not 0 <= rank < world or d < 0:
-        raise ValueError(f"need d >= 0 and 0 <= rank < world, got d={d}, rank={rank}, world={world}")
+        raise ValueError(
+            f"need d >= 0 and 0 <= rank < world, got d={d}, rank={rank}, world={world}"
+        )
     base, extra = divmod(d, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)

@@ -49,6 +49,8 @@ def dots(G: Tensor, X: Tensor, acc: torch.dtype) -> Tensor:
         V = X[sl].T if X.shape[1] == 1 else X[sl].T.contiguous()
         part = kernels.multi_dot(G[:, sl], V, acc)
         out = part if out is None else out.add_(part)
+    if out is None:  # no columns (a rank's empty coordinate shard)
+        return torch.zeros(G.shape[0], X.shape[1], dtype=acc, device=G.device)
     return out
 
 
@@ -106,6 +108,9 @@ class BlockLayout:
         """Split ``dim`` coordinates into blocks of ``block_size`` (None: one block)."""
         self.dim = dim
         self.block_size = dim if block_size is None else min(block_size, dim)
+        if dim == 0:  # a rank's empty coordinate shard: one empty block
+            self.num_full, self.tail, self.num_blocks = 0, 0, 1
+            return
         self.num_full = dim // self.block_size
         self.tail = dim - self.num_full * self.block_size
         self.num_blocks = self.num_full + (1 if self.tail else 0)

@@ -87,5 +87,7 @@ def check_indices(idx: object, dim: int, device: torch.device) -> Tensor:
 
 def finite_flag(v: Tensor) -> Tensor:
     """0-dim bool tensor: ``v`` has no NaN/Inf (min and max are finite; one fast reduction)."""
+    if v.numel() == 0:  # a rank's empty coordinate shard
+        return torch.ones((), dtype=torch.bool, device=v.device)
     lo, hi = torch.aminmax(v)
     return torch.isfinite(lo) & torch.isfinite(hi)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvopt import distributed as D
+
 from . import _products as P
 from ._linalg import cholesky
 from ._validation import (
@@ -36,6 +38,15 @@ class StaticMFAC:
     coordinates (the last chunk may be shorter); each block uses the same ``m`` gradients
     restricted to its coordinates, and all blocks are processed as batched matrix products.
 
+    **Sharded over ranks** (``process_group`` given): the columns of ``grads`` are this rank's
+    coordinate shard (possibly none). ``K`` is summed over the ranks once at setup (one
+    all-reduce of ``m^2`` numbers) and the factorization is replicated bit-identically; each
+    :meth:`ihvp` / :meth:`mul` all-reduces its ``m k`` dot products once. :meth:`ihvp`,
+    :meth:`mul`, :meth:`inverse_diagonal` and :meth:`inverse_entries` take and return this
+    rank's coordinates (the last two need no communication); :meth:`inverse_rows` is collective:
+    every rank passes indices of its own coordinates and receives the rows of all ranks'
+    indices restricted to its columns. Blocks (``block_size``) are not supported sharded.
+
     Args:
         grads: ``(m, d)`` gradients in float16, bfloat16, float32 or float64. Kept by reference.
         damp: Damping ``lam > 0``.
@@ -44,6 +55,8 @@ class StaticMFAC:
             float64 removes most of the cancellation at small ``damp`` (see the guide);
             default float64 for float64 ``grads``, float32 otherwise. The m x m algebra is
             always float64.
+        process_group: A ``torch.distributed`` process group over which the coordinates are
+            sharded, or None (one process).
 
     Attributes:
         G: The gradients, ``(m, d)``.
@@ -68,8 +81,15 @@ class StaticMFAC:
         block_size: int | None = None,
         *,
         accumulate_dtype: torch.dtype | None = None,
+        process_group: object = None,
     ):
         """Validate the inputs, form the Gram matrices and factor them."""
+        group = D.check_process_group(process_group)
+        if group is not None and block_size is not None:
+            raise ValueError(
+                "block_size is not supported with a process_group (blocks would cross the "
+                "ranks' coordinate shards); pass block_size=None"
+            )
         if not isinstance(grads, Tensor):
             raise TypeError(
                 f"grads must be a torch.Tensor of shape (m, d), got {type(grads).__name__}"
@@ -80,12 +100,13 @@ class StaticMFAC:
                 f"grads must be a 2-D (m, d) tensor with one gradient per row, got shape "
                 f"{tuple(grads.shape)}; use grads[None] for a single gradient"
             )
-        if grads.shape[0] == 0 or grads.shape[1] == 0:
+        if grads.shape[0] == 0 or (grads.shape[1] == 0 and group is None):
             raise ValueError(
                 f"grads is empty (shape {tuple(grads.shape)}); pass at least one gradient"
             )
-        if not bool(finite_flag(grads)):
-            raise ValueError("grads contains NaN or Inf values")
+        if bool(D.all_reduce_any(~finite_flag(grads), group)):
+            raise ValueError("grads contains NaN or Inf values (on this or another rank)")
+        self.process_group = group
         self._damp = check_damp(damp)
         if block_size is not None:
             check_positive_int(block_size, "block_size")
@@ -94,7 +115,11 @@ class StaticMFAC:
         self._acc = resolve_accumulate_dtype(accumulate_dtype, grads.dtype)
         self._layout = P.BlockLayout(self.dim, block_size)
         self.block_size = self._layout.block_size
-        self.K = P.block_gram(grads, self._layout, self._acc)
+        if self.dim == 0:  # this rank holds no coordinates
+            self.K = torch.zeros(1, self.m, self.m, dtype=torch.float64, device=grads.device)
+        else:
+            self.K = P.block_gram(grads, self._layout, self._acc)
+        D.all_reduce_sum_(self.K, group)
         self._L = cholesky(self.K, self.m, self._damp)
         self._eig: tuple[Tensor, Tensor] | None = None
         self._diag: Tensor | None = None
@@ -148,6 +173,7 @@ class StaticMFAC:
         X = check_operand(x, self.dim, self.G.device)
         lam = self._damp if damp is None else check_damp(damp)
         dots = P.block_dots(self.G, self._layout, X, self._acc).to(torch.float64)
+        D.all_reduce_sum_(dots, self.process_group)
         C = self._solve(dots, lam).mul_(-1.0 / lam**2).to(self._acc)
         Y = P.block_combine(1.0 / lam, X, self.G, self._layout, C)
         return Y if x.ndim == 2 else Y[:, 0]
@@ -155,7 +181,9 @@ class StaticMFAC:
     def mul(self, x: Tensor) -> Tensor:
         """Curvature products ``F x = lam x + G^T (G x) / m`` (block-wise), shaped like ``x``."""
         X = check_operand(x, self.dim, self.G.device)
-        dots = P.block_dots(self.G, self._layout, X, self._acc)
+        dots = D.all_reduce_sum_(
+            P.block_dots(self.G, self._layout, X, self._acc), self.process_group
+        )
         Y = P.block_combine(self._damp, X, self.G, self._layout, dots / self.m)
         return Y if x.ndim == 2 else Y[:, 0]
 
@@ -205,8 +233,12 @@ class StaticMFAC:
             idx: Integer tensor (or sequence) of ``k`` indices in ``[0, d)``.
 
         Returns:
-            ``(k, d)`` tensor in the accumulation dtype.
+            ``(k, d)`` tensor in the accumulation dtype. Sharded (``process_group`` given; a
+            collective, ``idx`` may be empty on some ranks): ``(k_0 + ... + k_{P-1}, d_r)``, the
+            rows of every rank's indices in rank order, restricted to this rank's columns.
         """
+        if self.process_group is not None:
+            return self._sharded_inverse_rows(idx)
         idx = check_indices(idx, self.dim, self.G.device)
         k, lay, acc = idx.numel(), self._layout, self._acc
         blocks = lay.block_of(idx)
@@ -233,4 +265,25 @@ class StaticMFAC:
                     vals = torch.bmm((scale * C[r]).to(acc)[:, None, :], Gsel)[:, 0]
                     rows[r[:, None], cols] = vals
         rows[rows_ar, idx] += 1.0 / self._damp
+        return rows
+
+    def _sharded_inverse_rows(self, idx: Tensor) -> Tensor:
+        """:meth:`inverse_rows` over ranks: one all-gather of the ``A^{-1} G e_i`` (``k m``)."""
+        group, dev = self.process_group, self.G.device
+        if isinstance(idx, Tensor) and idx.numel() == 0:
+            idx = torch.zeros(0, dtype=torch.long, device=dev)
+        else:
+            idx = check_indices(idx, self.dim, dev)
+        k = idx.numel()
+        counts = D.all_gather_flat(
+            torch.tensor([k], dtype=torch.long, device=dev), [1] * D.world_size(group), group
+        ).tolist()
+        C = torch.cholesky_solve(self._columns(idx), self._L[0].expand(k, -1, -1))[..., 0]
+        C_all = D.all_gather_flat(C.reshape(-1), [c * self.m for c in counts], group)
+        C_all = C_all.reshape(-1, self.m)  # (sum k, m), every rank's indices in rank order
+        zeros = torch.zeros(self.dim, C_all.shape[0], dtype=self._acc, device=dev)
+        scale = -1.0 / self._damp**2
+        rows = P.combine(0.0, zeros, self.G, (scale * C_all.T).to(self._acc)).T.contiguous()
+        first = sum(counts[: D.rank(group)])
+        rows[first + torch.arange(k, device=dev), idx] += 1.0 / self._damp
         return rows

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvopt import distributed as D
+
 from . import _products as P
 from ._linalg import cholesky, replace_row_inverse, symmetric_matmul
 from ._validation import (
@@ -43,6 +45,15 @@ class SlidingWindowMFAC:
 
     Memory: ``m * d * bytes(dtype)`` for ``G`` plus two ``m x m`` float64 matrices.
 
+    **Sharded over ranks** (``process_group`` given): ``dim`` is the number of coordinates of this
+    rank's shard (0 allowed) and ``G`` holds only those columns. The coordinate sums of a call
+    (``G g`` and ``G x`` of one insertion, ``G x`` of :meth:`ihvp` / :meth:`mul`) are all-reduced
+    together, one all-reduce of ``m (k + 1)`` float64 numbers; the ``m x m`` algebra then runs on
+    identical numbers on every rank, so ``K`` and ``A^{-1}`` stay bit-identical. Every method takes
+    and returns this rank's coordinates and must be called by all ranks together. The
+    non-finite check of :meth:`add` is agreed over the ranks (one more all-reduce of one number):
+    a NaN on any rank raises, or skips, on all of them.
+
     Args:
         dim: Number of coordinates ``d``.
         m: Window size (any ``m >= 1``).
@@ -58,6 +69,8 @@ class SlidingWindowMFAC:
             ``eps64 * R^2`` with ``R = lambda_max(F) / damp``; refined, about ``eps64 * R``, as a
             Cholesky solve. Default: on with float64 accumulation, off with float32 (whose own
             error, about ``eps32 * R``, dominates while ``R < 1e8``).
+        process_group: A ``torch.distributed`` process group over which the coordinates are
+            sharded, or None (one process).
 
     Attributes:
         G: The ``(m, d)`` ring buffer.
@@ -88,9 +101,14 @@ class SlidingWindowMFAC:
         refresh_every: int | None = None,
         accumulate_dtype: torch.dtype | None = None,
         refine: bool | None = None,
+        process_group: object = None,
     ):
         """Allocate an empty window."""
-        self.dim = check_positive_int(dim, "dim")
+        self.process_group = D.check_process_group(process_group)
+        if self.process_group is not None and isinstance(dim, int) and dim == 0:
+            self.dim = 0  # a rank may hold no coordinates
+        else:
+            self.dim = check_positive_int(dim, "dim")
         self.m = check_positive_int(m, "m")
         self._damp = check_damp(damp)
         self.dtype = check_storage_dtype(dtype)
@@ -235,14 +253,15 @@ class SlidingWindowMFAC:
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
         stored = g.detach().to(self.dtype)
+        group = self.process_group
         if on_nonfinite == "raise":
-            if not bool(finite_flag(stored)):
+            if bool(D.all_reduce_any(~finite_flag(stored), group)):
                 raise ValueError(
                     f"g contains NaN or Inf values (after conversion to {self.dtype}); "
                     "the window was left unchanged"
                 )
         elif on_nonfinite == "skip":  # no host synchronization: mask the write instead
-            ok = finite_flag(stored)
+            ok = ~D.all_reduce_any(~finite_flag(stored), group)
             self.last_finite.copy_(ok)
             self.nonfinite_count.add_((~ok).long())
             stored = torch.where(ok, stored, self.G[self.count % self.m])
@@ -268,6 +287,7 @@ class SlidingWindowMFAC:
             wide = torch.promote_types(stored.dtype, X.dtype)
             V = torch.cat([stored[None].to(wide), X.T.to(wide)], 0).T
         prods = P.dots(Gn, V, self._acc).to(torch.float64)  # one pass: G g and G x
+        D.all_reduce_sum_(prods, self.process_group)  # every coordinate sum, one all-reduce
         k_new = prods[:, 0]
         self.K[r, :n] = k_new
         self.K[:n, r] = k_new
@@ -362,6 +382,7 @@ class SlidingWindowMFAC:
         if n == 0:
             return x / lam
         dots = P.dots(self.G[:n], X, self._acc).to(torch.float64)
+        D.all_reduce_sum_(dots, self.process_group)
         if lam == self._damp:
             coef = symmetric_matmul(self.Ainv[:n, :n], dots)
             if self.refine:
@@ -388,6 +409,6 @@ class SlidingWindowMFAC:
     def mul(self, x: Tensor) -> Tensor:
         """Curvature products ``F x = lam x + G^T (G x) / m``, shaped like ``x``."""
         X = check_operand(x, self.dim, self.device)
-        dots = P.dots(self.G, X, self._acc)
+        dots = D.all_reduce_sum_(P.dots(self.G, X, self._acc), self.process_group)
         Y = P.combine(self._damp, X, self.G, dots / self.m)
         return Y if x.ndim == 2 else Y[:, 0]

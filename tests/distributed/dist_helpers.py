@@ -53,9 +53,7 @@ def _worker(
         raise SystemExit(1) from None
 
 
-def run_workers(
-    fn: Callable[..., Any], world: int, *args: Any, timeout: float = 90.0
-) -> list[Any]:
+def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 90.0) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo processes; return their results by rank.
 
     Raises:
@@ -92,7 +90,9 @@ def run_workers(
                     errors.append(f"--- rank {r} ---\n{f.read()}")
         if errors or hung:
             what = f"ranks {hung} did not finish within {timeout} s (killed)\n" if hung else ""
-            raise RuntimeError(f"distributed workers failed (world={world}):\n{what}" + "".join(errors))
+            raise RuntimeError(
+                f"distributed workers failed (world={world}):\n{what}" + "".join(errors)
+            )
         results = []
         for r, p in enumerate(procs):
             path = os.path.join(tmp, f"result_{r}.pt")

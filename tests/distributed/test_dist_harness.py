@@ -30,7 +30,9 @@ def _fails_on_rank_one(rank, world):
 def test_collectives_sum_any_gather(world):
     out = run_workers(_collectives, world)
     for res in out:
-        assert torch.equal(res["sum"], torch.full((3,), world * (world + 1) / 2, dtype=torch.float64))
+        assert torch.equal(
+            res["sum"], torch.full((3,), world * (world + 1) / 2, dtype=torch.float64)
+        )
         assert res["any"] == (world > 1)
         assert torch.equal(res["gathered"], torch.arange(7).double())
         assert res["calls"] == {"all_reduce": 2, "all_gather": 1}
