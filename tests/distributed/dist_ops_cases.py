@@ -22,7 +22,9 @@ from curvopt.curvature import (
     GGNOperator,
     HessianOperator,
 )
+from curvopt.distributed import CommCounter
 from curvopt.prune import attach_masks, prunable_weights, prune
+from curvopt.prune.sharded import ShardedWeights
 
 # ------------------------------------------------------------------------------ operators
 # samples per batch on each rank: unequal shards, and at world 3 a rank without any batch
@@ -169,6 +171,18 @@ def _prune_checks(rank, world, shards):
         fully_shard(model)
         report = prune(model, nn.CrossEntropyLoss(), shards[rank], **prune_kwargs(case))
         out[case] = {"report": report.to_dict(), "state": masks_and_weights(model)}
+    # the global selection all-reduces counts only: no gather, payload independent of d
+    model = prune_model(ties=False)
+    attach_masks(model)
+    fully_shard(model)
+    weights = ShardedWeights(prunable_weights(model))
+    gen = torch.Generator().manual_seed(rank)
+    scores = torch.rand(weights.alive().numel(), dtype=torch.float64, generator=gen)
+    with CommCounter() as counter:
+        chosen = weights.select(scores, weights.alive(), [0.5] * 3, "global", False, 1.0, [0.0] * 3)
+    out["select-comm"] = (dict(counter.calls), dict(counter.bytes))
+    out["select-count"] = weights.count(chosen)
+    out["dim"] = weights.dim
     # bad input: a model sharded without masks attached first fails with a clear message
     model = prune_model(ties=False)
     fully_shard(model)

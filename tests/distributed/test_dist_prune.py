@@ -37,6 +37,12 @@ def test_fsdp2_prune_equals_single_process_masks(world):
             assert all(torch.equal(got["state"][n][1], first[n][1]) for n in expected)
     for res in results:
         assert "attach_masks" in res["prune"]["no-masks"]
+        # selecting the 50 % lowest of d random scores: exact count, only small all-reduces
+        assert res["prune"]["select-count"] == round(0.5 * res["prune"]["dim"])
+        calls, nbytes = res["prune"]["select-comm"]
+        if world > 1:
+            assert set(calls) == {"all_reduce"} and calls["all_reduce"] <= 20
+            assert nbytes["all_reduce"] == calls["all_reduce"] * 255 * 8  # 255 counts a round
 
 
 def test_sharded_prune_rejects_what_it_cannot_do():
