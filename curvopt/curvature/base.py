@@ -34,7 +34,12 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from curvopt.distributed import all_reduce_max_, all_reduce_sum_, check_process_group
+from curvopt.distributed import (
+    all_reduce_max_,
+    all_reduce_sum_,
+    check_process_group,
+    is_dtensor,
+)
 from curvopt.utils.params import check_vector, num_elements, trainable
 
 from .losses import check_loss
@@ -98,6 +103,11 @@ class CurvatureOperator:
         self._params = trainable(params)
         if not self._params:
             raise ValueError("params holds no tensor with requires_grad=True; nothing to do")
+        if any(is_dtensor(p) for p in self._params):
+            raise ValueError(
+                "params holds FSDP2-sharded DTensors; curvature operators need the whole "
+                "parameters on every rank (replicated, e.g. under DDP) and shard the data instead"
+            )
         self._names = self._parameter_names(model_func, self._params)
         self._dim = num_elements(self._params)
         if iter(data) is data:

@@ -1,14 +1,14 @@
 """The ``k`` smallest entries of a vector sharded over ranks, without gathering the vector.
 
 Pruning a sharded model must remove the ``k`` lowest-scoring weights of the whole model while
-each rank holds only its own scores. :func:`smallest_k` finds them with bisection on counts:
-for a candidate threshold ``t`` every rank counts its entries ``<= t``, one all-reduce sums the
-counts, and halving the interval over the 64-bit keys of the values finds the ``k``-th smallest
-value ``v`` exactly in at most 64 rounds. Everything below ``v`` is selected; among the entries
-equal to ``v`` (ties) a second bisection over their ``order`` keys (e.g. global indices) selects
-the ``k - count(< v)`` first ones, so the count is exact and the choice is the one of a stable
-sort. Each round all-reduces one integer per segment: ``O(64 S)`` numbers in all, independent
-of the vector's length.
+each rank holds only its own scores. :func:`smallest_k` finds them from counts alone: for
+candidate thresholds ``t`` every rank counts its entries ``<= t``, one all-reduce sums the
+counts, and narrowing the interval over the 64-bit keys of the values (255 candidates per
+round: 8 bits) finds the ``k``-th smallest value ``v`` exactly in about 8 rounds. Everything
+below ``v`` is selected; among the entries equal to ``v`` (ties) a second search over their
+``order`` keys (e.g. global indices) selects the ``k - count(< v)`` first ones, so the count is
+exact and the choice is the one of a stable sort. About 16 all-reduces of ``255 S`` integers
+per selection, independent of the vector's length; no value leaves its rank.
 
 Several independent selections (segments, e.g. one per layer) run in the same rounds.
 
@@ -32,6 +32,7 @@ from curvopt.distributed import all_reduce_sum_
 
 # INT64_MIN is below every key (only a NaN maps to it); INT64_MAX is the largest key
 _LOW, _HIGH = -(2**63), 2**63 - 1
+PIVOTS = 255  # candidates per segment and round: 8 bits of the threshold per all-reduce
 
 
 def ordered_keys(values: Tensor) -> Tensor:
@@ -88,28 +89,41 @@ def smallest_k(
 def _kth_key(
     keys: Tensor, active: Tensor, segment: Tensor, k: list[int], group: object
 ) -> tuple[Tensor, list[int]]:
-    """Per segment the smallest key ``t`` with ``count(active & keys <= t) >= k``, by bisection.
+    """Per segment the smallest key ``t`` with ``count(active & keys <= t) >= k``.
+
+    Each round counts the keys below ``PIVOTS`` evenly spaced candidates per segment (binary
+    search in this rank's sorted keys) and all-reduces the ``S x PIVOTS`` counts once; the
+    interval shrinks ``PIVOTS + 1``-fold, so 64-bit keys need at most 8 rounds.
 
     Returns the thresholds (int64, ``_LOW`` where ``k == 0``: nothing is ``<=`` it) and the
     global count of active keys strictly below each threshold.
     """
     S, dev = len(k), keys.device
+    seg = segment.to(torch.long)
+    ranked = [torch.sort(keys[active & (seg == s)]).values for s in range(S)]
     lo, hi = [_LOW] * S, [_HIGH] * S  # invariant: count(<= lo) < k <= count(<= hi)
     below = [0] * S  # count(<= lo)
     for s in range(S):
         if k[s] <= 0:
             hi[s] = _LOW
-    seg = segment.to(torch.long)
     while any(h - lo_ > 1 for lo_, h in zip(lo, hi)):
-        mid = [(lo_ + h) // 2 if h - lo_ > 1 else h for lo_, h in zip(lo, hi)]
-        mids = torch.tensor(mid, dtype=torch.int64, device=dev)
-        hits = (active & (keys <= mids[seg])).to(torch.int64)
-        counts = torch.zeros(S, dtype=torch.int64, device=dev).scatter_add_(0, seg, hits)
+        pivots = [
+            [lo[s] + (hi[s] - lo[s]) * j // (PIVOTS + 1) for j in range(1, PIVOTS + 1)]
+            if hi[s] - lo[s] > 1
+            else [hi[s]] * PIVOTS
+            for s in range(S)
+        ]  # non-decreasing, inside [lo, hi], and the last one strictly between when open
+        piv = torch.tensor(pivots, dtype=torch.int64, device=dev)
+        counts = torch.stack(
+            [torch.searchsorted(ranked[s], piv[s], right=True) for s in range(S)]
+        ).to(torch.int64)
         counts = all_reduce_sum_(counts, group).tolist()
         for s in range(S):
-            if hi[s] - lo[s] > 1:
-                if counts[s] >= k[s]:
-                    hi[s] = mid[s]
-                else:
-                    lo[s], below[s] = mid[s], counts[s]
+            if hi[s] - lo[s] <= 1:
+                continue
+            j = next((j for j, c in enumerate(counts[s]) if c >= k[s]), PIVOTS)
+            if j < PIVOTS:
+                hi[s] = pivots[s][j]
+            if j > 0:
+                lo[s], below[s] = pivots[s][j - 1], counts[s][j - 1]
     return torch.tensor(hi, dtype=torch.int64, device=dev), below

@@ -99,6 +99,15 @@ def _operator_checks(rank, world, model, shards, V, v0):
             "scipy": torch.from_numpy(scipy_op @ V[:, 1].numpy()),
             "top_eig": eigsh(scipy_op, k=1, which="LA", v0=v0, return_eigenvectors=False),
         }
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = fully_shard(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double())
+    ce = nn.CrossEntropyLoss()
+    try:  # operators shard the data, not the parameters: FSDP2 DTensors are refused
+        data = batches_for(shards[rank], ce)
+        GGNOperator(sharded, ce, list(sharded.parameters()), data, process_group=group)
+    except ValueError as err:
+        out["dtensor"] = str(err)
     if world > 1:  # ranks passing different parameter lists fail together, without a hang
         loss = nn.CrossEntropyLoss()
         params = list(model.parameters())[: 4 if rank == 0 else 2]

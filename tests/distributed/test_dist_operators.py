@@ -46,6 +46,8 @@ def test_operators_on_unequal_data_shards_equal_the_full_data_operator(world):
         for other in results[1:]:  # every rank holds the same numbers, bit for bit
             for key in ("matmat", "matvec", "scipy"):
                 assert torch.equal(other["operators"][name][key], first[key]), f"{name} {key}"
+    for res in results:
+        assert "FSDP2-sharded DTensors" in res["operators"]["dtensor"]
     if world > 1:
         for res in results:
             assert "different numbers of parameters" in res["operators"]["mismatch"]
