@@ -43,10 +43,13 @@ __all__ = [
     "all_reduce_sum_",
     "check_process_group",
     "check_shard0",
+    "group_ranks",
     "is_dtensor",
+    "local_columns",
     "local_tensor",
     "rank",
     "shard_range",
+    "sharded_columns",
     "world_size",
 ]
 
@@ -74,6 +77,11 @@ def check_process_group(group: object, name: str = "process_group") -> object:
             f"got {type(group).__name__}"
         )
     return group
+
+
+def group_ranks(group: object) -> tuple[int, ...]:
+    """Global ranks of ``group`` (``(0,)`` for None), to compare two groups."""
+    return (0,) if group is None else tuple(dist.get_process_group_ranks(group))
 
 
 def world_size(group: object) -> int:
@@ -150,6 +158,8 @@ class CommCounter:
 
 
 _COUNTERS: list[CommCounter] = []
+# all_gather_single replaces all_gather_into_tensor (deprecated) in recent torch
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _record(kind: str, t: Tensor) -> None:
@@ -158,12 +168,17 @@ def _record(kind: str, t: Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------- collectives
+def _active(group: object) -> bool:
+    """Whether a collective over ``group`` communicates (a group of one rank does not)."""
+    return group is not None and dist.get_world_size(group) > 1
+
+
 def all_reduce_sum_(tensor: Tensor, group: object) -> Tensor:
-    """Sum ``tensor`` over the ranks of ``group`` in place and return it (None: no-op).
+    """Sum ``tensor`` over the ranks of ``group`` in place and return it (None or 1 rank: no-op).
 
     Every rank receives the same result, bit for bit, so algebra that follows stays replicated.
     """
-    if group is not None:
+    if _active(group):
         _record("all_reduce", tensor)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
@@ -171,7 +186,7 @@ def all_reduce_sum_(tensor: Tensor, group: object) -> Tensor:
 
 def all_reduce_max_(tensor: Tensor, group: object) -> Tensor:
     """Element-wise maximum over the ranks of ``group``, in place (None: no-op)."""
-    if group is not None:
+    if _active(group):
         _record("all_reduce", tensor)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return tensor
@@ -184,7 +199,7 @@ def all_reduce_any(flag: Tensor, group: object) -> Tensor:
         >>> bool(all_reduce_any(torch.tensor(True), None))
         True
     """
-    if group is None:
+    if not _active(group):
         return flag
     t = flag.to(torch.int32).reshape(1)
     all_reduce_max_(t, group)
@@ -203,7 +218,7 @@ def all_gather_flat(local: Tensor, sizes: Sequence[int], group: object) -> Tenso
     Returns:
         ``(sum(sizes),)`` tensor, the same on every rank.
     """
-    if group is None:
+    if not _active(group):
         return local
     P, r = world_size(group), rank(group)
     if len(sizes) != P or local.shape != (sizes[r],):
@@ -216,7 +231,7 @@ def all_gather_flat(local: Tensor, sizes: Sequence[int], group: object) -> Tenso
     padded[: local.numel()] = local
     out = local.new_empty(P * width)
     _record("all_gather", padded)
-    dist.all_gather_into_tensor(out, padded, group=group)
+    _all_gather_single(out, padded, group=group)
     if all(s == width for s in sizes):
         return out
     return torch.cat([out[i * width : i * width + s] for i, s in enumerate(sizes)])
@@ -289,3 +304,36 @@ def no_counting() -> Iterator[None]:
         yield
     finally:
         _COUNTERS.extend(saved)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def sharded_columns(local: Tensor, total: int, offset: int, group: object) -> Tensor:
+    """A checkpointable tensor whose last dimension is split over the ranks of ``group``.
+
+    ``local`` (``(..., n)``) holds columns ``[offset, offset + n)`` of a ``(..., total)`` tensor;
+    every rank passes its own range (ranges may be empty and of any lengths, but together
+    cover ``[0, total)`` once). The result is a ``ShardedTensor`` that
+    ``torch.distributed.checkpoint`` saves and loads into any other split of the columns (e.g.
+    another world size). A collective (it exchanges the ranges). ``local`` is copied.
+    """
+    import warnings
+
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
+
+    lead = list(local.shape[:-1])
+    n = local.shape[-1]
+    shards = []
+    if n > 0:
+        where = f"rank:{rank(group)}/{local.device}"
+        meta = ShardMetadata([0] * len(lead) + [offset], lead + [n], where)
+        shards.append(Shard(local.contiguous().clone(), meta))
+    with warnings.catch_warnings():  # ShardedTensor is deprecated for DTensor, which cannot
+        warnings.simplefilter("ignore", FutureWarning)  # express floor/ceil or FSDP2 splits
+        return init_from_local_shards(shards, lead + [total], process_group=group)
+
+
+def local_columns(t: Tensor) -> Tensor | None:
+    """This rank's data of a :func:`sharded_columns` tensor (None if it holds no columns)."""
+    shards = t.local_shards()
+    return shards[0].tensor if shards else None

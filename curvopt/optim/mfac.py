@@ -20,8 +20,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from curvopt import distributed as D
 from curvopt.mfac import SlidingWindowMFAC
-from curvopt.utils.params import num_elements
+from curvopt.mfac._validation import finite_flag
+from curvopt.optim.mfac_shards import ParamShards
 
 _WINDOW_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _STATE_KEY = "mfac_window"
@@ -81,6 +83,22 @@ class MFAC(Optimizer):
     **Memory.** ``m * d * bytes(window_dtype)`` for the window plus ``O(m^2)`` float64 and one
     ``d``-vector per parameter with momentum: see :meth:`memory_bytes`.
 
+    **Distributed** (see the guide page "Distributed"; all ranks call :meth:`step` together):
+
+    * FSDP2: parameters that are DTensors sharded ``Shard(0)`` by ``fully_shard`` on one 1-D
+      mesh are detected. The window holds this rank's local shards (``d_r`` coordinates), a step
+      all-reduces ``m`` float64 numbers (``G g``) plus one non-finite flag over the mesh's group
+      and updates the local shards; parameters are never all-gathered.
+    * ZeRO-1: plain (replicated, e.g. DDP) parameters with ``process_group`` given. The
+      flattened coordinates are split evenly (``floor(d/P)`` or ``ceil(d/P)`` per rank), the
+      window (``window.G``) and the momentum buffers hold only this rank's part, and the new
+      parameters are all-gathered once per step. ``check_replicated_grads=True`` verifies
+      that every rank has the same gradient (one more all-reduce of 4 numbers).
+
+    In both, ``memory_bytes()`` is per rank, a non-finite gradient on any rank makes every rank
+    raise (or skip) together, and :meth:`sharded_state_dict` gives checkpoints for
+    ``torch.distributed.checkpoint`` that load at another world size.
+
     Args:
         params: Parameters or parameter groups.
         lr: Learning rate (>= 0).
@@ -92,6 +110,9 @@ class MFAC(Optimizer):
         window_dtype: Storage dtype of the window (float32, bfloat16 or float64; default: the
             parameters' dtype). The ``m x m`` algebra is float64 regardless.
         nonfinite: ``"raise"`` or ``"skip"`` (see above).
+        process_group: ``torch.distributed`` group for ZeRO-1 sharding of plain parameters, or
+            None. With FSDP2 parameters it may be None or a group with the mesh's ranks.
+        check_replicated_grads: ZeRO-1 only: check each step that all ranks' gradients agree.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -115,6 +136,8 @@ class MFAC(Optimizer):
         decoupled_weight_decay: bool = False,
         window_dtype: torch.dtype | None = None,
         nonfinite: str = "raise",
+        process_group: object = None,
+        check_replicated_grads: bool = False,
     ) -> None:
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"m (window size) must be an integer >= 1, got {m!r}")
@@ -141,12 +164,15 @@ class MFAC(Optimizer):
             raise ValueError("all parameters of MFAC must share one dtype and one device")
         if not ps[0].is_floating_point():
             raise TypeError(f"MFAC needs floating-point parameters, got {ps[0].dtype}")
+        self._shards = ParamShards(ps, process_group)
+        self._check_replicated = bool(check_replicated_grads)
         self._window = SlidingWindowMFAC(
-            num_elements(ps),
+            self._shards.local_dim,
             m,
             self._damp,
             device=ps[0].device,
             dtype=ps[0].dtype if window_dtype is None else window_dtype,
+            process_group=self._shards.group,
         )
         self._skipped = torch.zeros((), dtype=torch.int64, device=ps[0].device)
 
@@ -191,19 +217,20 @@ class MFAC(Optimizer):
 
     def _flat_gradient(self) -> Tensor | None:
         """Concatenated gradients with coupled weight decay applied; None if no gradient at all."""
-        parts, any_grad = [], False
+        parts, any_grad, shards, i = [], False, self._shards, 0
         for group in self.param_groups:
             wd = group["weight_decay"]
             coupled = wd != 0 and not group["decoupled_weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
-                    parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError("MFAC does not support sparse gradients")
-                any_grad = True
-                g = p.grad.add(p, alpha=wd) if coupled else p.grad
-                parts.append(g.reshape(-1))
+                grad, n = shards.grad(i), shards.ranges[i][1]
+                if grad is None:
+                    parts.append(torch.zeros(n, dtype=p.dtype, device=p.device))
+                else:
+                    any_grad = True
+                    parts.append(
+                        grad.add(shards.param(i).reshape(-1), alpha=wd) if coupled else grad
+                    )
+                i += 1
         return torch.cat(parts) if any_grad else None
 
     @torch.no_grad()
@@ -223,28 +250,37 @@ class MFAC(Optimizer):
         g = self._flat_gradient()
         if g is None:
             return loss
-        window = self.window
+        window, shards = self.window, self._shards
+        if shards.mode == "zero1":  # every rank holds the whole gradient: check all of it
+            bad = shards.nonfinite_elsewhere()
+        else:
+            bad = ~finite_flag(g)
+        bad = D.all_reduce_any(bad, shards.group)  # on any rank
+        if self._check_replicated and not bool(bad):  # optional; costs a synchronization
+            shards.check_replicated_grads()
         mask = None
         if self._nonfinite == "raise":
-            if not bool(torch.isfinite(g).all()):
+            if bool(bad):
                 raise ValueError(
-                    "MFAC.step: the gradient contains NaN or Inf; nothing was changed (pass "
-                    "nonfinite='skip' to skip such steps instead)"
+                    "MFAC.step: the gradient contains NaN or Inf (on this or another rank); "
+                    "nothing was changed (pass nonfinite='skip' to skip such steps instead)"
                 )
         else:
-            ok = torch.isfinite(g).all()
+            ok = ~bad
             evicted = window.G[window.count % window.m].to(g.dtype)
             g = torch.where(ok, g, evicted)
             self._skipped.add_((~ok).to(self._skipped.dtype))
             mask = ok.to(g.dtype)
         u = window.add_and_ihvp(g, on_nonfinite="ignore")  # checked above
-        offset = 0
+        offset, i = 0, 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             wd, decoupled = group["weight_decay"], group["decoupled_weight_decay"]
             for p in group["params"]:
-                n = p.numel()
-                u_p = u[offset : offset + n].view_as(p)
+                w = shards.param(i)  # p itself, or the part of p this rank holds
+                n = shards.ranges[i][1]
+                i += 1
+                u_p = u[offset : offset + n].view_as(w)
                 offset += n
                 if p.grad is None:
                     continue
@@ -253,7 +289,7 @@ class MFAC(Optimizer):
                 if momentum != 0:
                     state = self.state[p]
                     if "momentum_buffer" not in state:  # zeros: the first step gives b = u
-                        state["momentum_buffer"] = torch.zeros_like(p)
+                        state["momentum_buffer"] = torch.zeros_like(w)
                     buf = state["momentum_buffer"]
                     if mask is None:
                         buf.mul_(momentum).add_(u_p)
@@ -262,10 +298,11 @@ class MFAC(Optimizer):
                     u_p = buf if mask is None else buf * mask
                 if decoupled and wd != 0:
                     if mask is None:
-                        p.mul_(1 - lr * wd)
+                        w.mul_(1 - lr * wd)
                     else:
-                        p.mul_(1 - lr * wd * mask)
-                p.add_(u_p, alpha=-lr)
+                        w.mul_(1 - lr * wd * mask)
+                w.add_(u_p, alpha=-lr)
+        shards.gather_()  # ZeRO-1: the one all-gather of the new parameters
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -289,3 +326,117 @@ class MFAC(Optimizer):
         super().load_state_dict(state_dict)
         self.window.load_state_dict(saved["window"])
         self._skipped.copy_(saved["skipped"])
+
+    # ------------------------------------------------------------------ sharded checkpoints
+    def _local_columns(self) -> list[tuple[int, int, int]]:
+        """Per parameter: (column of the window, offset in the flat parameter, length)."""
+        out, col = [], 0
+        for off, n in self._shards.ranges:
+            out.append((col, off, n))
+            col += n
+        return out
+
+    def _momentum_params(self) -> list[int]:
+        """Indices of the parameters whose group uses momentum."""
+        idx, i = [], 0
+        for group in self.param_groups:
+            for _ in group["params"]:
+                if group["momentum"] != 0:
+                    idx.append(i)
+                i += 1
+        return idx
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """State for ``torch.distributed.checkpoint`` that loads at any world size (collective).
+
+        The window's columns and the momentum buffers are stored per parameter as tensors of the
+        parameter's full flat size, sharded by the coordinates each rank holds; ``K``,
+        ``A^{-1}`` and the counters are replicated. Hyperparameters are not included: they
+        come from the constructor. Load with :meth:`load_sharded_state_dict`::
+
+            dcp.save({"model": model_sd, "optim": opt.sharded_state_dict()}, checkpoint_id=path)
+            # later, at any world size, after building the same model and MFAC:
+            sd = {"model": model_sd, "optim": opt.sharded_state_dict()}
+            dcp.load(sd, checkpoint_id=path)
+            opt.load_sharded_state_dict(sd["optim"])
+
+        Raises:
+            ValueError: For an MFAC without a process group or FSDP2 parameters (use
+                :meth:`state_dict`).
+        """
+        shards, w = self._shards, self.window
+        if shards.group is None:
+            raise ValueError(
+                "sharded_state_dict() is for a sharded MFAC (FSDP2 parameters or "
+                "process_group=...); use state_dict() for a single process"
+            )
+        group, cols = shards.group, self._local_columns()
+        G = {
+            str(i): D.sharded_columns(w.G[:, c : c + n], p.numel(), off, group)
+            for i, (p, (c, off, n)) in enumerate(zip(shards.params, cols))
+        }
+        momentum = {}
+        for i in self._momentum_params():
+            p, (_, off, n) = shards.params[i], cols[i]
+            buf = self.state.get(p, {}).get("momentum_buffer")
+            flat = (
+                torch.zeros(n, dtype=p.dtype, device=w.device) if buf is None else buf.reshape(-1)
+            )
+            momentum[str(i)] = D.sharded_columns(flat, p.numel(), off, group)
+        counters = torch.tensor([w.count, w._since_refresh], dtype=torch.int64, device=w.device)
+        return {
+            "window": {
+                "K": w.K.clone(),
+                "Ainv": w.Ainv.clone(),
+                "damp": torch.tensor(w.damp, dtype=torch.float64, device=w.device),
+                "counters": counters,
+                "last_drift": w.last_drift.clone(),
+                "last_finite": w.last_finite.clone(),
+                "nonfinite_count": w.nonfinite_count.clone(),
+                "G": G,
+            },
+            "momentum": momentum,
+            "skipped": self._skipped.clone(),
+        }
+
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a :meth:`sharded_state_dict` filled by ``torch.distributed.checkpoint.load``.
+
+        The checkpoint may come from another world size; this rank takes its own coordinates.
+        """
+        if not isinstance(state, dict) or {"window", "momentum", "skipped"} - set(state):
+            raise ValueError(
+                "state must be the dict of sharded_state_dict() after dcp.load, with the keys "
+                "'window', 'momentum' and 'skipped'"
+            )
+        shards, w, win = self._shards, self.window, state["window"]
+        cols = self._local_columns()
+        G = torch.zeros_like(w.G)
+        for i, (c, _, n) in enumerate(cols):
+            local = D.local_columns(win["G"][str(i)])
+            if n:
+                G[:, c : c + n] = local
+        counters = win["counters"].tolist()
+        w.load_state_dict(
+            {
+                "dim": w.dim,
+                "m": w.m,
+                "damp": float(win["damp"]),
+                "dtype": w.dtype,
+                "refresh_every": w.refresh_every,
+                "accumulate_dtype": w.accumulate_dtype,
+                "refine": w.refine,
+                "count": counters[0],
+                "since_refresh": counters[1],
+                "G": G,
+                **{
+                    k: win[k] for k in ("K", "Ainv", "last_drift", "last_finite", "nonfinite_count")
+                },
+            }
+        )
+        for i in self._momentum_params():
+            target = shards.param(i)
+            local = D.local_columns(state["momentum"][str(i)])
+            buf = torch.zeros_like(target) if local is None else local.reshape(target.shape)
+            self.state[shards.params[i]]["momentum_buffer"] = buf.clone()
+        self._skipped.copy_(state["skipped"])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from dist_helpers import run_workers
+from dist_runs import results
 
 from curvopt import distributed as D
 from curvopt.mfac import SlidingWindowMFAC, StaticMFAC
@@ -90,13 +90,9 @@ def _static_checks(rank, world):
     return {"err": err}
 
 
-def _all_checks(rank, world):
-    return {"window": _window_checks(rank, world), "static": _static_checks(rank, world)}
-
-
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharded_window_and_static_match_one_process(world):
-    out = run_workers(_all_checks, world)
+    out = results(world)
     for res in out:
         for kind in ("window", "static"):
             for name, e in res[kind]["err"].items():
