@@ -17,11 +17,12 @@ the loss of the whole data set in one batch (for ``nn.MSELoss(reduction='mean')`
 also divides by the number of output entries per sample, as the loss itself does).
 
 Data-parallel operators: with ``process_group=`` every rank passes its own shard of the data
-(shards may differ in size; a rank may hold no batch at all). ``N`` is then the number of samples
-of all ranks together (one all-reduce at construction), each rank weights its batches by
-``N_b / N``, and every product ends with ONE all-reduce (sum) of the ``d x k`` result, so every
-rank gets the product with the curvature of the whole data set, bit for bit the same on every
-rank. Products are collectives: all ranks must multiply together, with the same vectors.
+(shards may differ in size; a rank may hold no batch at all). Each rank sums its weighted
+mini-batch products, and ONE all-reduce per product sums them and the batch weights over the
+ranks before the division by the total weight ``N``, so every rank gets the product with the
+curvature of the whole data set, bit for bit the same on every rank (`num_data` is summed over
+the ranks at construction). Products are collectives: all ranks must multiply together, with the
+same vectors.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ class CurvatureOperator:
         params: Parameters of ``model_func`` to differentiate by; those with
             ``requires_grad=False`` are left out. Their order defines the flat layout.
         data: Re-iterable source of ``(X, y)`` batches, e.g. a list or a ``DataLoader``.
-        num_data: Number of samples in ``data``; counted with one pass over ``data`` if None.
-            With a process group this is this rank's count (``0`` allowed); the operator's
-            `num_data` is the sum over ranks.
+        num_data: Number of samples in ``data`` (the `num_data` property); counted with one
+            pass over ``data`` if None. With a process group this is this rank's count (``0``
+            allowed); the property is the sum over ranks. The weighting does not use it: the
+            products are divided by the sum of the batch sizes actually seen.
         check_deterministic: Multiply one random vector twice and raise if the results differ
             (catches shuffling loaders, dropout, ...). Off by default; costs two products.
         process_group: A ``torch.distributed`` process group over which the data is sharded
@@ -195,7 +197,7 @@ class CurvatureOperator:
         return self @ v
 
     def _matmat(self, cols: list[Tensor]) -> list[Tensor]:
-        """Sum the weighted mini-batch products over the data.
+        """Sum the weighted mini-batch products over the data and normalize.
 
         Args:
             cols: Columns in list format, tensors of shape ``(k, *p.shape)``.
@@ -205,26 +207,43 @@ class CurvatureOperator:
         """
         self._before_matmat()
         out: list[Tensor] | None = None
+        total_weight = 0.0
         for X, y in self._loop_over_data():
             weight = self._batch_weight(X)
+            total_weight += weight
             parts = self._matmat_batch(X, y, cols)
             if out is None:  # the parts are fresh tensors: scale them in place
                 out = [part.mul_(weight) if weight != 1.0 else part for part in parts]
             else:
                 for acc, part in zip(out, parts):
                     acc.add_(part, alpha=weight)
+        out, total_weight = self._sum_over_ranks(out, total_weight, cols)
         if out is None:
-            if self._group is None:
-                raise ValueError("data yielded no batches")
-            out = [torch.zeros_like(c) for c in cols]  # a rank without data adds nothing
-        return self._sum_over_ranks(out)
+            raise ValueError("data yielded no batches")
+        if self._loss_func.reduction == "mean":
+            for acc in out:
+                acc.div_(total_weight)
+        return out
 
-    def _sum_over_ranks(self, parts: list[Tensor]) -> list[Tensor]:
-        """Sum the per-rank products over the process group in one all-reduce (None: as is)."""
+    def _sum_over_ranks(
+        self, out: list[Tensor] | None, total_weight: float, cols: list[Tensor]
+    ) -> tuple[list[Tensor] | None, float]:
+        """Data-parallel hook: sum the weighted products and weights over the process group.
+
+        ONE all-reduce carries the ``d x k`` weighted sum and the sum of the batch weights, so
+        the normalization that follows uses the weight of all ranks' data. A rank without
+        batches contributes zeros. Without a process group: returned as they are.
+        """
         if self._group is None:
-            return parts
-        flat = all_reduce_sum_(torch.cat([p.reshape(-1) for p in parts]), self._group)
-        return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in parts]), parts)]
+            return out, total_weight
+        parts = out if out is not None else [torch.zeros_like(c) for c in cols]
+        weight = torch.tensor([total_weight], dtype=parts[0].dtype, device=parts[0].device)
+        flat = all_reduce_sum_(torch.cat([p.reshape(-1) for p in parts] + [weight]), self._group)
+        total = float(flat[-1])
+        if total == 0.0:  # no rank held a batch
+            return None, 0.0
+        chunks = flat[:-1].split([p.numel() for p in parts])
+        return [c.view_as(p) for c, p in zip(chunks, parts)], total
 
     def _total_num_data(self, num_data: Any) -> int:
         """Check this rank's sample count; with a process group, sum it over the ranks.
@@ -344,9 +363,9 @@ class CurvatureOperator:
         return X.shape[0]
 
     def _batch_weight(self, X: Tensor) -> float:
-        """Weight of a batch in the sum: ``N_b / N`` for 'mean', ``1`` for 'sum'."""
+        """Weight of a batch: ``N_b`` for 'mean' (the sum is then divided by ``N``), 1 for 'sum'."""
         if self._loss_func.reduction == "mean":
-            return self._batch_size(X) / self._num_data
+            return float(self._batch_size(X))
         return 1.0
 
     def _split_columns(self, cols: Tensor) -> list[Tensor]:

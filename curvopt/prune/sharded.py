@@ -44,6 +44,7 @@ from curvopt.distributed import (
     all_reduce_any,
     all_reduce_sum_,
     check_shard0,
+    group_ranks,
     is_dtensor,
     local_tensor,
     rank,
@@ -84,7 +85,7 @@ class ShardedWeights:
                 "shard the whole model with fully_shard, or leave those layers out with names="
             )
         groups = [check_shard0(t.param, t.qualified_name) for t in targets]
-        if any(g is not groups[0] for g in groups):
+        if any(group_ranks(g) != group_ranks(groups[0]) for g in groups):
             raise ValueError(
                 "the prunable weights live on different device meshes / process groups; prune "
                 "needs one mesh for all of them (or prune each mesh's layers with names=)"

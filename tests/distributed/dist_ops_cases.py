@@ -123,9 +123,15 @@ NUM_GRADS, BATCH = 6, 3
 PRUNE_CASES = {  # name: prune arguments (block_size=None: one M-FAC block, as sharded uses)
     "mfac-global-multi": dict(sparsity=0.6, method="mfac", steps=2, update="auto"),
     "mfac-layer-diagonal": dict(
-        sparsity={"0": 0.5, "2": 0.7, "4": 0.3}, method="mfac", scope="layer", update="diagonal"
+        sparsity={"0": 0.5, "2": 0.7, "4": 0.3},
+        method="mfac",
+        scope="layer",
+        update="diagonal",
+        steps=3,
     ),
-    "mfac-global-normalized": dict(sparsity=0.5, method="mfac", normalize=True, update="none"),
+    "mfac-global-normalized": dict(
+        sparsity=0.5, method="mfac", normalize=True, update="none", steps=3
+    ),
     "magnitude-ties": dict(sparsity=0.55, method="magnitude", steps=2),
 }
 
