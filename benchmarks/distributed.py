@@ -123,7 +123,8 @@ def main():
         for mode in ("zero1", "fsdp2"):
             got = max(r["bytes"][mode] for r in results[P])
             calls = results[P][0]["calls"][mode]
-            formula = 8 * m + 4 + (4 * -(-d // P) if mode == "zero1" else 0)
+            # one rank communicates nothing; else the flag, G g, and (ZeRO-1) the all-gather
+            formula = 0 if P == 1 else 8 * m + 4 + (4 * -(-d // P) if mode == "zero1" else 0)
             print(f"| {P} | {mode} | {calls} | {got} | {formula} | {4 * d} |")
 
     for key, what in (("time", "training iteration"), ("step_time", "optimizer step alone")):

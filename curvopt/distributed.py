@@ -38,6 +38,7 @@ from torch import Tensor
 __all__ = [
     "CommCounter",
     "all_gather_flat",
+    "all_gather_object",
     "all_reduce_any",
     "all_reduce_max_",
     "all_reduce_sum_",
@@ -47,6 +48,7 @@ __all__ = [
     "is_dtensor",
     "local_columns",
     "local_tensor",
+    "no_counting",
     "rank",
     "shard_range",
     "sharded_columns",

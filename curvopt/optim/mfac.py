@@ -252,7 +252,7 @@ class MFAC(Optimizer):
             return loss
         window, shards = self.window, self._shards
         if shards.mode == "zero1":  # every rank holds the whole gradient: check all of it
-            bad = shards.nonfinite_elsewhere()
+            bad = shards.nonfinite_anywhere()
         else:
             bad = ~finite_flag(g)
         bad = D.all_reduce_any(bad, shards.group)  # on any rank

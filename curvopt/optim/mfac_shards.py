@@ -41,6 +41,11 @@ class ParamShards:
         group: The process group of the collectives (None for ``"local"``).
         ranges: Per parameter, ``(offset, length)`` of its flattened coordinates held here.
         local_dim: Coordinates held here (the window's ``dim``).
+
+    Example:
+        >>> shards = ParamShards([torch.zeros(2, 3), torch.zeros(4)])  # one process
+        >>> shards.mode, shards.local_dim, shards.ranges
+        ('local', 10, [(0, 6), (0, 4)])
     """
 
     def __init__(self, params: Sequence[Tensor], process_group: object = None) -> None:
@@ -130,7 +135,7 @@ class ParamShards:
         off, n = self.ranges[i]
         return p.grad.reshape(-1)[off : off + n]
 
-    def nonfinite_elsewhere(self) -> Tensor:
+    def nonfinite_anywhere(self) -> Tensor:
         """ZeRO-1: 0-dim bool, a NaN/Inf anywhere in the (whole, replicated) gradient.
 
         Every rank holds the whole gradient; a non-finite entry anywhere in it must stop the
@@ -163,8 +168,8 @@ class ParamShards:
 
     def gather_(self) -> None:
         """ZeRO-1: all-gather the updated coordinates into every rank's full parameters."""
-        if self.mode != "zero1":
-            return
+        if self.mode != "zero1" or D.world_size(self.group) == 1:
+            return  # one rank updated its parameters in place already
         P = D.world_size(self.group)
         d = sum(p.numel() for p in self.params)
         sizes = [b - a for a, b in (D.shard_range(d, r, P) for r in range(P))]

@@ -133,6 +133,14 @@ def _optimizer_checks(rank, world):
             out["bad"].append("accepted")
         except ValueError as err:
             out["bad"].append(str(err))
+    # a process_group whose ranks differ from the parameters' mesh
+    sub = torch.distributed.new_group([0]) if world > 1 else None
+    if rank == 0 and sub is not None:
+        try:
+            MFAC(model.parameters(), m=2, process_group=sub)
+            out["bad"].append("accepted")
+        except ValueError as err:
+            out["bad"].append(str(err))
     return out
 
 
@@ -149,6 +157,8 @@ def test_mfac_ddp_zero1_and_fsdp2_match_one_process(world):
         assert res["differ_raised"] == (world > 1)
         assert res["skipped"] == 1 and res["skip_unchanged"]
         assert "Shard(0)" in res["bad"][0] and "both DTensor" in res["bad"][1]
+    if world > 1:
+        assert "but the parameters are sharded over the mesh ranks" in out[0]["bad"][2]
     assert sum(r["ddp_dim"] for r in out) == d
     assert sum(r["fsdp_dim"] for r in out) == d
 
