@@ -15,6 +15,14 @@ $$
 
 the loss of the whole data set in one batch (for ``nn.MSELoss(reduction='mean')`` the constant
 also divides by the number of output entries per sample, as the loss itself does).
+
+Data-parallel operators: with ``process_group=`` every rank passes its own shard of the data
+(shards may differ in size; a rank may hold no batch at all). Each rank sums its weighted
+mini-batch products, and ONE all-reduce per product sums them and the batch weights over the
+ranks before the division by the total weight ``N``, so every rank gets the product with the
+curvature of the whole data set, bit for bit the same on every rank (`num_data` is summed over
+the ranks at construction). Products are collectives: all ranks must multiply together, with the
+same vectors.
 """
 
 from __future__ import annotations
@@ -27,6 +35,12 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
+from curvopt.distributed import (
+    all_reduce_max_,
+    all_reduce_sum_,
+    check_process_group,
+    is_dtensor,
+)
 from curvopt.utils.params import check_vector, num_elements, trainable
 
 from .losses import check_loss
@@ -44,9 +58,16 @@ class CurvatureOperator:
         params: Parameters of ``model_func`` to differentiate by; those with
             ``requires_grad=False`` are left out. Their order defines the flat layout.
         data: Re-iterable source of ``(X, y)`` batches, e.g. a list or a ``DataLoader``.
-        num_data: Total number of samples ``N``; counted with one pass over ``data`` if None.
+        num_data: Number of samples in ``data`` (the `num_data` property); counted with one
+            pass over ``data`` if None. With a process group this is this rank's count (``0``
+            allowed); the property is the sum over ranks. The weighting does not use it: the
+            products are divided by the sum of the batch sizes actually seen.
         check_deterministic: Multiply one random vector twice and raise if the results differ
             (catches shuffling loaders, dropout, ...). Off by default; costs two products.
+        process_group: A ``torch.distributed`` process group over which the data is sharded
+            (see the module docstring), or None for one process. Every rank of the group must
+            build the operator with the same model and parameters, and call every product,
+            `to_dense` and `to_scipy`'s products together with identical inputs.
 
     Attributes:
         SELF_ADJOINT: Whether the matrix is symmetric (all curvature matrices here are).
@@ -56,7 +77,9 @@ class CurvatureOperator:
         TypeError: If ``model_func``/``loss_func`` have the wrong type, or ``data`` is a one-shot
             iterator.
         ValueError: If there are no trainable parameters, a parameter is not one of the model's,
-            the loss reduction is unsupported, or ``data`` is empty.
+            the loss reduction is unsupported, or ``data`` is empty (on every rank).
+            With a process group: if ``torch.distributed`` is not initialized or the ranks'
+            parameter counts differ.
     """
 
     SELF_ADJOINT: bool = True
@@ -71,7 +94,9 @@ class CurvatureOperator:
         *,
         num_data: int | None = None,
         check_deterministic: bool = False,
+        process_group: Any = None,
     ) -> None:
+        self._group = check_process_group(process_group)
         if not isinstance(model_func, nn.Module):
             raise TypeError(f"model_func must be an nn.Module, got {type(model_func).__name__}")
         check_loss(loss_func, self.SUPPORTED_LOSSES, type(self).__name__)
@@ -80,6 +105,11 @@ class CurvatureOperator:
         self._params = trainable(params)
         if not self._params:
             raise ValueError("params holds no tensor with requires_grad=True; nothing to do")
+        if any(is_dtensor(p) for p in self._params):
+            raise ValueError(
+                "params holds FSDP2-sharded DTensors; curvature operators need the whole "
+                "parameters on every rank (replicated, e.g. under DDP) and shard the data instead"
+            )
         self._names = self._parameter_names(model_func, self._params)
         self._dim = num_elements(self._params)
         if iter(data) is data:
@@ -90,9 +120,7 @@ class CurvatureOperator:
         self._data = data
         if num_data is None:
             num_data = sum(self._batch_size(X) for X, _ in self._loop_over_data())
-        if not isinstance(num_data, int) or num_data <= 0:
-            raise ValueError(f"data must hold at least one sample, got num_data={num_data}")
-        self._num_data = num_data
+        self._num_data = self._total_num_data(num_data)
         if check_deterministic:
             self._check_deterministic()
 
@@ -116,6 +144,11 @@ class CurvatureOperator:
     def num_data(self) -> int:
         """Total number of samples ``N`` in the data set."""
         return self._num_data
+
+    @property
+    def process_group(self) -> Any:
+        """The process group the data is sharded over (None: one process)."""
+        return self._group
 
     @property
     def params(self) -> list[Tensor]:
@@ -164,7 +197,7 @@ class CurvatureOperator:
         return self @ v
 
     def _matmat(self, cols: list[Tensor]) -> list[Tensor]:
-        """Sum the weighted mini-batch products over the data.
+        """Sum the weighted mini-batch products over the data and normalize.
 
         Args:
             cols: Columns in list format, tensors of shape ``(k, *p.shape)``.
@@ -174,17 +207,69 @@ class CurvatureOperator:
         """
         self._before_matmat()
         out: list[Tensor] | None = None
+        total_weight = 0.0
         for X, y in self._loop_over_data():
             weight = self._batch_weight(X)
+            total_weight += weight
             parts = self._matmat_batch(X, y, cols)
             if out is None:  # the parts are fresh tensors: scale them in place
                 out = [part.mul_(weight) if weight != 1.0 else part for part in parts]
             else:
                 for acc, part in zip(out, parts):
                     acc.add_(part, alpha=weight)
+        out, total_weight = self._sum_over_ranks(out, total_weight, cols)
         if out is None:
             raise ValueError("data yielded no batches")
+        if self._loss_func.reduction == "mean":
+            for acc in out:
+                acc.div_(total_weight)
         return out
+
+    def _sum_over_ranks(
+        self, out: list[Tensor] | None, total_weight: float, cols: list[Tensor]
+    ) -> tuple[list[Tensor] | None, float]:
+        """Data-parallel hook: sum the weighted products and weights over the process group.
+
+        ONE all-reduce carries the ``d x k`` weighted sum and the sum of the batch weights, so
+        the normalization that follows uses the weight of all ranks' data. A rank without
+        batches contributes zeros. Without a process group: returned as they are.
+        """
+        if self._group is None:
+            return out, total_weight
+        parts = out if out is not None else [torch.zeros_like(c) for c in cols]
+        weight = torch.tensor([total_weight], dtype=parts[0].dtype, device=parts[0].device)
+        flat = all_reduce_sum_(torch.cat([p.reshape(-1) for p in parts] + [weight]), self._group)
+        total = float(flat[-1])
+        if total == 0.0:  # no rank held a batch
+            return None, 0.0
+        chunks = flat[:-1].split([p.numel() for p in parts])
+        return [c.view_as(p) for c, p in zip(chunks, parts)], total
+
+    def _total_num_data(self, num_data: Any) -> int:
+        """Check this rank's sample count; with a process group, sum it over the ranks.
+
+        The same all-reduce checks that every rank has the same number of parameters (the
+        products would be summed entry by entry).
+        """
+        local_min = 0 if self._group is not None else 1
+        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < local_min:
+            raise ValueError(f"data must hold at least one sample, got num_data={num_data}")
+        if self._group is None:
+            return num_data
+        stats = torch.tensor(
+            [num_data, self._dim, -self._dim], dtype=torch.int64, device=self.device
+        )
+        total = all_reduce_sum_(stats[:1].clone(), self._group)
+        dims = all_reduce_max_(stats[1:].clone(), self._group)
+        if int(dims[0]) != -int(dims[1]):
+            raise ValueError(
+                f"the ranks' operators have different numbers of parameters (this rank "
+                f"{self._dim}, between {-int(dims[1])} and {int(dims[0])} over the group); "
+                "every rank must pass the same model and params"
+            )
+        if int(total) <= 0:
+            raise ValueError("data must hold at least one sample on some rank, got none at all")
+        return int(total)
 
     def _matmat_batch(self, X: Tensor, y: Tensor, cols: list[Tensor]) -> list[Tensor]:
         """Multiply the mini-batch curvature onto columns ``(k, *p.shape)``; for subclasses.
@@ -205,6 +290,10 @@ class CurvatureOperator:
 
         Returns:
             A symmetric linear operator of shape ``(d, d)`` computing products in PyTorch.
+
+        With a process group every product is a collective: all ranks must run the same scipy
+        routine together with the same inputs (for ``eigsh``/``lobpcg`` pass the same start
+        vector ``v0``/``X`` on every rank; scipy's random default may differ between processes).
 
         Example:
             >>> from scipy.sparse.linalg import eigsh
@@ -274,9 +363,9 @@ class CurvatureOperator:
         return X.shape[0]
 
     def _batch_weight(self, X: Tensor) -> float:
-        """Weight of a batch in the sum: ``N_b / N`` for 'mean', ``1`` for 'sum'."""
+        """Weight of a batch: ``N_b`` for 'mean' (the sum is then divided by ``N``), 1 for 'sum'."""
         if self._loss_func.reduction == "mean":
-            return self._batch_size(X) / self._num_data
+            return float(self._batch_size(X))
         return 1.0
 
     def _split_columns(self, cols: Tensor) -> list[Tensor]:

@@ -30,6 +30,8 @@ class EmpiricalFisherOperator(CurvatureOperator):
         data: Re-iterable ``(X, y)`` batches.
         num_data: Number of samples; counted from ``data`` if None.
         check_deterministic: See `curvopt.curvature.base.CurvatureOperator`.
+        process_group: Process group the data is sharded over (see
+            `curvopt.curvature.base.CurvatureOperator`), or None.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))

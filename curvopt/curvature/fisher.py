@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from curvopt.distributed import rank
 
 from .base import Batch
 from .ggn import GGNOperator
@@ -32,15 +35,25 @@ class FisherOperator(GGNOperator):
     operator uses the same draws (the operator is a fixed matrix); a different ``seed`` gives
     a different estimate.
 
+    With a process group, rank ``r`` of the group seeds its sampler with ``seed + r``: the
+    ranks draw independent labels, the operator is still a fixed matrix (the same on every
+    rank and in every product), and it equals ``sum_r (N_r / N) F_r`` with ``F_r`` the
+    single-process Monte-Carlo Fisher of rank ``r``'s data at seed ``seed + r`` ('mean'
+    reduction; the plain sum for 'sum'). It is an estimate of the same exact Fisher as the
+    single-process operator on the concatenated data, not the same draws.
+
     Args:
         model_func: The network ``f_theta``.
         loss_func: ``nn.MSELoss`` or ``nn.CrossEntropyLoss`` with reduction 'mean' or 'sum'.
         params: Parameters to differentiate by (``requires_grad=False`` ones are left out).
         data: Re-iterable ``(X, y)`` batches (the labels are used only for batch sizes).
         mc_samples: None for the exact Fisher, else the number of sampled labels per sample.
-        seed: Seed of the label sampler (Monte-Carlo only).
+        seed: Seed of the label sampler (Monte-Carlo only; rank ``r`` of a process group uses
+            ``seed + r``).
         num_data: Number of samples; counted from ``data`` if None.
         check_deterministic: See `curvopt.curvature.base.CurvatureOperator`.
+        process_group: Process group the data is sharded over (see
+            `curvopt.curvature.base.CurvatureOperator`), or None.
 
     Raises:
         ValueError: If ``mc_samples`` is not None or a positive integer.
@@ -66,6 +79,7 @@ class FisherOperator(GGNOperator):
         seed: int = 2147483647,
         num_data: int | None = None,
         check_deterministic: bool = False,
+        process_group: Any = None,
     ) -> None:
         if mc_samples is not None and (
             isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1
@@ -85,6 +99,7 @@ class FisherOperator(GGNOperator):
             data,
             num_data=num_data,
             check_deterministic=check_deterministic,
+            process_group=process_group,
         )
 
     @property
@@ -97,7 +112,7 @@ class FisherOperator(GGNOperator):
             return
         if self._generator is None or self._generator.device != self.device:
             self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(self._seed)
+        self._generator.manual_seed(self._seed + rank(self._group))
 
     def _output_product(self, output: Tensor, y: Tensor, Jv: Tensor) -> Tensor:
         if self._mc_samples is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -51,6 +52,8 @@ class HessianOperator(CurvatureOperator):
             ``"forward-over-reverse"``.
         num_data: Number of samples; counted from ``data`` if None.
         check_deterministic: See `curvopt.curvature.base.CurvatureOperator`.
+        process_group: Process group the data is sharded over (see
+            `curvopt.curvature.base.CurvatureOperator`), or None.
 
     Raises:
         ValueError: If ``mode`` is unknown (and see the base class).
@@ -75,6 +78,7 @@ class HessianOperator(CurvatureOperator):
         mode: str = "auto",
         num_data: int | None = None,
         check_deterministic: bool = False,
+        process_group: Any = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -86,6 +90,7 @@ class HessianOperator(CurvatureOperator):
             data,
             num_data=num_data,
             check_deterministic=check_deterministic,
+            process_group=process_group,
         )
 
     @property

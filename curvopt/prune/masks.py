@@ -104,20 +104,30 @@ def prunable_weights(
         out = []
         for n in names:
             key = n[: -len(".weight")] if n.endswith(".weight") and n not in modules else n
-            if key not in modules or not isinstance(getattr(modules[key], "weight", None), Tensor):
+            if key not in modules or not _has_weight(modules[key]):
                 raise ValueError(f"no module with a weight called {n!r} in the model")
             out.append(PrunableWeight(key, modules[key]))
     else:
         out = [
             PrunableWeight(n, m)
             for n, m in modules.items()
-            if isinstance(m, types) and isinstance(getattr(m, "weight", None), Tensor)
+            if isinstance(m, types) and _has_weight(m)
         ]
     if not out:
         raise ValueError(
             "the model has no prunable layers: pass layer_types (module classes) or names"
         )
     return out
+
+
+def _has_weight(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is a tensor, without running a parametrization to find out.
+
+    (On an FSDP2 model a parametrized weight can only be computed inside the forward pass.)
+    """
+    if parametrize.is_parametrized(module, "weight"):
+        return True
+    return isinstance(getattr(module, "weight", None), Tensor)
 
 
 def set_mask(target: PrunableWeight, mask: Tensor) -> None:
@@ -135,6 +145,34 @@ def set_mask(target: PrunableWeight, mask: Tensor) -> None:
         existing.mask.copy_(mask)
     with torch.no_grad():
         target.param.mul_(mask)
+
+
+def attach_masks(
+    model: nn.Module,
+    layer_types: Iterable[type[nn.Module]] | None = None,
+    names: Iterable[str] | None = None,
+) -> list[PrunableWeight]:
+    """Attach an all-ones mask to every prunable weight that has none; return the weights.
+
+    :func:`curvopt.prune.prune` does this itself, except on an FSDP2 model: a parametrization
+    cannot be added to a parameter ``fully_shard`` already manages, so call this before
+    ``fully_shard`` (FSDP2 then shards the parametrization's ``original``).
+
+    Args:
+        model: The network (changed in place).
+        layer_types: See :func:`prunable_weights`.
+        names: See :func:`prunable_weights`.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> [t.masked for t in attach_masks(model)]
+        [True, True]
+    """
+    targets = prunable_weights(model, layer_types, names)
+    for t in targets:
+        if t.mask is None:
+            set_mask(t, torch.ones_like(t.param))
+    return targets
 
 
 def remove_masks(model: nn.Module) -> None:

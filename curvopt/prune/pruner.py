@@ -18,6 +18,7 @@ from .masks import PrunableWeight, WeightMask, prunable_weights, set_mask
 from .obs import obs_scores, obs_update_diagonal, obs_update_multi
 from .report import PruneReport, layer_reports
 from .schedule import _check_sparsity
+from .sharded import check_sharded_arguments, is_sharded, prune_sharded
 from .snapshot import ModelSnapshot
 
 METHODS = ("mfac", "obs", "magnitude")
@@ -79,12 +80,21 @@ def prune(
 
     Masks are attached with :func:`curvopt.prune.set_mask` (``torch.nn.utils.parametrize``), so
     the pruned weights stay zero during later training; :func:`curvopt.prune.pruned_state_dict`
-    exports a plain ``state_dict``.
+    exports a plain ``state_dict``. Among weights with equal scores the one earlier in the flat
+    order (module order, then row-major) goes first.
+
+    FSDP2 (``fully_shard``): when the prunable weights are DTensors, every rank calls ``prune``
+    together with its own data and prunes its local shards (:mod:`curvopt.prune.sharded`): the
+    same masks as the single-process run on the same gradients, without gathering weights or
+    scores. Attach the masks before sharding (:func:`curvopt.prune.attach_masks`), and use
+    ``block_size=None`` with ``method="mfac"`` (``"obs"`` is single-process only).
 
     All or nothing: every argument is checked before the model is touched, and if anything
     fails later (the data, the loss, the callback, an interrupt) the model is restored exactly -
     values, masks, parametrizations, buffers, ``requires_grad`` - before the error propagates
     (:class:`curvopt.prune.snapshot.ModelSnapshot`; costs one copy of the prunable weights).
+    The FSDP2 path is not rolled back yet: its arguments are checked up front, but an error in
+    the middle of a sharded run leaves the shards as they are.
 
     Args:
         model: The network, changed in place (put it in eval mode for BatchNorm/Dropout).
@@ -137,6 +147,18 @@ def prune(
     targets = prunable_weights(model, layer_types, names)
     layer_targets = _layer_targets(sparsity, scope, targets)
     _check_targets(targets, method)
+    if is_sharded(targets):  # FSDP2: every rank prunes its local shards (curvopt.prune.sharded)
+        # (not under the all-or-nothing snapshot: ModelSnapshot is single-process only)
+        check_sharded_arguments(method, block_size)
+        report = PruneReport(method=method, scope=scope, target=_plain(sparsity), layers=[])
+        prune_sharded(
+            model, loss_func, data, targets, layer_targets, report, method=method, scope=scope,
+            num_grads=num_grads, damp=damp, steps=steps, damp_mode=damp_mode, update=update,
+            grad_batch_size=grad_batch_size, normalize=normalize, max_multi=max_multi,
+            multi_budget=multi_budget, callback=callback,
+        )  # fmt: skip
+        report.seconds = time.perf_counter() - t0
+        return report
     snapshot = ModelSnapshot(model, targets)
     try:
         return _prune_steps(
@@ -349,14 +371,14 @@ def _select(
         total_start = sum(s * n for s, n in zip(start, sizes)) / d
         s_j = one_shot_step(layer_targets[0], frac, total_start)
         k = min(int(round(s_j * d)), d)
-        out[torch.argsort(scores)[:k]] = True
+        out[torch.argsort(scores, stable=True)[:k]] = True
         return out | ~alive
     offset = 0
     for n, s_t, s_0 in zip(sizes, layer_targets, start):
         s_j = one_shot_step(s_t, frac, min(s_0, s_t))
         k = min(int(round(s_j * n)), n)
         seg = scores[offset : offset + n]
-        out[offset + torch.argsort(seg)[:k]] = True
+        out[offset + torch.argsort(seg, stable=True)[:k]] = True
         offset += n
     return out | ~alive
 

@@ -1,0 +1,390 @@
+"""Pruning an FSDP2-sharded model: the steps of :func:`curvopt.prune.prune` on local shards.
+
+With ``torch.distributed.fsdp.fully_shard`` every prunable weight is a DTensor split by rows
+(``Shard(0)``, uneven splits included) over a 1-D device mesh. Rank ``r`` then treats the
+concatenation of its local rows of all prunable weights as its coordinate shard of the flat
+weight vector (``d_r`` entries of ``d``), and one recomputation step is:
+
+1. ``m`` gradients: ``loss_func(model(X_c), y_c).backward()`` per chunk; FSDP2 averages each
+   gradient over the ranks (reduce-scatter), so gradient ``i`` is the gradient on the union of
+   the ranks' ``i``-th chunks (equal chunk sizes and a ``'mean'`` loss: the gradient of their
+   concatenation; identical data on every rank: the single-process gradient). The local rows
+   of the gradients form ``G_r`` (``m x d_r``); a rank that runs out of data stops every rank.
+2. ``StaticMFAC(G_r, lam, process_group=...)``: coordinate-sharded M-FAC, one all-reduce of
+   ``m^2`` numbers; the inverse diagonal of the local coordinates needs no communication.
+3. Scores on the local coordinates; the ``k`` lowest over all ranks are found by bisection on
+   all-reduced counts (:func:`curvopt.prune.kselect.smallest_k`), never gathering the scores.
+   Ties are broken by the global flat index, as a stable sort does in the single-process run.
+4. The OBS update: the diagonal one is one sharded IHVP; the exact multi-weight one fetches
+   the rows of ``F^{-1}`` for all removed weights restricted to the local columns
+   (:meth:`StaticMFAC.inverse_rows`, collective) and solves the small system, replicated.
+5. The local shards of the weights are updated in place.
+
+Masks: ``torch.nn.utils.parametrize`` cannot be attached to a parameter FSDP2 already manages
+(FSDP2 swaps the module's parameter, not the parametrization's ``original``), so the masks must
+be attached BEFORE ``fully_shard`` (:func:`curvopt.prune.attach_masks`). FSDP2 then shards
+``parametrizations.weight.original`` and keeps the mask buffer whole on every rank; pruning
+writes the local rows and all-gathers the new masks (one byte per weight per step).
+
+Same masks as the single-process run with ``block_size=None`` on the same gradients, up to
+ties decided by round-off (scores are computed with sums in another order).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from curvopt.distributed import (
+    all_gather_flat,
+    all_gather_object,
+    all_reduce_any,
+    all_reduce_sum_,
+    check_shard0,
+    group_ranks,
+    is_dtensor,
+    local_tensor,
+    rank,
+)
+
+from .kselect import smallest_k
+from .masks import PrunableWeight
+from .obs import obs_scores, obs_update_diagonal
+from .report import LayerReport, PruneReport
+
+
+def is_sharded(targets: list[PrunableWeight]) -> bool:
+    """Whether any prunable weight is a DTensor (an FSDP2-sharded model)."""
+    return any(is_dtensor(t.param) for t in targets)
+
+
+class ShardedWeights:
+    """This rank's shard of the flat vector of prunable weights of an FSDP2 model.
+
+    Args:
+        targets: The prunable weights, all DTensors ``Shard(0)`` on one 1-D mesh, masks attached.
+
+    Attributes:
+        group: The mesh's process group.
+        dim: ``d``, the number of prunable weights over all ranks.
+        sizes: Global number of entries per weight.
+
+    Raises:
+        ValueError: Plain and sharded weights mixed, weights on different meshes, placements
+            other than ``Shard(0)``, or a weight without a mask.
+    """
+
+    def __init__(self, targets: list[PrunableWeight]) -> None:
+        plain = [t.qualified_name for t in targets if not is_dtensor(t.param)]
+        if plain:
+            raise ValueError(
+                f"some prunable weights are FSDP2-sharded DTensors and others are not ({plain}); "
+                "shard the whole model with fully_shard, or leave those layers out with names="
+            )
+        groups = [check_shard0(t.param, t.qualified_name) for t in targets]
+        if any(group_ranks(g) != group_ranks(groups[0]) for g in groups):
+            raise ValueError(
+                "the prunable weights live on different device meshes / process groups; prune "
+                "needs one mesh for all of them (or prune each mesh's layers with names=)"
+            )
+        unmasked = [t.qualified_name for t in targets if t.mask is None]
+        if unmasked:
+            raise ValueError(
+                f"FSDP2-sharded weights {unmasked} carry no mask. Masks (parametrizations) must "
+                "be attached before fully_shard: call curvopt.prune.attach_masks(model) first"
+            )
+        self.targets = targets
+        self.group = groups[0]
+        self.local = [local_tensor(t.param) for t in targets]
+        self.sizes = [t.param.numel() for t in targets]
+        self.dim = sum(self.sizes)
+        rows_by_rank = all_gather_object([x.shape[0] for x in self.local], self.group)
+        me = rank(self.group)
+        self._rank_sizes = [  # flat entries each rank holds (its coordinate shard)
+            sum(rows[i] * self._row_numel(i) for i in range(len(targets))) for rows in rows_by_rank
+        ]
+        self._rows_by_rank = rows_by_rank
+        first_rows = [sum(rows[i] for rows in rows_by_rank[:me]) for i in range(len(targets))]
+        self.masks = [  # this rank's rows of the (whole, replicated) mask buffers
+            t.mask[r0 : r0 + x.shape[0]] for t, r0, x in zip(targets, first_rows, self.local)
+        ]
+        offsets = [sum(self.sizes[:i]) for i in range(len(targets))]
+        self.index = torch.cat(  # global flat index of every local entry
+            [
+                off + r0 * self._row_numel(i) + torch.arange(x.numel(), device=x.device)
+                for i, (off, r0, x) in enumerate(zip(offsets, first_rows, self.local))
+            ]
+        )
+        self.layer = torch.cat(
+            [torch.full((x.numel(),), i, device=x.device) for i, x in enumerate(self.local)]
+        )
+
+    def _row_numel(self, i: int) -> int:
+        shape = self.targets[i].param.shape
+        return self.sizes[i] // shape[0] if shape[0] else 0
+
+    # ------------------------------------------------------------------------- state
+    def weights(self) -> Tensor:
+        """Effective local weights (mask applied), flat ``(d_r,)``."""
+        return torch.cat([(x.detach() * m).reshape(-1) for x, m in zip(self.local, self.masks)])
+
+    def alive(self) -> Tensor:
+        """Local weights not pruned yet, flat boolean ``(d_r,)``."""
+        return torch.cat([(m != 0).reshape(-1) for m in self.masks])
+
+    def count(self, flags: Tensor) -> int:
+        """Number of True entries over all ranks."""
+        n = flags.sum().to(torch.int64).reshape(1)
+        return int(all_reduce_sum_(n, self.group))
+
+    def zeros_per_layer(self) -> list[int]:
+        """Zeros of the effective weights of each layer, over all ranks."""
+        w = self.weights()
+        z = torch.zeros(len(self.targets), dtype=torch.int64, device=w.device)
+        z.scatter_add_(0, self.layer, (w == 0).to(torch.int64))
+        return all_reduce_sum_(z, self.group).tolist()
+
+    def current_sparsity(self) -> list[float]:
+        """Fraction of zeros of each layer before pruning (masks are always attached here)."""
+        return [z / n for z, n in zip(self.zeros_per_layer(), self.sizes)]
+
+    def layer_reports(self) -> list[LayerReport]:
+        """Per-layer sparsity over all ranks (global shapes)."""
+        return [
+            LayerReport(t.qualified_name, tuple(t.param.shape), n, z)
+            for t, n, z in zip(self.targets, self.sizes, self.zeros_per_layer())
+        ]
+
+    def write(self, w: Tensor, alive: Tensor) -> None:
+        """Store new local weights and masks; the masks are all-gathered into the buffers."""
+        gathered = all_gather_flat(alive.to(torch.uint8), self._rank_sizes, self.group)
+        by_rank = gathered.split(self._rank_sizes)
+        per_rank = [  # split each rank's shard into its rows of every layer
+            part.split([rows[i] * self._row_numel(i) for i in range(len(self.targets))])
+            for part, rows in zip(by_rank, self._rows_by_rank)
+        ]
+        start = 0
+        with torch.no_grad():
+            for i, (t, x) in enumerate(zip(self.targets, self.local)):
+                full = torch.cat([pieces[i] for pieces in per_rank]).reshape(t.param.shape)
+                t.mask.copy_(full.to(t.mask.dtype))
+                x.copy_(w[start : start + x.numel()].reshape(x.shape))
+                x.mul_(self.masks[i])
+                start += x.numel()
+
+    # ------------------------------------------------------------------------- gradients
+    def gradients(
+        self,
+        model: nn.Module,
+        loss_func: Callable[[Tensor, Tensor], Tensor],
+        data: Iterable,
+        num_grads: int,
+        grad_batch_size: int | None,
+    ) -> Tensor:
+        """``G_r``: the local rows of ``num_grads`` gradients, ``(m, d_r)`` (see the module doc).
+
+        The model's ``.grad`` fields are restored afterwards.
+        """
+        params = list(model.parameters())
+        saved = [p.grad for p in params]
+        rows: list[Tensor] = []
+        device = self.local[0].device
+        chunks = _chunks(data, grad_batch_size)
+        try:
+            for p in params:
+                p.grad = None
+            while len(rows) < num_grads:
+                chunk = next(chunks, None)
+                if bool(all_reduce_any(torch.tensor(chunk is None, device=device), self.group)):
+                    break  # some rank has no data left: every rank stops here
+                X, y = chunk
+                loss_func(model(X), y).backward()
+                parts = []
+                for t, x, m in zip(self.targets, self.local, self.masks):
+                    g = t.param.grad
+                    g = torch.zeros_like(x) if g is None else local_tensor(g)
+                    parts.append((g * m).reshape(-1))
+                rows.append(torch.cat(parts))
+                for p in params:
+                    p.grad = None
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+        if not rows:
+            raise ValueError("the data loader yielded no batches: cannot collect gradients")
+        if len(rows) < num_grads:
+            warnings.warn(
+                f"the data gave only {len(rows)} of the {num_grads} gradients asked for (on "
+                "the rank with the fewest); using those",
+                stacklevel=3,
+            )
+        return torch.stack(rows)
+
+    def relative_damping(self, G: Tensor) -> float:
+        """``mean(diag(G^T G / m))`` over all ``d`` coordinates."""
+        sq = all_reduce_sum_(G.double().pow(2).sum(0).sum().reshape(1), self.group)
+        return float(sq) / (self.dim * G.shape[0])
+
+    # ------------------------------------------------------------------------- selection
+    def select(
+        self,
+        scores: Tensor,
+        alive: Tensor,
+        layer_targets: list[float],
+        scope: str,
+        normalize: bool,
+        frac: float,
+        start: list[float],
+    ) -> Tensor:
+        """Local mask of the weights pruned after this step (the sharded ``_select``)."""
+        from .pruner import one_shot_step
+
+        scores = scores.clone().to(torch.float64)
+        scores[~alive] = -float("inf")  # already pruned: always counted first
+        L = len(self.targets)
+        if scope == "global":
+            if normalize:
+                live = torch.isfinite(scores)
+                stats = torch.zeros(2, L, dtype=torch.float64, device=scores.device)
+                stats[0].scatter_add_(0, self.layer, torch.where(live, scores, 0.0))
+                stats[1].scatter_add_(0, self.layer, live.to(torch.float64))
+                stats = all_reduce_sum_(stats, self.group)
+                mean = stats[0] / stats[1].clamp_min(1)
+                ok = (stats[1] > 0) & (mean > 0)
+                scale = torch.where(ok, mean, 1.0)[self.layer]
+                scores = torch.where(live, scores / scale, scores)
+            total_start = sum(s * n for s, n in zip(start, self.sizes)) / self.dim
+            s_j = one_shot_step(layer_targets[0], frac, total_start)
+            k = [min(int(round(s_j * self.dim)), self.dim)]
+            segment = torch.zeros_like(self.layer)
+        else:
+            k = []
+            for n, s_t, s_0 in zip(self.sizes, layer_targets, start):
+                s_j = one_shot_step(s_t, frac, min(s_0, s_t))
+                k.append(min(int(round(s_j * n)), n))
+            segment = self.layer
+        return smallest_k(scores, self.index, segment, k, self.group) | ~alive
+
+    def update_multi(self, inverse, w: Tensor, idx: Tensor) -> Tensor:
+        """Exact multi-weight OBS update for removing ``idx`` (local) over all ranks.
+
+        ``delta w = -F^{-1}[:, Q] (F^{-1}[Q, Q])^{-1} w_Q``: the rows of ``F^{-1}`` for every
+        rank's removed weights, restricted to the local columns, come from one collective
+        ``inverse_rows``; each rank fills the columns of ``F^{-1}[Q, Q]`` it owns and one
+        all-reduce assembles it (``|Q|^2`` numbers), so the solve is replicated.
+        """
+        R = inverse.inverse_rows(idx)  # (|Q|, d_r), every rank's removed weights in rank order
+        counts = all_gather_object(idx.numel(), self.group)
+        first = sum(counts[: rank(self.group)])
+        n = R.shape[0]
+        S = torch.zeros(n, n, dtype=torch.float64, device=w.device)
+        rhs = torch.zeros(n, dtype=torch.float64, device=w.device)
+        local = first + torch.arange(idx.numel(), device=w.device)
+        S[:, local] = R[:, idx].to(torch.float64)
+        rhs[local] = w[idx].to(torch.float64)
+        packed = all_reduce_sum_(torch.cat([S.reshape(-1), rhs]), self.group)
+        S, rhs = packed[: n * n].reshape(n, n), packed[n * n :]
+        coef = torch.linalg.solve(S, rhs)
+        return -(R.T @ coef.to(R.dtype)).to(w.dtype)
+
+
+def _chunks(data: Iterable, grad_batch_size: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+    """The ``(X, y)`` pieces that give one gradient each (see ``collect_gradients``)."""
+    for i, batch in enumerate(data):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"data must yield (X, y) pairs; batch {i} is {type(batch).__name__}")
+        X, y = batch
+        step = len(X) if grad_batch_size is None else int(grad_batch_size)
+        for s in range(0, len(X), max(step, 1)):
+            yield X[s : s + step], y[s : s + step]
+
+
+def check_sharded_arguments(method: str, block_size: int | None) -> None:
+    """What the sharded path does not support, checked before the model is touched."""
+    if method == "obs":
+        raise ValueError(
+            "method='obs' (the dense exact inverse) needs every weight on one process; for an "
+            "FSDP2-sharded model use method='mfac' or 'magnitude'"
+        )
+    if method == "mfac" and block_size is not None:
+        raise ValueError(
+            "an FSDP2-sharded model is pruned with one M-FAC block over all weights (blocks "
+            "would cross the ranks' shards): pass block_size=None"
+        )
+
+
+def prune_sharded(
+    model: nn.Module,
+    loss_func: Callable[[Tensor, Tensor], Tensor] | None,
+    data: Iterable | None,
+    targets: list[PrunableWeight],
+    layer_targets: list[float],
+    report: PruneReport,
+    *,
+    method: str,
+    scope: str,
+    num_grads: int,
+    damp: float,
+    steps: int,
+    damp_mode: str,
+    update: str,
+    grad_batch_size: int | None,
+    normalize: bool,
+    max_multi: int,
+    multi_budget: int,
+    callback: Callable[[int, int, float], None] | None,
+) -> PruneReport:
+    """The steps of :func:`curvopt.prune.prune` for an FSDP2 model (see the module docstring).
+
+    Every rank calls it together (through ``prune``); all return the same report.
+    """
+    from curvopt.mfac import StaticMFAC
+
+    shards = ShardedWeights(targets)
+    d = shards.dim
+    start = shards.current_sparsity()
+    for j in range(steps):
+        frac = (j + 1) / steps
+        w, alive = shards.weights(), shards.alive()
+        inverse = None
+        if method == "magnitude":
+            scores = w.abs()
+        else:
+            G = shards.gradients(model, loss_func, data, num_grads, grad_batch_size)
+            lam = float(damp)
+            if damp_mode == "relative":
+                scale = shards.relative_damping(G)
+                lam = damp * scale if scale > 0 else float(damp)
+            report.damp.append(lam)
+            inverse = StaticMFAC(G, lam, process_group=shards.group)
+            inv_diag = inverse.inverse_diagonal().to(w.dtype)
+            scores = obs_scores(w, inv_diag)
+        prune_now = shards.select(scores, alive, layer_targets, scope, normalize, frac, start)
+        idx = (prune_now & alive).nonzero().squeeze(1)
+        removed = shards.count(prune_now & alive)
+        kind = "none"
+        if inverse is not None and update != "none" and removed > 0:
+            kind = update
+            if update == "auto":
+                small = removed <= max_multi and removed * d <= multi_budget
+                kind = "multi" if small else "diagonal"
+            if kind == "multi":
+                delta = shards.update_multi(inverse, w, idx)
+            else:
+                delta = obs_update_diagonal(inverse, w, idx, inv_diag)
+            w = w + delta
+        report.update.append(kind)
+        new_alive = alive & ~prune_now
+        shards.write(w, new_alive)
+        reached = 1 - shards.count(new_alive) / d
+        report.steps.append(reached)
+        if callback is not None:
+            callback(j + 1, steps, reached)
+    report.layers = shards.layer_reports()
+    return report
+
+
+__all__ = ["ShardedWeights", "check_sharded_arguments", "is_sharded", "prune_sharded"]
