@@ -212,59 +212,74 @@ class LinearQuadraticRegulator:
         return self.expected_return(self.optimal_gain(), action_std)
 
     # ----- sampling -----------------------------------------------------------------------------
+    def _tensors(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The system matrices as CPU tensors of ``dtype`` (cached: the hot loop reuses them)."""
+        cache = self.__dict__.setdefault("_tensor_cache", {})
+        if dtype not in cache:
+            cache[dtype] = {
+                name: torch.as_tensor(value, dtype=dtype)
+                for name, value in (
+                    ("A", self.A),
+                    ("B", self.B),
+                    ("Q", self.Q),
+                    ("R", self.R),
+                    ("initial_factor", _psd_factor(self.initial_cov)),
+                    ("noise_factor", _psd_factor(self.noise_cov)),
+                )
+            }
+        return cache[dtype]
+
     def reward(self, state: Tensor, action: Tensor) -> Tensor:
-        """``−(xᵀQx + uᵀRu)`` over the leading batch dimension."""
-        q = torch.as_tensor(self.Q, dtype=state.dtype, device=state.device)
-        r = torch.as_tensor(self.R, dtype=state.dtype, device=state.device)
+        """``−(xᵀQx + uᵀRu)`` over the leading batch dimensions."""
+        m = self._tensors(state.dtype)
+        q, r = m["Q"].to(state.device), m["R"].to(state.device)
         return -(((state @ q) * state).sum(-1) + ((action @ r) * action).sum(-1))
 
     def step_state(self, state: Tensor, action: Tensor, generator: torch.Generator) -> Tensor:
         """``A x + B u + w`` for a batch of states ``(N, n)`` and actions ``(N, m)``."""
-        a = torch.as_tensor(self.A, dtype=state.dtype, device=state.device)
-        b = torch.as_tensor(self.B, dtype=state.dtype, device=state.device)
-        nxt = state @ a.T + action @ b.T
+        m = self._tensors(state.dtype)
+        nxt = state @ m["A"].T.to(state.device) + action @ m["B"].T.to(state.device)
         if np.any(self.noise_cov):
-            chol = torch.as_tensor(
-                _psd_factor(self.noise_cov), dtype=state.dtype, device=state.device
-            )
             noise = torch.randn(state.shape, generator=generator, dtype=state.dtype)
-            nxt = nxt + noise.to(state.device) @ chol.T
+            nxt = nxt + noise.to(state.device) @ m["noise_factor"].T.to(state.device)
         return nxt
 
     def initial_states(self, n: int, generator: torch.Generator, dtype=torch.float64) -> Tensor:
         """``n`` draws of ``x_0 ~ N(0, Σ_0)``, ``(n, n_states)``."""
-        chol = torch.as_tensor(_psd_factor(self.initial_cov), dtype=dtype)
-        return torch.randn(n, self.n_states, generator=generator, dtype=dtype) @ chol.T
+        factor = self._tensors(dtype)["initial_factor"]
+        return torch.randn(n, self.n_states, generator=generator, dtype=dtype) @ factor.T
+
+    def episode_lengths(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` draws of ``T`` with ``P(T > t) = γ^t`` (geometric on ``{1, 2, ...}``), int64."""
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        # inverse CDF: T = 1 + floor(log(1 - u) / log γ)
+        return 1 + torch.floor(torch.log1p(-u) / np.log(self.discount)).long()
 
     @torch.no_grad()
     def rollout(self, policy: nn.Module, n: int, max_steps: int = 10_000) -> Batch:
         """``n`` episodes with geometric length (continue w.p. ``γ``), padded; a :class:`RolloutFn`.
 
         ``Σ_t r_t`` of an episode is an unbiased sample of ``J``; use discount 1 in the sampler.
-        ``max_steps`` only guards against an endless loop (reached w.p. ``γ^max_steps``).
+        The lengths are drawn first (``P(T > t) = γ^t``), then all episodes are stepped together.
+        ``max_steps`` caps ``T`` (reached with probability ``γ^max_steps``).
         """
         if not isinstance(n, int) or n <= 0:
             raise ValueError(f"number of trajectories must be a positive int, got {n!r}")
         g = self.generator
         dtype = next(policy.parameters()).dtype
+        lengths = self.episode_lengths(n, g).clamp_max(max_steps)
         state = self.initial_states(n, g, dtype)
-        alive = torch.ones(n, dtype=dtype)
-        obs, acts, rews, masks = [], [], [], []
-        for _ in range(max_steps):
+        obs, acts = [], []
+        for _ in range(int(lengths.max())):
             action = policy.sample(state, generator=g)
             obs.append(state)
             acts.append(action)
-            rews.append(self.reward(state, action) * alive)
-            masks.append(alive.clone())
             state = self.step_state(state, action, g)
-            alive = alive * (torch.rand(n, generator=g, dtype=dtype) < self.discount).to(dtype)
-            if not bool(alive.any()):
-                break
+        obs_t, acts_t = torch.stack(obs, 1), torch.stack(acts, 1)
+        steps = torch.arange(obs_t.shape[1])
+        mask = (steps[None, :] < lengths[:, None]).to(dtype)
         return Batch(
-            obs=torch.stack(obs, 1),
-            actions=torch.stack(acts, 1),
-            rewards=torch.stack(rews, 1),
-            mask=torch.stack(masks, 1),
+            obs=obs_t, actions=acts_t, rewards=self.reward(obs_t, acts_t) * mask, mask=mask
         )
 
 
