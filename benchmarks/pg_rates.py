@@ -4,7 +4,7 @@ Problems (both with exactly computable J(θ) and optimum J*):
 
 - ``lqr``: a discounted linear-quadratic regulator (3 states, 2 actions, γ = 0.9, episodes of
   geometric length, so the undiscounted episode return samples J exactly) with the linear Gaussian
-  policy u = θx + σε, σ = 0.5 fixed (Fisher-non-degenerate, the setting of N-HARPG's theory);
+  policy u = θx + σε, σ = 1 fixed (Fisher-non-degenerate, the setting of N-HARPG's theory);
   J, J* from the Lyapunov/Riccati equations (``curvopt.rl.LinearQuadraticRegulator``).
 - ``tabular``: a layered random tabular MDP (each state is visited at one step only, so a
   stationary softmax policy can be optimal and J* is the backward-induction optimum), softmax
@@ -76,7 +76,7 @@ SWEEPS = {
         "NPG": (0.1, 1.0, 10.0),
     },
 }
-EPSILONS = (0.3, 0.1, 0.03, 0.01, 0.003)
+EPSILONS = (0.5, 0.3, 0.2, 0.1, 0.05, 0.03)
 
 
 class Problem:
@@ -86,10 +86,10 @@ class Problem:
         self.name = name
         if name == "lqr":
             self.system = LinearQuadraticRegulator.random(
-                3, 2, discount=0.9, spectral_radius=1.0, seed=0
+                3, 2, discount=0.9, spectral_radius=0.8, seed=1
             )
             self.system.generator.manual_seed(10_000 + seed)
-            self.std = 0.5
+            self.std = 1.0
             self.policy = LinearGaussianPolicy(3, 2, self.std).double()
             self.discount = 1.0  # geometric episode lengths carry the discount
             self.j_star = self.system.optimal_return(self.std)
