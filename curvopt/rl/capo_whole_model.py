@@ -141,9 +141,9 @@ def predict_step_kl(
         0-d tensor.
 
     Example:
-        >>> net = nn.Linear(3, 5)
+        >>> net = nn.Linear(3, 5).double()
         >>> step = [1e-3 * torch.randn_like(p) for p in net.parameters()]
-        >>> x = torch.randn(4, 3)
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
         >>> pred = predict_step_kl(net, step, x)
         >>> with torch.no_grad():
         ...     old = torch.log_softmax(net(x), -1)
