@@ -249,7 +249,7 @@ def main(argv=None):
         f"{args.batch} trajectories per estimate, budget {budget} trajectories per run; "
         f"wall {wall:.0f} s, CPU {cpu_workers + time.process_time() - cpu0:.0f} s"
     )
-    eps_head = "".join(f"{'ε=' + format(e, 'g'):>18}" for e in EPSILONS)
+    eps_head = "".join(f"{'ε=' + format(e, 'g'):>21}" for e in EPSILONS)
     summary = {}
     for p in args.problems:
         probe = Problem(p, 0)
@@ -275,7 +275,7 @@ def main(argv=None):
             ratio = np.array(medians)[both][-1] / base_med[both][-1] if both.any() else np.nan
             print(
                 f"{m:<10} {chosen[p, m]:>6g}"
-                + "".join(f"{c:>18}" for c in cells)
+                + "".join(f"{c:>21}" for c in cells)
                 + f" {slope:>7.2f} {THEORY.get(m, '—'):>7} {ratio:>7.2f}"
             )
 
