@@ -183,7 +183,10 @@ class LinearGaussianPolicy(GaussianMLPPolicy):
 
     def __init__(self, obs_dim: int, act_dim: int, action_std: float | Sequence[float] = 1.0):
         nn.Module.__init__(self)
-        std = torch.as_tensor(action_std, dtype=torch.get_default_dtype()).expand(act_dim)
+        std = torch.as_tensor(action_std, dtype=torch.get_default_dtype())
+        if std.ndim > 1 or std.numel() not in (1, act_dim):
+            raise ValueError(f"action_std must be a scalar or {act_dim} values, got {action_std!r}")
+        std = std.expand(act_dim)
         if not bool((std > 0).all()) or not bool(torch.isfinite(std).all()):
             raise ValueError(f"action_std must be positive and finite, got {action_std!r}")
         self.mean_net = nn.Linear(obs_dim, act_dim, bias=False)

@@ -152,3 +152,5 @@ def test_bad_input_is_rejected():
         lqr.gradient(unstable, 0.5)
     with pytest.raises(ValueError, match="action_std"):
         LinearGaussianPolicy(2, 1, action_std=0.0)
+    with pytest.raises(ValueError, match="action_std"):
+        LinearGaussianPolicy(2, 2, action_std=[1.0, 2.0, 3.0])
