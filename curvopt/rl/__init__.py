@@ -3,10 +3,12 @@
 from curvopt.rl.baselines import Baseline, LinearFeatureBaseline
 from curvopt.rl.capo import CAPOLoss, CAPOMask, CAPOMasker, calibrate_thresholds
 from curvopt.rl.grpo import GRPOTrainer, group_advantages
+from curvopt.rl.lqr import LinearQuadraticRegulator
 from curvopt.rl.policies import (
     CategoricalMLPPolicy,
     CategoricalPolicy,
     GaussianMLPPolicy,
+    LinearGaussianPolicy,
     TabularSoftmaxPolicy,
     mlp,
 )
@@ -37,6 +39,8 @@ __all__ = [
     "GaussianMLPPolicy",
     "GymRollout",
     "LinearFeatureBaseline",
+    "LinearGaussianPolicy",
+    "LinearQuadraticRegulator",
     "PolicyGradientSampler",
     "RolloutFn",
     "SampleRecord",

@@ -158,3 +158,42 @@ class GaussianMLPPolicy(nn.Module):
         var_ratio = torch.exp(2 * (old_log_std - log_std))
         quad = ((old_mean - mean) * torch.exp(-log_std)) ** 2
         return 0.5 * (var_ratio + quad - 1.0 - 2 * (old_log_std - log_std)).sum(-1)
+
+
+class LinearGaussianPolicy(GaussianMLPPolicy):
+    """Linear Gaussian policy ``a ~ N(θ s, diag(σ²))`` with a fixed (not learned) ``σ``.
+
+    The only parameter is the gain ``θ = mean_net.weight`` of shape ``(act_dim, obs_dim)``;
+    ``log σ`` is a buffer. With ``σ > 0`` fixed, the Fisher information ``E[s sᵀ] ⊗ diag(σ⁻²)``
+    is positive definite whenever the state covariance is: the Fisher-non-degenerate class of
+    N-HARPG's theory.
+
+    Args:
+        obs_dim: Observation size ``n``.
+        act_dim: Action size ``m``.
+        action_std: ``σ > 0`` (a scalar or one value per action dimension).
+
+    Example:
+        >>> policy = LinearGaussianPolicy(2, 1, action_std=0.5)
+        >>> [p.shape for p in policy.parameters()]
+        [torch.Size([1, 2])]
+        >>> policy.sample(torch.zeros(4, 2)).shape
+        torch.Size([4, 1])
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, action_std: float | Sequence[float] = 1.0):
+        nn.Module.__init__(self)
+        std = torch.as_tensor(action_std, dtype=torch.get_default_dtype())
+        if std.ndim > 1 or std.numel() not in (1, act_dim):
+            raise ValueError(f"action_std must be a scalar or {act_dim} values, got {action_std!r}")
+        std = std.expand(act_dim)
+        if not bool((std > 0).all()) or not bool(torch.isfinite(std).all()):
+            raise ValueError(f"action_std must be positive and finite, got {action_std!r}")
+        self.mean_net = nn.Linear(obs_dim, act_dim, bias=False)
+        nn.init.zeros_(self.mean_net.weight)
+        self.register_buffer("log_std", std.log().clone())
+
+    @property
+    def action_std(self) -> Tensor:
+        """``σ``, shape ``(act_dim,)``."""
+        return self.log_std.exp()

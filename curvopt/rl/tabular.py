@@ -64,6 +64,52 @@ class TabularMDP:
         mu = torch.rand(n_states, generator=g, dtype=torch.float64)
         return cls(p / p.sum(-1, keepdim=True), r, mu / mu.sum(), horizon, discount, seed + 1)
 
+    @classmethod
+    def layered(
+        cls,
+        states_per_step: int,
+        n_actions: int,
+        horizon: int,
+        discount: float = 1.0,
+        seed: int = 0,
+    ) -> TabularMDP:
+        """A random MDP whose states are split into ``horizon`` layers, step ``h`` in layer ``h``.
+
+        Every state is visited at one step only, so a stationary policy can act like a
+        time-dependent one and :meth:`optimal_return` is the optimum over stationary policies.
+        Transitions go from layer ``h`` to layer ``h + 1`` (the last layer returns to layer 0,
+        never reached within the horizon); rewards are uniform in ``[0, 1]``; float64.
+
+        Example:
+            >>> mdp = TabularMDP.layered(2, 2, horizon=3, seed=0)
+            >>> mdp.rewards.shape
+            torch.Size([6, 2])
+        """
+        g = torch.Generator().manual_seed(seed)
+        k, n = states_per_step, states_per_step * horizon
+        p = torch.zeros(n, n_actions, n, dtype=torch.float64)
+        for h in range(horizon):
+            nxt = ((h + 1) % horizon) * k
+            block = torch.rand(k, n_actions, k, generator=g, dtype=torch.float64) ** 2
+            p[h * k : (h + 1) * k, :, nxt : nxt + k] = block / block.sum(-1, keepdim=True)
+        r = torch.rand(n, n_actions, generator=g, dtype=torch.float64)
+        mu = torch.zeros(n, dtype=torch.float64)
+        mu[:k] = torch.rand(k, generator=g, dtype=torch.float64) + 0.1
+        return cls(p, r, mu / mu.sum(), horizon, discount, seed + 1)
+
+    def optimal_return(self) -> Tensor:
+        """``max J`` over time-dependent policies by backward induction (a 0-d tensor).
+
+        ``V_H = 0``, ``V_h(s) = max_a [γ^h R(s, a) + Σ_s' P(s, a, s') V_{h+1}(s')]``,
+        ``J* = Σ_s μ(s) V_0(s)``. An upper bound on ``J`` of every stationary policy; equal to
+        the stationary optimum when each state is visited at a single step (:meth:`layered`).
+        """
+        value = torch.zeros_like(self.initial)
+        for h in reversed(range(self.horizon)):
+            q = self.discount**h * self.rewards + torch.einsum("sat,t->sa", self.transitions, value)
+            value = q.max(-1).values
+        return (self.initial * value).sum()
+
     def policy_table(self, policy: nn.Module) -> Tensor:
         """``π(a|s)`` for every state, ``(S, A)``, differentiable in the policy parameters."""
         states = torch.arange(self.rewards.shape[0])
