@@ -22,16 +22,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import pathlib
 import statistics
 import sys
 import tempfile
 import time
-
-# benchmarks/kernels.py would shadow the Hugging Face `kernels` package that transformers probes
-# for (and it switches TRITON_INTERPRET on when imported): drop this folder from the import path.
-_HERE = pathlib.Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _HERE]
 
 import torch  # noqa: E402
 

@@ -9,8 +9,8 @@ with process starts):
    picks Triton on CUDA tensors, all storage dtypes, more than 2^31 elements, strided inputs).
 2. ``kernels`` (90 s): GB/s of ``multi_dot``, ``combine`` and ``softmax_curvature`` and TFLOP/s
    of ``gram_diag`` next to a measured device-to-device copy, cuBLAS and the PyTorch reference
-   (the timing and tables of ``benchmarks/kernels.py``), each Triton result checked against the
-   reference's.
+   (the timing and tables of ``benchmarks/kernel_bandwidth.py``), each Triton result checked
+   against the reference's.
 3. ``mfac_window`` (80 s): the sliding-window M-FAC step against the two-pass floor
    (``benchmarks/mfac.py``) for d in {1e7, 1e8}, m in {32, 256, 1024}, fp32 and bf16 windows,
    and the static setup against its GEMM ``G G^T``; at d = 1e7 one window step is checked
@@ -314,7 +314,7 @@ def part_kernels(part: Part, sizes: Sizes, out: Path) -> None:
     """Part 2: each kernel next to a device copy, cuBLAS and the reference."""
     import torch
 
-    bench = load_benchmark("kernels")
+    bench = load_benchmark("kernel_bandwidth")
     from curvopt.kernels import dispatch
 
     device = _device()
@@ -363,7 +363,7 @@ def part_kernels(part: Part, sizes: Sizes, out: Path) -> None:
 
 
 def _kernel_case(bench, table, rounds: int, kernel: str, case: tuple, device) -> None:
-    """One problem of one kernel through the matching ``bench_*`` of benchmarks/kernels.py."""
+    """One problem of one kernel through the matching ``bench_*`` of kernel_bandwidth.py."""
     if kernel in ("multi_dot", "combine"):
         m, d, dt = case
         fn = getattr(bench, f"bench_{kernel}")
@@ -380,7 +380,7 @@ def part_mfac_window(part: Part, sizes: Sizes, out: Path) -> None:
     """Part 3: window step vs the two-pass floor; static setup vs its GEMM."""
     import torch
 
-    kbench, mbench = load_benchmark("kernels"), load_benchmark("mfac")
+    kbench, mbench = load_benchmark("kernel_bandwidth"), load_benchmark("mfac")
     device = _device()
     gen = torch.Generator(device=device).manual_seed(0)
     for d, dt, m in sizes.window:
@@ -564,7 +564,7 @@ def part_optimizer_step(part: Part, sizes: Sizes, out: Path) -> None:
 
     from curvopt.optim import MFAC
 
-    kbench = load_benchmark("kernels")
+    kbench = load_benchmark("kernel_bandwidth")
     device = _device()
     built = gpt2_problem(sizes, device)
     if built is None:

@@ -5,8 +5,8 @@ the dispatcher falls back to, and (where it differs) the plain cuBLAS call, inte
 round, and prints the medians with the achieved bandwidth (GB/s, bytes that must move at least
 once) or throughput (TFLOP/s for gram_diag) against the device's peak.
 
-    python benchmarks/kernels.py            # d up to 1e8, m up to 1024 (within GPU memory)
-    python benchmarks/kernels.py --quick    # d up to 1e7, m up to 64
+    python benchmarks/kernel_bandwidth.py            # d up to 1e8, m up to 1024 (within GPU memory)
+    python benchmarks/kernel_bandwidth.py --quick    # d up to 1e7, m up to 64
 
 Without CUDA there is nothing to measure: the script says so and runs a small correctness check of
 the kernels in Triton's CPU interpreter against float64 (no timings), then exits 0.
