@@ -1,20 +1,24 @@
 """The base class of all curvature operators: data loop, weighting, input formats, exports.
 
 A curvature operator represents a ``d x d`` matrix over the trainable parameters of a model,
-averaged over a data set given as an iterable of ``(X, y)`` batches, and multiplies it onto
-vectors without ever forming it. Subclasses implement one method, `_matmat_batch`, the
-product of the *mini-batch* curvature (of the mini-batch loss, with the loss function's own
-reduction) with a matrix of columns. The base class adds the batches up with curvlinops'
-weighting: a batch of size ``N_b`` counts ``N_b / N`` for ``reduction='mean'`` and ``1`` for
-``reduction='sum'``, so that the result is the curvature of
+for a data set given as an iterable of ``(X, y)`` batches, and multiplies it onto vectors
+without ever forming it. Subclasses implement one method, `_matmat_batch`, the product of the
+*mini-batch* curvature (of the mini-batch loss, with the loss function's own reduction) with a
+matrix of columns. The base class adds the batches up so that the result is the curvature of
+the loss of the whole data set evaluated as ONE batch:
 
 $$
-\\mathcal{L}(\\theta) = c \\sum_{n=1}^{N} \\ell(f_\\theta(x_n), y_n),
-\\qquad c = 1/N \\text{ (mean) or } 1 \\text{ (sum)},
+\\mathcal{L}(\\theta) = c \\sum_{b} \\sum_{t \\in b} \\ell_t(f_\\theta(X_b)_t, y_t),
+\\qquad c = 1 / \\textstyle\\sum_b D_b \\text{ ('mean') or } 1 \\text{ ('sum')},
 $$
 
-the loss of the whole data set in one batch (for ``nn.MSELoss(reduction='mean')`` the constant
-also divides by the number of output entries per sample, as the loss itself does).
+with ``t`` the loss terms of a batch and ``D_b`` what the mini-batch loss divides by for
+'mean' (`curvopt.curvature.losses.loss_terms`: the number of valid targets of a cross-entropy
+with ``ignore_index``, the number of output entries of MSE/BCE, the batch size for other
+losses). Batch ``b`` thus has the weight ``D_b`` and the products are divided by the total
+weight ``sum_b D_b`` ('mean'); with 'sum' every weight is 1. A batch with weight 0 (no samples,
+or only ignored targets) is skipped. curvlinops weights by samples, ``N_b / N``; both agree
+whenever ``D_b`` is proportional to ``N_b``.
 """
 
 from __future__ import annotations
@@ -29,24 +33,47 @@ from torch import Tensor, nn
 
 from curvopt.utils.params import check_vector, num_elements, trainable
 
-from .losses import check_loss
+from .batches import (
+    BatchError,
+    BatchSizeFn,
+    check_batch_axes,
+    check_input,
+    default_batch_size,
+    describe,
+    move_to,
+)
+from .losses import KNOWN_LOSSES, check_loss, check_targets, loss_terms
+from .train_mode import check_train_mode, preserved_buffers, unsafe_training_modules
 
-Batch = tuple[Tensor, Tensor]
+Batch = tuple[Any, Tensor]
 
 
 class CurvatureOperator:
     """Matrix-free curvature matrix of an empirical risk over a model's trainable parameters.
 
     Args:
-        model_func: The network ``f_theta`` (an ``nn.Module``) mapping a batch ``X`` to outputs.
-        loss_func: ``nn.MSELoss`` or ``nn.CrossEntropyLoss`` (any loss module with a
-            ``'mean'``/``'sum'`` reduction for the Hessian); its ``reduction`` sets the scaling.
+        model_func: The network ``f_theta`` (an ``nn.Module``) mapping a batch ``X`` to outputs:
+            a tensor, or an object with a ``.logits`` tensor (transformers' models; see
+            `curvopt.curvature.batches` for the layout).
+        loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss`` (any
+            loss module with a ``'mean'``/``'sum'`` reduction for the Hessian); its
+            ``reduction`` sets the scaling.
         params: Parameters of ``model_func`` to differentiate by; those with
             ``requires_grad=False`` are left out. Their order defines the flat layout.
-        data: Re-iterable source of ``(X, y)`` batches, e.g. a list or a ``DataLoader``.
-        num_data: Total number of samples ``N``; counted with one pass over ``data`` if None.
+        data: Re-iterable source of ``(X, y)`` batches, e.g. a list or a ``DataLoader``. ``X``
+            is a tensor, a tuple of tensors (``model(*X)``) or a mapping of tensors
+            (``model(**X)``, e.g. a tokenizer's output); ``y`` is a tensor.
+        num_data: Total number of samples ``N`` (the `num_data` property); counted with one
+            pass over ``data`` if None. The weighting does not use it (see the module
+            docstring).
+        batch_size_fn: ``X -> number of samples``; by default the length of the first axis of
+            ``X`` (of its first tensor for tuples and mappings).
         check_deterministic: Multiply one random vector twice and raise if the results differ
-            (catches shuffling loaders, dropout, ...). Off by default; costs two products.
+            (catches shuffling loaders, random augmentation, ...). Off by default; costs two
+            products.
+        allow_train_mode: Accept a model with dropout or running-statistics layers in
+            training mode (refused by default, see `curvopt.curvature.train_mode`); every
+            buffer is then restored after each product.
 
     Attributes:
         SELF_ADJOINT: Whether the matrix is symmetric (all curvature matrices here are).
@@ -56,11 +83,19 @@ class CurvatureOperator:
         TypeError: If ``model_func``/``loss_func`` have the wrong type, or ``data`` is a one-shot
             iterator.
         ValueError: If there are no trainable parameters, a parameter is not one of the model's,
-            the loss reduction is unsupported, or ``data`` is empty.
+            the loss reduction is unsupported, ``data`` is empty, a batch has no batch axis,
+            or the model has dropout/batch norm in training mode (without
+            ``allow_train_mode``).
     """
 
     SELF_ADJOINT: bool = True
-    SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (nn.MSELoss, nn.CrossEntropyLoss)
+    SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (
+        nn.MSELoss,
+        nn.CrossEntropyLoss,
+        nn.BCEWithLogitsLoss,
+    )
+    #: Whether the operator needs a negative log-likelihood (the Fisher).
+    NEEDS_LIKELIHOOD: bool = False
 
     def __init__(
         self,
@@ -70,11 +105,26 @@ class CurvatureOperator:
         data: Iterable[Batch],
         *,
         num_data: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
         check_deterministic: bool = False,
+        allow_train_mode: bool = False,
     ) -> None:
         if not isinstance(model_func, nn.Module):
             raise TypeError(f"model_func must be an nn.Module, got {type(model_func).__name__}")
-        check_loss(loss_func, self.SUPPORTED_LOSSES, type(self).__name__)
+        check_loss(
+            loss_func,
+            self.SUPPORTED_LOSSES,
+            type(self).__name__,
+            likelihood=self.NEEDS_LIKELIHOOD,
+        )
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise TypeError(f"batch_size_fn must be callable, got {type(batch_size_fn).__name__}")
+        if not isinstance(allow_train_mode, bool):
+            raise TypeError(f"allow_train_mode must be a bool, got {allow_train_mode!r}")
+        self._allow_train_mode = allow_train_mode
+        if not allow_train_mode:
+            check_train_mode(model_func, type(self).__name__)
+        self._batch_size_fn = batch_size_fn
         self._model_func = model_func
         self._loss_func = loss_func
         self._params = trainable(params)
@@ -89,8 +139,8 @@ class CurvatureOperator:
             )
         self._data = data
         if num_data is None:
-            num_data = sum(self._batch_size(X) for X, _ in self._loop_over_data())
-        if not isinstance(num_data, int) or num_data <= 0:
+            num_data = self._count_samples()
+        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data <= 0:
             raise ValueError(f"data must hold at least one sample, got num_data={num_data}")
         self._num_data = num_data
         if check_deterministic:
@@ -159,12 +209,55 @@ class CurvatureOperator:
             f"shaped like the parameters, got {type(v).__name__}"
         )
 
+    def __rmatmul__(self, x: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+        """``x @ self``: rows times the matrix, ``(self^T x^T)^T``.
+
+        Args:
+            x: A flat vector ``(d,)``, a matrix of rows ``(k, d)``, or a list of tensors shaped
+                like the parameters (optionally each with a trailing axis ``k``, as in
+                `__matmul__`).
+
+        Returns:
+            The product in the format of ``x``.
+        """
+        op = self.adjoint()
+        if isinstance(x, Tensor) and x.ndim == 2:
+            return (op @ x.T).T
+        return op @ x
+
+    def adjoint(self) -> CurvatureOperator:
+        """The adjoint (transpose) operator; the operator itself, as every curvature matrix here
+        is symmetric.
+
+        Example:
+            >>> from curvopt.curvature import GGNOperator
+            >>> model = nn.Linear(3, 2)
+            >>> G = GGNOperator(model, nn.MSELoss(), list(model.parameters()),
+            ...                 [(torch.randn(4, 3), torch.randn(4, 2))])
+            >>> v = torch.randn(G.shape[0])
+            >>> G.T is G and G.H is G and torch.allclose(v @ G, G @ v)
+            True
+        """
+        if not self.SELF_ADJOINT:  # pragma: no cover - every operator here is symmetric
+            raise NotImplementedError(f"{type(self).__name__} has no adjoint")
+        return self
+
+    @property
+    def T(self) -> CurvatureOperator:  # noqa: N802 - numpy/scipy's name
+        """The transpose (`adjoint`; real matrices)."""
+        return self.adjoint()
+
+    @property
+    def H(self) -> CurvatureOperator:  # noqa: N802 - numpy/scipy's name
+        """The conjugate transpose (`adjoint`)."""
+        return self.adjoint()
+
     def matvec(self, v: Tensor) -> Tensor:
         """``self @ v`` for a flat vector; see `__matmul__`."""
         return self @ v
 
     def _matmat(self, cols: list[Tensor]) -> list[Tensor]:
-        """Sum the weighted mini-batch products over the data.
+        """Sum the weighted mini-batch products over the data and normalize.
 
         Args:
             cols: Columns in list format, tensors of shape ``(k, *p.shape)``.
@@ -173,18 +266,45 @@ class CurvatureOperator:
             The product in the same format.
         """
         self._before_matmat()
+        unsafe = bool(unsafe_training_modules(self._model_func))
+        if unsafe and not self._allow_train_mode:
+            check_train_mode(self._model_func, type(self).__name__)  # switched to train() since
+        with preserved_buffers(self._model_func, active=unsafe):
+            out, total_weight = self._accumulate(cols)
+        # (a data-parallel version all-reduces `out` and `total_weight` here)
+        if out is None:
+            if self._loss_func.reduction == "mean":
+                raise ValueError(
+                    "data holds no loss terms (every batch is empty or has only targets equal to "
+                    "ignore_index); the 'mean' loss of the whole data set is undefined"
+                )
+            return [torch.zeros_like(c) for c in cols]
+        if self._loss_func.reduction == "mean":
+            for acc in out:
+                acc.div_(total_weight)
+        return out
+
+    def _accumulate(self, cols: list[Tensor]) -> tuple[list[Tensor] | None, float]:
+        """``sum_b w_b P_b`` and ``sum_b w_b`` over the batches, with ``P_b`` the mini-batch
+        product and ``w_b`` the weight of batch ``b`` (`_batch_weight`); batches of weight 0
+        are skipped. Returns ``(None, 0.0)`` when every batch was skipped."""
         out: list[Tensor] | None = None
-        for X, y in self._loop_over_data():
-            weight = self._batch_weight(X)
-            parts = self._matmat_batch(X, y, cols)
+        total_weight = 0.0
+        for i, X, y in self._loop_over_data():
+            weight = self._batch_weight(X, y, i)
+            if weight == 0.0:
+                continue
+            total_weight += weight
+            try:
+                parts = self._matmat_batch(X, y, cols)
+            except BatchError as err:
+                raise BatchError(f"batch {i}: {err}") from err.__cause__
             if out is None:  # the parts are fresh tensors: scale them in place
                 out = [part.mul_(weight) if weight != 1.0 else part for part in parts]
             else:
                 for acc, part in zip(out, parts):
                     acc.add_(part, alpha=weight)
-        if out is None:
-            raise ValueError("data yielded no batches")
-        return out
+        return out, total_weight
 
     def _matmat_batch(self, X: Tensor, y: Tensor, cols: list[Tensor]) -> list[Tensor]:
         """Multiply the mini-batch curvature onto columns ``(k, *p.shape)``; for subclasses.
@@ -256,27 +376,62 @@ class CurvatureOperator:
         return dense
 
     # -------------------------------------------------------------------------------- helpers
-    def _loop_over_data(self) -> Iterator[Batch]:
-        """Yield the batches, moved to the parameters' device."""
+    def _loop_over_data(self) -> Iterator[tuple[int, Any, Tensor]]:
+        """Yield ``(index, X, y)`` for every batch, moved to the parameters' device."""
         for i, batch in enumerate(self._data):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError(f"batch {i} of data must be a pair (X, y), got {type(batch)}")
             X, y = batch
-            if not isinstance(X, Tensor) or not isinstance(y, Tensor):
-                raise TypeError(
-                    f"batch {i} must hold tensors (X, y), got ({type(X).__name__}, "
-                    f"{type(y).__name__})"
+            check_input(X, i)
+            if not isinstance(y, Tensor):
+                raise TypeError(f"batch {i}: y must be a tensor, got {type(y).__name__}")
+            yield i, move_to(X, self.device), y.to(self.device)
+
+    def _batch_size(self, X: Any, index: int) -> int:
+        """Number of samples of a batch input (``batch_size_fn`` or the first axis)."""
+        if self._batch_size_fn is not None:
+            size = self._batch_size_fn(X)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(
+                    f"batch {index}: batch_size_fn must return an integer >= 0, got {size!r}"
                 )
-            yield X.to(self.device), y.to(self.device)
+            return size
+        try:
+            return default_batch_size(X)
+        except BatchError as err:
+            raise BatchError(f"batch {index}: {err}") from None
 
-    @staticmethod
-    def _batch_size(X: Tensor) -> int:
-        return X.shape[0]
+    def _check_output(self, X: Any, output: Tensor, y: Tensor) -> None:
+        """Check the model output and the targets of a batch (a `BatchError` if they do not fit)."""
+        if self._batch_size_fn is None:
+            check_batch_axes(output, X, y, default_batch_size(X))
+        if isinstance(self._loss_func, KNOWN_LOSSES):
+            check_targets(self._loss_func, output, y)
 
-    def _batch_weight(self, X: Tensor) -> float:
-        """Weight of a batch in the sum: ``N_b / N`` for 'mean', ``1`` for 'sum'."""
+    def _count_samples(self) -> int:
+        """One pass over the data: count the samples and check that ``y`` has the batch axis."""
+        total = 0
+        for i, X, y in self._loop_over_data():
+            size = self._batch_size(X, i)
+            if self._batch_size_fn is None and (y.ndim == 0 or y.shape[0] != size):
+                raise BatchError(
+                    f"batch {i}: y has shape {tuple(y.shape)}, but X {describe(X)} holds {size} "
+                    "samples; y's first axis must be the batch axis"
+                )
+            total += size
+        return total
+
+    def _batch_weight(self, X: Any, y: Tensor, index: int) -> float:
+        """Weight of batch ``index`` in the sum: its loss terms ``D_b`` for 'mean', else 1.
+
+        0 for a batch without samples (or, for 'mean', without valid targets): it is skipped.
+        """
+        if self._batch_size(X, index) == 0:
+            return 0.0
+        if y.ndim == 0:
+            raise BatchError(f"batch {index}: y is a scalar; it needs a leading batch axis")
         if self._loss_func.reduction == "mean":
-            return self._batch_size(X) / self._num_data
+            return loss_terms(self._loss_func, y)
         return 1.0
 
     def _split_columns(self, cols: Tensor) -> list[Tensor]:
