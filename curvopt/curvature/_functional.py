@@ -94,6 +94,5 @@ def no_autograd_path(model: nn.Module, owner: str, err: BaseException) -> Runtim
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return RuntimeError(
         f"{owner} needs forward-mode AD or a second backward pass through model_func, and an "
-        f"operation in it supports neither ({type(err).__name__}: {first})."
-        + attention_hint(model)
+        f"operation in it supports neither ({type(err).__name__}: {first})." + attention_hint(model)
     )

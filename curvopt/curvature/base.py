@@ -226,8 +226,9 @@ class CurvatureOperator:
         return op @ x
 
     def adjoint(self) -> CurvatureOperator:
-        """The adjoint (transpose) operator; the operator itself, as every curvature matrix here
-        is symmetric.
+        """The adjoint (transpose) operator.
+
+        Every curvature matrix here is symmetric, so this is the operator itself.
 
         Example:
             >>> from curvopt.curvature import GGNOperator
@@ -285,9 +286,12 @@ class CurvatureOperator:
         return out
 
     def _accumulate(self, cols: list[Tensor]) -> tuple[list[Tensor] | None, float]:
-        """``sum_b w_b P_b`` and ``sum_b w_b`` over the batches, with ``P_b`` the mini-batch
-        product and ``w_b`` the weight of batch ``b`` (`_batch_weight`); batches of weight 0
-        are skipped. Returns ``(None, 0.0)`` when every batch was skipped."""
+        """``sum_b w_b P_b`` and ``sum_b w_b`` over the batches.
+
+        ``P_b`` is the mini-batch product and ``w_b`` the weight of batch ``b``
+        (`_batch_weight`); batches of weight 0 are skipped. Returns ``(None, 0.0)`` when every
+        batch was skipped.
+        """
         out: list[Tensor] | None = None
         total_weight = 0.0
         for i, X, y in self._loop_over_data():

@@ -125,8 +125,10 @@ class FisherOperator(GGNOperator):
             self._loss_func, output, self._mc_samples, self._generator
         )  # (M, *output.shape)
         # alpha_t: 0 at ignored targets, 1 else (the MSE samples carry their factor 2 already)
-        alpha = 1.0 if isinstance(self._loss_func, nn.MSELoss) else term_coefficients(
-            self._loss_func, output, y
+        alpha = (
+            1.0
+            if isinstance(self._loss_func, nn.MSELoss)
+            else term_coefficients(self._loss_func, output, y)
         )
         g = group_last(self._loss_func, samples, lead=1)  # (M, ..., entries of a data point)
         t = group_last(self._loss_func, Jv, lead=1)  # (k, ..., entries)

@@ -38,8 +38,8 @@ class OutputSpaceOperator(CurvatureOperator):
                 if cols[0].shape[0] == 1:
                     return self._matvec_batch(X, y, [c[0] for c in cols])
                 return self._matmat_forward(X, y, cols)
-            except NotImplementedError:
-                self._forward_ad_failed = True  # e.g. no forward-mode formula for an operation
+            except (NotImplementedError, RuntimeError):
+                self._forward_ad_failed = True  # no forward-mode formula, or its backward
         return self._matmat_reverse(X, y, cols)
 
     def _matmat_forward(self, X: object, y: Tensor, cols: list[Tensor]) -> list[Tensor]:
