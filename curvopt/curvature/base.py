@@ -89,6 +89,7 @@ class CurvatureOperator:
     """
 
     SELF_ADJOINT: bool = True
+    _stateful_forward: bool = False
     SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (
         nn.MSELoss,
         nn.CrossEntropyLoss,
@@ -270,6 +271,7 @@ class CurvatureOperator:
         unsafe = bool(unsafe_training_modules(self._model_func))
         if unsafe and not self._allow_train_mode:
             check_train_mode(self._model_func, type(self).__name__)  # switched to train() since
+        self._stateful_forward = unsafe  # torch.func cannot run it: subclasses avoid vmap
         with preserved_buffers(self._model_func, active=unsafe):
             out, total_weight = self._accumulate(cols)
         # (a data-parallel version all-reduces `out` and `total_weight` here)

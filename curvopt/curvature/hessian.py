@@ -118,6 +118,8 @@ class HessianOperator(CurvatureOperator):
         mode = self._mode
         if mode == "auto":
             mode = "reverse-over-forward" if cols[0].shape[0] == 1 else "reverse-over-reverse"
+        if mode == "forward-over-reverse" and self._stateful_forward:
+            mode = "reverse-over-reverse"  # buffers change in place: no torch.func
         if mode == "reverse-over-forward" and self._has_layer_norm:
             mode = "reverse-over-reverse"  # torch's LayerNorm breaks reverse-over-forward
         if not self._forward_ad_failed:

@@ -37,6 +37,12 @@ class OutputSpaceOperator(CurvatureOperator):
             try:
                 if cols[0].shape[0] == 1:
                     return self._matvec_batch(X, y, [c[0] for c in cols])
+                if self._stateful_forward:  # buffers change in place: no torch.func
+                    parts = [
+                        self._matvec_batch(X, y, [c[j] for c in cols])
+                        for j in range(cols[0].shape[0])
+                    ]
+                    return [torch.cat(column) for column in zip(*parts)]
                 return self._matmat_forward(X, y, cols)
             except (NotImplementedError, RuntimeError):
                 self._forward_ad_failed = True  # no forward-mode formula, or its backward

@@ -129,3 +129,37 @@ def test_sdpa_attention_gives_one_clear_error():
         else:  # this torch has the derivatives: then the fallback must be exact
             eager = cls(tiny_gpt2(), nn.CrossEntropyLoss(), list(model.parameters()), data)
             torch.testing.assert_close(result, eager @ v, **TOL)
+
+
+class LogitsFirst(nn.Module):
+    """Takes the tokenizer's dict as one argument (curvlinops' convention), returns (N, V, S)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch):
+        return self.lm(**batch).logits.movedim(-1, 1)
+
+
+# Not the Hessian: curvlinops' HVP (jvp of grad) goes through PyTorch 2.13's wrong forward-mode
+# derivative of LayerNorm's backward and differs from the finite-difference-checked truth in the
+# 12 rows of the LayerNorm weights (ours matches it, test_gpt2_operators_match_dense_truth).
+@pytest.mark.parametrize("kind", ["ggn", "ef"])
+def test_matches_curvlinops_on_one_concatenated_batch(kind, setup):
+    curvlinops = pytest.importorskip("curvlinops")
+    model, data, *_ = setup
+    wrapped = LogitsFirst(model)
+    X = {k: torch.cat([b[0][k] for b in data]) for k in data[0][0]}
+    y = torch.cat([b[1] for b in data])
+    if kind == "ef":  # curvlinops divides by all positions, ignored ones included: no padding
+        y = torch.where(y == -100, 0, y)
+    ours_cls, theirs = {
+        "ggn": (GGNOperator, curvlinops.GGNLinearOperator),
+        "ef": (EmpiricalFisherOperator, curvlinops.EFLinearOperator),
+    }[kind]
+    args = (wrapped, nn.CrossEntropyLoss(), list(wrapped.parameters()), [(X, y)])
+    ours = ours_cls(*args)
+    other = theirs(*args, batch_size_fn=lambda X: X["input_ids"].shape[0])
+    V = torch.randn(ours.shape[1], 2, dtype=torch.float64)
+    torch.testing.assert_close(ours @ V, other @ V, **TOL)
