@@ -174,13 +174,18 @@ def term_coefficients(loss_func: nn.Module, output: Tensor, y: Tensor) -> Tensor
     """``alpha_t`` of the module docstring, shaped to broadcast against ``output``."""
     if isinstance(loss_func, nn.MSELoss):
         return 2.0
-    zeros = torch.zeros_like(output)
     if isinstance(loss_func, nn.CrossEntropyLoss):
         C = output.shape[1]
         if C < 2:  # one class: the softmax is constant, the curvature zero
             return 0.0
+        plain = loss_func.weight is None and loss_func.label_smoothing == 0.0
+        if plain and not y.is_floating_point():  # 1 at valid targets, 0 at ignore_index
+            return (y != loss_func.ignore_index).unsqueeze(1).to(output.dtype)
+        zeros = torch.zeros_like(output)
         return (summed(loss_func, "none")(zeros, y) / math.log(C)).unsqueeze(1)
-    return summed(loss_func, "none")(zeros, y) / math.log(2.0)
+    if loss_func.weight is None and loss_func.pos_weight is None:  # BCE: 1 everywhere
+        return 1.0
+    return summed(loss_func, "none")(torch.zeros_like(output), y) / math.log(2.0)
 
 
 def output_curvature(output: Tensor, u: Tensor, loss_func: nn.Module) -> Tensor:
