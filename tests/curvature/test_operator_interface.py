@@ -115,10 +115,8 @@ def test_samples_without_batch_axis_are_refused(cls):
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
     x, y = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
     params = list(model.parameters())
-    # X (4,) counts 4 "samples", the output has 4 entries: only y gives it away
-    op = cls(
-        model, nn.MSELoss(), params, [(torch.randn(2, 4).double(), torch.randn(2, 4).double())]
-    )
+    # scalar targets or inputs have no batch axis; an output whose first axis is not the batch
+    # size counted from X gives a sample without its batch axis away at the first product
     with pytest.raises(ValueError, match="batch 0: y has shape \\(\\)"):
         cls(model, nn.MSELoss(), params, [(x, y.sum())])
     with pytest.raises(ValueError, match="without a batch axis"):
