@@ -124,9 +124,9 @@ def check_targets(loss_func: nn.Module, output: Tensor, y: Tensor) -> None:
                 f"(N, d1, ...): the logits {tuple(output.shape)} need labels {expected}, got y "
                 f"{tuple(y.shape)}"
             )
-        labels = y[y != loss_func.ignore_index]
-        if labels.numel() and bool((labels.min() < 0) | (labels.max() >= C)):
-            bad = labels[(labels < 0) | (labels >= C)][0]
+        outside = ((y < 0) | (y >= C)) & (y != loss_func.ignore_index)
+        if bool(outside.any()):
+            bad = y[outside][0]
             raise BatchError(
                 f"label {int(bad)} is outside the {C} classes [0, {C - 1}] of the logits "
                 f"{tuple(output.shape)} (ignore_index={loss_func.ignore_index})"
