@@ -270,7 +270,8 @@ class CurvatureOperator:
         self._before_matmat()
         unsafe = bool(unsafe_training_modules(self._model_func))
         if unsafe and not self._allow_train_mode:
-            check_train_mode(self._model_func, type(self).__name__)  # switched to train() since
+            # the model was switched to train() after construction: refuse as the constructor does
+            check_train_mode(self._model_func, type(self).__name__)
         self._stateful_forward = unsafe  # torch.func cannot run it: subclasses avoid vmap
         with preserved_buffers(self._model_func, active=unsafe):
             out, total_weight = self._accumulate(cols)
