@@ -14,6 +14,13 @@ Timing: one thread (``torch.set_num_threads(1)``), rounds interleaved over all m
 over the rounds of the *thread CPU time* (``time.thread_time``), so other processes on a shared
 machine do not distort the ratios; wall-clock medians are printed beside them.
 
+``--model tinylm`` (part of ``all`` when transformers is installed): a tiny GPT-2 (2 layers,
+width 32, vocabulary 64, eager attention) on padded dict batches (``input_ids``,
+``attention_mask``, labels -100 at padding), cross-entropy averaged over the valid tokens; ours
+takes the transformers model and the dict batches as they are, curvlinops a wrapper returning
+``(N, V, S)`` logits with ``batch_size_fn`` (it weights batches by sequences, not tokens, so its
+numbers differ; only the time is compared here). Rows: gradient, HVP, GGN-vp and EF-vp.
+
 Usage: ``python benchmarks/curvature_products.py [--quick] [--no-compile] [--rounds R]``.
 """
 
@@ -31,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
-from curvopt.curvature import GGNOperator, HessianOperator
+from curvopt.curvature import EmpiricalFisherOperator, GGNOperator, HessianOperator
 from curvopt.curvature.losses import loss_hessian_product
 
 try:
@@ -102,7 +109,7 @@ def compiled_products(model, loss_func, params, data):
 
         out, Jv = jvp(f, primals, v)
         _, vjp_fn = vjp(f, *primals)
-        return vjp_fn(loss_hessian_product(loss_func, out, Jv))
+        return vjp_fn(loss_hessian_product(loss_func, out, y, Jv))
 
     def over_data(batch_fn):
         def run(v):
@@ -159,6 +166,71 @@ def build_methods(model, data, compile_: bool) -> dict[str, tuple[str, Callable[
     return methods
 
 
+def tinylm_setup(quick: bool):
+    """The tiny GPT-2, padded dict batches, and the wrapper curvlinops takes."""
+    from curvopt.bench.problems import tiny_gpt2
+
+    vocab, seq = 64, 32
+    model = tiny_gpt2(vocab_size=vocab, seq_len=seq, n_embd=32, n_layer=2, n_head=4)
+    gen = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(1 if quick else 2):
+        n = 8
+        lengths = torch.randint(seq // 2, seq + 1, (n,), generator=gen)
+        mask = (torch.arange(seq) < lengths[:, None]).long()
+        ids = torch.randint(1, vocab, (n, seq), generator=gen) * mask
+        labels = torch.full((n, seq), -100)
+        labels[:, :-1] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
+        data.append(({"input_ids": ids, "attention_mask": mask}, labels))
+
+    class LogitsFirst(nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, batch):
+            return self.lm(**batch).logits.movedim(-1, 1)
+
+    return model, LogitsFirst(model), data
+
+
+def build_lm_methods(quick: bool) -> dict[str, tuple[str, Callable[[], object]]]:
+    model, wrapped, data = tinylm_setup(quick)
+    loss_func = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    terms = sum(int((y != -100).sum()) for _, y in data)
+
+    def gradient():
+        total = [torch.zeros_like(p) for p in params]
+        for X, y in data:
+            loss = loss_func(model(**X).logits.movedim(-1, 1), y) * (int((y != -100).sum()) / terms)
+            for t, g in zip(total, torch.autograd.grad(loss, params)):
+                t.add_(g)
+        return total
+
+    v = torch.randn(sum(p.numel() for p in params))
+    args = (model, loss_func, params, data)
+    H, G, E = HessianOperator(*args), GGNOperator(*args), EmpiricalFisherOperator(*args)
+    methods = {
+        "gradient (eager)": ("grad", gradient),
+        "HVP curvopt (auto: reverse-over-reverse, LayerNorm)": ("hvp", lambda: H @ v),
+        "GGN-vp curvopt": ("ggn", lambda: G @ v),
+        "EF-vp curvopt": ("ef", lambda: E @ v),
+    }
+    if curvlinops is not None:
+        cargs = (wrapped, loss_func, params, data)
+        kw = dict(check_deterministic=False, batch_size_fn=lambda X: X["input_ids"].shape[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cH = curvlinops.HessianLinearOperator(*cargs, **kw)
+            cG = curvlinops.GGNLinearOperator(*cargs, **kw)
+            cE = curvlinops.EFLinearOperator(*cargs, **kw)
+        methods["HVP curvlinops"] = ("hvp", lambda: cH @ v)
+        methods["GGN-vp curvlinops"] = ("ggn", lambda: cG @ v)
+        methods["EF-vp curvlinops"] = ("ef", lambda: cE @ v)
+    return methods
+
+
 def measure(
     methods, rounds: int, sync: Callable[[], None] = lambda: None
 ) -> dict[str, tuple[float, float]]:
@@ -193,14 +265,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument(
         "--model",
-        choices=["all", "mlp", "cnn"],
+        choices=["all", "mlp", "cnn", "tinylm"],
         default="all",
         help="'all' measures each model in a fresh process (one model's allocations and "
         "compiled code do not disturb the next)",
     )
     args, _ = parser.parse_known_args()
     if args.model == "all":
-        for model in ("mlp", "cnn"):
+        try:
+            import transformers  # noqa: F401
+
+            lm = ("tinylm",)
+        except ImportError:
+            lm = ()
+        for model in ("mlp", "cnn", *lm):
             cmd = [sys.executable, __file__, *sys.argv[1:], "--model", model]
             if subprocess.run(cmd).returncode != 0:
                 sys.exit(f"benchmark for {model} failed")
@@ -216,12 +294,20 @@ def main() -> None:
         "(ratio = CPU time / CPU time of one eager gradient)"
     )
     rows = []
-    models = {"mlp": ("MLP 64-256-256-10", make_mlp), "cnn": ("CNN", make_cnn)}
+    models = {
+        "mlp": ("MLP 64-256-256-10", make_mlp),
+        "cnn": ("CNN", make_cnn),
+        "tinylm": ("tiny GPT-2", None),
+    }
     for name, make in [models[args.model]]:
-        model = make()
-        d = sum(p.numel() for p in model.parameters())
-        print(f"{name}: d={d}", flush=True)
-        methods = build_methods(model, data, compile_)
+        if make is None:
+            methods = build_lm_methods(args.quick)
+            print(f"{name}: padded dict batches of 8 sequences x 32 tokens", flush=True)
+        else:
+            model = make()
+            d = sum(p.numel() for p in model.parameters())
+            print(f"{name}: d={d}", flush=True)
+            methods = build_methods(model, data, compile_)
         times = measure(methods, rounds)
         base_cpu, base_wall = times["gradient (eager)"]
         for method, (kind, f) in methods.items():

@@ -10,9 +10,10 @@ data``, curvlinops' convention) with three derived quantities the harness uses d
 - per-sample gradients ``grad l_n(w)`` (rows of an ``(m, d)`` matrix), which feed the
   squared-gradient diagonal and M-FAC.
 
-The built-in problems (:data:`BUILTIN_PROBLEMS`) use only scikit-learn's bundled data sets, so
-nothing is downloaded, and train the model briefly first so the curvature is measured away from
-the initialization.
+The built-in problems (:data:`BUILTIN_PROBLEMS`) use only scikit-learn's bundled data sets (and,
+for ``tinylm``, a tiny randomly initialized GPT-2 on synthetic sequences), so nothing is
+downloaded, and train the model briefly first so the curvature is measured away from the
+initialization.
 
 Example:
     >>> problem = make_problem("softmax", train_steps=10)
@@ -270,12 +271,88 @@ def _cnn(dtype: torch.dtype) -> Problem:
     return Problem("cnn", model.to(dtype), nn.CrossEntropyLoss(), _batches(images, y, 300), desc)
 
 
+class CausalLM(nn.Module):
+    """A transformers causal language model as a tensor-to-tensor module.
+
+    ``forward(input_ids)`` returns the logits in torch's cross-entropy layout ``(N, V, S)``, so
+    the harness's per-sample code (one ``input_ids`` row at a time) applies unchanged.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor) -> Tensor:  # noqa: D102
+        return self.lm(input_ids=input_ids, use_cache=False).logits.movedim(-1, 1)
+
+
+def tiny_gpt2(
+    vocab_size: int = 16,
+    seq_len: int = 8,
+    n_embd: int = 8,
+    n_layer: int = 1,
+    n_head: int = 2,
+) -> nn.Module:
+    """A randomly initialized GPT-2 (transformers, no download) with eager attention, in eval mode.
+
+    Eager attention: the default SDPA kernel on the CPU has neither forward-mode AD nor a double
+    backward, so no curvature product can go through it. Dropout is off (eval mode).
+
+    Raises:
+        ImportError: If transformers is not installed (``pip install curvopt[lm]``).
+    """
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as err:  # pragma: no cover - optional dependency
+        raise ImportError("the tiny GPT-2 needs transformers: pip install 'curvopt[lm]'") from err
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=seq_len,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def copy_task(num: int, seq_len: int, vocab_size: int, generator: torch.Generator):
+    """Synthetic sequences: a random first half, then the same tokens again (copy task).
+
+    Returns ``(input_ids, labels)`` of shape ``(num, seq_len)``; the labels are the next tokens,
+    ``-100`` at the last position (nothing to predict).
+    """
+    half = (seq_len + 1) // 2
+    first = torch.randint(1, vocab_size, (num, half), generator=generator)
+    ids = torch.cat([first, first], dim=1)[:, :seq_len]
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    return ids, labels
+
+
+def _tinylm(dtype: torch.dtype) -> Problem:
+    vocab, seq = 10, 6
+    ids, labels = copy_task(64, seq, vocab, torch.Generator().manual_seed(0))
+    # no padding and one -100 per sequence: the token mean equals the harness's sample weighting
+    model = CausalLM(tiny_gpt2(vocab_size=vocab, seq_len=seq, n_embd=4, n_layer=1, n_head=2))
+    desc = (
+        f"tiny GPT-2 (1 layer, width 4, 2 heads, eager attention) on a copy task: 64 sequences "
+        f"of {seq} tokens, vocabulary {vocab}"
+    )
+    return Problem(
+        "tinylm", model.to(dtype), nn.CrossEntropyLoss(), _batches(ids, labels, 32), desc
+    )
+
+
 #: name -> (builder, Adam learning rate of the warm-up training)
 BUILTIN_PROBLEMS: dict[str, tuple[Callable[[torch.dtype], Problem], float]] = {
     "logistic": (_logistic, 0.05),
     "softmax": (_softmax, 0.05),
     "mlp": (_mlp, 0.01),
     "cnn": (_cnn, 0.01),
+    "tinylm": (_tinylm, 0.01),
 }
 
 
@@ -290,7 +367,8 @@ def make_problem(
     """Build a built-in problem on scikit-learn data and train it briefly.
 
     Args:
-        name: One of ``logistic``, ``softmax``, ``mlp``, ``cnn`` (see :data:`BUILTIN_PROBLEMS`).
+        name: One of ``logistic``, ``softmax``, ``mlp``, ``cnn``, ``tinylm`` (see
+            :data:`BUILTIN_PROBLEMS`; ``tinylm`` needs transformers).
         seed: Seed of the model's initialization.
         train_steps: Full-batch Adam steps before the curvature is measured (0: measure at init).
         dtype: Floating dtype of model and data (float64 keeps the reference accurate).
@@ -318,6 +396,7 @@ def make_problem(
     _train(problem, train_steps, lr)
     problem.model.to(dtype)
     problem.data = [
-        (X.to(dtype), y.to(dtype) if y.is_floating_point() else y) for X, y in problem.data
+        (X.to(dtype) if X.is_floating_point() else X, y.to(dtype) if y.is_floating_point() else y)
+        for X, y in problem.data
     ]
     return problem

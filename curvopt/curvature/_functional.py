@@ -1,21 +1,98 @@
-"""Functional views of a model over a subset of its parameters (for ``torch.func``)."""
+"""Calling the model on a batch, as a module or as a function of some of its parameters."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .batches import BatchError, describe, model_inputs, output_tensor
 
-def make_forward(model: nn.Module, names: Sequence[str], X: Tensor) -> Callable[..., Tensor]:
-    """Return ``f(*params) -> model(X)`` with the named parameters replaced by ``params``.
+
+def call_model(
+    model: nn.Module, X: Any, loss_func: nn.Module, params: Mapping[str, Tensor] | None = None
+) -> Tensor:
+    """Run ``model`` on the batch input ``X`` and return the tensor the loss takes.
+
+    Args:
+        model: The network.
+        X: A tensor, tuple or mapping of tensors (see `curvopt.curvature.batches`).
+        loss_func: The loss (decides the layout of ``.logits`` outputs).
+        params: Parameters to use instead of the model's own (``torch.func.functional_call``);
+            the others keep their values.
+
+    Raises:
+        BatchError: If the model fails on ``X`` (wrong shapes, dtypes, ...), naming the shapes.
+        NotImplementedError: Passed through unchanged (a missing derivative formula, which the
+            operators answer with another autograd path).
+    """
+    args, kwargs = model_inputs(model, X)
+    try:
+        if params is None:
+            output = model(*args, **kwargs)
+        else:
+            output = functional_call(model, dict(params), args, kwargs)
+    except NotImplementedError:
+        raise
+    except BatchError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise BatchError(f"model_func failed on X {describe(X)}: {err}") from err
+    return output_tensor(output, loss_func)
+
+
+def evaluate_loss(loss_func: Callable[[Tensor, Tensor], Tensor], output: Tensor, y: Tensor):
+    """``loss_func(output, y)``, with torch's errors turned into a `BatchError` naming shapes."""
+    try:
+        return loss_func(output, y)
+    except NotImplementedError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise BatchError(
+            f"loss_func failed on the output {tuple(output.shape)} and y {tuple(y.shape)} "
+            f"{str(y.dtype).removeprefix('torch.')}: {err}"
+        ) from err
+
+
+def make_forward(
+    model: nn.Module, names: Sequence[str], X: Any, loss_func: nn.Module
+) -> Callable[..., Tensor]:
+    """Return ``f(*params) -> output`` with the named parameters replaced by ``params``.
 
     Parameters not in ``names`` (frozen ones) keep their values from ``model``.
     """
     names = tuple(names)
 
     def forward(*params: Tensor) -> Tensor:
-        return functional_call(model, dict(zip(names, params)), (X,))
+        return call_model(model, X, loss_func, dict(zip(names, params)))
 
     return forward
+
+
+def attention_hint(model: nn.Module) -> str:
+    """A sentence naming a transformers attention module without the eager implementation."""
+    for name, module in model.named_modules():
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if impl not in (None, "eager") and "Attention" in type(module).__name__:
+            return (
+                f" The attention module {name!r} ({type(module).__name__}) uses "
+                f"attn_implementation={impl!r}, whose kernel has neither; build or load the "
+                'model with attn_implementation="eager" (e.g. GPT2LMHeadModel(config) with '
+                'GPT2Config(..., attn_implementation="eager"), or '
+                'from_pretrained(..., attn_implementation="eager"))'
+            )
+    return (
+        " Replace that operation with one torch can differentiate twice (for attention: "
+        "the eager implementation instead of a fused kernel)"
+    )
+
+
+def no_autograd_path(model: nn.Module, owner: str, err: BaseException) -> RuntimeError:
+    """The error for a model that has neither forward-mode AD nor a double backward."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return RuntimeError(
+        f"{owner} needs forward-mode AD or a second backward pass through model_func, and an "
+        f"operation in it supports neither ({type(err).__name__}: {first})." + attention_hint(model)
+    )

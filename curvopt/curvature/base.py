@@ -1,25 +1,29 @@
 """The base class of all curvature operators: data loop, weighting, input formats, exports.
 
 A curvature operator represents a ``d x d`` matrix over the trainable parameters of a model,
-averaged over a data set given as an iterable of ``(X, y)`` batches, and multiplies it onto
-vectors without ever forming it. Subclasses implement one method, `_matmat_batch`, the
-product of the *mini-batch* curvature (of the mini-batch loss, with the loss function's own
-reduction) with a matrix of columns. The base class adds the batches up with curvlinops'
-weighting: a batch of size ``N_b`` counts ``N_b / N`` for ``reduction='mean'`` and ``1`` for
-``reduction='sum'``, so that the result is the curvature of
+for a data set given as an iterable of ``(X, y)`` batches, and multiplies it onto vectors
+without ever forming it. Subclasses implement one method, `_matmat_batch`, the product of the
+*mini-batch* curvature (of the mini-batch loss, with the loss function's own reduction) with a
+matrix of columns. The base class adds the batches up so that the result is the curvature of
+the loss of the whole data set evaluated as ONE batch:
 
 $$
-\\mathcal{L}(\\theta) = c \\sum_{n=1}^{N} \\ell(f_\\theta(x_n), y_n),
-\\qquad c = 1/N \\text{ (mean) or } 1 \\text{ (sum)},
+\\mathcal{L}(\\theta) = c \\sum_{b} \\sum_{t \\in b} \\ell_t(f_\\theta(X_b)_t, y_t),
+\\qquad c = 1 / \\textstyle\\sum_b D_b \\text{ ('mean') or } 1 \\text{ ('sum')},
 $$
 
-the loss of the whole data set in one batch (for ``nn.MSELoss(reduction='mean')`` the constant
-also divides by the number of output entries per sample, as the loss itself does).
+with ``t`` the loss terms of a batch and ``D_b`` what the mini-batch loss divides by for
+'mean' (`curvopt.curvature.losses.loss_terms`: the number of valid targets of a cross-entropy
+with ``ignore_index``, the number of output entries of MSE/BCE, the batch size for other
+losses). Batch ``b`` thus has the weight ``D_b`` and the products are divided by the total
+weight ``sum_b D_b`` ('mean'); with 'sum' every weight is 1. A batch with weight 0 (no samples,
+or only ignored targets) is skipped. curvlinops weights by samples, ``N_b / N``; both agree
+whenever ``D_b`` is proportional to ``N_b``.
 
 Data-parallel operators: with ``process_group=`` every rank passes its own shard of the data
 (shards may differ in size; a rank may hold no batch at all). Each rank sums its weighted
-mini-batch products, and ONE all-reduce per product sums them and the batch weights over the
-ranks before the division by the total weight ``N``, so every rank gets the product with the
+mini-batch products, and ONE all-reduce per product sums them and the batch weights ``D_b`` over
+the ranks before the division by the total weight, so every rank gets the product with the
 curvature of the whole data set, bit for bit the same on every rank (`num_data` is summed over
 the ranks at construction). Products are collectives: all ranks must multiply together, with the
 same vectors.
@@ -43,31 +47,53 @@ from curvopt.distributed import (
 )
 from curvopt.utils.params import check_vector, num_elements, trainable
 
-from .losses import check_loss
+from .batches import (
+    BatchError,
+    BatchSizeFn,
+    check_batch_axes,
+    check_input,
+    default_batch_size,
+    describe,
+    move_to,
+)
+from .losses import KNOWN_LOSSES, check_loss, check_targets, loss_terms
+from .train_mode import check_train_mode, preserved_buffers, unsafe_training_modules
 
-Batch = tuple[Tensor, Tensor]
+Batch = tuple[Any, Tensor]
 
 
 class CurvatureOperator:
     """Matrix-free curvature matrix of an empirical risk over a model's trainable parameters.
 
     Args:
-        model_func: The network ``f_theta`` (an ``nn.Module``) mapping a batch ``X`` to outputs.
-        loss_func: ``nn.MSELoss`` or ``nn.CrossEntropyLoss`` (any loss module with a
-            ``'mean'``/``'sum'`` reduction for the Hessian); its ``reduction`` sets the scaling.
+        model_func: The network ``f_theta`` (an ``nn.Module``) mapping a batch ``X`` to outputs:
+            a tensor, or an object with a ``.logits`` tensor (transformers' models; see
+            `curvopt.curvature.batches` for the layout).
+        loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss`` (any
+            loss module with a ``'mean'``/``'sum'`` reduction for the Hessian); its
+            ``reduction`` sets the scaling.
         params: Parameters of ``model_func`` to differentiate by; those with
             ``requires_grad=False`` are left out. Their order defines the flat layout.
-        data: Re-iterable source of ``(X, y)`` batches, e.g. a list or a ``DataLoader``.
-        num_data: Number of samples in ``data`` (the `num_data` property); counted with one
-            pass over ``data`` if None. With a process group this is this rank's count (``0``
-            allowed); the property is the sum over ranks. The weighting does not use it: the
-            products are divided by the sum of the batch sizes actually seen.
+        data: Re-iterable source of ``(X, y)`` batches, e.g. a list or a ``DataLoader``. ``X``
+            is a tensor, a tuple of tensors (``model(*X)``) or a mapping of tensors
+            (``model(**X)``, e.g. a tokenizer's output); ``y`` is a tensor.
+        num_data: Total number of samples ``N`` (the `num_data` property); counted with one
+            pass over ``data`` if None. The weighting does not use it (see the module
+            docstring).
+        batch_size_fn: ``X -> number of samples``; by default the length of the first axis of
+            ``X`` (of its first tensor for tuples and mappings).
         check_deterministic: Multiply one random vector twice and raise if the results differ
-            (catches shuffling loaders, dropout, ...). Off by default; costs two products.
+            (catches shuffling loaders, random augmentation, ...). Off by default; costs two
+            products.
+        allow_train_mode: Accept a model with dropout or running-statistics layers in
+            training mode (refused by default, see `curvopt.curvature.train_mode`); every
+            buffer is then restored after each product.
         process_group: A ``torch.distributed`` process group over which the data is sharded
             (see the module docstring), or None for one process. Every rank of the group must
             build the operator with the same model and parameters, and call every product,
-            `to_dense` and `to_scipy`'s products together with identical inputs.
+            `to_dense` and `to_scipy`'s products together with identical inputs. With a
+            process group ``num_data`` is this rank's count (``0`` allowed) and the property
+            is the sum over ranks.
 
     Attributes:
         SELF_ADJOINT: Whether the matrix is symmetric (all curvature matrices here are).
@@ -77,13 +103,22 @@ class CurvatureOperator:
         TypeError: If ``model_func``/``loss_func`` have the wrong type, or ``data`` is a one-shot
             iterator.
         ValueError: If there are no trainable parameters, a parameter is not one of the model's,
-            the loss reduction is unsupported, or ``data`` is empty (on every rank).
-            With a process group: if ``torch.distributed`` is not initialized or the ranks'
-            parameter counts differ.
+            the loss reduction is unsupported, ``data`` is empty, a batch has no batch axis,
+            or the model has dropout/batch norm in training mode (without
+            ``allow_train_mode``). With a process group: if ``torch.distributed`` is not
+            initialized, the parameters are FSDP2-sharded DTensors, or the ranks' parameter
+            counts differ.
     """
 
     SELF_ADJOINT: bool = True
-    SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (nn.MSELoss, nn.CrossEntropyLoss)
+    _stateful_forward: bool = False
+    SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (
+        nn.MSELoss,
+        nn.CrossEntropyLoss,
+        nn.BCEWithLogitsLoss,
+    )
+    #: Whether the operator needs a negative log-likelihood (the Fisher).
+    NEEDS_LIKELIHOOD: bool = False
 
     def __init__(
         self,
@@ -93,13 +128,28 @@ class CurvatureOperator:
         data: Iterable[Batch],
         *,
         num_data: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
         check_deterministic: bool = False,
+        allow_train_mode: bool = False,
         process_group: Any = None,
     ) -> None:
-        self._group = check_process_group(process_group)
         if not isinstance(model_func, nn.Module):
             raise TypeError(f"model_func must be an nn.Module, got {type(model_func).__name__}")
-        check_loss(loss_func, self.SUPPORTED_LOSSES, type(self).__name__)
+        check_loss(
+            loss_func,
+            self.SUPPORTED_LOSSES,
+            type(self).__name__,
+            likelihood=self.NEEDS_LIKELIHOOD,
+        )
+        self._group = check_process_group(process_group)
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise TypeError(f"batch_size_fn must be callable, got {type(batch_size_fn).__name__}")
+        if not isinstance(allow_train_mode, bool):
+            raise TypeError(f"allow_train_mode must be a bool, got {allow_train_mode!r}")
+        self._allow_train_mode = allow_train_mode
+        if not allow_train_mode:
+            check_train_mode(model_func, type(self).__name__)
+        self._batch_size_fn = batch_size_fn
         self._model_func = model_func
         self._loss_func = loss_func
         self._params = trainable(params)
@@ -119,7 +169,7 @@ class CurvatureOperator:
             )
         self._data = data
         if num_data is None:
-            num_data = sum(self._batch_size(X) for X, _ in self._loop_over_data())
+            num_data = self._count_samples()
         self._num_data = self._total_num_data(num_data)
         if check_deterministic:
             self._check_deterministic()
@@ -192,6 +242,50 @@ class CurvatureOperator:
             f"shaped like the parameters, got {type(v).__name__}"
         )
 
+    def __rmatmul__(self, x: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+        """``x @ self``: rows times the matrix, ``(self^T x^T)^T``.
+
+        Args:
+            x: A flat vector ``(d,)``, a matrix of rows ``(k, d)``, or a list of tensors shaped
+                like the parameters (optionally each with a trailing axis ``k``, as in
+                `__matmul__`).
+
+        Returns:
+            The product in the format of ``x``.
+        """
+        op = self.adjoint()
+        if isinstance(x, Tensor) and x.ndim == 2:
+            return (op @ x.T).T
+        return op @ x
+
+    def adjoint(self) -> CurvatureOperator:
+        """The adjoint (transpose) operator.
+
+        Every curvature matrix here is symmetric, so this is the operator itself.
+
+        Example:
+            >>> from curvopt.curvature import GGNOperator
+            >>> model = nn.Linear(3, 2)
+            >>> G = GGNOperator(model, nn.MSELoss(), list(model.parameters()),
+            ...                 [(torch.randn(4, 3), torch.randn(4, 2))])
+            >>> v = torch.randn(G.shape[0])
+            >>> G.T is G and G.H is G and torch.allclose(v @ G, G @ v)
+            True
+        """
+        if not self.SELF_ADJOINT:  # pragma: no cover - every operator here is symmetric
+            raise NotImplementedError(f"{type(self).__name__} has no adjoint")
+        return self
+
+    @property
+    def T(self) -> CurvatureOperator:  # noqa: N802 - numpy/scipy's name
+        """The transpose (`adjoint`; real matrices)."""
+        return self.adjoint()
+
+    @property
+    def H(self) -> CurvatureOperator:  # noqa: N802 - numpy/scipy's name
+        """The conjugate transpose (`adjoint`)."""
+        return self.adjoint()
+
     def matvec(self, v: Tensor) -> Tensor:
         """``self @ v`` for a flat vector; see `__matmul__`."""
         return self @ v
@@ -206,24 +300,50 @@ class CurvatureOperator:
             The product in the same format.
         """
         self._before_matmat()
+        unsafe = bool(unsafe_training_modules(self._model_func))
+        if unsafe and not self._allow_train_mode:
+            # the model was switched to train() after construction: refuse as the constructor does
+            check_train_mode(self._model_func, type(self).__name__)
+        self._stateful_forward = unsafe  # torch.func cannot run it: subclasses avoid vmap
+        with preserved_buffers(self._model_func, active=unsafe):
+            out, total_weight = self._accumulate(cols)
+        out, total_weight = self._sum_over_ranks(out, total_weight, cols)
+        if out is None:
+            if self._loss_func.reduction == "mean":
+                raise ValueError(
+                    "data holds no loss terms (every batch is empty or has only targets equal to "
+                    "ignore_index); the 'mean' loss of the whole data set is undefined"
+                )
+            return [torch.zeros_like(c) for c in cols]
+        if self._loss_func.reduction == "mean":
+            for acc in out:
+                acc.div_(total_weight)
+        return out
+
+    def _accumulate(self, cols: list[Tensor]) -> tuple[list[Tensor] | None, float]:
+        """``sum_b w_b P_b`` and ``sum_b w_b`` over the batches.
+
+        ``P_b`` is the mini-batch product and ``w_b`` the weight of batch ``b``
+        (`_batch_weight`); batches of weight 0 are skipped. Returns ``(None, 0.0)`` when every
+        batch was skipped.
+        """
         out: list[Tensor] | None = None
         total_weight = 0.0
-        for X, y in self._loop_over_data():
-            weight = self._batch_weight(X)
+        for i, X, y in self._loop_over_data():
+            weight = self._batch_weight(X, y, i)
+            if weight == 0.0:
+                continue
             total_weight += weight
-            parts = self._matmat_batch(X, y, cols)
+            try:
+                parts = self._matmat_batch(X, y, cols)
+            except BatchError as err:
+                raise BatchError(f"batch {i}: {err}") from err.__cause__
             if out is None:  # the parts are fresh tensors: scale them in place
                 out = [part.mul_(weight) if weight != 1.0 else part for part in parts]
             else:
                 for acc, part in zip(out, parts):
                     acc.add_(part, alpha=weight)
-        out, total_weight = self._sum_over_ranks(out, total_weight, cols)
-        if out is None:
-            raise ValueError("data yielded no batches")
-        if self._loss_func.reduction == "mean":
-            for acc in out:
-                acc.div_(total_weight)
-        return out
+        return out, total_weight
 
     def _sum_over_ranks(
         self, out: list[Tensor] | None, total_weight: float, cols: list[Tensor]
@@ -240,7 +360,7 @@ class CurvatureOperator:
         weight = torch.tensor([total_weight], dtype=parts[0].dtype, device=parts[0].device)
         flat = all_reduce_sum_(torch.cat([p.reshape(-1) for p in parts] + [weight]), self._group)
         total = float(flat[-1])
-        if total == 0.0:  # no rank held a batch
+        if total == 0.0:  # no rank held a loss term
             return None, 0.0
         chunks = flat[:-1].split([p.numel() for p in parts])
         return [c.view_as(p) for c, p in zip(chunks, parts)], total
@@ -345,27 +465,62 @@ class CurvatureOperator:
         return dense
 
     # -------------------------------------------------------------------------------- helpers
-    def _loop_over_data(self) -> Iterator[Batch]:
-        """Yield the batches, moved to the parameters' device."""
+    def _loop_over_data(self) -> Iterator[tuple[int, Any, Tensor]]:
+        """Yield ``(index, X, y)`` for every batch, moved to the parameters' device."""
         for i, batch in enumerate(self._data):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError(f"batch {i} of data must be a pair (X, y), got {type(batch)}")
             X, y = batch
-            if not isinstance(X, Tensor) or not isinstance(y, Tensor):
-                raise TypeError(
-                    f"batch {i} must hold tensors (X, y), got ({type(X).__name__}, "
-                    f"{type(y).__name__})"
+            check_input(X, i)
+            if not isinstance(y, Tensor):
+                raise TypeError(f"batch {i}: y must be a tensor, got {type(y).__name__}")
+            yield i, move_to(X, self.device), y.to(self.device)
+
+    def _batch_size(self, X: Any, index: int) -> int:
+        """Number of samples of a batch input (``batch_size_fn`` or the first axis)."""
+        if self._batch_size_fn is not None:
+            size = self._batch_size_fn(X)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(
+                    f"batch {index}: batch_size_fn must return an integer >= 0, got {size!r}"
                 )
-            yield X.to(self.device), y.to(self.device)
+            return size
+        try:
+            return default_batch_size(X)
+        except BatchError as err:
+            raise BatchError(f"batch {index}: {err}") from None
 
-    @staticmethod
-    def _batch_size(X: Tensor) -> int:
-        return X.shape[0]
+    def _check_output(self, X: Any, output: Tensor, y: Tensor) -> None:
+        """Check the model output and the targets of a batch (a `BatchError` if they do not fit)."""
+        if self._batch_size_fn is None:
+            check_batch_axes(output, X, y, default_batch_size(X))
+        if isinstance(self._loss_func, KNOWN_LOSSES):
+            check_targets(self._loss_func, output, y)
 
-    def _batch_weight(self, X: Tensor) -> float:
-        """Weight of a batch: ``N_b`` for 'mean' (the sum is then divided by ``N``), 1 for 'sum'."""
+    def _count_samples(self) -> int:
+        """One pass over the data: count the samples and check that ``y`` has the batch axis."""
+        total = 0
+        for i, X, y in self._loop_over_data():
+            size = self._batch_size(X, i)
+            if self._batch_size_fn is None and (y.ndim == 0 or y.shape[0] != size):
+                raise BatchError(
+                    f"batch {i}: y has shape {tuple(y.shape)}, but X {describe(X)} holds {size} "
+                    "samples; y's first axis must be the batch axis"
+                )
+            total += size
+        return total
+
+    def _batch_weight(self, X: Any, y: Tensor, index: int) -> float:
+        """Weight of batch ``index`` in the sum: its loss terms ``D_b`` for 'mean', else 1.
+
+        0 for a batch without samples (or, for 'mean', without valid targets): it is skipped.
+        """
+        if self._batch_size(X, index) == 0:
+            return 0.0
+        if y.ndim == 0:
+            raise BatchError(f"batch {index}: y is a scalar; it needs a leading batch axis")
         if self._loss_func.reduction == "mean":
-            return float(self._batch_size(X))
+            return loss_terms(self._loss_func, y)
         return 1.0
 
     def _split_columns(self, cols: Tensor) -> list[Tensor]:

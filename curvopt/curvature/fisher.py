@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -12,14 +12,23 @@ from curvopt.distributed import rank
 
 from .base import Batch
 from .ggn import GGNOperator
-from .losses import reduction_scale, sample_output_gradients
+from .losses import (
+    group_last,
+    reduction_scale,
+    sample_output_gradients,
+    term_coefficients,
+    ungroup,
+)
 
 
 class FisherOperator(GGNOperator):
     r"""The Fisher of the model's likelihood, exact or estimated with sampled labels.
 
     The losses are negative log-likelihoods, ``\ell(f, y) = -\log p(y \mid f)`` (a Gaussian
-    with variance 1/2 for ``nn.MSELoss``, a categorical for ``nn.CrossEntropyLoss``). The Fisher
+    with variance 1/2 for ``nn.MSELoss``, a categorical for ``nn.CrossEntropyLoss``, Bernoulli
+    for ``nn.BCEWithLogitsLoss``; class weights, label smoothing and ``pos_weight`` are refused,
+    they make the loss no likelihood: use `GGNOperator`). Positions whose target is
+    ``ignore_index`` are left out. The Fisher
 
     $$
     F = c \sum_{n=1}^{N} J_n^\top \,
@@ -28,7 +37,7 @@ class FisherOperator(GGNOperator):
     \qquad g_n(\tilde y) = \nabla_f \ell(f_n, \tilde y),
     $$
 
-    equals the GGN for both losses, which is what ``mc_samples=None`` (exact) computes. With
+    equals the GGN for these losses, which is what ``mc_samples=None`` (exact) computes. With
     ``mc_samples=M`` the expectation is replaced by the mean over ``M`` labels drawn from the
     model for every sample (curvlinops' ``FisherMCLinearOperator``). The labels are drawn again
     for each product from a generator seeded with ``seed``, so every product with the same
@@ -37,26 +46,27 @@ class FisherOperator(GGNOperator):
 
     With a process group, rank ``r`` of the group seeds its sampler with ``seed + r``: the
     ranks draw independent labels, the operator is still a fixed matrix (the same on every
-    rank and in every product), and it equals ``sum_r (N_r / N) F_r`` with ``F_r`` the
-    single-process Monte-Carlo Fisher of rank ``r``'s data at seed ``seed + r`` ('mean'
-    reduction; the plain sum for 'sum'). It is an estimate of the same exact Fisher as the
-    single-process operator on the concatenated data, not the same draws.
+    rank and in every product), and it equals the weighted mean of the ranks' single-process
+    Monte-Carlo Fishers at seeds ``seed + r`` (weights ``D_r``, the ranks' loss-term counts,
+    for 'mean'; the plain sum for 'sum'). It estimates the same exact Fisher as the
+    single-process operator on the concatenated data, with other draws.
 
     Args:
         model_func: The network ``f_theta``.
-        loss_func: ``nn.MSELoss`` or ``nn.CrossEntropyLoss`` with reduction 'mean' or 'sum'.
+        loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss`` with
+            reduction 'mean' or 'sum'.
         params: Parameters to differentiate by (``requires_grad=False`` ones are left out).
-        data: Re-iterable ``(X, y)`` batches (the labels are used only for batch sizes).
-        mc_samples: None for the exact Fisher, else the number of sampled labels per sample.
+        data: Re-iterable ``(X, y)`` batches (the labels are used only for the weighting and
+            ``ignore_index``).
+        mc_samples: None for the exact Fisher, else the number of sampled labels per term.
         seed: Seed of the label sampler (Monte-Carlo only; rank ``r`` of a process group uses
             ``seed + r``).
-        num_data: Number of samples; counted from ``data`` if None.
-        check_deterministic: See `curvopt.curvature.base.CurvatureOperator`.
-        process_group: Process group the data is sharded over (see
-            `curvopt.curvature.base.CurvatureOperator`), or None.
+        num_data, batch_size_fn, check_deterministic, allow_train_mode, process_group: See
+            `curvopt.curvature.base.CurvatureOperator`.
 
     Raises:
-        ValueError: If ``mc_samples`` is not None or a positive integer.
+        ValueError: If ``mc_samples`` is not None or a positive integer, or the loss is not a
+            negative log-likelihood.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
@@ -68,6 +78,8 @@ class FisherOperator(GGNOperator):
         True
     """
 
+    NEEDS_LIKELIHOOD = True
+
     def __init__(
         self,
         model_func: nn.Module,
@@ -78,7 +90,9 @@ class FisherOperator(GGNOperator):
         mc_samples: int | None = None,
         seed: int = 2147483647,
         num_data: int | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
         check_deterministic: bool = False,
+        allow_train_mode: bool = False,
         process_group: Any = None,
     ) -> None:
         if mc_samples is not None and (
@@ -98,7 +112,9 @@ class FisherOperator(GGNOperator):
             params,
             data,
             num_data=num_data,
+            batch_size_fn=batch_size_fn,
             check_deterministic=check_deterministic,
+            allow_train_mode=allow_train_mode,
             process_group=process_group,
         )
 
@@ -119,9 +135,16 @@ class FisherOperator(GGNOperator):
             return super()._output_product(output, y, Jv)
         samples = sample_output_gradients(
             self._loss_func, output, self._mc_samples, self._generator
-        )  # (M, N, ...)
-        axes = tuple(range(2, samples.ndim))
-        # w[k, m, n] = <g_nm, (J v_k)_n>, then u_k = c / M * sum_m g_nm w[k, m, n]
-        w = (samples.unsqueeze(0) * Jv.unsqueeze(1)).sum(dim=tuple(a + 1 for a in axes))
-        u = (w.reshape(*w.shape, *([1] * len(axes))) * samples.unsqueeze(0)).sum(1)
-        return u * (reduction_scale(self._loss_func, output) / self._mc_samples)
+        )  # (M, *output.shape)
+        # alpha_t: 0 at ignored targets, 1 else (the MSE samples carry their factor 2 already)
+        alpha = (
+            1.0
+            if isinstance(self._loss_func, nn.MSELoss)
+            else term_coefficients(self._loss_func, output, y)
+        )
+        g = group_last(self._loss_func, samples, lead=1)  # (M, ..., entries of a data point)
+        t = group_last(self._loss_func, Jv, lead=1)  # (k, ..., entries)
+        # w[k, m, ...] = <g_m, (J v_k)> per data point, then u_k = c / M sum_m g_m w[k, m]
+        w = (g.unsqueeze(0) * t.unsqueeze(1)).sum(-1, keepdim=True)
+        u = ungroup(self._loss_func, (w * g.unsqueeze(0)).sum(1), output, lead=1)
+        return u * (alpha * reduction_scale(self._loss_func, y) / self._mc_samples)

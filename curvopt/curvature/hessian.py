@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
-from ._functional import make_forward
+from ._functional import call_model, evaluate_loss, make_forward, no_autograd_path
 from .base import Batch, CurvatureOperator
 from .losses import differentiable_loss
 
@@ -40,7 +40,18 @@ class HessianOperator(CurvatureOperator):
       the natural form for ``torch.compile``.
 
     The default ``mode="auto"`` uses reverse-over-forward for one column and
-    reverse-over-reverse for several (``benchmarks/curvature_products.py``).
+    reverse-over-reverse for several (``benchmarks/curvature_products.py``). A model with an
+    operation that has no forward-mode AD formula falls back to reverse-over-reverse (in every
+    mode, from the first failure on); one without a double backward either (fused attention
+    kernels) gets a RuntimeError naming the module and the fix.
+
+    Note:
+        In PyTorch 2.13 the backward pass through ``nn.LayerNorm``'s forward-mode derivative
+        is wrong (HVPs off by up to 50 % on a small MLP with one LayerNorm), so models with an
+        ``nn.LayerNorm`` module use reverse-over-reverse instead of reverse-over-forward (a
+        ``F.layer_norm`` call outside such a module is not detected: choose
+        ``mode="reverse-over-reverse"`` for it). ``torch.func.hessian`` is also wrong there;
+        ``mode="forward-over-reverse"`` and ``"reverse-over-reverse"`` are not.
 
     Args:
         model_func: The network ``f_theta``.
@@ -50,10 +61,8 @@ class HessianOperator(CurvatureOperator):
         data: Re-iterable ``(X, y)`` batches.
         mode: ``"auto"``, ``"reverse-over-forward"``, ``"reverse-over-reverse"`` or
             ``"forward-over-reverse"``.
-        num_data: Number of samples; counted from ``data`` if None.
-        check_deterministic: See `curvopt.curvature.base.CurvatureOperator`.
-        process_group: Process group the data is sharded over (see
-            `curvopt.curvature.base.CurvatureOperator`), or None.
+        num_data, batch_size_fn, check_deterministic, allow_train_mode, process_group: See
+            `curvopt.curvature.base.CurvatureOperator`.
 
     Raises:
         ValueError: If ``mode`` is unknown (and see the base class).
@@ -77,19 +86,26 @@ class HessianOperator(CurvatureOperator):
         *,
         mode: str = "auto",
         num_data: int | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
         check_deterministic: bool = False,
+        allow_train_mode: bool = False,
         process_group: Any = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self._mode = mode
+        self._has_layer_norm = isinstance(model_func, nn.Module) and any(
+            isinstance(m, nn.LayerNorm) for m in model_func.modules()
+        )
         super().__init__(
             model_func,
             loss_func,
             params,
             data,
             num_data=num_data,
+            batch_size_fn=batch_size_fn,
             check_deterministic=check_deterministic,
+            allow_train_mode=allow_train_mode,
             process_group=process_group,
         )
 
@@ -98,15 +114,30 @@ class HessianOperator(CurvatureOperator):
         """How mini-batch products are computed (see the class docstring)."""
         return self._mode
 
-    def _matmat_batch(self, X: Tensor, y: Tensor, cols: list[Tensor]) -> list[Tensor]:
+    _forward_ad_failed: bool = False
+
+    def _matmat_batch(self, X: Any, y: Tensor, cols: list[Tensor]) -> list[Tensor]:
         mode = self._mode
         if mode == "auto":
             mode = "reverse-over-forward" if cols[0].shape[0] == 1 else "reverse-over-reverse"
-        if mode == "forward-over-reverse":
-            return self._forward_over_reverse(X, y, cols)
-        if mode == "reverse-over-forward":
-            return self._reverse_over_forward(X, y, cols)
+        if mode == "forward-over-reverse" and self._stateful_forward:
+            mode = "reverse-over-reverse"  # buffers change in place: no torch.func
+        if mode == "reverse-over-forward" and self._has_layer_norm:
+            mode = "reverse-over-reverse"  # torch's LayerNorm breaks reverse-over-forward
+        if not self._forward_ad_failed:
+            try:
+                if mode == "forward-over-reverse":
+                    return self._forward_over_reverse(X, y, cols)
+                if mode == "reverse-over-forward":
+                    return self._reverse_over_forward(X, y, cols)
+            except (NotImplementedError, RuntimeError):
+                self._forward_ad_failed = True  # no forward-mode formula, or its backward
         return self._reverse_over_reverse(X, y, cols)
+
+    def _loss(self, X: Any, output: Tensor, y: Tensor) -> Tensor:
+        """The mini-batch loss of an output, after checking output and targets."""
+        self._check_output(X, output, y)
+        return evaluate_loss(self._loss_func, output, y)
 
     def _reverse_over_forward(self, X: Tensor, y: Tensor, cols: list[Tensor]) -> list[Tensor]:
         """Per column: dual-number forward pass, then the gradient of ``grad_f(loss) . Jv``."""
@@ -118,12 +149,13 @@ class HessianOperator(CurvatureOperator):
                         name: fwAD.make_dual(p, c[j].contiguous())
                         for name, p, c in zip(self._names, self._params, cols)
                     }
-                    output, Jv = fwAD.unpack_dual(functional_call(self._model_func, duals, (X,)))
+                    output = call_model(self._model_func, X, self._loss_func, duals)
+                    output, Jv = fwAD.unpack_dual(output)
                 # outside the dual level: the backward pass must not carry tangents
                 if Jv is None:  # the output does not depend on the parameters
                     Jv = torch.zeros_like(output)
                 (grad_output,) = torch.autograd.grad(
-                    self._loss_func(output, y), output, create_graph=True
+                    self._loss(X, output, y), output, create_graph=True
                 )
                 s = (grad_output * Jv).sum()
                 hv = (
@@ -142,7 +174,8 @@ class HessianOperator(CurvatureOperator):
         """Keep the graph of the gradient; one more backward pass per column."""
         params = self._params
         with torch.enable_grad():
-            loss = self._loss_func(self._model_func(X), y)
+            output = call_model(self._model_func, X, self._loss_func)
+            loss = self._loss(X, output, y)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             # gradient entries constant in theta contribute nothing to H v
             live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
@@ -151,13 +184,16 @@ class HessianOperator(CurvatureOperator):
                 return out
             k = cols[0].shape[0]
             for j in range(k):
-                hv = torch.autograd.grad(
-                    [grads[i] for i in live],
-                    params,
-                    grad_outputs=[cols[i][j] for i in live],
-                    retain_graph=j < k - 1,
-                    allow_unused=True,
-                )
+                try:
+                    hv = torch.autograd.grad(
+                        [grads[i] for i in live],
+                        params,
+                        grad_outputs=[cols[i][j] for i in live],
+                        retain_graph=j < k - 1,
+                        allow_unused=True,
+                    )
+                except (RuntimeError, NotImplementedError) as err:
+                    raise no_autograd_path(self._model_func, "HessianOperator", err) from err
                 for o, h in zip(out, hv):
                     if h is not None:
                         o[j] = h
@@ -165,11 +201,13 @@ class HessianOperator(CurvatureOperator):
 
     def _forward_over_reverse(self, X: Tensor, y: Tensor, cols: list[Tensor]) -> list[Tensor]:
         """``jvp`` of ``grad`` (torch.func), ``vmap`` over the columns."""
-        forward = make_forward(self._model_func, self._names, X)
+        forward = make_forward(self._model_func, self._names, X, self._loss_func)
         loss_func = differentiable_loss(self._loss_func)
 
         def loss(params: tuple[Tensor, ...]) -> Tensor:
-            return loss_func(forward(*params), y)
+            output = forward(*params)
+            self._check_output(X, output, y)
+            return evaluate_loss(loss_func, output, y)
 
         grad_fn = grad(loss)
         primals = tuple(p.detach() for p in self._params)

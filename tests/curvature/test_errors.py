@@ -58,8 +58,11 @@ def test_unsupported_losses(cls, problem):
         cls(args[0], nn.CrossEntropyLoss(reduction="none"), *args[1:])
     with pytest.raises(TypeError, match="nn.MSELoss, nn.CrossEntropyLoss"):
         cls(args[0], nn.L1Loss(), *args[1:])
-    with pytest.raises(ValueError, match="label_smoothing"):
-        cls(args[0], nn.CrossEntropyLoss(label_smoothing=0.1), *args[1:])
+    if cls is FisherOperator:  # GGN and EF are exact for these options (tests/curvature/...)
+        with pytest.raises(ValueError, match="label_smoothing"):
+            cls(args[0], nn.CrossEntropyLoss(label_smoothing=0.1), *args[1:])
+        with pytest.raises(ValueError, match="pos_weight"):
+            cls(args[0], nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), *args[1:])
 
 
 def test_hessian_accepts_other_losses_but_not_none_reduction(problem):
@@ -85,12 +88,17 @@ def test_bad_model_and_params(problem):
         GGNOperator(problem.model, problem.loss, [*problem.params, stranger], problem.data)
 
 
-def test_ce_needs_two_dimensional_logits():
-    model = nn.Sequential(nn.Conv2d(1, 3, 1)).double()  # outputs (N, 3, H, W)
-    data = [(torch.randn(2, 1, 2, 2, dtype=torch.float64), torch.randint(0, 3, (2, 2, 2)))]
-    op = GGNOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
-    with pytest.raises(ValueError, match="shape \\(N, C\\)"):
-        op @ torch.randn(op.shape[1], dtype=torch.float64)
+@pytest.mark.parametrize("cls", OPERATORS)
+def test_ce_logits_and_labels_must_fit(cls):
+    model = nn.Sequential(nn.Conv2d(1, 3, 1)).double()  # logits (N, 3, H, W)
+    X = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+    for y, match in [
+        (torch.randint(0, 3, (2, 3)), r"batch 0: .*need labels \(2, 2, 2\), got y \(2, 3\)"),
+        (torch.full((2, 2, 2), 3), r"batch 0: label 3 is outside the 3 classes"),
+    ]:
+        op = cls(model, nn.CrossEntropyLoss(), list(model.parameters()), [(X, y)])
+        with pytest.raises(ValueError, match=match):
+            op @ torch.randn(op.shape[1], dtype=torch.float64)
 
 
 def test_fisher_hyperparameters(problem):
@@ -112,10 +120,13 @@ def test_to_dense_guards(problem):
 def test_check_deterministic_catches_dropout(problem):
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
     data = [(torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))]
+    params = list(model.parameters())
     with pytest.raises(RuntimeError, match="not deterministic"):
-        GGNOperator(model, problem.loss, list(model.parameters()), data, check_deterministic=True)
+        GGNOperator(
+            model, problem.loss, params, data, check_deterministic=True, allow_train_mode=True
+        )
     model.eval()
-    GGNOperator(model, problem.loss, list(model.parameters()), data, check_deterministic=True)
+    GGNOperator(model, problem.loss, params, data, check_deterministic=True)
 
 
 def _args(problem):

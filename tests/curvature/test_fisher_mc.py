@@ -15,13 +15,13 @@ def dense_mc_fisher(problem, mc_samples, seed):
     gen = torch.Generator().manual_seed(seed)
     N = output.shape[0]
     F, start = 0.0, 0
-    for X, _ in problem.data:
+    for X, y_b in problem.data:
         n_b = X.shape[0]
         out_b, J_b = output[start : start + n_b], J[start : start + n_b]
         start += n_b
         g = sample_output_gradients(problem.loss, out_b, mc_samples, gen)  # (M, n_b, C)
         weight = n_b / N if problem.loss.reduction == "mean" else 1.0
-        scale = weight * reduction_scale(problem.loss, out_b) / mc_samples
+        scale = weight * reduction_scale(problem.loss, y_b) / mc_samples
         JTg = torch.einsum("ncd,mnc->mnd", J_b, g)
         F = F + scale * torch.einsum("mni,mnj->ij", JTg, JTg)
     return F

@@ -1,0 +1,153 @@
+"""What the curvature operators need to know about a batch: inputs, outputs, sizes, checks.
+
+A batch is a pair ``(X, y)``. ``X`` is what the model takes:
+
+* a tensor, called as ``model(X)``;
+* a tuple or list of tensors, called as ``model(*X)``;
+* a mapping of names to tensors (a tokenizer's ``input_ids`` and ``attention_mask``), called as
+  ``model(**X)`` (transformers' convention), or as ``model(X)`` when the model's ``forward``
+  takes one positional argument and not the mapping's keys.
+
+The model returns a tensor, or an object with a ``.logits`` tensor (transformers' outputs).
+``.logits`` follow transformers' layout, classes on the last axis (``(N, S, V)`` for a language
+model); for ``nn.CrossEntropyLoss`` they are moved to torch's layout ``(N, V, S)``, so the labels
+are ``(N, S)`` either way. Tensor outputs are passed to the loss as they are.
+
+The first axis of every tensor in ``X``, of the outputs and of ``y`` is the batch axis.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+BatchSizeFn = Callable[[Any], int]
+
+
+class BatchError(ValueError):
+    """A batch does not fit the model or the loss; the data loop prefixes the batch index."""
+
+
+def describe(X: Any) -> str:
+    """Shapes and dtypes of a batch input, for error messages (``(5, 3) float32``, ...)."""
+    if isinstance(X, Tensor):
+        return f"{tuple(X.shape)} {str(X.dtype).removeprefix('torch.')}"
+    if isinstance(X, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in X.items()) + "}"
+    if isinstance(X, (tuple, list)):
+        return "(" + ", ".join(describe(v) for v in X) + ")"
+    return type(X).__name__
+
+
+def check_input(X: Any, index: int) -> None:
+    """Raise TypeError unless ``X`` is a tensor, a tuple/list or a mapping of tensors."""
+    if isinstance(X, Tensor):
+        return
+    values = list(X.values()) if isinstance(X, Mapping) else X
+    if isinstance(X, (Mapping, tuple, list)) and values:
+        if all(isinstance(v, Tensor) for v in values):
+            return
+    raise TypeError(
+        f"batch {index}: X must be a tensor, a tuple of tensors or a mapping of names to "
+        f"tensors (e.g. a tokenizer's output), got {describe(X)}"
+    )
+
+
+def move_to(X: Any, device: Any) -> Any:
+    """Move a tensor, tuple/list or mapping of tensors to ``device`` (same container type)."""
+    if isinstance(X, Tensor):
+        return X.to(device)
+    if isinstance(X, Mapping):
+        return {k: v.to(device) for k, v in X.items()}
+    return type(X)(v.to(device) for v in X)
+
+
+def default_batch_size(X: Any) -> int:
+    """The length of the first axis of ``X`` (of its first tensor for tuples and mappings).
+
+    Raises:
+        BatchError: If that tensor has no axes, or the tensors of ``X`` disagree.
+    """
+    tensors = list(X.values()) if isinstance(X, Mapping) else [X] if isinstance(X, Tensor) else X
+    if any(t.ndim == 0 for t in tensors):
+        raise BatchError(
+            f"X {describe(X)} has a tensor without a batch axis; give every tensor a leading "
+            "batch axis (X.unsqueeze(0) for a single sample)"
+        )
+    sizes = {t.shape[0] for t in tensors}
+    if len(sizes) != 1:
+        raise BatchError(
+            f"the tensors of X {describe(X)} disagree on the batch size (first axis); pass "
+            "batch_size_fn to say how to count the samples of a batch"
+        )
+    return tensors[0].shape[0]
+
+
+def model_inputs(model: nn.Module, X: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments ``model`` is called with for the input ``X``."""
+    if isinstance(X, Tensor):
+        return (X,), {}
+    if isinstance(X, Mapping):
+        return ((X,), {}) if _takes_mapping_positionally(model, X) else ((), dict(X))
+    return tuple(X), {}
+
+
+def _takes_mapping_positionally(model: nn.Module, X: Mapping) -> bool:
+    """Whether ``model.forward`` takes one positional argument and not the keys of ``X``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature: transformers' convention
+        return False
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return False
+    names = {p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+    if set(X) <= names:
+        return False
+    positional = [
+        p
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(positional) >= 1 and all(p.default is not p.empty for p in positional[1:])
+
+
+def output_tensor(output: Any, loss_func: nn.Module) -> Tensor:
+    """The tensor the loss takes from a model output (see the module docstring).
+
+    Raises:
+        BatchError: If ``output`` is neither a tensor nor has a ``.logits`` tensor.
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise BatchError(
+            "model_func must return a tensor or an object with a .logits tensor, got "
+            f"{type(output).__name__}"
+        )
+    if isinstance(loss_func, nn.CrossEntropyLoss) and logits.ndim > 2:
+        return logits.movedim(-1, 1)  # (N, S, V) -> torch's (N, V, S)
+    return logits
+
+
+def check_batch_axes(output: Tensor, X: Any, y: Tensor, batch_size: int) -> None:
+    """Check that the output and the targets have the batch size counted from ``X``.
+
+    Raises:
+        BatchError: If the first axis of the output or of ``y`` is not ``batch_size`` (a sample
+            without its batch axis, or a model that mixes samples into one output).
+    """
+    if output.ndim == 0 or output.shape[0] != batch_size:
+        raise BatchError(
+            f"the model output has shape {tuple(output.shape)}, but X {describe(X)} holds "
+            f"{batch_size} samples; the output's first axis must be the batch axis (a single "
+            "sample needs X.unsqueeze(0))"
+        )
+    if y.ndim == 0 or y.shape[0] != batch_size:
+        raise BatchError(
+            f"y has shape {tuple(y.shape)}, but X {describe(X)} holds {batch_size} samples; "
+            "y's first axis must be the batch axis"
+        )
