@@ -102,8 +102,8 @@ def shard_range(d: int, rank: int, world: int) -> tuple[int, int]:
     The first ``d mod P`` ranks get ``ceil(d / P)`` coordinates, the others ``floor(d / P)``.
 
     Example:
-        >>> [shard_range(7, r, 3) for r in range(3)]
-        [(0, 3), (3, 5), (5, 7)]
+        >>> [shard_range(7, r, 3) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
+        True
     """
     if world < 1 or not 0 <= rank < world or d < 0:
         raise ValueError(

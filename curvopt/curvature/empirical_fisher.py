@@ -27,14 +27,16 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
     (\nabla_{f_t} \ell_t \nabla_{f_t} \ell_t^\top)``: the cost of a GGN product, and no
     per-sample gradients are stored (`curvopt.curvature.output_space`).
 
+    The keywords ``num_data``, ``batch_size_fn``, ``check_deterministic``,
+    ``allow_train_mode`` and ``process_group`` are those of
+    `curvopt.curvature.base.CurvatureOperator`.
+
     Args:
         model_func: The network ``f_theta``.
         loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss`` with
             reduction 'mean' or 'sum' (class weights, label smoothing, ``pos_weight`` included).
         params: Parameters to differentiate by (``requires_grad=False`` ones are left out).
         data: Re-iterable ``(X, y)`` batches.
-        num_data, batch_size_fn, check_deterministic, allow_train_mode, process_group: See
-            `curvopt.curvature.base.CurvatureOperator`.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))

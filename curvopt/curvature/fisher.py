@@ -51,6 +51,10 @@ class FisherOperator(GGNOperator):
     for 'mean'; the plain sum for 'sum'). It estimates the same exact Fisher as the
     single-process operator on the concatenated data, with other draws.
 
+    The keywords ``num_data``, ``batch_size_fn``, ``check_deterministic``,
+    ``allow_train_mode`` and ``process_group`` are those of
+    `curvopt.curvature.base.CurvatureOperator`.
+
     Args:
         model_func: The network ``f_theta``.
         loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss`` with
@@ -61,8 +65,6 @@ class FisherOperator(GGNOperator):
         mc_samples: None for the exact Fisher, else the number of sampled labels per term.
         seed: Seed of the label sampler (Monte-Carlo only; rank ``r`` of a process group uses
             ``seed + r``).
-        num_data, batch_size_fn, check_deterministic, allow_train_mode, process_group: See
-            `curvopt.curvature.base.CurvatureOperator`.
 
     Raises:
         ValueError: If ``mc_samples`` is not None or a positive integer, or the loss is not a

@@ -31,14 +31,16 @@ class GGNOperator(OutputSpaceOperator):
     (``torch.func.jvp`` and ``vjp`` under ``vmap``). Models without forward-mode AD fall back
     to reverse passes (`curvopt.curvature.output_space`).
 
+    The keywords ``num_data``, ``batch_size_fn``, ``check_deterministic``,
+    ``allow_train_mode`` and ``process_group`` are those of
+    `curvopt.curvature.base.CurvatureOperator`.
+
     Args:
         model_func: The network ``f_theta``.
         loss_func: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss`` with
             reduction 'mean' or 'sum'.
         params: Parameters to differentiate by (``requires_grad=False`` ones are left out).
         data: Re-iterable ``(X, y)`` batches.
-        num_data, batch_size_fn, check_deterministic, allow_train_mode, process_group: See
-            `curvopt.curvature.base.CurvatureOperator`.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))

@@ -53,6 +53,10 @@ class HessianOperator(CurvatureOperator):
         ``mode="reverse-over-reverse"`` for it). ``torch.func.hessian`` is also wrong there;
         ``mode="forward-over-reverse"`` and ``"reverse-over-reverse"`` are not.
 
+    The keywords ``num_data``, ``batch_size_fn``, ``check_deterministic``,
+    ``allow_train_mode`` and ``process_group`` are those of
+    `curvopt.curvature.base.CurvatureOperator`.
+
     Args:
         model_func: The network ``f_theta``.
         loss_func: A loss module with reduction 'mean' or 'sum' (any twice differentiable loss
@@ -61,8 +65,6 @@ class HessianOperator(CurvatureOperator):
         data: Re-iterable ``(X, y)`` batches.
         mode: ``"auto"``, ``"reverse-over-forward"``, ``"reverse-over-reverse"`` or
             ``"forward-over-reverse"``.
-        num_data, batch_size_fn, check_deterministic, allow_train_mode, process_group: See
-            `curvopt.curvature.base.CurvatureOperator`.
 
     Raises:
         ValueError: If ``mode`` is unknown (and see the base class).

@@ -8,8 +8,8 @@ are informative).
 
 Example:
     >>> from curvopt.integrations.trl_addition import addition_reward, char_tokenizer
-    >>> char_tokenizer()("12+3=")["input_ids"]
-    [1, 2, 10, 3, 11]
+    >>> char_tokenizer()("12+3=")["input_ids"] == [1, 2, 10, 3, 11]
+    True
     >>> addition_reward(["15", "9"], ["12+3=", "1+1="])
     [1.2, 0.1]
 """

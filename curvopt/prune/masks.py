@@ -165,8 +165,8 @@ def attach_masks(
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-        >>> [t.masked for t in attach_masks(model)]
-        [True, True]
+        >>> all(t.masked for t in attach_masks(model))
+        True
     """
     targets = prunable_weights(model, layer_types, names)
     for t in targets:

@@ -32,6 +32,7 @@ about 1-2 forwards per step; the attributions add one backward and one forward-m
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +63,7 @@ def _check_step(step: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor
 
 
 def logit_change(
-    model: nn.Module, step: Sequence[Tensor], *inputs, output_fn: Callable | None = None
+    model: nn.Module, step: Sequence[Tensor], *inputs: Any, output_fn: Callable | None = None
 ) -> tuple[Tensor, Tensor]:
     """Logits ``z(θ)`` and their first-order change ``u = J Δθ`` along a planned step.
 
@@ -123,7 +124,7 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
 def predict_step_kl(
     model: nn.Module,
     step: Sequence[Tensor],
-    *inputs,
+    *inputs: Any,
     mask: Tensor | None = None,
     output_fn: Callable | None = None,
 ) -> Tensor:
@@ -160,7 +161,7 @@ def token_kl_attributions(
     model: nn.Module,
     step: Sequence[Tensor],
     token_objective: Callable[[Tensor], Tensor],
-    *inputs,
+    *inputs: Any,
     preconditioner: Sequence[Tensor] | None = None,
     lr: float = 1.0,
     mask: Tensor | None = None,

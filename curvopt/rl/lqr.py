@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor, nn
 
 from curvopt.rl.rollout import Batch
@@ -78,13 +79,13 @@ class LinearQuadraticRegulator:
 
     def __init__(
         self,
-        A,
-        B,
-        Q,
-        R,
-        initial_cov,
+        A: ArrayLike,
+        B: ArrayLike,
+        Q: ArrayLike,
+        R: ArrayLike,
+        initial_cov: ArrayLike,
         discount: float,
-        noise_cov=None,
+        noise_cov: ArrayLike | None = None,
         seed: int = 0,
     ):
         a = np.asarray(A.detach().cpu() if isinstance(A, Tensor) else A, dtype=np.float64)

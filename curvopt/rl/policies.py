@@ -175,8 +175,8 @@ class LinearGaussianPolicy(GaussianMLPPolicy):
 
     Example:
         >>> policy = LinearGaussianPolicy(2, 1, action_std=0.5)
-        >>> [p.shape for p in policy.parameters()]
-        [torch.Size([1, 2])]
+        >>> [tuple(p.shape) for p in policy.parameters()] == [(1, 2)]
+        True
         >>> policy.sample(torch.zeros(4, 2)).shape
         torch.Size([4, 1])
     """
