@@ -29,9 +29,10 @@ optimizer passed in ``optimizers=``) or when training creates it (``args.optim``
 with ``importance_sampling_level="token"``: all are token-level and their gradient at ratio 1 is
 the token's ``A grad log pi`` times its token weight ``w_t`` (``cispo``: times
 ``min(1, epsilon_high)``, its clamp of the detached ratio), which is what CAPO models. ``luspo``,
-``vespo`` and sequence-level importance sampling are refused (their weights couple the tokens of a completion), as are Liger's
-fused loss and tool/environment masks (``tool_mask``). ``dapo`` and ``cispo`` keep TRL's
-normalizer, the number of completion tokens of the global batch counted before masking.
+``vespo`` and sequence-level importance sampling are refused (their weights couple the tokens of a
+completion), as are Liger's fused loss and tool/environment masks (``tool_mask``). ``dapo`` and
+``cispo`` keep TRL's normalizer, the number of completion tokens of the global batch counted
+before masking.
 
 **Penalties** (``capo_penalty``, off in the CAPO recipe): ``lambda sum_t w_t q_t`` with ``q_t``
 the token's ``Delta KL_t``, ``Delta J_t`` or ``|Delta J_t|`` rebuilt with autograd from the
