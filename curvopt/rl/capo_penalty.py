@@ -54,8 +54,12 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .capo import CAPOMasker
 
 PENALTIES = ("none", "delta_kl", "delta_j", "abs_delta_j")
 
@@ -102,7 +106,7 @@ class CAPOPenalty:
 
     def __call__(
         self,
-        masker,
+        masker: CAPOMasker,
         weight: Tensor,
         hidden: Tensor,
         actions: Tensor,
