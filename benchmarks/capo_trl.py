@@ -13,6 +13,14 @@ each round is dropped (warm-up). Independently of that noisy difference, the tim
 CAPO's two entry points (the token mask per micro-batch and the step prediction at the
 optimizer's pre-step hook) is measured directly. The table reports medians and ratios.
 
+A third arm, ``CAPO+penalty``, adds the ``delta_kl`` penalty (:mod:`curvopt.rl.capo_penalty`)
+with ``--penalty-coef`` (default ``1e-30``: all the penalty's work is done, forward through the
+differentiable predictions and backward through the head and the hidden states into the whole
+network, but the term is far below float32 resolution, so the arm trains the same model on the
+same completions as the others; the script checks that its final parameters equal the CAPO
+arm's). The penalty's cost is also measured in isolation: one micro-batch's TRL loss and backward
+on the same inputs with the penalty off and on, alternated, warm.
+
 Run: ``python benchmarks/capo_trl.py`` (a few minutes) or ``--quick`` (under a minute). CPU only;
 the ~100M-parameter GPU figure of the issue needs a GPU (``--n-embd 768 --n-layer 12`` with
 ``--device cuda`` is not wired up: this script measures the CPU configuration).
@@ -57,7 +65,7 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self.t0)
 
 
-def run(arm: str, args, out_dir: str) -> tuple[list[float], list[float], float]:
+def run(arm: str, args, out_dir: str) -> tuple[list[float], list[float], tuple, list]:
     cfg = GRPOConfig(
         output_dir=out_dir,
         use_cpu=True,
@@ -82,8 +90,18 @@ def run(arm: str, args, out_dir: str) -> tuple[list[float], list[float], float]:
     )
     if arm == "GRPO":
         trainer = GRPOTrainer(**common)
-    else:
+    elif arm == "CAPO":
         trainer = CAPOGRPOTrainer(**common, capo_tau_h=math.inf, capo_tau_f=math.inf)
+    else:
+        trainer = CAPOGRPOTrainer(
+            **common,
+            capo_tau_h=math.inf,
+            capo_tau_f=math.inf,
+            capo_penalty="delta_kl",
+            capo_penalty_coef=args.penalty_coef,
+        )
+        seen = {}
+        trainer.compute_loss = _recording(trainer.compute_loss, seen)
     trainer.remove_callback(PrinterCallback)
     own = []
     if arm == "CAPO":  # time CAPO's own work where it happens
@@ -96,7 +114,34 @@ def run(arm: str, args, out_dir: str) -> tuple[list[float], list[float], float]:
     # one micro-batch per step: own[0], own[1] are the first (warm-up) step's two calls
     own_step = sum(own[2:]) / (args.steps - 1) if arm == "CAPO" else math.nan
     isolated = isolated_capo_time(trainer) if arm == "CAPO" else math.nan
-    return timer.times[1:], [h["step_time"] for h in logs][1:], (own_step, isolated)
+    if arm == "CAPO+penalty":
+        isolated = isolated_penalty_time(trainer, seen["inputs"])
+    params = [p.detach().clone() for p in trainer.model.parameters()]
+    return timer.times[1:], [h["step_time"] for h in logs][1:], (own_step, isolated), params
+
+
+def _recording(fn, into):
+    def wrapper(model, inputs, *a, **kw):
+        into["inputs"] = inputs
+        return fn(model, inputs, *a, **kw)
+
+    return wrapper
+
+
+def isolated_penalty_time(trainer, inputs, reps: int = 20) -> tuple[float, float]:
+    """Median time of one micro-batch's loss + backward without and with the penalty."""
+    coef = trainer.capo_penalty.coef
+    times = {0.0: [], coef: []}
+    for _ in range(reps):
+        for c in (0.0, coef):
+            trainer.capo_penalty.coef = c
+            trainer.model.zero_grad()
+            t0 = time.perf_counter()
+            trainer.compute_loss(trainer.model, inputs).backward()
+            times[c].append(time.perf_counter() - t0)
+            trainer._capo_window.clear()
+    trainer.capo_penalty.coef = coef
+    return statistics.median(times[0.0]), statistics.median(times[coef])
 
 
 def isolated_capo_time(trainer, reps: int = 20) -> float:
@@ -136,23 +181,30 @@ def main():
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-head", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--penalty-coef", type=float, default=1e-30)
     args = p.parse_args()
     if args.quick:
         args.rounds, args.steps = 2, 6
     torch.set_num_threads(args.threads)
-    order = ["GRPO", "CAPO", "CAPO", "GRPO"] * math.ceil(args.rounds / 2)
-    order = order[: 2 * args.rounds]
-    wall = {"GRPO": [], "CAPO": []}
-    inner = {"GRPO": [], "CAPO": []}
-    own = []
+    arms = ["GRPO", "CAPO", "CAPO+penalty"]
+    order = (arms + arms[::-1]) * math.ceil(args.rounds / 2)
+    order = order[: 3 * args.rounds]
+    wall = {a: [] for a in arms}
+    inner = {a: [] for a in arms}
+    own, pen = [], []
+    final = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out_dir:
         for arm in order:
-            w, s, r = run(arm, args, out_dir)
+            w, s, r, params = run(arm, args, out_dir)
             wall[arm] += w
             inner[arm] += s
             if arm == "CAPO":
                 own.append(r)
+            if arm == "CAPO+penalty":
+                pen.append(r[1])
+            final[arm] = params
+    same = all(torch.equal(a, b) for a, b in zip(final["CAPO"], final["CAPO+penalty"]))
     n_params = sum(
         p.numel() for p in tiny_gpt2(n_embd=args.n_embd, n_layer=args.n_layer).parameters()
     )
@@ -163,14 +215,20 @@ def main():
         f"{args.threads} thread(s)"
     )
     print()
-    print("| time per GRPO step (median) | trl.GRPOTrainer (ms) | CAPOGRPOTrainer (ms) | ratio |")
-    print("|---|---|---|---|")
+    print(
+        "| time per GRPO step (median) | trl.GRPOTrainer (ms) | CAPOGRPOTrainer (ms) | ratio | "
+        "CAPO + delta_kl penalty (ms) | ratio |"
+    )
+    print("|---|---|---|---|---|---|")
     for label, data in (
         ("whole optimizer step (generation .. optimizer.step)", wall),
         ("TRL step_time (training_step: generation, loss, backward)", inner),
     ):
-        a, b = statistics.median(data["GRPO"]), statistics.median(data["CAPO"])
-        print(f"| {label} | {1e3 * a:.1f} | {1e3 * b:.1f} | {b / a:.3f} |")
+        a, b, c = (statistics.median(data[k]) for k in arms)
+        print(
+            f"| {label} | {1e3 * a:.1f} | {1e3 * b:.1f} | {b / a:.3f} | {1e3 * c:.1f} | "
+            f"{c / a:.3f} |"
+        )
     base = statistics.median(wall["GRPO"])
     mean_own = statistics.mean(r[0] for r in own)
     isolated = statistics.median(r[1] for r in own)
@@ -182,7 +240,19 @@ def main():
         f"| CAPO's own work on one step's batch, warm, isolated (median) | - | "
         f"{1e3 * isolated:.1f} | {isolated / base:.3f} of the GRPO step |"
     )
+    off = statistics.median(p[0] for p in pen)
+    on = statistics.median(p[1] for p in pen)
     print()
+    print("| one micro-batch's loss + backward, warm, isolated (median) | ms | ratio |")
+    print("|---|---|---|")
+    print(f"| CAPO mask, no penalty | {1e3 * off:.1f} | 1.000 |")
+    print(f"| CAPO mask + delta_kl penalty | {1e3 * on:.1f} | {on / off:.3f} |")
+    print(
+        f"| penalty's extra time per micro-batch | {1e3 * (on - off):.1f} | "
+        f"{(on - off) / base:.3f} of the GRPO step |"
+    )
+    print()
+    print(f"penalty arm (coef {args.penalty_coef:g}) trained the same parameters as CAPO: {same}")
     print(f"total {time.perf_counter() - start:.0f} s")
 
 

@@ -11,6 +11,10 @@ Thresholds are model- and lr-specific (the paper's tau_F = 1e-4, tau_H = 0.01 be
 at lr 1.5e-5; curvopt.rl.capo.calibrate_thresholds sets them from percentiles instead). Here the
 first step is usually rejected whole: a fresh Adam's first step is sign-like (every entry of the
 head moves by about lr), which the model predicts as a large KL change.
+
+``--penalty delta_kl --penalty-coef 10`` adds CAPO's penalty variant (lambda times the predicted
+per-token KL change, averaged like the loss, with its gradient) to TRL's loss; it combines with
+the mask (``--tau-f inf --tau-h inf``: the penalty alone).
 """
 
 import argparse
@@ -35,6 +39,7 @@ class PrintProgress(TrainerCallback):
                 f"step {state.global_step:3d}  reward {logs['reward']:.3f}  "
                 f"rejected {logs['capo/rejected_fraction']:.3f}  "
                 f"predicted step KL {logs.get('capo/predicted_step_kl', float('nan')):.2e}"
+                + (f"  penalty {logs['capo/penalty']:.2e}" if "capo/penalty" in logs else "")
             )
 
 
@@ -44,6 +49,8 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--tau-h", type=float, default=0.5, help="threshold on |dJ_t| (inf: off)")
     ap.add_argument("--tau-f", type=float, default=2e-2, help="threshold on dKL_t (inf: off)")
+    ap.add_argument("--penalty", default="none", help="none, delta_kl, delta_j or abs_delta_j")
+    ap.add_argument("--penalty-coef", type=float, default=0.0, help="lambda >= 0")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
@@ -68,6 +75,8 @@ def main():
             processing_class=char_tokenizer(),
             capo_tau_h=args.tau_h,
             capo_tau_f=args.tau_f,
+            capo_penalty=args.penalty,
+            capo_penalty_coef=args.penalty_coef,
         )
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(PrintProgress())

@@ -27,10 +27,18 @@ optimizer passed in ``optimizers=``) or when training creates it (``args.optim``
 
 **Loss types.** ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo`` (TRL's default), ``cispo`` and ``sapo``
 with ``importance_sampling_level="token"``: all are token-level and their gradient at ratio 1 is
-the token's ``A grad log pi``, which is what CAPO models. ``luspo``, ``vespo`` and sequence-level
-importance sampling are refused (their weights couple the tokens of a completion), as are Liger's
-fused loss and tool/environment masks (``tool_mask``). ``dapo`` and ``cispo`` keep TRL's
-normalizer, the number of completion tokens of the global batch counted before masking.
+the token's ``A grad log pi`` times its token weight ``w_t`` (``cispo``: times
+``min(1, epsilon_high)``, its clamp of the detached ratio), which is what CAPO models. ``luspo``,
+``vespo`` and sequence-level importance sampling are refused (their weights couple the tokens of a
+completion), as are Liger's fused loss and tool/environment masks (``tool_mask``). ``dapo`` and
+``cispo`` keep TRL's normalizer, the number of completion tokens of the global batch counted
+before masking.
+
+**Penalties** (``capo_penalty``, off in the CAPO recipe): ``lambda sum_t w_t q_t`` with ``q_t``
+the token's ``Delta KL_t``, ``Delta J_t`` or ``|Delta J_t|`` rebuilt with autograd from the
+recorded final hidden states (kept with their graph) and the head, ``w_t`` the loss type's token
+weights over the kept tokens, is added to TRL's loss (:mod:`curvopt.rl.capo_penalty`); it is
+logged as ``capo/penalty`` (the term added to each micro-batch's loss).
 
 **Logged metrics** (through the trainer's metrics, averaged per logging step):
 ``capo/rejected_fraction`` (of the valid completion tokens, across processes),
@@ -60,6 +68,7 @@ from trl import GRPOTrainer
 
 from curvopt.rl.capo import CAPOMasker
 from curvopt.rl.capo_direction import direction_for, find_param_group
+from curvopt.rl.capo_penalty import CAPOPenalty
 
 __all__ = ["CAPOGRPOTrainer"]
 
@@ -81,6 +90,12 @@ class CAPOGRPOTrainer(GRPOTrainer):
         capo_chunk_size: Tokens per chunk of the no-grad pass (``None``: automatic).
         capo_predict_step: Log the predicted KL and ``Delta J`` of every optimizer step (one more
             no-grad pass over the step's hidden states, at the step).
+        capo_penalty: ``"none"`` (the CAPO recipe), ``"delta_kl"``, ``"delta_j"`` or
+            ``"abs_delta_j"``: add ``capo_penalty_coef * sum_t w_t q_t`` to TRL's loss, ``q_t``
+            the token's prediction rebuilt with autograd from the policy's final hidden state and
+            the head (:mod:`curvopt.rl.capo_penalty`), ``w_t`` the loss type's token weights
+            over the kept tokens. Combines with the mask (infinite thresholds: penalty only).
+        capo_penalty_coef: ``lambda >= 0``; 0 switches the penalty off (TRL's loss bit for bit).
         **kwargs: Passed to ``trl.GRPOTrainer``.
 
     Raises:
@@ -102,6 +117,8 @@ class CAPOGRPOTrainer(GRPOTrainer):
         capo_level: str = "token",
         capo_chunk_size: int | None = None,
         capo_predict_step: bool = True,
+        capo_penalty: str = "none",
+        capo_penalty_coef: float = 0.0,
         **kwargs: Any,
     ):
         # validates the thresholds, top_k, level and chunk size before the (slow) parent init
@@ -114,6 +131,8 @@ class CAPOGRPOTrainer(GRPOTrainer):
             level=capo_level,
         )
         self.capo_predict_step = bool(capo_predict_step)
+        self.capo_penalty = CAPOPenalty(capo_penalty, capo_penalty_coef)
+        self._capo_penalty_term: Tensor | None = None
         self._capo_pending: dict | None = None
         self._capo_window: list[dict] = []
         self._capo_bound: torch.optim.Optimizer | None = None
@@ -203,9 +222,15 @@ class CAPOGRPOTrainer(GRPOTrainer):
         inputs["completion_mask"] = inputs["completion_mask"].clone()
         self._capo_pending = inputs
         try:
-            return super()._compute_loss(model, inputs)
+            loss = super()._compute_loss(model, inputs)
+            penalty = self._capo_penalty_term
         finally:
             self._capo_pending = None
+            self._capo_penalty_term = None
+        if penalty is not None:
+            loss = loss + penalty
+            self._metrics["train"]["capo/penalty"].append(float(penalty.detach()))
+        return loss
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
@@ -216,10 +241,12 @@ class CAPOGRPOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
         captured: list[Tensor] = []
+        with_graph = self.capo_penalty.active  # the penalty differentiates through h_t
 
         def record(module, hook_args, output):
             h = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-            captured.append(h.detach()[:, :-1][:, -logits_to_keep:])
+            h = h if with_graph else h.detach()
+            captured.append(h[:, :-1][:, -logits_to_keep:])
 
         handle = self._capo_backbone.register_forward_hook(record)
         try:
@@ -235,12 +262,32 @@ class CAPOGRPOTrainer(GRPOTrainer):
                 f"captured hidden states {tuple(hidden.shape)} do not match the completion mask "
                 f"{tuple(mask.shape)}"
             )
-        self._capo_apply(pending, hidden)
+        keep = self._capo_apply(pending, hidden.detach())
+        if with_graph:
+            self._capo_penalty_term = self._capo_penalty(pending, hidden, keep)
         return out
 
+    def _capo_penalty(self, inputs: dict, hidden: Tensor, keep: Tensor) -> Tensor:
+        """``lambda sum_t w_t q_t`` of one micro-batch, the loss type's weights over ``keep``."""
+        head = self.capo_head
+        return self.capo_penalty(
+            self.capo_masker,
+            head.weight,
+            hidden.to(head.weight.dtype),
+            inputs["completion_ids"],
+            inputs["advantages"],
+            self._capo_lr(),
+            self._capo_token_weights(inputs, keep),
+            head.bias,
+            temperature=self.temperature,
+        )
+
     @torch.no_grad()
-    def _capo_apply(self, inputs: dict, hidden: Tensor) -> None:
-        """Compute the CAPO mask for one micro-batch and multiply it into ``completion_mask``."""
+    def _capo_apply(self, inputs: dict, hidden: Tensor) -> Tensor:
+        """Compute one micro-batch's CAPO mask, multiply it into ``completion_mask``, return it.
+
+        The returned tensor is the bool ``(B, T)`` mask of the kept tokens.
+        """
         mask = inputs["completion_mask"]
         valid = mask.bool()
         actions = inputs["completion_ids"]
@@ -280,6 +327,7 @@ class CAPOGRPOTrainer(GRPOTrainer):
                     "weights": self._capo_token_weights(inputs, out.keep),
                 }
             )
+        return out.keep
 
     def _capo_token_weights(self, inputs: dict, keep: Tensor) -> Tensor:
         """Weights ``w_t`` with TRL's loss ``~ -sum_t w_t A_t r_t`` for this micro-batch."""
@@ -291,8 +339,13 @@ class CAPOGRPOTrainer(GRPOTrainer):
             return k / k.sum().clamp(min=1) / accum
         if self.loss_type == "dr_grpo":
             return k / (k.shape[0] * self.max_completion_length * accum)
+        # dapo, cispo: TRL's normalizer, rescaled from the generation batch to one accumulation
+        # window
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-        return k / normalizer  # dapo, cispo
+        w = k / (normalizer * accum / self.args.steps_per_generation)
+        if self.loss_type == "cispo":  # its detached ratio is clamped at epsilon_high
+            w = w * min(1.0, float(self.epsilon_high))
+        return w
 
     # --- step-level predictions ---------------------------------------------------------------
 

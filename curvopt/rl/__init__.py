@@ -2,6 +2,7 @@
 
 from curvopt.rl.baselines import Baseline, LinearFeatureBaseline
 from curvopt.rl.capo import CAPOLoss, CAPOMask, CAPOMasker, calibrate_thresholds
+from curvopt.rl.capo_penalty import CAPOPenalty
 from curvopt.rl.grpo import GRPOTrainer, group_advantages
 from curvopt.rl.lqr import LinearQuadraticRegulator
 from curvopt.rl.policies import (
@@ -32,6 +33,7 @@ __all__ = [
     "CAPOLoss",
     "CAPOMask",
     "CAPOMasker",
+    "CAPOPenalty",
     "CategoricalMLPPolicy",
     "CategoricalPolicy",
     "EstimateSampler",

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from curvopt.kernels import softmax_curvature
 
@@ -60,6 +61,8 @@ from .capo_direction import (
     direction_for,
     find_param_group,
 )
+from .capo_penalty import CAPOPenalty
+from .token_losses import token_weights_fn
 
 Direction = SGDDirection | AdamDirection | SGDOptimizerDirection | AdamOptimizerDirection
 
@@ -78,12 +81,15 @@ class CAPOMask:
         delta_j: Predicted objective change ``Delta J_t`` (0 on invalid tokens).
         delta_kl: Predicted KL change ``Delta KL_t`` (0 on invalid tokens).
         valid: The completion mask the prediction was made for.
+        penalty: The penalty term added to the loss (0-d, detached), or None when no penalty
+            is on (:mod:`curvopt.rl.capo_penalty`).
     """
 
     keep: Tensor
     delta_j: Tensor
     delta_kl: Tensor
     valid: Tensor
+    penalty: Tensor | None = None
 
     @property
     def rejected_fraction(self) -> Tensor:
@@ -270,7 +276,6 @@ class CAPOMasker:
         per_token = max(V, K * H if self.direction.forms_token_matrices else K + H)
         return max(1, DEFAULT_CHUNK_ELEMENTS // per_token)
 
-    @torch.no_grad()
     def predict(
         self,
         weight: Tensor,
@@ -281,12 +286,13 @@ class CAPOMasker:
         bias: Tensor | None = None,
         mask: Tensor | None = None,
         temperature: float = 1.0,
+        differentiable: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Predicted ``Delta J_t`` and ``Delta KL_t`` for every token.
 
         Args:
             weight: ``(V, H)`` last-layer weight ``W``.
-            hidden: ``(B, T, H)`` final hidden states (used detached).
+            hidden: ``(B, T, H)`` final hidden states (used detached unless ``differentiable``).
             actions: ``(B, T)`` sampled token ids.
             advantages: ``(B,)`` per completion or ``(B, T)`` per token.
             lr: Learning rate ``eta`` of the step being modeled.
@@ -294,6 +300,12 @@ class CAPOMasker:
             mask: Optional ``(B, T)`` bool completion mask; predictions are 0 outside it.
             temperature: The policy is ``softmax((W h + b) / temperature)`` (TRL divides the
                 logits by its sampling temperature).
+            differentiable: Build the predictions with autograd as functions of ``weight``,
+                ``bias`` and ``hidden`` (through ``pi_t``, ``G_t`` and ``u_t = Delta_t h_t``;
+                the top-K support and the direction model's preconditioner, momentum buffer
+                and decay terms are constants; see :mod:`curvopt.rl.capo_penalty`). The values
+                equal the no-grad ones. With the Adam models each chunk is recomputed in the
+                backward pass (activation checkpointing), so memory stays ``O(chunk K H)``.
 
         Returns:
             ``(delta_j, delta_kl)``, each ``(B, T)`` in the weight's dtype.
@@ -303,15 +315,24 @@ class CAPOMasker:
                 of range, non-finite advantages, a negative learning rate.
             TypeError: On wrong dtypes.
         """
+        if not differentiable:
+            with torch.no_grad():
+                return self._predict(
+                    weight, hidden, actions, advantages, lr, bias, mask, temperature, False
+                )
+        return self._predict(weight, hidden, actions, advantages, lr, bias, mask, temperature, True)
+
+    def _predict(self, weight, hidden, actions, advantages, lr, bias, mask, temperature, grad):
         _validate(weight, bias, hidden, actions, advantages, mask)
         lr = _check_lr(lr)
         V = weight.shape[0]
         K = V if self.top_k is None else self.top_k
         if K > V:
             raise ValueError(f"top_k={K} is larger than the vocabulary size V={V}")
-        W, h = _augment(
-            weight.detach(), None if bias is None else bias.detach(), hidden.detach(), temperature
-        )
+        if not grad:
+            weight, hidden = weight.detach(), hidden.detach()
+            bias = None if bias is None else bias.detach()
+        W, h = _augment(weight, bias, hidden, temperature)
         moments = getattr(self.direction, "exp_avg", None)
         if moments is not None and moments.shape != W.shape:
             raise ValueError(
@@ -321,15 +342,22 @@ class CAPOMasker:
         B, T, Hp = h.shape
         h = h.reshape(B * T, Hp)
         a = actions.reshape(-1).long()
-        adv = advantages.to(W.dtype)
+        adv = advantages.detach().to(W.dtype)
         adv = (adv[:, None].expand(B, T) if adv.ndim == 1 else adv).reshape(-1)
-        dj = W.new_zeros(B * T)
-        dkl = W.new_zeros(B * T)
         step = self._chunk(K, Hp, V)
+        checkpointed = grad and torch.is_grad_enabled() and self.direction.forms_token_matrices
+        dj, dkl = [], []
         for lo in range(0, B * T, step):
             sl = slice(lo, lo + step)
-            dj[sl], dkl[sl] = self._chunk_terms(W, h[sl], a[sl], adv[sl], K, lr)
-        dj, dkl = dj.view(B, T), dkl.view(B, T)
+            args = (W, h[sl], a[sl], adv[sl], K, lr)
+            if checkpointed:
+                out = checkpoint(self._chunk_terms, *args, use_reentrant=False)
+            else:
+                out = self._chunk_terms(*args)
+            dj.append(out[0])
+            dkl.append(out[1])
+        dj = torch.cat(dj).view(B, T) if dj else W.new_zeros(B, T)
+        dkl = torch.cat(dkl).view(B, T) if dkl else W.new_zeros(B, T)
         if mask is not None:
             dj, dkl = dj * mask, dkl * mask
         return dj, dkl
@@ -598,10 +626,14 @@ def _support(z: Tensor, a: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
     Returns ``rows`` and ``zk`` (``(c, K)``) and ``s = e_a - softmax(zk)``.
     """
     if K < z.shape[1]:
-        zk, rows = z.topk(K, dim=-1)
-        missing = ~(rows == a[:, None]).any(-1)
-        rows[missing, -1] = a[missing]  # the sampled action is always in the support
-        zk[missing, -1] = z[missing, a[missing]]
+        zk, top = z.topk(K, dim=-1)
+        # the sampled action is always in the support: it replaces the last slot where missing
+        # (out of place: autograd keeps topk's indices for the differentiable predictions)
+        swap = ~(top == a[:, None]).any(-1, keepdim=True) & (
+            torch.arange(K, device=z.device) == K - 1
+        )
+        rows = torch.where(swap, a[:, None], top)
+        zk = torch.where(swap, z.gather(1, a[:, None]), zk)
     else:
         rows = torch.arange(z.shape[1], device=z.device).expand_as(z)
         zk = z
@@ -674,6 +706,16 @@ class CAPOLoss:
         symmetric: Keep rule on ``Delta J`` (see :class:`CAPOMasker`).
         chunk_size: Tokens per chunk (see :class:`CAPOMasker`).
         level: ``"token"``, ``"sequence"`` or ``"global"`` mask (see :class:`CAPOMasker`).
+        penalty: ``"none"``, ``"delta_kl"``, ``"delta_j"`` or ``"abs_delta_j"``: add
+            ``penalty_coef * sum_t w_t q_t`` to the loss, with ``q_t`` the token's
+            differentiable prediction and ``w_t`` the loss's token weights over the kept tokens
+            (:mod:`curvopt.rl.capo_penalty`). Combines with the mask (infinite thresholds give
+            the penalty alone).
+        penalty_coef: ``lambda >= 0``; 0 switches the penalty off (the loss is then the plain
+            masked loss, bit for bit).
+        token_weights: ``mask -> (B, T)`` token weights of ``loss_fn``, the mask given as 0/1
+            in the head's dtype (needed for a penalty with a loss other than
+            :mod:`curvopt.rl.token_losses`' ones).
     """
 
     def __init__(
@@ -689,7 +731,14 @@ class CAPOLoss:
         symmetric: bool = True,
         chunk_size: int | None = None,
         level: str = "token",
+        penalty: str = "none",
+        penalty_coef: float = 0.0,
+        token_weights: Callable[[Tensor], Tensor] | None = None,
     ):
+        self.penalty = CAPOPenalty(penalty, penalty_coef)
+        if token_weights is None and self.penalty.active:
+            token_weights = token_weights_fn(loss_fn)
+        self.token_weights = token_weights
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable(logprobs, old_logprobs, advantages, mask)")
         if not isinstance(head, nn.Linear):
@@ -729,13 +778,14 @@ class CAPOLoss:
             old_logprobs: ``(B, T)`` log-probabilities under the sampling policy.
             advantages: ``(B,)`` or ``(B, T)``.
             completion_mask: ``(B, T)`` bool, True on real completion tokens.
-            hidden: ``(B, T, H)`` final hidden states at those positions (detached inside).
+            hidden: ``(B, T, H)`` final hidden states at those positions (detached for the
+                mask; the penalty differentiates through them).
             actions: ``(B, T)`` token ids.
             lr: Learning rate of the coming step (default: from the optimizer).
 
         Returns:
             ``(loss, mask)``; ``mask.stats()`` gives the fraction rejected and the mean predicted
-            ``Delta J`` / ``Delta KL``.
+            ``Delta J`` / ``Delta KL``; ``mask.penalty`` the penalty term (None when off).
         """
         if logprobs.shape != actions.shape or old_logprobs.shape != actions.shape:
             raise ValueError(
@@ -746,7 +796,27 @@ class CAPOLoss:
         m = self.masker(
             self.head.weight, hidden, actions, advantages, lr, self.head.bias, completion_mask
         )
-        return self.loss_fn(logprobs, old_logprobs, advantages, m.keep), m
+        loss = self.loss_fn(logprobs, old_logprobs, advantages, m.keep)
+        if self.penalty.active:
+            weights = self.token_weights(m.keep.to(self.head.weight.dtype))
+            if weights.shape != m.keep.shape:
+                raise ValueError(
+                    f"token_weights returned shape {tuple(weights.shape)}, expected "
+                    f"{tuple(m.keep.shape)}"
+                )
+            pen = self.penalty(
+                self.masker,
+                self.head.weight,
+                hidden,
+                actions,
+                advantages,
+                lr,
+                weights * m.keep,
+                self.head.bias,
+            )
+            loss = loss + pen
+            m.penalty = pen.detach()
+        return loss, m
 
     def ascent_grad(self) -> Tensor:
         """``-d loss / d[W, b]`` of the head from its ``.grad`` (after ``backward``)."""

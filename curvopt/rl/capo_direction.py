@@ -140,10 +140,20 @@ class AdamDirection:
             )
         return self.exp_avg, self.exp_avg_sq
 
-    def _direction(self, m: Tensor, v: Tensor, g: Tensor) -> Tensor:
+    def _direction(self, m: Tensor, v: Tensor, g: Tensor, constant_denominator=False) -> Tensor:
         beta1, beta2 = self.betas
         k = self.step + 1
-        return adam_step(m, v, g, beta1, beta2, self.eps, 1 - beta1**k, 1 - beta2**k)
+        return adam_step(
+            m,
+            v,
+            g,
+            beta1,
+            beta2,
+            self.eps,
+            1 - beta1**k,
+            1 - beta2**k,
+            constant_denominator=constant_denominator,
+        )
 
     def token_terms(self, h: Tensor, s: Tensor, adv: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """``<G_t, Delta_t>`` and ``u_t = Delta_t h_t`` for a chunk of ``c`` tokens.
@@ -164,7 +174,7 @@ class AdamDirection:
             m = v = G.new_zeros(())
         else:
             m, v = self.exp_avg[rows], self.exp_avg_sq[rows]
-        delta = self._direction(m, v, G)
+        delta = self._direction(m, v, G, constant_denominator=True)
         return (G * delta).sum((1, 2)), torch.einsum("ckh,ch->ck", delta, h)
 
     def preview(self, grad: Tensor) -> Tensor:
@@ -210,6 +220,7 @@ def adam_step(
     bias_correction1: Tensor | float,
     bias_correction2: Tensor | float,
     v_max: Tensor | None = None,
+    constant_denominator: bool = False,
 ) -> Tensor:
     """One Adam step direction, elementwise, in :class:`torch.optim.Adam`'s order of operations.
 
@@ -217,7 +228,9 @@ def adam_step(
     v')``) and ``(m' / bc1) / (sqrt(v') / sqrt(bc2) + eps)``. The hyperparameters may be
     tensors that broadcast against ``g`` (per-column values when a head's weight and bias sit in
     different param groups). The sign convention of ``m`` and ``g`` is the caller's; ``v`` is
-    a square.
+    a square. With ``constant_denominator`` the denominator (the preconditioner) is detached:
+    the value is unchanged, and autograd sees the step as affine in ``g``,
+    ``d step / d g = (1 - beta1) / (bc1 denom)`` (what CAPO's penalties differentiate).
 
     Example:
         >>> g = torch.tensor([2.0, -1.0])
@@ -232,6 +245,8 @@ def adam_step(
         denom = v_new.sqrt() / bias_correction2.sqrt() + eps
     else:
         denom = v_new.sqrt() / math.sqrt(bias_correction2) + eps
+    if constant_denominator:
+        denom = denom.detach()
     return (m_new / bias_correction1) / denom
 
 
@@ -481,7 +496,7 @@ class AdamOptimizerDirection(_OptimizerDirection):
             "wd_decoupled": wd * decoupled,
         }
 
-    def _delta(self, G: Tensor, pick) -> Tensor:
+    def _delta(self, G: Tensor, pick, constant_denominator: bool = False) -> Tensor:
         """``Delta(G)`` with the state read through ``pick(pair) -> tensor like G``."""
         hp = self._hypers(G)
         wd_c, wd_d = hp.pop("wd_coupled"), hp.pop("wd_decoupled")
@@ -494,7 +509,7 @@ class AdamOptimizerDirection(_OptimizerDirection):
         if self.groups[0]["amsgrad"]:
             vm = self._state("max_exp_avg_sq")
             v_max = G.new_zeros(()) if vm is None else pick(vm).to(G.dtype)
-        step = adam_step(m, v, g, v_max=v_max, **hp)
+        step = adam_step(m, v, g, v_max=v_max, constant_denominator=constant_denominator, **hp)
         if theta is not None:
             step = step + wd_d * theta
         return -step
@@ -502,7 +517,7 @@ class AdamOptimizerDirection(_OptimizerDirection):
     def token_terms(self, h: Tensor, s: Tensor, adv: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """``<G_t, Delta_t>`` and ``u_t`` for a chunk; forms ``(c, K, H)`` per-token matrices."""
         G = (adv[:, None, None] * s[:, :, None]) * h[:, None, :]
-        delta = self._delta(G, lambda pair: self.parts.rows(pair, rows))
+        delta = self._delta(G, lambda pair: self.parts.rows(pair, rows), constant_denominator=True)
         return (G * delta).sum((1, 2)), torch.einsum("ckh,ch->ck", delta, h)
 
     def preview(self, grad: Tensor) -> Tensor:

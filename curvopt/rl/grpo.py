@@ -154,7 +154,8 @@ class GRPOTrainer:
             (the step's mean KL for the whole model and for the head alone on the old hidden
             states; NaN when ``track_kl`` is off), ``mean_delta_kl_all``/``_kept`` and
             ``mean_abs_delta_j_all``/``_kept`` (CAPO's token predictions averaged over all valid
-            tokens and over the kept ones; NaN without CAPO).
+            tokens and over the kept ones; NaN without CAPO), ``penalty`` (the CAPO penalty term
+            of the first iteration's loss; NaN without one).
         """
         G, Lp = self.group_size, prompts.shape[1]
         rep = prompts.repeat_interleave(G, 0)
@@ -169,7 +170,7 @@ class GRPOTrainer:
         out = {"reward": rewards.mean(), "rejected_fraction": torch.tensor(0.0)}
         capo_keys = ("mean_delta_kl_all", "mean_delta_kl_kept")
         capo_keys += ("mean_abs_delta_j_all", "mean_abs_delta_j_kept")
-        out.update(dict.fromkeys(("predicted_kl", "predicted_delta_j") + capo_keys, nan))
+        out.update(dict.fromkeys(("predicted_kl", "predicted_delta_j", "penalty") + capo_keys, nan))
         old_logp = None
         for it in range(self.num_iterations):
             h, logits, logp = self._forward(seq, Lp, completions)
@@ -180,10 +181,13 @@ class GRPOTrainer:
             if self.capo is None:
                 loss = self.loss_fn(logp, old_logp, adv, valid)
             else:
-                loss, m = self.capo(logp, old_logp, adv, valid, h.detach(), completions)
+                # h with its graph: a CAPO penalty differentiates through it (the mask does not)
+                loss, m = self.capo(logp, old_logp, adv, valid, h, completions)
                 if it == 0:
                     st = m.stats()
                     out["rejected_fraction"] = st["rejected_fraction"]
+                    if m.penalty is not None:
+                        out["penalty"] = m.penalty
                     out.update({k: st[k] for k in capo_keys})
             self.optimizer.zero_grad()
             loss.backward()

@@ -12,9 +12,16 @@ surrogate is ``l_t = -min(r_t A, clip(r_t, 1 - eps, 1 + eps) A)``.
 * :func:`grpo_loss`: ``mean_b [ sum_t m_bt l_bt / sum_t m_bt ]`` (per-completion token mean).
 * :func:`dr_grpo_loss`: ``sum_bt m_bt l_bt / (B T)`` (constant normalizer, no length bias).
 * :func:`reinforce_loss`: ``-sum_bt m_bt A_b logprobs_bt / B`` (sum over a completion's tokens).
+
+:func:`token_weights` gives each loss's token weights ``w_t``: at ratio 1 the loss's gradient is
+``-sum_t w_t A_t grad log pi(a_t)``, so ``sum_t w_t x_t`` averages any per-token quantity ``x_t``
+the way the loss averages its tokens (CAPO's penalties, :mod:`curvopt.rl.capo_penalty`).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -90,4 +97,69 @@ def reinforce_loss(
     return per_token.sum() / logprobs.shape[0]
 
 
-__all__ = ["clipped_surrogate", "dr_grpo_loss", "grpo_loss", "reinforce_loss"]
+def _grpo_weights(mask: Tensor) -> Tensor:
+    m = mask.to(torch.get_default_dtype() if not mask.is_floating_point() else mask.dtype)
+    return m / m.sum(1, keepdim=True).clamp_min(1) / m.shape[0]
+
+
+def _dr_grpo_weights(mask: Tensor) -> Tensor:
+    m = mask.to(torch.get_default_dtype() if not mask.is_floating_point() else mask.dtype)
+    return m / m.numel()
+
+
+def _reinforce_weights(mask: Tensor) -> Tensor:
+    m = mask.to(torch.get_default_dtype() if not mask.is_floating_point() else mask.dtype)
+    return m / m.shape[0]
+
+
+_TOKEN_WEIGHTS = {
+    grpo_loss: _grpo_weights,
+    dr_grpo_loss: _dr_grpo_weights,
+    reinforce_loss: _reinforce_weights,
+}
+
+
+def token_weights_fn(loss_fn: Callable) -> Callable[[Tensor], Tensor]:
+    """The map ``mask -> (B, T) token weights`` of one of this module's losses.
+
+    ``functools.partial`` wrappers (e.g. another ``clip_eps``) are unwrapped.
+
+    Raises:
+        TypeError: For any other loss (pass its token weights explicitly).
+    """
+    base = loss_fn
+    while isinstance(base, functools.partial):
+        base = base.func
+    fn = _TOKEN_WEIGHTS.get(base)
+    if fn is None:
+        raise TypeError(
+            f"no token weights known for the loss {getattr(loss_fn, '__name__', loss_fn)!r}; "
+            "known: grpo_loss, dr_grpo_loss, reinforce_loss (pass token_weights= for others)"
+        )
+    return fn
+
+
+def token_weights(loss_fn: Callable, mask: Tensor) -> Tensor:
+    """Token weights ``w_t`` of ``loss_fn`` for the ``(B, T)`` ``mask`` of counted tokens.
+
+    A bool mask gives weights in the default dtype, a 0/1 floating mask in its own dtype.
+
+    ``grpo_loss``: ``m_bt / (B n_b)``; ``dr_grpo_loss``: ``m_bt / (B T)``; ``reinforce_loss``:
+    ``m_bt / B``. At ratio 1 the loss's gradient is ``-sum_t w_t A_t grad log pi(a_t)``.
+
+    Example:
+        >>> token_weights(grpo_loss, torch.tensor([[True, True], [True, False]]))
+        tensor([[0.2500, 0.2500],
+                [0.5000, 0.0000]])
+    """
+    return token_weights_fn(loss_fn)(mask)
+
+
+__all__ = [
+    "clipped_surrogate",
+    "dr_grpo_loss",
+    "grpo_loss",
+    "reinforce_loss",
+    "token_weights",
+    "token_weights_fn",
+]

@@ -22,16 +22,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _trainer(cls, tmp_path, model=None, optimizers=(None, None), cfg=None, **kw):
-    return cls(
-        model=th.model() if model is None else model,
-        reward_funcs=th.reward,
-        args=th.config(tmp_path, **(cfg or {})),
-        train_dataset=th.dataset(),
-        processing_class=th.tokenizer(),
-        optimizers=optimizers,
-        **kw,
-    )
+_trainer = th.trainer
 
 
 @pytest.mark.parametrize("loss_type", CAPOGRPOTrainer.SUPPORTED_LOSS_TYPES)
@@ -62,12 +53,7 @@ class _LogpsProbe(CAPOGRPOTrainer):
         return out
 
 
-def _batch(trainer, n=8):
-    trainer.create_optimizer()
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
-    trainer.model.train()
-    rows = [trainer.train_dataset[i] for i in range(n)]
-    return trainer._generate_and_score_completions(rows)
+_batch = th.batch
 
 
 def test_masked_tokens_get_zero_gradient_and_the_loss_is_trls_on_the_kept_tokens(tmp_path):

@@ -32,3 +32,25 @@ def config(tmp_path, **kw) -> GRPOConfig:
     )
     base.update(kw)
     return GRPOConfig(**base)
+
+
+def trainer(cls, tmp_path, model=None, optimizers=(None, None), cfg=None, **kw):
+    """A ``cls`` (GRPOTrainer or a subclass) on the tiny setup; ``cfg`` updates the config."""
+    return cls(
+        model=tiny_gpt2() if model is None else model,
+        reward_funcs=addition_reward,
+        args=config(tmp_path, **(cfg or {})),
+        train_dataset=addition_prompts(),
+        processing_class=char_tokenizer(),
+        optimizers=optimizers,
+        **kw,
+    )
+
+
+def batch(trainer, n=8):
+    """One generated and scored micro-batch, the trainer set up as the training loop would."""
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
+    trainer.model.train()
+    rows = [trainer.train_dataset[i] for i in range(n)]
+    return trainer._generate_and_score_completions(rows)
