@@ -438,6 +438,7 @@ class MFAC(Optimizer):
                 "damp": torch.tensor(w.damp, dtype=torch.float64, device=w.device),
                 "counters": counters,
                 "last_drift": w.last_drift.clone(),
+                "factored": torch.tensor(w.factored, device=w.device),
                 "last_finite": w.last_finite.clone(),
                 "nonfinite_count": w.nonfinite_count.clone(),
                 "G": G,
@@ -476,6 +477,7 @@ class MFAC(Optimizer):
                 "count": counters[0],
                 "since_refresh": counters[1],
                 "G": G,
+                "factored": bool(win["factored"]) if "factored" in win else False,
                 **{
                     k: win[k] for k in ("K", "Ainv", "last_drift", "last_finite", "nonfinite_count")
                 },
