@@ -8,7 +8,8 @@ Tables (markdown):
    published sequential setup.
 3. Static: setup, IHVP, inverse diagonal; ours vs the published sequential loop, and our setup
    vs one plain GEMM ``G @ G.T`` (GEMM-bound means a ratio near 1).
-4. Step time against m at fixed d (should grow like m, not m^3).
+4. Step time against m at fixed d (should grow like m, not m^3); the factored mode (a Cholesky
+   factor per step, for windows of nearly dependent gradients) against the normal updates.
 5. Cancellation: relative error of the IHVP of a vector in the span of G at damp 1e-4 with G in
    float32 (float32 products, float64 products, published algorithm) against float64.
 
@@ -230,6 +231,32 @@ def bench_small_algebra(ms, repeats):
     )
 
 
+def bench_factored_step(ms, d, repeats):
+    """Time per step in factored mode (a fresh m x m Cholesky factor per insertion, taken when
+    the window's gradients are nearly dependent) against the normal O(m^2) updates."""
+    rows = []
+    gen = torch.Generator().manual_seed(3)
+    for m in ms:
+        G = random_rows(m, d, gen)
+        g = torch.randn(d, generator=gen) / d**0.5
+        normal = window_state(G.clone(), (G.double() @ G.double().T), DAMP)
+        factored = window_state(G.clone(), (G.double() @ G.double().T), DAMP)
+        factored._set_factored(True)  # as check_conditioning() does for a dependent window
+        (t_n, t_f), _ = interleaved(
+            [
+                lambda: normal.add_and_ihvp(g, on_nonfinite="ignore"),
+                lambda: factored.add_and_ihvp(g, on_nonfinite="ignore"),
+            ],
+            repeats,
+        )
+        rows.append([f"{d:.0e}", m, fmt_ms(t_n), fmt_ms(t_f), f"{t_f / t_n:.2f}"])
+    table(
+        "Sliding window: step time (ms) in factored mode (dependent gradients) vs the O(m^2) path",
+        ["d", "m", "O(m^2) updates", "factored (Cholesky per step)", "factored / updates"],
+        rows,
+    )
+
+
 def bench_static(G, repeats, rows, baseline_budget_s):
     m, d = G.shape
     x = torch.randn(d)
@@ -375,11 +402,15 @@ def bench_damping_limit():
             x = torch.randn(d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
             want = torch.linalg.solve(damp * torch.eye(d, dtype=torch.float64) + G.T @ G / m, x)
 
-            def window_ihvp(G=G, x=x, damp=damp, m=m, d=d):
+            modes = []
+
+            def window_ihvp(G=G, x=x, damp=damp, m=m, d=d, modes=modes):
                 window = SlidingWindowMFAC(d, m, damp, dtype=torch.float64)
                 for g in G[:-1]:
                     window.add(g)
-                return window.add_and_ihvp(G[-1], x)
+                y = window.add_and_ihvp(G[-1], x)
+                modes.append("factored" if window.factored else "updates")
+                return y
 
             static, ws = warned(lambda G=G, x=x, damp=damp: StaticMFAC(G, damp).ihvp(x))
             win, ww = warned(window_ihvp)
@@ -388,7 +419,8 @@ def bench_damping_limit():
             def err(y, want=want):
                 return f"{((y - want).norm() / want.norm()).item():.1e}"
 
-            rows.append([m, d, f"{damp:g}", f"{R:.1e}", err(static), ws, err(win), ww])
+            row = [m, d, f"{damp:g}", f"{R:.1e}", err(static), ws, err(win), ww, modes[0]]
+            rows.append(row)
     table(
         "Damping limit: IHVP relative error vs dense float64 (G float64, entries 1e2..2e2)",
         [
@@ -400,6 +432,7 @@ def bench_damping_limit():
             "static warned",
             "window",
             "window warned",
+            "window solve",
         ],
         rows,
     )
@@ -476,6 +509,7 @@ def main(argv=None):
         win_rows,
     )
     bench_small_algebra(ms, args.repeats)
+    bench_factored_step(ms, ds[0], max(args.repeats, 5))
     table(
         "Static M-FAC (ms): curvopt vs the published sequential loop (baseline)",
         [
