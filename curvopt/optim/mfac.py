@@ -93,9 +93,12 @@ class MFAC(Optimizer):
 
     No ``.item()``/``.cpu()`` is called in :meth:`step`; with ``nonfinite="skip"`` it has no
     host synchronization at all. With ``"raise"``, every ``m`` steps (when the window refreshes
-    its inverse) one more reads the window's conditioning estimate and raises a
-    ``RuntimeWarning`` if ``damp`` is so small that the products are noise (with ``"skip"``, read
-    ``opt.window.conditioning`` or call ``opt.window.check_conditioning()`` yourself). All
+    its inverse) one more reads the window's conditioning estimates: it raises a
+    ``RuntimeWarning`` if ``damp`` is so small that the products are noise, and switches the
+    window to its factored mode (a Cholesky factor per step, ``O(m^3)``) while its gradients are
+    so nearly dependent that the explicit ``m x m`` inverse would be inaccurate (see
+    :meth:`SlidingWindowMFAC.check_conditioning`). With ``"skip"``, read
+    ``opt.window.conditioning`` or call ``opt.window.check_conditioning()`` yourself. All
     parameters must share one dtype and device.
 
     **Memory.** ``m * d * bytes(window_dtype)`` for the window plus ``O(m^2)`` float64 and one
