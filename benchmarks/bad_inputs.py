@@ -198,6 +198,64 @@ def mfac_cases() -> list[Case]:
                 ),
             )
         )
+
+    # nearly dependent window gradients (d < m): the explicit m x m inverse used to fail silently
+    def window_vs_dense(m, d, damp, grads, x):
+        w = SlidingWindowMFAC(d, m, damp, dtype=torch.float64)
+        for g in grads:
+            w.add(g)
+        kept = grads[-m:]
+        F = damp * torch.eye(d, dtype=torch.float64) + kept.T @ kept / m
+        R = float(torch.linalg.eigvalsh(F)[-1]) / damp
+        want = torch.linalg.solve(F, x)
+        err = float((w.ihvp(x) - want).norm() / want.norm())
+        return err <= 1e3 * torch.finfo(torch.float64).eps * R  # the documented bound
+
+    gen = torch.Generator().manual_seed(0)
+    g_rep = torch.randn(3, 1, generator=gen, dtype=torch.float64) * 100
+    x_rep = torch.randn(1, generator=gen, dtype=torch.float64)
+    g_dep = 1e2 * (1 + torch.rand(11, 4, generator=gen, dtype=torch.float64))
+    x_dep = torch.randn(4, generator=gen, dtype=torch.float64)
+    for name, args in [
+        ("m=2, d=1, damp=1e-4, one past m", (2, 1, 1e-4, g_rep, x_rep)),
+        ("m=8, d=4, entries 1e2, damp=1e-7", (8, 4, 1e-7, g_dep, x_dep)),
+    ]:
+        out.append(
+            Case(
+                "SlidingWindowMFAC.ihvp",
+                f"dependent gradients: {name}",
+                lambda a=args: window_vs_dense(*a),
+                check=bool,
+            )
+        )
+    # blocks no wider than m: the Woodbury form of inverse entries/rows cancelled
+    Gs = torch.randn(64, 96, generator=gen, dtype=torch.float64)
+    small = StaticMFAC(Gs, 1e-8, block_size=32)
+    Fs = torch.block_diag(
+        *[Gs[:, i : i + 32].T @ Gs[:, i : i + 32] / 64 for i in range(0, 96, 32)]
+    ) + 1e-8 * torch.eye(96, dtype=torch.float64)
+    inv_s = torch.linalg.inv(Fs)
+    idx_s = [0, 40, 95]
+    out.append(
+        Case(
+            "StaticMFAC.inverse_entries",
+            "blocks B=32 <= m=64, damp=1e-8",
+            lambda: small.inverse_entries(idx_s),
+            check=lambda r: bool(
+                ((r - inv_s.diagonal()[idx_s]).abs() / inv_s.diagonal()[idx_s]).max() < 1e-10
+            ),
+        )
+    )
+    out.append(
+        Case(
+            "StaticMFAC.inverse_rows",
+            "blocks B=32 <= m=64, damp=1e-8",
+            lambda: small.inverse_rows(idx_s),
+            check=lambda r: bool(
+                ((r - inv_s[idx_s]).norm(dim=1) / inv_s[idx_s].norm(dim=1)).max() < 1e-10
+            ),
+        )
+    )
     for name, kwargs in [
         ("dim=0", {"dim": 0, "m": 4, "damp": 1.0}),
         ("m=0", {"dim": 5, "m": 0, "damp": 1.0}),
@@ -273,10 +331,20 @@ def optimizer_cases() -> list[Case]:
                                   ("hessian w/o model", {"curvature": "hessian"})]),
         "NPG": (NPG, [("delta=0", {"delta": 0.0}), ("solver='x'", {"solver": "x"}),
                       ("cg_iters=0", {"cg_iters": 0}),
-                      ("backtrack_ratio=1", {"backtrack_ratio": 1.0})]),
-        "NHARPG": (NHARPG, [("lr=0", {"lr": 0.0}), ("lr=nan", {"lr": math.nan})]),
-        "NPGIGT": (NPGIGT, [("lr=-1", {"lr": -1.0})]),
-        "HARPG": (HARPG, [("lr=inf", {"lr": math.inf})]),
+                      ("backtrack_ratio=1", {"backtrack_ratio": 1.0}),
+                      ("delta=inf", {"delta": math.inf}), ("damping=nan", {"damping": math.nan}),
+                      ("cg_tol=nan", {"cg_tol": math.nan}),
+                      ("kl_tolerance=inf", {"kl_tolerance": math.inf}),
+                      ("max_backtracks=True", {"max_backtracks": True})]),
+        "NHARPG": (NHARPG, [("lr=0", {"lr": 0.0}), ("lr=nan", {"lr": math.nan}),
+                            ("lr_power=inf", {"lr_power": math.inf}),
+                            ("momentum=nan", {"momentum": math.nan}),
+                            ("momentum_power=-1", {"momentum_power": -1.0}),
+                            ("normalize='yes'", {"normalize": "yes"})]),
+        "NPGIGT": (NPGIGT, [("lr=-1", {"lr": -1.0}), ("momentum=2", {"momentum": 2.0}),
+                            ("lr='0.1'", {"lr": "0.1"})]),
+        "HARPG": (HARPG, [("lr=inf", {"lr": math.inf}), ("momentum_power=inf",
+                                                          {"momentum_power": math.inf})]),
     }  # fmt: skip
     for cls_name, (cls, bads) in ctor_bad.items():
         for name, kwargs in bads:

@@ -8,7 +8,8 @@ Tables (markdown):
    published sequential setup.
 3. Static: setup, IHVP, inverse diagonal; ours vs the published sequential loop, and our setup
    vs one plain GEMM ``G @ G.T`` (GEMM-bound means a ratio near 1).
-4. Step time against m at fixed d (should grow like m, not m^3).
+4. Step time against m at fixed d (should grow like m, not m^3); the factored mode (a Cholesky
+   factor per step, for windows of nearly dependent gradients) against the normal updates.
 5. Cancellation: relative error of the IHVP of a vector in the span of G at damp 1e-4 with G in
    float32 (float32 products, float64 products, published algorithm) against float64.
 
@@ -230,6 +231,32 @@ def bench_small_algebra(ms, repeats):
     )
 
 
+def bench_factored_step(ms, d, repeats):
+    """Time per step in factored mode (a fresh m x m Cholesky factor per insertion, taken when
+    the window's gradients are nearly dependent) against the normal O(m^2) updates."""
+    rows = []
+    gen = torch.Generator().manual_seed(3)
+    for m in ms:
+        G = random_rows(m, d, gen)
+        g = torch.randn(d, generator=gen) / d**0.5
+        normal = window_state(G.clone(), (G.double() @ G.double().T), DAMP)
+        factored = window_state(G.clone(), (G.double() @ G.double().T), DAMP)
+        factored._set_factored(True)  # as check_conditioning() does for a dependent window
+        (t_n, t_f), _ = interleaved(
+            [
+                lambda: normal.add_and_ihvp(g, on_nonfinite="ignore"),
+                lambda: factored.add_and_ihvp(g, on_nonfinite="ignore"),
+            ],
+            repeats,
+        )
+        rows.append([f"{d:.0e}", m, fmt_ms(t_n), fmt_ms(t_f), f"{t_f / t_n:.2f}"])
+    table(
+        "Sliding window: step time (ms) in factored mode (dependent gradients) vs the O(m^2) path",
+        ["d", "m", "O(m^2) updates", "factored (Cholesky per step)", "factored / updates"],
+        rows,
+    )
+
+
 def bench_static(G, repeats, rows, baseline_budget_s):
     m, d = G.shape
     x = torch.randn(d)
@@ -328,7 +355,7 @@ def bench_small_block_diagonal():
     rows = []
     m, d, B = 64, 96, 32
     for damp in (1e-5, 1e-6, 1e-8):
-        errs = {"curvopt": [], "woodbury": [], "published": []}
+        errs = {"curvopt": [], "woodbury": [], "published": [], "rows": [], "rows_wb": []}
         for seed in range(3):
             G = torch.randn(
                 m, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
@@ -348,11 +375,31 @@ def bench_small_block_diagonal():
             }
             for k, v in found.items():
                 errs[k].append(((v - ref).abs() / ref).max().item())
+            # rows F^{-1} e_i: the B x B factor (now) vs e_i/lam - G_b^T A_b^{-1} G_b e_i/lam^2
+            inv = torch.block_diag(*[torch.linalg.inv(damp * eye + b.T @ b / m) for b in blocks])
+            idx = torch.arange(d)
+            rows_wb = torch.zeros(d, d, dtype=torch.float64)
+            for i, b in enumerate(blocks):
+                C = torch.cholesky_solve(b, op._L[i])  # A_b^{-1} G_b, (m, B)
+                rows_wb[i * B : (i + 1) * B, i * B : (i + 1) * B] = eye / damp - (b.T @ C) / damp**2
+
+            def row_err(R, inv=inv):
+                return ((R - inv).norm(dim=1) / inv.norm(dim=1)).max().item()
+
+            errs["rows"].append(row_err(op.inverse_rows(idx)))
+            errs["rows_wb"].append(row_err(rows_wb))
         rows.append([f"{damp:g}"] + [f"{max(errs[k]):.1e}" for k in errs])
     table(
-        f"Inverse diagonal, blocks B={B} <= m={m}, d={d}, G float64: max relative error vs "
-        "torch.linalg.inv per block (worst of 3 seeds)",
-        ["damp", "curvopt (B x B Cholesky)", "Woodbury form (before)", "published"],
+        f"Inverse diagonal and rows, blocks B={B} <= m={m}, d={d}, G float64: max relative error "
+        "vs torch.linalg.inv per block (worst of 3 seeds)",
+        [
+            "damp",
+            "diagonal: curvopt (B x B Cholesky)",
+            "diagonal: Woodbury form (before)",
+            "diagonal: published",
+            "rows: curvopt (B x B Cholesky)",
+            "rows: Woodbury form (before)",
+        ],
         rows,
     )
 
@@ -375,11 +422,15 @@ def bench_damping_limit():
             x = torch.randn(d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
             want = torch.linalg.solve(damp * torch.eye(d, dtype=torch.float64) + G.T @ G / m, x)
 
-            def window_ihvp(G=G, x=x, damp=damp, m=m, d=d):
+            modes = []
+
+            def window_ihvp(G=G, x=x, damp=damp, m=m, d=d, modes=modes):
                 window = SlidingWindowMFAC(d, m, damp, dtype=torch.float64)
                 for g in G[:-1]:
                     window.add(g)
-                return window.add_and_ihvp(G[-1], x)
+                y = window.add_and_ihvp(G[-1], x)
+                modes.append("factored" if window.factored else "updates")
+                return y
 
             static, ws = warned(lambda G=G, x=x, damp=damp: StaticMFAC(G, damp).ihvp(x))
             win, ww = warned(window_ihvp)
@@ -388,7 +439,8 @@ def bench_damping_limit():
             def err(y, want=want):
                 return f"{((y - want).norm() / want.norm()).item():.1e}"
 
-            rows.append([m, d, f"{damp:g}", f"{R:.1e}", err(static), ws, err(win), ww])
+            row = [m, d, f"{damp:g}", f"{R:.1e}", err(static), ws, err(win), ww, modes[0]]
+            rows.append(row)
     table(
         "Damping limit: IHVP relative error vs dense float64 (G float64, entries 1e2..2e2)",
         [
@@ -400,6 +452,7 @@ def bench_damping_limit():
             "static warned",
             "window",
             "window warned",
+            "window solve",
         ],
         rows,
     )
@@ -476,6 +529,7 @@ def main(argv=None):
         win_rows,
     )
     bench_small_algebra(ms, args.repeats)
+    bench_factored_step(ms, ds[0], max(args.repeats, 5))
     table(
         "Static M-FAC (ms): curvopt vs the published sequential loop (baseline)",
         [

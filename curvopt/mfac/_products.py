@@ -187,32 +187,114 @@ def block_combine(a: float, X: Tensor, G: Tensor, layout: BlockLayout, C: Tensor
     return out
 
 
-def small_block_inverse_diagonal(G: Tensor, layout: BlockLayout, damp: float) -> Tensor:
-    """Diagonal of ``(damp I + G_b^T G_b / m)^{-1}`` from the ``B x B`` blocks, ``(d,)`` float64.
+def small_block_factors(G: Tensor, layout: BlockLayout, damp: float, blocks: Tensor) -> Tensor:
+    """Cholesky factors of the ``B x B`` blocks ``F_b = damp I + G_b^T G_b / m``, float64.
 
-    For blocks no wider than ``m``: the ``B x B`` matrix is formed in float64 and factored,
-    ``F_b = L L^T``, and ``[F_b^{-1}]_jj = ||L^{-1} e_j||^2`` is a sum of positive terms, so there
-    is no cancellation (the Woodbury form ``1/lam - ||.||^2/lam^2`` loses ``log10(cond)`` digits).
-    Cost ``O(m B d + B^2 d)``, no more than the Woodbury form's ``O(m^2 d)`` when ``B <= m``.
+    Formed and factored in float64 (``O(m B^2 + B^3)`` per block), for blocks no wider than
+    ``m``, where ``F_b`` is smaller than the Woodbury matrix and has no cancellation. The short
+    last block is padded to width ``B`` with zero columns of ``G``: its factor is
+    ``diag(R_b, sqrt(damp) I)``, so the padded coordinates never mix with the real ones.
+
+    Args:
+        G: ``(m, d)`` gradients.
+        layout: The block layout (``layout.block_size = B``).
+        damp: Damping ``lam > 0``.
+        blocks: ``(n,)`` long tensor of block numbers.
+
+    Returns:
+        ``(n, B, B)`` lower factors ``R_b`` with ``F_b = R_b R_b^T``.
 
     Raises:
         ValueError: If a block is not numerically positive definite (``damp`` far too small).
     """
     m, d = G.shape
-    out = torch.empty(d, dtype=torch.float64, device=G.device)
-    for _, n, w, c in layout.groups(m, True):
-        Gb = _as_blocks(G[:, c : c + n * w].to(torch.float64), n, w)  # (n, m, w)
-        F = torch.bmm(Gb.transpose(1, 2), Gb).div_(m)
-        F.diagonal(dim1=-2, dim2=-1).add_(damp)
-        L, info = torch.linalg.cholesky_ex(F)
-        if bool((info != 0).any()):
-            raise ValueError(
-                f"damp I + G_b^T G_b / m is not numerically positive definite at damp={damp}; "
-                "increase damp or rescale the gradients"
-            )
-        eye = torch.eye(w, dtype=torch.float64, device=G.device).expand_as(L)
+    B = layout.block_size
+    cols = blocks[:, None] * B + torch.arange(B, device=blocks.device)  # (n, B)
+    inside = cols < d
+    Gb = G[:, cols.clamp_max(d - 1)].to(torch.float64).permute(1, 0, 2)  # (n, m, B)
+    Gb = Gb * inside[:, None, :]  # zero columns past d (the short last block)
+    F = torch.bmm(Gb.transpose(1, 2), Gb).div_(m)
+    F.diagonal(dim1=-2, dim2=-1).add_(damp)
+    L, info = torch.linalg.cholesky_ex(F)
+    if bool((info != 0).any()):
+        raise ValueError(
+            f"damp I + G_b^T G_b / m is not numerically positive definite at damp={damp}; "
+            "increase damp or rescale the gradients"
+        )
+    return L
+
+
+def _block_chunks(layout: BlockLayout, m: int) -> int:
+    """Number of ``B x B`` factors formed at once (their copy of ``G`` stays small)."""
+    return max(1, TEMP_ELEMENTS // max(m * layout.block_size, 1))
+
+
+def small_block_inverse_diagonal(G: Tensor, layout: BlockLayout, damp: float) -> Tensor:
+    """Diagonal of ``(damp I + G_b^T G_b / m)^{-1}`` from the ``B x B`` blocks, ``(d,)`` float64.
+
+    For blocks no wider than ``m``: with the factors of :func:`small_block_factors`,
+    ``F_b = R_b R_b^T``, ``[F_b^{-1}]_jj = ||R_b^{-1} e_j||^2`` is a sum of positive terms, so
+    there is no cancellation (the Woodbury form ``1/lam - ||.||^2/lam^2`` loses ``log10(cond)``
+    digits). Cost ``O(m B d + B^2 d)``, no more than the Woodbury form's ``O(m^2 d)`` when
+    ``B <= m``.
+
+    Raises:
+        ValueError: If a block is not numerically positive definite (``damp`` far too small).
+    """
+    m, d = G.shape
+    B, nb = layout.block_size, layout.num_blocks
+    out = torch.empty(nb * B, dtype=torch.float64, device=G.device)
+    per = _block_chunks(layout, m)
+    for s in range(0, nb, per):
+        blocks = torch.arange(s, min(nb, s + per), device=G.device)
+        L = small_block_factors(G, layout, damp, blocks)
+        eye = torch.eye(B, dtype=torch.float64, device=G.device).expand_as(L)
         Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-        out[c : c + n * w] = Linv.square().sum(dim=1).reshape(-1)
+        out[s * B : (s + blocks.numel()) * B] = Linv.square().sum(dim=1).reshape(-1)
+    return out[:d]
+
+
+def small_block_inverse_columns(
+    G: Tensor, layout: BlockLayout, damp: float, idx: Tensor, entries_only: bool = False
+) -> Tensor:
+    """Columns ``F_b^{-1} e_i`` (or entries ``[F_b^{-1}]_ii``) of the ``B x B`` blocks, float64.
+
+    From the factors of :func:`small_block_factors`, ``F_b = R_b R_b^T``: the column is
+    ``R_b^{-T} (R_b^{-1} e_i)`` (backward stable) and the entry ``||R_b^{-1} e_i||^2`` (a sum of
+    positive terms, accurate to a few ulps); neither cancels, unlike the Woodbury form. For
+    blocks no wider than ``m``; each distinct block is factored once per group of indices,
+    ``O(m B^2 + B^3)``.
+
+    Args:
+        G: ``(m, d)`` gradients.
+        layout: The block layout.
+        damp: Damping ``lam > 0``.
+        idx: ``(k,)`` long tensor of coordinate indices.
+        entries_only: Return only the diagonal entries.
+
+    Returns:
+        ``(k,)`` entries, or ``(k, B)`` values of ``F^{-1} e_i`` at the coordinates
+        ``block(i) * B + [0, B)`` of the block of ``i`` (entries past ``d`` in a short last block
+        are 0).
+    """
+    m, d = G.shape
+    B = layout.block_size
+    k = idx.numel()
+    out = torch.empty((k,) if entries_only else (k, B), dtype=torch.float64, device=G.device)
+    blocks = layout.block_of(idx)
+    per = _block_chunks(layout, m)
+    for s in range(0, k, per):
+        bl = blocks[s : s + per]
+        n = bl.numel()
+        unique, where = torch.unique(bl, return_inverse=True)
+        L = small_block_factors(G, layout, damp, unique)[where]  # (n, B, B)
+        E = torch.zeros(n, B, 1, dtype=torch.float64, device=G.device)
+        E[torch.arange(n, device=G.device), idx[s : s + per] - bl * B, 0] = 1.0
+        if entries_only:
+            z = torch.linalg.solve_triangular(L, E, upper=False)
+            out[s : s + n] = z.square().sum(dim=(1, 2))
+        else:
+            out[s : s + n] = torch.cholesky_solve(E, L)[..., 0]
     return out
 
 

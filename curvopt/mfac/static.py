@@ -221,8 +221,7 @@ class StaticMFAC:
           accurate to a few ulps at any ``damp`` (``O(m B d)``). Not with a process group (the
           block then spans all ranks' coordinates): the Woodbury form is used.
         """
-        # sharded coordinates: the one block spans every rank, so only the Woodbury form applies
-        if self._diag is None and self.block_size <= self.m and self.process_group is None:
+        if self._diag is None and self._small_blocks():
             diag = P.small_block_inverse_diagonal(self.G, self._layout, self._damp)
             self._diag = diag.to(self._acc)
         if self._diag is None:
@@ -235,8 +234,21 @@ class StaticMFAC:
         """``G e_i`` for each index: ``(k, m, 1)`` float64."""
         return self.G[:, idx].to(torch.float64).T[..., None]
 
+    def _small_blocks(self) -> bool:
+        """Whether the blocks are no wider than ``m`` (then factor the ``B x B`` blocks).
+
+        Not with a process group: the one block then spans every rank's coordinates, and only
+        the Woodbury form applies.
+        """
+        return self.block_size <= self.m and self.process_group is None
+
     def inverse_entries(self, idx: Tensor) -> Tensor:
-        """Diagonal entries ``F^{-1}[i, i]`` for coordinate indices ``idx``, in ``O(k m^2)``.
+        """Diagonal entries ``F^{-1}[i, i]`` for coordinate indices ``idx``.
+
+        Blocks wider than ``m``: ``1/lam - ||L_b^{-1} G_b e_i||^2 / lam^2`` (Woodbury,
+        ``O(k m^2)``). Blocks of width ``B <= m``: ``||R_b^{-1} e_i||^2`` from the Cholesky factor
+        of the ``B x B`` block ``F_b = R_b R_b^T`` (no cancellation, like
+        :meth:`inverse_diagonal`; ``O(m B^2 + B^3)`` per distinct block).
 
         Args:
             idx: Integer tensor (or sequence) of indices in ``[0, d)``.
@@ -245,6 +257,11 @@ class StaticMFAC:
             ``(k,)`` tensor in the accumulation dtype (computed in float64).
         """
         idx = check_indices(idx, self.dim, self.G.device)
+        if self._small_blocks():
+            entries = P.small_block_inverse_columns(
+                self.G, self._layout, self._damp, idx, entries_only=True
+            )
+            return entries.to(self._acc)
         L = self._L[self._layout.block_of(idx)]
         z = torch.linalg.solve_triangular(L, self._columns(idx), upper=False)
         s = z.square().sum(dim=(1, 2))
@@ -253,7 +270,11 @@ class StaticMFAC:
     def inverse_rows(self, idx: Tensor) -> Tensor:
         """Rows ``F^{-1}[i, :]`` (equal to the columns ``F^{-1} e_i``), as needed by OBS updates.
 
-        With blocks, a row is zero outside the block of its coordinate.
+        With blocks, a row is zero outside the block of its coordinate. Blocks wider than ``m``:
+        ``e_i / lam - G^T A_b^{-1} G e_i / lam^2`` (Woodbury, ``O(k m^2 + k m B)``). Blocks of width
+        ``B <= m`` (not sharded): solved with the Cholesky factor of the ``B x B`` block itself,
+        backward stable with no cancellation (``O(m B^2 + B^3)`` per distinct block); the
+        Woodbury form loses ``log10(lambda_max(F)/damp)`` digits there.
 
         Args:
             idx: Integer tensor (or sequence) of ``k`` indices in ``[0, d)``.
@@ -267,6 +288,15 @@ class StaticMFAC:
             return self._sharded_inverse_rows(idx)
         idx = check_indices(idx, self.dim, self.G.device)
         k, lay, acc = idx.numel(), self._layout, self._acc
+        if self._small_blocks():  # the B x B blocks' own factors: no Woodbury cancellation
+            vals = P.small_block_inverse_columns(self.G, lay, self._damp, idx)  # (k, B)
+            cols = lay.block_of(idx)[:, None] * lay.block_size
+            cols = cols + torch.arange(lay.block_size, device=idx.device)
+            inside = cols < self.dim
+            rows = torch.zeros(k, self.dim, dtype=acc, device=self.G.device)
+            ks = torch.arange(k, device=idx.device)[:, None].expand_as(cols)
+            rows[ks[inside], cols[inside]] = vals[inside].to(acc)
+            return rows
         blocks = lay.block_of(idx)
         scale = -1.0 / self._damp**2
         C = torch.cholesky_solve(self._columns(idx), self._L[blocks])[..., 0]  # (k, m)

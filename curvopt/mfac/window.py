@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -24,6 +23,8 @@ from ._validation import (
 )
 
 NONFINITE_MODES = ("raise", "skip", "ignore")
+#: Largest ``eps64 * cond(A) * R`` (upper estimates) at which steps use the explicit inverse.
+EXPLICIT_INVERSE_LIMIT = 1e-4
 
 
 class SlidingWindowMFAC:
@@ -46,7 +47,17 @@ class SlidingWindowMFAC:
     difference between the updated and the fresh inverse is kept in :attr:`last_drift`.
     ``K`` itself never drifts: each of its rows is a fresh dot product.
 
-    Memory: ``m * d * bytes(dtype)`` for ``G`` plus two ``m x m`` float64 matrices.
+    **Nearly dependent gradients** (``d < m``, repeated gradients): ``cond(A)`` then grows like
+    ``R = lambda_max(F)/damp`` and the explicit inverse loses about ``log10(R)`` more digits than
+    a Cholesky solve. Each refresh estimates ``eps64 * cond(A) * R`` (:attr:`inverse_error`), and
+    :meth:`check_conditioning` (called after refreshes with ``on_nonfinite="raise"``, one host
+    synchronization) switches to **factored mode** above ``1e-4``: every insertion then
+    refactors ``A`` (``O(m^3)``) and products solve with the factor, accurate to about
+    ``eps64 * R`` like :class:`StaticMFAC`. Well-conditioned windows keep the ``O(m^2)`` path.
+    The estimate is read at refreshes only: until the first refresh, and between refreshes of
+    a window that was well conditioned at its last one, the explicit path is used.
+
+    Memory: ``m * d * bytes(dtype)`` for ``G`` plus three ``m x m`` float64 matrices.
 
     **Sharded over ranks** (``process_group`` given): ``dim`` is the number of coordinates of this
     rank's shard (0 allowed) and ``G`` holds only those columns. The coordinate sums of a call
@@ -78,11 +89,11 @@ class SlidingWindowMFAC:
     Warns:
         RuntimeWarning: When ``R = lambda_max(F)/damp``, estimated from above by
             ``1 + ||K||_inf/(m damp)`` at each refresh (kept in :attr:`conditioning`, no host
-            synchronization), reaches ``1/eps`` of the accumulation dtype: the products then
-            cancel to noise. Checked by :meth:`check_conditioning`, which ``add``/``add_and_ihvp``
-            call after a refresh with ``on_nonfinite="raise"`` (a mode that synchronizes anyway),
-            and by :meth:`ihvp` with another ``damp``. ``damp`` so small that ``1/damp^2``
-            overflows float64 (below about 1e-154) raises ``ValueError``.
+            synchronization), reaches ``1/eps`` of the accumulation dtype: the Woodbury products
+            then cancel to noise. Checked by :meth:`check_conditioning`, which ``add`` and
+            ``add_and_ihvp`` call after a refresh with ``on_nonfinite="raise"`` (a mode that
+            synchronizes anyway), and by :meth:`ihvp` with another ``damp``. ``damp`` so small
+            that ``1/damp^2`` overflows float64 (below about 1e-154) raises ``ValueError``.
 
     Attributes:
         G: The ``(m, d)`` ring buffer.
@@ -98,6 +109,11 @@ class SlidingWindowMFAC:
             ``lambda_max(F)/damp`` at the last refresh (1 before any).
         inverse_conditioning: 0-dim float64 tensor, ``(max_i L_ii / min_i L_ii)^2`` of the
             Cholesky factor of ``A`` at the last refresh, a lower estimate of ``cond(A)``.
+        inverse_error: 0-dim float64 tensor, ``eps64 * cond(A) * R`` from upper estimates of
+            both (``cond(A) <= m R ||A^{-1}||_inf``) at the last refresh: the relative error the
+            explicit inverse may add.
+        factored: Whether products solve with a fresh Cholesky factor of ``A`` (set by
+            :meth:`check_conditioning`, kept in the state dict).
 
     Example:
         >>> window = SlidingWindowMFAC(dim=10, m=4, damp=1e-3)
@@ -142,6 +158,9 @@ class SlidingWindowMFAC:
         self.last_drift = torch.zeros((), dtype=torch.float64, device=device)
         self.conditioning = torch.ones((), dtype=torch.float64, device=device)
         self.inverse_conditioning = torch.ones((), dtype=torch.float64, device=device)
+        self.inverse_error = torch.zeros((), dtype=torch.float64, device=device)
+        self.factored = False
+        self._L: Tensor | None = None  # Cholesky factor of A, kept in factored mode only
         self.last_finite = torch.ones((), dtype=torch.bool, device=device)
         self.nonfinite_count = torch.zeros((), dtype=torch.long, device=device)
         self.count = 0
@@ -174,8 +193,9 @@ class SlidingWindowMFAC:
         return self._acc
 
     def memory_bytes(self) -> int:
-        """Bytes held: ``m d`` for ``G`` in its dtype plus two float64 ``m x m`` matrices."""
-        return self.G.numel() * self.G.element_size() + (self.K.numel() + self.Ainv.numel()) * 8
+        """Bytes: ``m d`` for ``G`` in its dtype, two float64 ``m x m`` (three when factored)."""
+        small = self.K.numel() + self.Ainv.numel() + (0 if self._L is None else self._L.numel())
+        return self.G.numel() * self.G.element_size() + small * 8
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -186,23 +206,37 @@ class SlidingWindowMFAC:
         self.last_drift.zero_()
         self.conditioning.fill_(1.0)
         self.inverse_conditioning.fill_(1.0)
+        self.inverse_error.zero_()
+        self.factored = False
+        self._L = None
         self.last_finite.fill_(True)
         self.nonfinite_count.zero_()
         self.count = 0
         self._since_refresh = 0
 
     def refresh(self) -> None:
-        """Recompute ``A^{-1}`` from ``K`` in float64 and record the drift of the updated one."""
+        """Recompute ``A = L L^T`` and ``A^{-1}`` from ``K`` in float64 (no host synchronization).
+
+        Records the drift of the updated inverse (:attr:`last_drift`), the estimates
+        :attr:`conditioning`, :attr:`inverse_conditioning` and :attr:`inverse_error`, and keeps
+        the factor ``L`` for the steps in factored mode.
+        """
         n = self.filled
         self._since_refresh = 0
         if n == 0:
             return
         k_norm = self.K[:n, :n].abs().sum(-1).max()
-        self.conditioning.copy_(conditioning_estimate(k_norm, self.m, self._damp))
+        ratio = conditioning_estimate(k_norm, self.m, self._damp)
+        self.conditioning.copy_(ratio)
         L = cholesky(self.K[:n, :n], self.m, self._damp, check=False)
+        if self._L is not None:
+            self._L[:n, :n] = L
         diag = L.diagonal()
         self.inverse_conditioning.copy_((diag.max() / diag.min()).square())
         fresh = torch.cholesky_inverse(L)
+        # cond(A) <= lambda_max(A) ||A^{-1}||_inf with lambda_max(A) = m R <= m * ratio
+        cond_a = self.m * ratio * fresh.abs().sum(-1).max()
+        self.inverse_error.copy_(torch.finfo(torch.float64).eps * cond_a * ratio)
         sub = self.Ainv[:n, :n]
         drift = (sub - fresh).abs().max() / fresh.abs().max()
         self.last_drift.copy_(drift)
@@ -214,28 +248,43 @@ class SlidingWindowMFAC:
         return self._since_refresh == 0
 
     def check_conditioning(self) -> None:
-        """Warn if the products or the ``m x m`` solve have lost every digit (one host sync).
+        """Choose how steps solve with ``A``, and warn if the products lose every digit.
 
-        Two conditions, each with its number in the message: :attr:`conditioning` ``R`` past
-        ``1/eps`` of the accumulation dtype (the cancellation of the Woodbury form), or
-        ``eps64 * cond(A) * R`` past ``1e6`` with ``cond(A)`` from :attr:`inverse_conditioning`:
-        the explicit inverse of ``A`` (refined once) then fails. That happens when the window's
-        gradients are (nearly) linearly dependent, e.g. ``d < m``: ``cond(A)`` grows like ``R``
-        instead of staying near ``cond(K)`` (measured: ``benchmarks/mfac.py --accuracy``).
+        One host synchronization; ``add``/``add_and_ihvp`` call it after each refresh with
+        ``on_nonfinite="raise"`` (a mode that synchronizes anyway), and so does the
+        :class:`~curvopt.optim.MFAC` optimizer with ``nonfinite="raise"``.
+
+        * **Solve.** The explicit inverse of ``A`` (refined once) has a relative error of about
+          ``eps64 R`` only while ``eps64 * cond(A) * R`` is small. When the window's gradients
+          are (nearly) linearly dependent (``d < m``, repeated gradients), ``cond(A)`` grows like
+          ``R`` instead of staying near ``cond(K)`` and the explicit inverse fails (relative error
+          0.97 at ``R = 9e11``). If :attr:`inverse_error`, an upper estimate of
+          ``eps64 * cond(A) * R``, exceeds ``EXPLICIT_INVERSE_LIMIT`` (1e-4), the window switches
+          to **factored mode** (:attr:`factored`): each insertion recomputes the Cholesky factor
+          of ``A`` from ``K`` (``O(m^3)``, like the published algorithm) and every product solves
+          with it (backward stable, error about ``eps64 R`` like :class:`StaticMFAC`). It
+          switches back at the first check below the limit.
+        * **Warning.** :attr:`conditioning` ``R`` past ``1/eps`` of the accumulation dtype: the
+          Woodbury form itself cancels to noise (``RuntimeWarning`` naming the estimate).
         """
         where = f"SlidingWindowMFAC(damp={self._damp:g})"
-        ratio, cond_a = float(self.conditioning), float(self.inverse_conditioning)
+        ratio = float(self.conditioning)
         warn_if_ill_conditioned(ratio, self._acc, where)
-        product = torch.finfo(torch.float64).eps * cond_a * ratio
-        if ratio < 1.0 / torch.finfo(self._acc).eps and not product < 1e6:
-            warnings.warn(
-                f"{where}: the m x m system is too ill-conditioned for the explicit inverse: "
-                f"cond(A) >= {cond_a:.3g} with lambda_max(F)/damp up to {ratio:.3g} "
-                f"(eps64 * cond(A) * R = {product:.3g} > 1e6); the gradients in the window are "
-                "nearly linearly dependent: increase damp",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        factored = self.filled > 0 and float(self.inverse_error) > EXPLICIT_INVERSE_LIMIT
+        if factored and not self.refreshed:  # the factor must be the current one
+            self.refresh()
+            factored = float(self.inverse_error) > EXPLICIT_INVERSE_LIMIT
+        self._set_factored(factored)
+
+    def _set_factored(self, factored: bool) -> None:
+        """Enter or leave factored mode; entering factors ``A`` from the current ``K``."""
+        self.factored = factored
+        if not factored:
+            self._L = None
+        elif self._L is None:  # bitwise the factor that refresh() computes from this K
+            n = self.filled
+            self._L = torch.zeros(self.m, self.m, dtype=torch.float64, device=self.device)
+            self._L[:n, :n] = cholesky(self.K[:n, :n], self.m, self._damp, check=False)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: buffer, Gram, inverse, counters, settings."""
@@ -255,6 +304,8 @@ class SlidingWindowMFAC:
             "last_drift": self.last_drift.clone(),
             "conditioning": self.conditioning.clone(),
             "inverse_conditioning": self.inverse_conditioning.clone(),
+            "inverse_error": self.inverse_error.clone(),
+            "factored": self.factored,
             "last_finite": self.last_finite.clone(),
             "nonfinite_count": self.nonfinite_count.clone(),
         }
@@ -277,7 +328,7 @@ class SlidingWindowMFAC:
             )
         shapes = {"G": (self.m, self.dim), "K": (self.m, self.m), "Ainv": (self.m, self.m)}
         shapes.update(last_drift=(), last_finite=(), nonfinite_count=())
-        shapes.update(conditioning=(), inverse_conditioning=())
+        shapes.update(conditioning=(), inverse_conditioning=(), inverse_error=())
         for key, shape in shapes.items():
             if key in state and not (
                 isinstance(state[key], Tensor) and tuple(state[key].shape) == shape
@@ -295,6 +346,11 @@ class SlidingWindowMFAC:
             value = state.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
+        factored = state.get("factored", False)
+        if not isinstance(factored, bool):
+            raise TypeError(f"state['factored'] must be True or False, got {factored!r}")
+        if factored and state.get("since_refresh", 0) != 0:
+            raise ValueError("state['factored'] is True but the state was not just refreshed")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (same ``dim``, ``m``, dtype); on error nothing changes."""
@@ -309,9 +365,11 @@ class SlidingWindowMFAC:
         self.K.copy_(state["K"])
         self.Ainv.copy_(state["Ainv"])
         optional = ("last_drift", "last_finite", "nonfinite_count", "conditioning")
-        for key in (*optional, "inverse_conditioning"):
+        for key in (*optional, "inverse_conditioning", "inverse_error"):
             if key in state:
                 getattr(self, key).copy_(state[key])
+        self._set_factored(False)
+        self._set_factored(bool(state.get("factored", False)))  # factors the loaded K
 
     # ------------------------------------------------------------------ updates
     def _stored(self, g: Tensor, on_nonfinite: str) -> Tensor:
@@ -375,14 +433,21 @@ class SlidingWindowMFAC:
         rhs = None if X is None else (prods[:, :1] if x_is_g else prods[:, 1:])
         lam = self._damp
         coef = replace_row_inverse(sub, r, k_new / lam, self.m + k_new[r] / lam, rhs)
-        if self._since_refresh >= self.refresh_every:
+        if self.factored or self._since_refresh >= self.refresh_every:
             self.refresh()
             if on_nonfinite == "raise":
                 self.check_conditioning()
-            coef = None if rhs is None else symmetric_matmul(sub, rhs)
-        if rhs is None or not self.refine:
-            return coef
-        return self._refine(coef, rhs, n)
+            coef = None if rhs is None else self._solve(rhs, n)
+        elif rhs is not None and self.refine:
+            coef = self._refine(coef, rhs, n)
+        return coef
+
+    def _solve(self, rhs: Tensor, n: int) -> Tensor:
+        """``A^{-1} rhs``: from the factor in factored mode, else the explicit inverse (refined)."""
+        if self._L is not None:  # factored mode
+            return torch.cholesky_solve(rhs, self._L[:n, :n])
+        coef = symmetric_matmul(self.Ainv[:n, :n], rhs)
+        return self._refine(coef, rhs, n) if self.refine else coef
 
     def _refine(self, coef: Tensor, rhs: Tensor, n: int) -> Tensor:
         """One step of iterative refinement of ``coef ~ A^{-1} rhs`` with the exact ``A``.
@@ -464,9 +529,7 @@ class SlidingWindowMFAC:
         dots = P.dots(self.G[:n], X, self._acc).to(torch.float64)
         D.all_reduce_sum_(dots, self.process_group)
         if lam == self._damp:
-            coef = symmetric_matmul(self.Ainv[:n, :n], dots)
-            if self.refine:
-                coef = self._refine(coef, dots, n)
+            coef = self._solve(dots, n)
         else:
             k_norm = float(self.K[:n, :n].abs().sum(-1).max())
             ratio = conditioning_estimate(k_norm, self.m, lam)

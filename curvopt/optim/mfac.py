@@ -93,9 +93,12 @@ class MFAC(Optimizer):
 
     No ``.item()``/``.cpu()`` is called in :meth:`step`; with ``nonfinite="skip"`` it has no
     host synchronization at all. With ``"raise"``, every ``m`` steps (when the window refreshes
-    its inverse) one more reads the window's conditioning estimate and raises a
-    ``RuntimeWarning`` if ``damp`` is so small that the products are noise (with ``"skip"``, read
-    ``opt.window.conditioning`` or call ``opt.window.check_conditioning()`` yourself). All
+    its inverse) one more reads the window's conditioning estimates: it raises a
+    ``RuntimeWarning`` if ``damp`` is so small that the products are noise, and switches the
+    window to its factored mode (a Cholesky factor per step, ``O(m^3)``) while its gradients are
+    so nearly dependent that the explicit ``m x m`` inverse would be inaccurate (see
+    :meth:`SlidingWindowMFAC.check_conditioning`). With ``"skip"``, read
+    ``opt.window.conditioning`` or call ``opt.window.check_conditioning()`` yourself. All
     parameters must share one dtype and device.
 
     **Memory.** ``m * d * bytes(window_dtype)`` for the window plus ``O(m^2)`` float64 and one
@@ -438,6 +441,7 @@ class MFAC(Optimizer):
                 "damp": torch.tensor(w.damp, dtype=torch.float64, device=w.device),
                 "counters": counters,
                 "last_drift": w.last_drift.clone(),
+                "factored": torch.tensor(w.factored, device=w.device),
                 "last_finite": w.last_finite.clone(),
                 "nonfinite_count": w.nonfinite_count.clone(),
                 "G": G,
@@ -476,6 +480,7 @@ class MFAC(Optimizer):
                 "count": counters[0],
                 "since_refresh": counters[1],
                 "G": G,
+                "factored": bool(win["factored"]) if "factored" in win else False,
                 **{
                     k: win[k] for k in ("K", "Ainv", "last_drift", "last_finite", "nonfinite_count")
                 },

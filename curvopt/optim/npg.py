@@ -37,6 +37,7 @@ from torch.optim.optimizer import ParamsT
 
 from curvopt.optim._state_checks import check_optimizer_state
 from curvopt.optim.linear_solve import fixed_iteration_cg
+from curvopt.optim.pg_common import check_count, check_number
 from curvopt.rl.sampler import PolicyGradientSampler
 from curvopt.rl.surrogates import (
     fisher_vector_product,
@@ -91,30 +92,22 @@ class NPG(Optimizer):
         kl_tolerance: float = 1.5,
         require_improvement: bool = True,
     ):
-        if not isinstance(delta, (int, float)) or not delta > 0:
-            raise ValueError(
-                f"delta (the KL trust-region radius δ) must be positive, got {delta!r}"
-            )
+        delta = check_number("delta (the KL trust-region radius δ)", delta)
         if solver not in ("cg", "mfac"):
             raise ValueError(f"solver must be 'cg' or 'mfac', got {solver!r}")
-        if (
-            not isinstance(damping, (int, float))
-            or damping < 0
-            or (solver == "mfac" and damping == 0)
-        ):
-            raise ValueError(f"damping must be >= 0 (> 0 for solver='mfac'), got {damping!r}")
-        if not isinstance(cg_iters, int) or cg_iters <= 0:
-            raise ValueError(f"cg_iters must be a positive int, got {cg_iters!r}")
-        if not isinstance(cg_tol, (int, float)) or not 0 <= cg_tol < 1:
-            raise ValueError(
-                f"cg_tol (relative squared residual of CG) must be in [0, 1), got {cg_tol!r}"
-            )
-        if not isinstance(max_backtracks, int) or max_backtracks <= 0:
-            raise ValueError(f"max_backtracks must be a positive int, got {max_backtracks!r}")
-        if not 0.0 < backtrack_ratio < 1.0:
-            raise ValueError(f"backtrack_ratio must be in (0, 1), got {backtrack_ratio!r}")
-        if not kl_tolerance > 0:
-            raise ValueError(f"kl_tolerance must be positive, got {kl_tolerance!r}")
+        damping = check_number(
+            "damping (> 0 for solver='mfac')", damping, low_open=solver == "mfac"
+        )
+        cg_iters = check_count("cg_iters", cg_iters)
+        cg_tol = check_number(
+            "cg_tol (relative squared residual of CG)", cg_tol, high=1.0, low_open=False
+        )
+        max_backtracks = check_count("max_backtracks", max_backtracks)
+        backtrack_ratio = check_number("backtrack_ratio", backtrack_ratio, high=1.0)
+        kl_tolerance = check_number("kl_tolerance", kl_tolerance)
+        for name, flag in (("backtrack", backtrack), ("require_improvement", require_improvement)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         defaults = dict(
             delta=float(delta),
             damping=float(damping),

@@ -14,6 +14,8 @@ Schedules (``t = 0, 1, ...`` counts steps taken):
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -36,11 +38,45 @@ def power_schedule(scale: float, power: float, t: int) -> float:
     return scale * (2.0 / (t + 2.0)) ** power
 
 
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    bad = not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero)
-    if bad or value != value:
-        need = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {need} number, got {value!r}")
+def check_number(
+    name: str,
+    value: object,
+    low: float = 0.0,
+    high: float = math.inf,
+    *,
+    low_open: bool = True,
+    high_open: bool = True,
+) -> float:
+    """Return ``value`` as a float after checking that it is a finite real number in a range.
+
+    The range is ``(low, high)``; ``low_open=False`` / ``high_open=False`` close either end.
+    Bools, NaN and ±inf are rejected with a ``TypeError`` / ``ValueError`` naming the value.
+
+    Example:
+        >>> check_number("lr", 0.1)
+        0.1
+        >>> check_number("momentum", 1, high=1.0, high_open=False)
+        1.0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    too_low = x <= low if low_open else x < low
+    too_high = x >= high if high_open else x > high
+    if too_low or too_high:
+        left, right = ("(" if low_open else "["), (")" if high_open else "]")
+        hi = "inf" if math.isinf(high) else f"{high:g}"
+        raise ValueError(f"{name} must lie in {left}{low:g}, {hi}{right}, got {value!r}")
+    return x
+
+
+def check_count(name: str, value: object) -> int:
+    """Return ``value`` after checking that it is an int >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 class MomentumPolicyGradient(Optimizer):
@@ -61,11 +97,14 @@ class MomentumPolicyGradient(Optimizer):
         momentum_schedule: Callable[[int], float] | None,
         generator: torch.Generator | None = None,
     ):
-        _check_positive("lr (the initial step size γ₀)", lr)
-        _check_positive("lr_power", lr_power, allow_zero=True)
-        _check_positive("momentum_power", momentum_power, allow_zero=True)
-        if not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum (η₀) must be in (0, 1], got {momentum!r}")
+        lr = check_number("lr (the initial step size γ₀)", lr)
+        lr_power = check_number("lr_power", lr_power, low_open=False)
+        momentum = check_number("momentum (η₀)", momentum, high=1.0, high_open=False)
+        momentum_power = check_number("momentum_power", momentum_power, low_open=False)
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be True or False, got {normalize!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
         for name, fn in (("lr_schedule", lr_schedule), ("momentum_schedule", momentum_schedule)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be a callable t -> float or None, got {fn!r}")
@@ -118,10 +157,14 @@ class MomentumPolicyGradient(Optimizer):
     # ----- schedules --------------------------------------------------------------------------
     @staticmethod
     def step_size(group: dict, t: int) -> float:
-        """``γ_t`` of a parameter group."""
+        """``γ_t`` of a parameter group (checked to be finite and >= 0)."""
         if group["lr_schedule"] is not None:
-            return group["lr"] * float(group["lr_schedule"](t))
-        return power_schedule(group["lr"], group["lr_power"], t)
+            gamma = group["lr"] * float(group["lr_schedule"](t))
+        else:
+            gamma = power_schedule(group["lr"], group["lr_power"], t)
+        if not (math.isfinite(gamma) and gamma >= 0.0):
+            raise ValueError(f"step-size schedule gave γ_{t} = {gamma}; it must be finite and >= 0")
+        return gamma
 
     @staticmethod
     def momentum_weight(group: dict, t: int) -> float:

@@ -209,3 +209,33 @@ def test_refresh_happens_exactly_every_refresh_every_insertions(every):
             n = w.filled
             fresh = torch.cholesky_inverse(cholesky(w.K[:n, :n], m, damp))
             assert torch.equal(w.Ainv[:n, :n], fresh)
+
+
+def test_factored_mode_state_round_trip_is_exact():
+    """A window in factored mode (d < m) resumes bit-identically from its state dict; the flag
+    is validated before anything is loaded."""
+    m, d, damp = 6, 3, 1e-7
+    gen = torch.Generator().manual_seed(11)
+    grads = 1e2 * (1 + torch.rand(2 * m + 5, d, generator=gen, dtype=torch.float64))
+    a = SlidingWindowMFAC(d, m, damp, dtype=torch.float64)
+    for g in grads[: m + 2]:
+        a.add(g)
+    assert a.factored and a.refreshed
+    b = SlidingWindowMFAC(d, m, damp, dtype=torch.float64)
+    b.load_state_dict(a.state_dict())
+    assert b.factored
+    for g in grads[m + 2 :]:
+        torch.testing.assert_close(a.add_and_ihvp(g), b.add_and_ihvp(g), rtol=0, atol=0)
+    bad = dict(a.state_dict(), since_refresh=1)
+    before = b.state_dict()
+    with pytest.raises(ValueError, match="factored"):
+        b.load_state_dict(bad)
+    with pytest.raises(TypeError, match="factored"):
+        b.load_state_dict(dict(a.state_dict(), factored="yes"))
+    after = b.state_dict()
+    assert all(
+        torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k]
+        for k, v in before.items()
+    )
+    b.reset()
+    assert not b.factored

@@ -366,3 +366,34 @@ def test_momentum_matches_the_reference_optimizer_with_rescaled_lr():
         w = w - lr_ref * v
         torch.testing.assert_close(got[t], w, rtol=1e-10, atol=1e-12)
     assert (got[-1] - got[0]).norm() > 1e-2  # it moved
+
+
+def test_window_of_dependent_gradients_gives_accurate_steps():
+    """d = 3 < m = 6 at damp 1e-8 (R ~ 1e12): the window's explicit m x m inverse used to give
+    steps off by up to 100 %; with nonfinite="raise" the optimizer's refresh check puts the
+    window in factored mode and every step matches -lr F^{-1} g within 1e3 eps R."""
+    m, damp, lr = 6, 1e-8, 1.0
+    gen = torch.Generator().manual_seed(4)
+    A = torch.randn(3, 3, generator=gen, dtype=DT)
+    A = 1e2 * (A @ A.T + torch.eye(3, dtype=DT))
+    w = torch.nn.Parameter(torch.randn(3, generator=gen, dtype=DT))
+    opt = MFAC([w], lr=lr, m=m, damp=damp)
+    rows = []
+    for i in range(2 * m + 3):
+        opt.zero_grad()
+        (0.5 * w @ A @ w + (w**3).sum()).backward()
+        g = w.grad.detach().clone()
+        rows.append(g)
+        G = torch.stack(rows[-m:])
+        G = torch.cat([G, torch.zeros(m - len(G), 3, dtype=DT)])
+        F = damp * torch.eye(3, dtype=DT) + G.T @ G / m
+        R = torch.linalg.eigvalsh(F)[-1].item() / damp
+        before = w.detach().clone()
+        opt.step()
+        want = -lr * torch.linalg.solve(F, g)
+        got = w.detach() - before
+        if i >= m:  # refreshed at step m: factored from there on
+            assert opt.window.factored
+            assert ((got - want).norm() / want.norm()).item() <= 1e3 * 2.2e-16 * R, i
+        with torch.no_grad():
+            w.copy_(before + 1e-3 * torch.randn(3, generator=gen, dtype=DT))  # keep w bounded

@@ -1,0 +1,106 @@
+"""Every hyperparameter of the policy-gradient optimizers is validated at construction.
+
+Before issue #18's follow-up, ``HARPG(lr=inf)``, ``NPG(delta=inf)`` or ``NHARPG(momentum=nan)``
+were accepted and produced NaN parameters at the first step.
+"""
+
+import math
+
+import pytest
+import torch
+
+from curvopt.optim import HARPG, NHARPG, NPG, NPGIGT
+from curvopt.optim.pg_common import MomentumPolicyGradient
+
+MOMENTUM_CLASSES = [NHARPG, HARPG, NPGIGT]
+
+
+def _param():
+    return [torch.zeros(3, requires_grad=True)]
+
+
+@pytest.mark.parametrize("cls", MOMENTUM_CLASSES)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lr": math.inf},
+        {"lr": math.nan},
+        {"lr": 0.0},
+        {"lr": -1.0},
+        {"lr_power": math.inf},
+        {"lr_power": -0.5},
+        {"momentum": math.nan},
+        {"momentum": 0.0},
+        {"momentum": 1.5},
+        {"momentum_power": math.inf},
+        {"momentum_power": -1.0},
+    ],
+)
+def test_momentum_pg_rejects_bad_numbers_naming_them(cls, kwargs):
+    ((name, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=name) as err:
+        cls(_param(), **kwargs)
+    assert repr(value) in str(err.value)
+
+
+@pytest.mark.parametrize("cls", MOMENTUM_CLASSES)
+def test_momentum_pg_rejects_wrong_types(cls):
+    with pytest.raises(TypeError, match="lr"):
+        cls(_param(), lr="0.1")
+    with pytest.raises(TypeError, match="lr"):
+        cls(_param(), lr=True)
+
+
+def test_normalize_and_generator_types():
+    with pytest.raises(TypeError, match="normalize"):
+        NHARPG(_param(), normalize="yes")
+    with pytest.raises(TypeError, match="generator"):
+        NHARPG(_param(), generator=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"delta": math.inf},
+        {"delta": 0.0},
+        {"damping": math.inf},
+        {"damping": math.nan},
+        {"damping": -1.0},
+        {"cg_iters": 0},
+        {"cg_iters": True},
+        {"cg_iters": 2.5},
+        {"cg_tol": math.nan},
+        {"cg_tol": 1.0},
+        {"cg_tol": -1e-3},
+        {"max_backtracks": 0},
+        {"backtrack_ratio": 0.0},
+        {"backtrack_ratio": math.nan},
+        {"kl_tolerance": math.inf},
+        {"kl_tolerance": 0.0},
+    ],
+)
+def test_npg_rejects_bad_numbers_naming_them(kwargs):
+    ((name, _),) = kwargs.items()
+    with pytest.raises(ValueError, match=name):
+        NPG(_param(), **kwargs)
+
+
+def test_npg_zero_damping_only_with_cg():
+    NPG(_param(), damping=0.0, solver="cg")
+    with pytest.raises(ValueError, match="damping"):
+        NPG(_param(), damping=0.0, solver="mfac")
+    with pytest.raises(TypeError, match="backtrack"):
+        NPG(_param(), backtrack="no")
+
+
+def test_valid_edges_are_accepted():
+    NHARPG(_param(), lr=1e-3, lr_power=0.0, momentum=1.0, momentum_power=0.0)
+    NPG(_param(), cg_tol=0.0, damping=0.0)
+
+
+def test_step_size_schedule_that_overflows_is_an_error():
+    group = {"lr": 1.0, "lr_power": 1.0, "lr_schedule": lambda t: math.inf}
+    with pytest.raises(ValueError, match="step-size schedule"):
+        MomentumPolicyGradient.step_size(group, 3)
+    group["lr_schedule"] = None
+    assert MomentumPolicyGradient.step_size(group, 2) == pytest.approx(0.5)
