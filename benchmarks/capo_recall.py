@@ -13,7 +13,9 @@ prompts x G = 8 samples per step: GRPO at the small lr (the reference), GRPO at 
 last-layer CAPO at the large lr (``CAPOLoss`` with the SGD direction model over the full
 vocabulary, thresholds at the p-th percentile of one calibration batch, as in capo.py), and the
 whole-model KL-budget mask of capo_compare.py at the large lr (budget: the predicted whole-model
-KL of a small-lr step on one calibration batch).
+KL of a small-lr step on one calibration batch), and, as a control that acts on the size of the
+step instead of on tokens, a whole-model KL trust region (the large lr scaled per step so that the
+predicted whole-model KL of the step fits the same budget).
 
 Prints per arm: start (first 5 steps) and final (last 20) reward, collapse (final < half the
 warm start's reward, i.e. the first 5 steps of small-lr GRPO of the same seed), rejected
@@ -38,6 +40,7 @@ import time
 import torch
 
 from curvopt.rl.capo import CAPOLoss
+from curvopt.rl.capo_whole_model import predict_step_kl
 from curvopt.rl.grpo import GRPOTrainer, group_advantages
 from curvopt.rl.recall_task import PromptPositionPolicy, RecallTask, supervised_warmstart
 from curvopt.rl.token_losses import grpo_loss
@@ -106,6 +109,67 @@ def run_whole_model(seed, task, state, args):
     )
 
 
+def run_trust_region(seed, task, state, args):
+    """Large-lr GRPO whose step is scaled down so that its predicted whole-model KL fits δ.
+
+    Not a token mask: every token stays, and the lr of the step is multiplied by
+    ``min(1, sqrt(δ / KL̂))`` (the SGD step's KL is quadratic in the lr), with ``KL̂`` the
+    whole-model prediction of the planned step (trial step on a copy, one JVP) and ``δ`` the
+    same budget as the whole-model mask's.
+    """
+    torch.manual_seed(seed + 1000)
+    policy = make_policy(task, args)
+    policy.load_state_dict(state)
+    opt = torch.optim.SGD(policy.parameters(), lr=args.large_lr)
+    lp = task.prompt_len
+
+    def predicted_kl(optimizer, seq, comp, adv):
+        step, _ = capo_compare.trial_step(policy, optimizer, seq, comp, adv, lp)
+        informative = (adv != 0)[:, None].expand_as(comp)
+        return float(
+            predict_step_kl(policy, step, seq, mask=informative, output_fn=lambda z: z[:, lp - 1 :])
+        )
+
+    cal = torch.Generator().manual_seed(seed + 3000)
+    seq, comp, rewards = capo_compare.batch(policy, task, cal, args.prompts)
+    small = torch.optim.SGD(policy.parameters(), lr=args.small_lr)
+    budget = predicted_kl(small, seq, comp, group_advantages(rewards, GROUP))
+    gen = torch.Generator().manual_seed(seed + 2000)
+    keys = ("reward", "rejected_fraction", "realized_kl", "realized_head_kl", "lr_scale")
+    hist = {k: [] for k in keys}
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        seq, comp, rewards = capo_compare.batch(policy, task, gen, args.prompts)
+        adv = group_advantages(rewards, GROUP)
+        scale = 1.0
+        if bool((adv != 0).any()):
+            opt.param_groups[0]["lr"] = args.large_lr
+            kl = predicted_kl(opt, seq, comp, adv)
+            scale = min(1.0, math.sqrt(budget / kl)) if kl > 0 else 1.0
+        opt.param_groups[0]["lr"] = args.large_lr * scale
+        h = policy.hidden_states(seq)[:, lp - 1 :]
+        logits = policy.head(h)
+        logp = torch.log_softmax(logits, -1).gather(-1, comp[..., None]).squeeze(-1)
+        loss = grpo_loss(logp, logp.detach(), adv, torch.ones_like(comp, dtype=torch.bool))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            old = logits.detach()
+            hist["realized_kl"].append(
+                float(capo_compare._kl_rows(old, policy(seq)[:, lp - 1 :]).mean())
+            )
+            hist["realized_head_kl"].append(
+                float(capo_compare._kl_rows(old, policy.head(h.detach())).mean())
+            )
+        hist["reward"].append(float(rewards.mean()))
+        hist["rejected_fraction"].append(0.0)
+        hist["lr_scale"].append(scale)
+    hist["seconds"] = time.perf_counter() - t0
+    hist["budget"] = budget
+    return hist
+
+
 def concentration(seed, task, state, args):
     """Top-1 %/5 % tokens' share of the large-lr step's predicted KL; head share of that KL."""
     policy = make_policy(task, args)
@@ -171,8 +235,15 @@ def summarize(res, arms, args):
             f"| {name} | {lr:g} | {fmt(st, '{:.2f}')} | {fmt(fin, '{:.2f}')} | {col}/{len(hs)} "
             f"| {fmt(rej, '{:.3f}')} | {fmt(smp, '{:.0f}')} | {fmt(share, '{:.2f}')} | {ms:.1f} |"
         )
-    budgets = " / ".join(f"{h['budget']:.2e}" for h in res[arms[-1][0]])
+    budgets = " / ".join(f"{h['budget']:.2e}" for h in res["whole-model CAPO"])
     print(f"\nwhole-model KL budgets per seed: {budgets}")
+    hs = res["whole-model KL trust region"]
+    scales = " / ".join(f"{sum(h['lr_scale']) / len(h['lr_scale']):.3f}" for h in hs)
+    print(f"trust region: mean lr scale per seed {scales}")
+    print("median realized whole-model KL per step, per seed:")
+    for name, _, _ in arms:
+        meds = [float(torch.tensor(h["realized_kl"]).median()) for h in res[name]]
+        print(f"  {name}: " + " / ".join(f"{m:.2e}" for m in meds))
 
 
 def plot(res, arms, args):
@@ -224,6 +295,7 @@ def main(argv=None) -> int:
     arms = [("GRPO small lr", args.small_lr, None), ("GRPO large lr", args.large_lr, None)]
     arms += [(f"last-layer CAPO p{q:g}", args.large_lr, q) for q in args.percentiles]
     arms += [("whole-model CAPO", args.large_lr, "whole")]
+    arms += [("whole-model KL trust region", args.large_lr, "trust")]
     res = {name: [] for name, _, _ in arms}
     conc = []
     for seed in range(args.seeds):
@@ -232,6 +304,8 @@ def main(argv=None) -> int:
         for name, lr, kind in arms:
             if kind == "whole":
                 h = run_whole_model(seed, task, state, args)
+            elif kind == "trust":
+                h = run_trust_region(seed, task, state, args)
             else:
                 h = run_arm(lr, kind, seed, task, state, args)
             res[name].append(h)
