@@ -45,8 +45,8 @@ import capo as capo_bench  # noqa: E402  (the same warm start, arms, schedule an
 GROUP = capo_bench.GROUP
 
 
-def trial_step(policy, opt, seq, comp, adv, lp):
-    """Δθ of an optimizer step on all tokens, and D (the optimizer's weight of the new gradient).
+def trial_step(policy, opt, seq, comp, adv, lp, keep=None):
+    """Δθ of an optimizer step on all (or the ``keep``) tokens, and D (its weight of a gradient).
 
     Taken on copies. Adam: ``D = lr (1−β₁)/(1−β₁^k) / (sqrt(v̂_k) + eps)``; plain SGD (no
     momentum, no weight decay): ``D = lr``.
@@ -54,7 +54,8 @@ def trial_step(policy, opt, seq, comp, adv, lp):
     pol, o = copy.deepcopy((policy, opt))
     logits = pol(seq)[:, lp - 1 :]
     logp = torch.log_softmax(logits, -1).gather(-1, comp[..., None]).squeeze(-1)
-    loss = grpo_loss(logp, logp.detach(), adv, torch.ones_like(comp, dtype=torch.bool))
+    keep = torch.ones_like(comp, dtype=torch.bool) if keep is None else keep
+    loss = grpo_loss(logp, logp.detach(), adv, keep)
     o.zero_grad()
     loss.backward()
     o.step()

@@ -171,32 +171,67 @@ def run_trust_region(seed, task, state, args):
 
 
 def concentration(seed, task, state, args):
-    """Top-1 %/5 % tokens' share of the large-lr step's predicted KL; head share of that KL."""
+    """One large-lr SGD step on a warm-start batch, taken apart.
+
+    Returns the top-1 %/5 % tokens' share of the step's predicted whole-model KL, the predicted
+    KL, the realized KL of the head's part alone and of the whole step, the budget δ (predicted
+    KL of a small-lr step on the same batch), the fraction of tokens the whole-model mask drops
+    for it, and the realized KL of the masked step.
+    """
     policy = make_policy(task, args)
     policy.load_state_dict(state)
+    lp = task.prompt_len
     opt = torch.optim.SGD(policy.parameters(), lr=args.large_lr)
     gen = torch.Generator().manual_seed(seed + 5000)
     seq, comp, rewards = capo_compare.batch(policy, task, gen, args.prompts)
     adv = group_advantages(rewards, GROUP)
-    c, informative, kl = capo_compare.whole_model_attributions(
-        policy, opt, seq, comp, adv, task.prompt_len
-    )
+    c, informative, kl = capo_compare.whole_model_attributions(policy, opt, seq, comp, adv, lp)
     vals = c[informative].sort(descending=True).values
     total = float(vals.sum())
     shares = [float(vals[: max(1, round(f * len(vals)))].sum()) / total for f in (0.01, 0.05)]
-    step, _ = capo_compare.trial_step(policy, opt, seq, comp, adv, task.prompt_len)
-    with torch.no_grad():  # the head's part: the same step applied to the head only
-        names = [n for n, _ in policy.named_parameters()]
-        h = policy.hidden_states(seq)[:, task.prompt_len - 1 :]
-        old = policy.head(h)
-        dw, db = (s for n, s in zip(names, step) if n.startswith("head."))
-        new = h @ (policy.head.weight + dw).T + policy.head.bias + db
-        new_full = torch.func.functional_call(
-            policy, {n: p + s for n, p, s in zip(names, policy.parameters(), step)}, (seq,)
-        )[:, task.prompt_len - 1 :]
-        head_kl = float(capo_compare._kl_rows(old, new).mean())
-        full_kl = float(capo_compare._kl_rows(old, new_full).mean())
-    return shares, float(kl), head_kl, full_kl
+    small = torch.optim.SGD(policy.parameters(), lr=args.small_lr)
+    _, _, budget = capo_compare.whole_model_attributions(policy, small, seq, comp, adv, lp)
+    keep = capo_compare.budget_mask(c, informative, float(budget))
+    names = [n for n, _ in policy.named_parameters()]
+
+    def realized(step, head_only=False):
+        with torch.no_grad():
+            h = policy.hidden_states(seq)[:, lp - 1 :]
+            old = policy.head(h)
+            if head_only:
+                dw, db = (s for n, s in zip(names, step) if n.startswith("head."))
+                new = h @ (policy.head.weight + dw).T + policy.head.bias + db
+            else:
+                moved = {n: p + s for n, p, s in zip(names, policy.parameters(), step)}
+                new = torch.func.functional_call(policy, moved, (seq,))[:, lp - 1 :]
+            return float(capo_compare._kl_rows(old, new).mean())
+
+    step, _ = capo_compare.trial_step(policy, opt, seq, comp, adv, lp)
+    masked, _ = capo_compare.trial_step(policy, opt, seq, comp, adv, lp, keep)
+    return {
+        "shares": shares,
+        "predicted": float(kl),
+        "head": realized(step, head_only=True),
+        "whole": realized(step),
+        "budget": float(budget),
+        "dropped": float((~keep).float().mean()),
+        "masked": realized(masked),
+    }
+
+
+def print_concentration(conc, args):
+    print(
+        f"\nwarm-start batch, one SGD step at lr {args.large_lr:g}, per seed: top-1 % / top-5 % "
+        "tokens' share of the predicted whole-model KL | predicted KL | realized KL of the head's "
+        "part alone / of the whole step | budget δ | whole-model mask: dropped tokens, realized "
+        "KL of the masked step"
+    )
+    for seed, d in enumerate(conc):
+        print(
+            f"  seed {seed}: {d['shares'][0]:.2f} / {d['shares'][1]:.2f} | {d['predicted']:.3g} | "
+            f"{d['head']:.3g} / {d['whole']:.3g} | {d['budget']:.3g} | {d['dropped']:.3f}, "
+            f"{d['masked']:.3g}"
+        )
 
 
 def summarize(res, arms, args):
@@ -287,6 +322,9 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=16)
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument(
+        "--diagnose", action="store_true", help="only the one-step warm-start diagnostics"
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.no_plot = 1, 60, True
@@ -301,6 +339,8 @@ def main(argv=None) -> int:
     for seed in range(args.seeds):
         task, state = setup(seed, args)
         conc.append(concentration(seed, task, state, args))
+        if args.diagnose:
+            continue
         for name, lr, kind in arms:
             if kind == "whole":
                 h = run_whole_model(seed, task, state, args)
@@ -314,16 +354,9 @@ def main(argv=None) -> int:
                 f"rejected {sum(h['rejected_fraction']) / args.steps:.3f} {h['seconds']:.0f}s",
                 flush=True,
             )
-    print(
-        f"\nwarm-start batch, one SGD step at lr {args.large_lr:g} "
-        "(per seed: top-1 % / top-5 % tokens' share of the predicted whole-model KL; "
-        "predicted KL; realized KL of the head's part alone / of the whole step):"
-    )
-    for seed, (shares, kl, head_kl, full_kl) in enumerate(conc):
-        print(
-            f"  seed {seed}: {shares[0]:.2f} / {shares[1]:.2f}; predicted {kl:.3g}; "
-            f"realized head {head_kl:.3g} / whole {full_kl:.3g}"
-        )
+    print_concentration(conc, args)
+    if args.diagnose:
+        return 0
     summarize(res, arms, args)
     if not args.no_plot:
         plot(res, arms, args)
