@@ -19,14 +19,17 @@ predicted whole-model KL of the step fits the same budget).
 
 Prints per arm: start (first 5 steps) and final (last 20) reward, collapse (final < half the
 warm start's reward, i.e. the first 5 steps of small-lr GRPO of the same seed), rejected
-fraction, samples to the target (half-way from start to the best 20-step mean of small-lr GRPO,
-median seed), the head's share of the realized KL of each step (median over the
-steps: KL of the new head on the old hidden states / KL of the whole update) and ms per step. Also
-prints, on one warm-start batch, which share of the large-lr step's predicted whole-model KL the
-top 1 % and 5 % of tokens carry (``token_kl_attributions``) and the head's share of it.
+fraction, final entropy per token (last 20 steps), samples to the target (half-way from start to
+the best 20-step mean of small-lr GRPO, median seed), the head's share of the realized KL of each
+step (median over the steps: KL of the new head on the old hidden states / KL of the whole
+update) and ms per step. Before the runs, one large-lr step on a warm-start batch is taken apart
+(``concentration``): the share of its predicted whole-model KL that the top 1 % and 5 % of tokens
+carry (``token_kl_attributions``), the head's share of its realized KL, and the realized KL of the
+same step under the whole-model mask.
 
-Usage: python benchmarks/capo_recall.py [--quick] [--seeds 5] [--steps 300]
-(``--quick``: 1 seed, 60 steps, no plot; about a minute.)
+Usage: python benchmarks/capo_recall.py [--quick] [--diagnose] [--seeds 5] [--steps 300]
+(``--quick``: 1 seed, 60 steps, no plot, under a minute; ``--diagnose``: only the one-step
+analysis. The full run: 6.5 min wall on the shared 2-core CPU.)
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ def run_arm(lr, percentile, seed, task, state, args):
         )
     gen = torch.Generator().manual_seed(seed + 2000)
     trainer = GRPOTrainer(policy, opt, grpo_loss, GROUP, capo=capo, generator=gen)
-    hist = {k: [] for k in ("reward", "rejected_fraction", "realized_kl", "realized_head_kl")}
+    keys = ("reward", "rejected_fraction", "realized_kl", "realized_head_kl", "entropy")
+    hist = {k: [] for k in keys}
     t0 = time.perf_counter()
     for _ in range(args.steps):
         prompts, answers = task.sample(args.prompts, gen)
@@ -136,6 +140,7 @@ def run_trust_region(seed, task, state, args):
     budget = predicted_kl(small, seq, comp, group_advantages(rewards, GROUP))
     gen = torch.Generator().manual_seed(seed + 2000)
     keys = ("reward", "rejected_fraction", "realized_kl", "realized_head_kl", "lr_scale")
+    keys += ("entropy",)
     hist = {k: [] for k in keys}
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -156,6 +161,8 @@ def run_trust_region(seed, task, state, args):
         opt.step()
         with torch.no_grad():
             old = logits.detach()
+            p = torch.softmax(old, -1)
+            hist["entropy"].append(float(-(p * torch.log_softmax(old, -1)).sum(-1).mean()))
             hist["realized_kl"].append(
                 float(capo_compare._kl_rows(old, policy(seq)[:, lp - 1 :]).mean())
             )
@@ -245,9 +252,9 @@ def summarize(res, arms, args):
     )
     print(
         "| arm | lr | start reward | final reward | collapsed | rejected tokens "
-        "| samples to target | head share of KL (median) | ms/step |"
+        "| final entropy | samples to target | head share of KL (median) | ms/step |"
     )
-    print("|" + "---|" * 9)
+    print("|" + "---|" * 10)
 
     def fmt(xs, f):
         return " / ".join("never" if x == math.inf else f.format(x) for x in xs)
@@ -265,10 +272,12 @@ def summarize(res, arms, args):
             full, head = torch.tensor(h["realized_kl"]), torch.tensor(h["realized_head_kl"])
             ok = full > 1e-12
             share.append(float((head[ok] / full[ok]).median()) if ok.any() else math.nan)
+        ent = [sum(h["entropy"][-W:]) / W for h in hs]
         ms = sum(h["seconds"] for h in hs) / sum(len(h["reward"]) for h in hs) * 1e3
         print(
             f"| {name} | {lr:g} | {fmt(st, '{:.2f}')} | {fmt(fin, '{:.2f}')} | {col}/{len(hs)} "
-            f"| {fmt(rej, '{:.3f}')} | {fmt(smp, '{:.0f}')} | {fmt(share, '{:.2f}')} | {ms:.1f} |"
+            f"| {fmt(rej, '{:.3f}')} | {fmt(ent, '{:.2f}')} | {fmt(smp, '{:.0f}')} "
+            f"| {fmt(share, '{:.2f}')} | {ms:.1f} |"
         )
     budgets = " / ".join(f"{h['budget']:.2e}" for h in res["whole-model CAPO"])
     print(f"\nwhole-model KL budgets per seed: {budgets}")
