@@ -298,6 +298,7 @@ def plot(res, arms, args):
 
     per_step = args.prompts * GROUP
     colors = ["tab:blue", "tab:red", "tab:green", "tab:olive", "tab:purple", "tab:orange"]
+    colors += ["tab:brown", "tab:cyan"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for (name, lr, _), c in zip(arms, colors):
         for i, h in enumerate(res[name]):
