@@ -1,12 +1,12 @@
 """GRPO vs last-layer CAPO vs whole-model CAPO on a toy where the head carries the step's KL.
 
-Issue #16, parts 2(a) and 2(c). Task and policy: ``curvopt.rl.recall_task`` (each of 64 one-token
-prompts has a secret 4-token answer over a vocabulary of V = 512; partial-credit reward; policy
-``LayerNorm(prompt embedding + position embedding)`` -> linear head, H = 16, so 8,720 of the
-10,096 parameters are the head's). Plain SGD, constant lr, no normalization of the step, so its
-size follows the data: a token's head gradient is ``A (e_a − π) hᵀ / (B T)``, largest for rare
-tokens with a large ``|A|`` (the wrong tokens of a completion that scored above its group share
-its positive advantage).
+Issue #16, parts 2(a) and 2(c). Task and policy: ``curvopt.rl.recall_task`` (each of 64
+one-token prompts has a secret 4-token answer over a vocabulary of V = 512; partial-credit reward;
+policy ``LayerNorm(prompt embedding + position embedding)`` -> linear head, H = 16: 8,704 of the
+17,008 parameters are the head's, 8,192 the embedding table of which 64 rows are used). Plain
+SGD, constant lr, no normalization of the step, so its size follows the data: a token's head
+gradient is ``A (e_a − π) hᵀ / (B T)``, largest for rare tokens with a large ``|A|`` (the wrong
+tokens of a completion that scored above its group share its positive advantage).
 
 Arms per seed, all from the same supervised warm start (50 Adam steps of teacher forcing), 8
 prompts x G = 8 samples per step: GRPO at the small lr (the reference), GRPO at the large lr,
