@@ -8,11 +8,12 @@ advantage: a few rare tokens with a large ``|A|``).
 
 **Policy.** :class:`PromptPositionPolicy` has a deliberately small body: the hidden state at
 completion position ``t`` is ``h_t = LayerNorm(E[prompt] + P[t])`` (a prompt embedding plus a
-position embedding, ``H`` numbers each), followed by a linear head over the ``V`` tokens. With
-``V ≫ H`` almost all parameters and, measured in ``benchmarks/capo_recall.py``, most of a step's
-KL sit in the head, which is the case CAPO's last-layer curvature model is built for. The ``H``-
-dimensional hidden states of different prompts overlap, so a large head update driven by one
-prompt's tokens also moves the other prompts' policies.
+position embedding, ``H`` numbers each), followed by a linear head over the ``V`` tokens. Of the
+trainable weights only the head's ``V (H + 1)`` and the used prompts' embedding rows get
+gradients, and (measured in ``benchmarks/capo_recall.py``) the head carries most of a step's KL:
+the case CAPO's last-layer curvature model is built for. The ``H``-dimensional hidden states of
+different prompts overlap, so a large head update driven by one prompt's tokens also moves the
+other prompts' policies.
 
 Example:
     >>> task = RecallTask(num_prompts=8, vocab_size=64, answer_len=3, seed=0)
