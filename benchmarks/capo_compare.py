@@ -35,7 +35,7 @@ import time
 import torch
 
 from curvopt.rl.capo_whole_model import token_kl_attributions
-from curvopt.rl.grpo import group_advantages
+from curvopt.rl.grpo import _kl_rows, group_advantages
 from curvopt.rl.sequence_policy import GRUPolicy, sample_tokens
 from curvopt.rl.token_losses import grpo_loss
 
@@ -45,23 +45,34 @@ import capo as capo_bench  # noqa: E402  (the same warm start, arms, schedule an
 GROUP = capo_bench.GROUP
 
 
-def trial_step(policy, opt, seq, comp, adv, lp):
-    """Δθ of an Adam step on all tokens, and D (Adam's weight of the new gradient), on copies."""
+def trial_step(policy, opt, seq, comp, adv, lp, keep=None):
+    """Δθ of an optimizer step on all (or the ``keep``) tokens, and D (its weight of a gradient).
+
+    Taken on copies. Adam: ``D = lr (1−β₁)/(1−β₁^k) / (sqrt(v̂_k) + eps)``; plain SGD (no
+    momentum, no weight decay): ``D = lr``.
+    """
     pol, o = copy.deepcopy((policy, opt))
     logits = pol(seq)[:, lp - 1 :]
     logp = torch.log_softmax(logits, -1).gather(-1, comp[..., None]).squeeze(-1)
-    loss = grpo_loss(logp, logp.detach(), adv, torch.ones_like(comp, dtype=torch.bool))
+    keep = torch.ones_like(comp, dtype=torch.bool) if keep is None else keep
+    loss = grpo_loss(logp, logp.detach(), adv, keep)
     o.zero_grad()
     loss.backward()
     o.step()
     step, precond = [], []
     group = o.param_groups[0]
-    b1, b2 = group["betas"]
+    is_sgd = isinstance(o, torch.optim.SGD)
+    if is_sgd and (group["momentum"] or group["weight_decay"]):
+        raise ValueError("the SGD weight model covers plain SGD only (no momentum/weight decay)")
     for p_new, p_old in zip(pol.parameters(), policy.parameters()):
+        step.append(p_new.detach() - p_old.detach())
+        if is_sgd:
+            precond.append(torch.full_like(p_new, group["lr"]))
+            continue
+        b1, b2 = group["betas"]
         st = o.state[p_new]
         k = int(st["step"])
         v_hat = st["exp_avg_sq"] / (1 - b2**k)
-        step.append(p_new.detach() - p_old.detach())
         precond.append(group["lr"] * (1 - b1) / (1 - b1**k) / (v_hat.sqrt() + group["eps"]))
     return step, precond
 
@@ -102,40 +113,51 @@ def budget_mask(c, informative, budget):
     return flat.reshape(keep.shape) | ~informative
 
 
-def batch(policy, task, gen):
-    prompts, answers = task.sample(8, gen)
+def batch(policy, task, gen, prompts_per_step=8):
+    prompts, answers = task.sample(prompts_per_step, gen)
     rep = prompts.repeat_interleave(GROUP, 0)
     comp = sample_tokens(policy, rep, task.answer_len, gen)
     rewards = task.reward(comp, answers.repeat_interleave(GROUP, 0)).float()
     return torch.cat([rep, comp], 1)[:, :-1], comp, rewards
 
 
-def run_whole_model_arm(lr, seed, task, state, args):
+def run_whole_model_arm(lr, seed, task, state, args, make_policy=None, make_opt=None, lr_fn=None):
+    """GRPO with the whole-model KL-budget mask; returns the per-step history.
+
+    Defaults: the addition toy's GRU policy, Adam and capo.py's warmup-cosine schedule; the
+    recall toy (benchmarks/capo_recall.py) passes its own policy, SGD and a constant lr.
+    """
+    if make_policy is None:
+        make_policy = lambda: GRUPolicy(task.vocab_size, args.hidden)  # noqa: E731
+    make_opt = make_opt or torch.optim.Adam
+    lr_fn = lr_fn or (lambda k: capo_bench.lr_factor(k, args))
     torch.manual_seed(seed + 1000)
-    policy = GRUPolicy(task.vocab_size, args.hidden)
+    policy = make_policy()
     policy.load_state_dict(state)
-    opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    lp = task.prompt_len
+    opt = make_opt(policy.parameters(), lr=lr)
+    lp, n_prompts = task.prompt_len, args.prompts
     # calibration: the predicted whole-model KL of a small-lr step on one batch is the budget δ
     cal_gen = torch.Generator().manual_seed(seed + 3000)
-    seq, comp, rewards = batch(policy, task, cal_gen)
-    small = torch.optim.Adam(policy.parameters(), lr=args.small_lr)
+    seq, comp, rewards = batch(policy, task, cal_gen, n_prompts)
+    small = make_opt(policy.parameters(), lr=args.small_lr)
     _, _, budget = whole_model_attributions(
         policy, small, seq, comp, group_advantages(rewards, GROUP), lp
     )
     budget = float(budget)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: capo_bench.lr_factor(k, args))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
     gen = torch.Generator().manual_seed(seed + 2000)
-    hist = {"reward": [], "rejected_fraction": [], "entropy": []}
+    hist = {"reward": [], "rejected_fraction": [], "entropy": [], "realized_kl": []}
+    hist["realized_head_kl"] = []
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        seq, comp, rewards = batch(policy, task, gen)
+        seq, comp, rewards = batch(policy, task, gen, n_prompts)
         adv = group_advantages(rewards, GROUP)
         keep = torch.ones_like(comp, dtype=torch.bool)
         if bool((adv != 0).any()):
             c, informative, _ = whole_model_attributions(policy, opt, seq, comp, adv, lp)
             keep = budget_mask(c, informative, budget)
-        logits = policy(seq)[:, lp - 1 :]
+        h = policy.hidden_states(seq)[:, lp - 1 :]
+        logits = policy.head(h)
         logp = torch.log_softmax(logits, -1).gather(-1, comp[..., None]).squeeze(-1)
         loss = grpo_loss(logp, logp.detach(), adv, keep)
         opt.zero_grad()
@@ -145,6 +167,9 @@ def run_whole_model_arm(lr, seed, task, state, args):
         with torch.no_grad():
             p = torch.softmax(logits, -1)
             hist["entropy"].append(float(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()))
+            old = logits.detach()
+            hist["realized_kl"].append(float(_kl_rows(old, policy(seq)[:, lp - 1 :]).mean()))
+            hist["realized_head_kl"].append(float(_kl_rows(old, policy.head(h.detach())).mean()))
         hist["reward"].append(float(rewards.mean()))
         hist["rejected_fraction"].append(float((~keep).float().mean()))
     hist["seconds"] = time.perf_counter() - t0
