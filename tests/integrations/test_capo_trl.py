@@ -13,15 +13,6 @@ from trl import GRPOTrainer  # noqa: E402
 
 from curvopt.integrations.trl import CAPOGRPOTrainer  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 _trainer = th.trainer
 
 

@@ -16,14 +16,6 @@ from curvopt.rl.capo_penalty import CAPOPenalty  # noqa: E402
 INF = {"capo_tau_h": math.inf, "capo_tau_f": math.inf}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_zero_coefficient_equals_trl_and_a_positive_one_trains_differently(tmp_path):
     cfg = {"loss_type": "grpo", "max_steps": 2}
     ref = th.trainer(GRPOTrainer, tmp_path, cfg=cfg)
