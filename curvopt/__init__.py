@@ -32,3 +32,28 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
     _os.path.join(_kernels_src, "__init__.py")
 ):
     _sys.meta_path.insert(0, _SourceKernelsFinder(_kernels_src))
+
+#: subpackages loaded on first attribute access (``curvopt.kernels``), so that ``import curvopt``
+#: (and ``curvopt --help``) stays free of torch
+_SUBPACKAGES = frozenset(
+    {
+        "bench",
+        "curvature",
+        "distributed",
+        "integrations",
+        "kernels",
+        "mfac",
+        "optim",
+        "prune",
+        "rl",
+        "utils",
+    }
+)
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
