@@ -52,3 +52,83 @@ def test_every_subcommand_help_shows_defaults(capsys):
             main([command, "--help"])
         out = capsys.readouterr().out
         assert "default" in out and "--seed" in out
+
+
+# --- a plain install: fast --help/--version, missing extras --------------------------------------
+
+import json  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+
+from curvopt.cli import SUBCOMMANDS  # noqa: E402
+
+# Runs `main(argv)` in a fresh interpreter where the top-level modules BLOCKED cannot be imported
+# (as after a plain `pip install curvopt`), then prints the exit status and what got imported.
+_RUNNER = textwrap.dedent(
+    """
+    import json, sys
+    BLOCKED, argv = set(sys.argv[1].split(",")) - {""}, json.loads(sys.argv[2])
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    sys.meta_path.insert(0, Block())
+    from curvopt.cli import main
+    try:
+        code = main(argv)
+    except SystemExit as exit:
+        code = exit.code
+    print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
+    """
+)
+
+
+def _run_cli(argv, blocked=()):
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, ",".join(blocked), json.dumps(argv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    *lines, last = proc.stderr.strip().splitlines()
+    result = json.loads(last)
+    return result["code"], proc.stdout, "\n".join(lines), set(result["modules"])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], []])
+def test_help_and_version_import_neither_torch_nor_subcommands(argv):
+    code, out, err, modules = _run_cli(argv)
+    assert code == 0 and "curvopt" in out, err
+    assert "torch" not in modules and "numpy" not in modules
+    for command in SUBCOMMANDS.values():
+        assert command.module not in modules
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_missing_extra_exits_2_with_one_line_naming_it(command):
+    blocked = SUBCOMMANDS[command].needs
+    code, out, err, modules = _run_cli([command], blocked=blocked)
+    assert code == 2
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith(f"curvopt {command}: needs ") and 'pip install "curvopt[bench]"' in err
+    assert "torch" not in modules  # refused before any work
+
+
+def test_extra_needed_by_one_option_is_named_too():
+    # the tinylm problem is the only one that needs transformers ([lm])
+    code, out, err, _ = _run_cli(["bench", "--problem", "tinylm"], blocked=["transformers"])
+    assert code == 2
+    assert err.splitlines()[-1] == (
+        'curvopt bench: needs transformers (not installed); install with: pip install "curvopt[lm]"'
+    )
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["frobnicate"], ["--frobnicate"], ["demo", "--frobnicate"]])
+def test_unknown_command_or_option_is_one_usage_error(argv):
+    code, out, err, _ = _run_cli(argv)
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(("curvopt: error:", "curvopt demo: error:"))

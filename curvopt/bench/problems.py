@@ -304,7 +304,9 @@ def tiny_gpt2(
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError as err:  # pragma: no cover - optional dependency
-        raise ImportError("the tiny GPT-2 needs transformers: pip install 'curvopt[lm]'") from err
+        raise ImportError(
+            "the tiny GPT-2 needs transformers: pip install 'curvopt[lm]'", name="transformers"
+        ) from err
     config = GPT2Config(
         vocab_size=vocab_size,
         n_positions=seq_len,
