@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check --quiet
-# torch is pinned only here (pyproject keeps torch>=2.4): 2.13.0 is the CPU build on this machine's disk.
+# torch is pinned only here and in the lock (pyproject keeps torch>=2.4): 2.13.0 is the CPU build on
+# this machine's disk. Every other distribution that make installs is pinned in requirements.lock
+# (tools/lock.py checks it first: a broken lock is one line and exit 1). `make lock` re-resolves it.
 TORCH_PIN := torch==2.13.0
+LOCK := requirements.lock
+CHECK_LOCK = $(PYTHON) tools/lock.py check $(LOCK)
+# the extras of the development environment; "all" is every user-facing extra
+DEV_EXTRAS := dev,all
 STAMP := $(VENV)/.stamp-dev
 DOCS_STAMP := $(VENV)/.stamp-docs
 PYTEST := $(PY) -m pytest
@@ -12,30 +18,81 @@ PYTEST := $(PY) -m pytest
 # before triton is imported, so the kernel tests run in a pytest process of their own).
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test test-all bench bench-quick gpu-check docs lint format clean
+.PHONY: demo test test-all test-latest lock wheel-check bench bench-quick gpu-check docs lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install $(TORCH_PIN)
-	$(PIP) install -c .ci/constraints.txt -e ".[dev,gpu,rl,bench]"
-	# backpack (via curvlinops) pulls the registry's torchvision, which fails to import beside the CPU
-	# torch and breaks `import transformers`; neither curvlinops nor backpack needs it.
-	$(PIP) uninstall -y torchvision
+# $(call INSTALL,python,pip constraint args): one environment, bootstrapped the same way each time.
+# backpack (via curvlinops) pulls the registry's torchvision, which fails to import beside the CPU
+# torch and breaks `import transformers`; neither curvlinops nor backpack needs it.
+define INSTALL
+	$(1) -m pip --disable-pip-version-check --quiet install $(2) --upgrade pip setuptools wheel
+	$(1) -m pip --disable-pip-version-check --quiet install $(2) $(TORCH_PIN)
+	$(1) -m pip --disable-pip-version-check --quiet install $(2) -e ".[$(DEV_EXTRAS)]"
+	$(1) -m pip --disable-pip-version-check --quiet uninstall -y torchvision
+endef
+
+# $(call RUN_TESTS,python[,environment]): the fast suite (the kernels under Triton's interpreter,
+# in a process of their own)
+define RUN_TESTS
+	TRITON_INTERPRET=1 $(2) $(1) -m pytest $(PYTEST_ARGS) -m "not slow" tests/kernels
+	$(2) $(1) -m pytest $(PYTEST_ARGS) -m "not slow" --ignore=tests/kernels
+endef
+
+$(STAMP): pyproject.toml $(LOCK) | $(PY)
+	@$(CHECK_LOCK)
+	$(call INSTALL,$(PY),-c $(LOCK))
 	touch $(STAMP)
 
 $(DOCS_STAMP): $(STAMP)
-	$(PIP) install -c .ci/constraints.txt -e ".[docs]"
+	@$(CHECK_LOCK)
+	$(PIP) install -c $(LOCK) -e ".[docs]"
 	touch $(DOCS_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/curvopt bench --problem softmax --threads 1
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PYTEST) $(PYTEST_ARGS) -m "not slow" tests/kernels
-	$(PYTEST) $(PYTEST_ARGS) -m "not slow" --ignore=tests/kernels
+	$(call RUN_TESTS,$(PY))
+
+# Build the wheel, install it with the locked torch into a fresh venv and, from outside the source
+# tree, smoke-test it twice: alone (a plain `pip install curvopt`), then with [bench,gpu]. CI runs it.
+WHEEL_VENV := build/wheel-venv
+WHEEL_PIP = $(WHEEL_VENV)/bin/python -m pip --disable-pip-version-check --quiet
+wheel-check: $(STAMP)
+	rm -rf build/wheel $(WHEEL_VENV)
+	$(PIP) wheel --no-deps --no-build-isolation --wheel-dir build/wheel .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_PIP) install -c $(LOCK) $(TORCH_PIN)
+	$(WHEEL_PIP) install -c $(LOCK) build/wheel/curvopt-*.whl
+	cd $(WHEEL_VENV) && bin/python $(CURDIR)/.ci/wheel_smoke.py plain
+	$(WHEEL_PIP) install -c $(LOCK) "$$(ls build/wheel/curvopt-*.whl)[bench,gpu]"
+	cd $(WHEEL_VENV) && bin/python $(CURDIR)/.ci/wheel_smoke.py extras
+
+# Re-resolve requirements.lock: a fresh venv (.venv-lock) gets the newest versions that pyproject
+# allows (torch pinned), the lock is written from it, then .venv is rebuilt from it and the suite runs.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	$(call INSTALL,.venv-lock/bin/python,)
+	.venv-lock/bin/python -m pip --disable-pip-version-check --quiet install -e ".[docs]"
+	# torchvision is installed (then removed) by every bootstrap: pin the version pip picks for it
+	.venv-lock/bin/python -m pip --disable-pip-version-check --quiet install torchvision $(TORCH_PIN)
+	$(PYTHON) tools/lock.py write .venv-lock/bin/python $(LOCK)
+	rm -rf .venv-lock
+	rm -f $(STAMP) $(DOCS_STAMP)
+	$(MAKE) test
+
+# The newest versions that pyproject allows, without the lock, in a venv of their own (.venv-latest;
+# not in CI): a release that breaks curvopt shows up here first. docs/installation.md keeps the last
+# result. CURVOPT_UNLOCKED tells the lock's own test that this environment is not the locked one.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	$(call INSTALL,.venv-latest/bin/python,)
+	.venv-latest/bin/python -m pip list --format=freeze > .venv-latest/versions.txt
+	$(call RUN_TESTS,.venv-latest/bin/python,CURVOPT_UNLOCKED=1)
 
 # test-all also runs the property-based tests (tests/fuzz) with a large example budget.
 test-all: $(STAMP)
@@ -76,4 +133,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) site build *.egg-info
+	rm -rf $(VENV) .venv-lock .venv-latest site build *.egg-info

@@ -85,3 +85,83 @@ def test_gpu_check_imports_from_the_source_tree():
         "import transformers, curvopt.kernels, kernels; print(kernels.__name__)", env=env
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "kernels", proc.stderr[-2000:]
+
+
+# --- the locked environment ----------------------------------------------------------------------
+
+LOCK = ROOT / "requirements.lock"
+LOCK_TOOL = ROOT / "tools" / "lock.py"
+
+
+def _check_lock(path):
+    cmd = [sys.executable, str(LOCK_TOOL), "check", str(path)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_the_lock_is_well_formed_and_pins_torch():
+    proc = _check_lock(LOCK)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch==2.13.0" in LOCK.read_text().splitlines()
+
+
+@pytest.mark.skipif(
+    os.environ.get("CURVOPT_UNLOCKED") == "1", reason="make test-latest: not the locked environment"
+)
+def test_every_installed_distribution_is_pinned_at_its_version():
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name] = version
+    unpinned, different = [], []
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"].lower().replace("_", "-").replace(".", "-")
+        if name == "curvopt":
+            continue
+        if name not in pins:
+            unpinned.append(name)
+        elif pins[name] != dist.version.split("+")[0]:
+            different.append(f"{name} {dist.version} (lock: {pins[name]})")
+    assert not unpinned, f"installed but not in the lock: {unpinned}"
+    assert not different, f"installed at other versions than the lock's: {different}"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("torch==2.13.0\nnumpy>=2\n", ":2: expected `name==version`, got 'numpy>=2'"),
+        ("torch==2.13.0\ntorch==2.13.0\n", ":2: torch is pinned twice"),
+        ("# nothing\n", "the lock file pins nothing"),
+        ("torch == 2.13.0 ; extra\n", ":1: expected `name==version`"),
+        (None, "cannot read the lock file"),
+    ],
+)
+def test_a_broken_lock_is_one_line_and_exit_1(tmp_path, text, message):
+    path = tmp_path / "requirements.lock"
+    if text is not None:
+        path.write_text(text)
+    proc = _check_lock(path)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert message in proc.stderr
+
+
+def test_pyproject_ships_every_subpackage():
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "curvopt").rglob("__init__.py")
+    } | {"curvopt.kernels"}
+    assert listed == found
+    assert config["package-dir"]["curvopt.kernels"] == "kernels"
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert {"gpu", "rl", "bench", "lm", "trl", "all"} <= set(extras)
+    install_doc = (ROOT / "docs" / "installation.md").read_text()
+    for extra in ("gpu", "rl", "bench", "lm", "trl", "all"):
+        assert f"| `{extra}` |" in install_doc
