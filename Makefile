@@ -10,7 +10,7 @@ TORCH_PIN := torch==2.13.0
 LOCK := requirements.lock
 CHECK_LOCK = $(PYTHON) tools/lock.py check $(LOCK)
 # the extras of the development environment; "all" is every user-facing extra
-DEV_EXTRAS := dev,all
+DEV_EXTRAS := dev,all,baselines
 STAMP := $(VENV)/.stamp-dev
 DOCS_STAMP := $(VENV)/.stamp-docs
 PYTEST := $(PY) -m pytest

@@ -746,11 +746,13 @@ def part_launcher(dry_run: bool):
     return context
 
 
-def launch_part(number: int, out: Path, budget: float, dry_run: bool, launcher) -> dict:
+def launch_part(
+    number: int, out: Path, budget: float, dry_run: bool, launcher, grace: float = GRACE_S
+) -> dict:
     """Run one part in a process of its own; return its record (status, rows, notes, seconds).
 
     The part stops itself between cases once past its budget; a case still running
-    ``GRACE_S`` seconds after the budget is killed with its process.
+    ``grace`` seconds after the budget is killed with its process.
     """
     name = PARTS[number][0]
     record_path = out / "parts" / f"part{number}.json"
@@ -763,7 +765,7 @@ def launch_part(number: int, out: Path, budget: float, dry_run: bool, launcher) 
         name=f"gpu_check part {number}",
     )
     process.start()
-    process.join(budget + GRACE_S)
+    process.join(budget + grace)
     killed = process.is_alive()
     if killed:
         process.kill()
@@ -785,7 +787,7 @@ def launch_part(number: int, out: Path, budget: float, dry_run: bool, launcher) 
         }
     if killed:
         record["status"] = "over budget"
-        record["notes"].append(f"killed {GRACE_S:.0f} s after its budget while a case was running")
+        record["notes"].append(f"killed {grace:.0f} s after its budget while a case was running")
     elif record["status"] == "running":  # the process died before it finished its record
         record["status"] = "error"
         tail = log.read_text()[-1500:] if log.exists() else ""
@@ -1012,6 +1014,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--budget-scale", type=float, default=1.0, help="multiply every part's time budget"
     )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=GRACE_S,
+        help="seconds after its budget at which a part still running a case is killed",
+    )
     args = parser.parse_args(argv)
     out = args.out.resolve()
     try:
@@ -1022,6 +1030,8 @@ def main(argv=None) -> int:
         parser.error(f"--parts must be numbers from 1 to 5, got {args.parts!r}")
     if not args.budget_scale > 0:
         parser.error(f"--budget-scale must be > 0, got {args.budget_scale}")
+    if not args.grace >= 0:
+        parser.error(f"--grace must be >= 0, got {args.grace}")
     import torch
 
     dry_run = args.dry_run or not torch.cuda.is_available()
@@ -1034,7 +1044,7 @@ def main(argv=None) -> int:
     for number in sorted(set(numbers)):
         budget = PARTS[number][2] * args.budget_scale
         print(f"part {number} ({PARTS[number][0]}, budget {budget:.0f} s) ...", end=" ", flush=True)
-        record = launch_part(number, out, budget, dry_run, launcher)
+        record = launch_part(number, out, budget, dry_run, launcher, args.grace)
         print(f"{record['status']} in {record['seconds']:.1f} s", flush=True)
         records.append(record)
     report = {
