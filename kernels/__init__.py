@@ -24,5 +24,26 @@ if __name__ != "curvopt.kernels":  # pragma: no cover - exercised in a subproces
 
     _hand_over(__name__, __file__)
 else:
-    from ._api import *  # noqa: F403
-    from ._api import __all__  # noqa: F401
+    from ._api import (
+        combine,
+        combine_reference,
+        gram_diag,
+        gram_diag_reference,
+        multi_dot,
+        multi_dot_reference,
+        softmax_curvature,
+        softmax_curvature_reference,
+        use_triton,
+    )
+
+__all__ = [
+    "combine",
+    "combine_reference",
+    "gram_diag",
+    "gram_diag_reference",
+    "multi_dot",
+    "multi_dot_reference",
+    "softmax_curvature",
+    "softmax_curvature_reference",
+    "use_triton",
+]

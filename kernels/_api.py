@@ -60,16 +60,3 @@ def softmax_curvature(logits: Tensor, u: Tensor) -> Tensor:
     """
     impl = _triton_impl("softmax_curvature") if use_triton(logits) else None
     return (impl or softmax_curvature_reference)(logits, u)
-
-
-__all__ = [
-    "combine",
-    "combine_reference",
-    "gram_diag",
-    "gram_diag_reference",
-    "multi_dot",
-    "multi_dot_reference",
-    "softmax_curvature",
-    "softmax_curvature_reference",
-    "use_triton",
-]
