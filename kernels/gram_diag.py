@@ -144,14 +144,31 @@ if triton is not None:
                     other=0.0,
                 ).to(acc_ty)
                 if USE_DOT:
-                    tg = tl.dot(t, g, tg, input_precision="ieee")
+                    tg = tl.dot(t, g, tg, input_precision="ieee", out_dtype=acc_ty)
                 else:  # same product by broadcasting: the interpreter's dot is a slow loop
                     tg += tl.sum(t[:, :, None] * g[None, :, :], axis=1)
             s += tl.sum(tg * tg, axis=0)
         tl.store(S + cols, s, mask=col_ok)
 
 
-def _gram_diag_config(device: torch.device, m: int, cols: int, acc: torch.dtype):
+def _fp64_dot_lowers() -> bool:
+    """Whether this Triton lowers a float64 ``tl.dot`` on sm_90.
+
+    Triton 3.6 to 3.8 fail in ``ConvertTritonGPUToLLVM`` on it (tests/kernels/test_compile.py
+    compiles both paths for sm_90 with the installed Triton); 3.9 lowers it.
+    """
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 9)
+
+
+def _gram_diag_use_dot(device: torch.device, acc: torch.dtype) -> bool:
+    """The default of ``use_dot``: ``tl.dot`` on CUDA where this Triton lowers it."""
+    return device.type == "cuda" and (acc != torch.float64 or _fp64_dot_lowers())
+
+
+def _gram_diag_config(
+    device: torch.device, m: int, cols: int, acc: torch.dtype, use_dot: bool = True
+):
     """Block sizes ``(BLOCK_I, BLOCK_L, BLOCK_D, num_warps)``; ``tl.dot`` needs each >= 16."""
     if device.type != "cuda":  # interpreter: few large blocks
         block_i, block_l = max(16, min(next_power_of_2(m), 64)), 16
@@ -160,6 +177,8 @@ def _gram_diag_config(device: torch.device, m: int, cols: int, acc: torch.dtype)
     # Chosen so that ptxas (sm_90) reports no register spills: fp32 128 registers with 4 warps,
     # fp64 64 registers with 8 warps (see tests/kernels/test_compile.py).
     block_d = max(16, min(next_power_of_2(cols), 64))
+    if not use_dot:  # a (16, 8, BLOCK_D) broadcast product per step
+        return 16, 8, min(block_d, 32), 4
     if acc == torch.float64:
         return 32, 16, min(block_d, 32), 8
     return 32, 16, block_d, 4
@@ -181,9 +200,10 @@ def gram_diag_triton(
         G: ``(m, d)`` matrix in float32, bfloat16, float16 or float64.
         T: ``(nb, m, m)`` matrices, one per block.
         block_size: Coordinates per block, or None for one block.
-        use_dot: Form the tiles of ``T G`` with ``tl.dot`` (default on CUDA) or by a broadcast
-            product (default in the interpreter, whose ``tl.dot`` is a slow loop); tests set it
-            to check the GPU path in the interpreter.
+        use_dot: Form the tiles of ``T G`` with ``tl.dot`` (default on CUDA, except float64
+            accumulation under a Triton that cannot lower a float64 dot, before 3.9) or by a
+            broadcast product (default in the interpreter, whose ``tl.dot`` is a slow loop);
+            tests set it to check the GPU path in the interpreter.
 
     Returns:
         ``(d,)`` tensor in ``T``'s dtype.
@@ -194,7 +214,8 @@ def gram_diag_triton(
         return gram_diag_reference(G, T, block_size)
     acc = accumulation_dtype(T.dtype)
     s = torch.empty(d, dtype=acc, device=G.device)
-    block_i, block_l, block_d, num_warps = _gram_diag_config(G.device, m, min(B, d), acc)
+    use_dot = _gram_diag_use_dot(G.device, acc) if use_dot is None else bool(use_dot)
+    block_i, block_l, block_d, num_warps = _gram_diag_config(G.device, m, min(B, d), acc, use_dot)
     tiles_per_block = cdiv(min(B, d), block_d)
     _gram_diag_kernel[(nb * tiles_per_block,)](
         G,
@@ -212,7 +233,7 @@ def gram_diag_triton(
         BLOCK_I=block_i,
         BLOCK_L=block_l,
         BLOCK_D=block_d,
-        USE_DOT=G.is_cuda if use_dot is None else bool(use_dot),
+        USE_DOT=use_dot,
         num_warps=num_warps,
     )
     return s.to(T.dtype)

@@ -89,16 +89,24 @@ def test_combine_compiles(acc, k, k_pad):
 
 
 @pytest.mark.parametrize("acc", [torch.float32, torch.float64])
+@pytest.mark.parametrize("use_dot", [True, False])
 @compiler_process
-def test_gram_diag_compiles(acc):
-    from curvopt.kernels.gram_diag import _gram_diag_config, _gram_diag_kernel
+def test_gram_diag_compiles(acc, use_dot):
+    from curvopt.kernels.gram_diag import (
+        _gram_diag_config,
+        _gram_diag_kernel,
+        _gram_diag_use_dot,
+    )
 
-    block_i, block_l, block_d, warps = _gram_diag_config(torch.device("cuda"), 1024, 10**6, acc)
+    cuda = torch.device("cuda")
+    if use_dot and not _gram_diag_use_dot(cuda, acc):
+        pytest.skip(f"this Triton ({triton.__version__}) cannot lower a {acc} tl.dot: not used")
+    block_i, block_l, block_d, warps = _gram_diag_config(cuda, 1024, 10**6, acc, use_dot)
     acc_t = "fp32" if acc == torch.float32 else "fp64"
     sig = {"G": "*bf16", "T": f"*{acc_t}", "S": f"*{acc_t}"}
     sig |= _ints("m", "d", "block_size", "tiles_per_block", "stride_gm", "stride_gd")
     sig |= _ints("stride_tb", "stride_ti", "stride_tl")
-    consts = {"BLOCK_I": block_i, "BLOCK_L": block_l, "BLOCK_D": block_d, "USE_DOT": True}
+    consts = {"BLOCK_I": block_i, "BLOCK_L": block_l, "BLOCK_D": block_d, "USE_DOT": use_dot}
     _compile_sm90(_gram_diag_kernel, sig, consts, warps)
 
 
