@@ -24,7 +24,7 @@ if __name__ != "curvopt.kernels":  # pragma: no cover - exercised in a subproces
 
     _hand_over(__name__, __file__)
 else:
-    from ._api import (
+    from .api import (
         combine,
         combine_reference,
         gram_diag,

@@ -1,4 +1,4 @@
-"""The dispatching functions that :mod:`curvopt.kernels` exports (see its docstring)."""
+"""The dispatching functions of :mod:`curvopt.kernels`: Triton where it runs, else the reference."""
 
 from __future__ import annotations
 
