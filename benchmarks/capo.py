@@ -24,11 +24,11 @@ import time
 
 import torch
 
-from curvopt.rl.addition_task import AdditionTask, greedy_accuracy, supervised_warmstart
-from curvopt.rl.capo import CAPOLoss, calibrate_thresholds
-from curvopt.rl.grpo import GRPOTrainer, group_advantages
-from curvopt.rl.sequence_policy import GRUPolicy, sample_tokens
-from curvopt.rl.token_losses import grpo_loss
+from curvopt.bench.tasks.addition import AdditionTask, greedy_accuracy, supervised_warmstart
+from curvopt.capo.grpo import GRPOTrainer, group_advantages
+from curvopt.capo.masker import CAPOLoss, calibrate_thresholds
+from curvopt.capo.sequence_policy import GRUPolicy, sample_tokens
+from curvopt.capo.token_losses import grpo_loss
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GROUP = 8

@@ -7,7 +7,7 @@ calibration batch, as in capo.py), and large-lr GRPO + a whole-model mask:
 
 - per step, the planned Adam step ``Δθ`` is taken on a copy of the policy and optimizer (trial
   step on all tokens); each token's share of the step's predicted whole-model KL is
-  ``c_s = ½⟨Δθ_s, FΔθ⟩`` (``curvopt.rl.capo_whole_model.token_kl_attributions``) with
+  ``c_s = ½⟨Δθ_s, FΔθ⟩`` (``curvopt.capo.whole_model.token_kl_attributions``) with
   ``Δθ_s = D ∇ℓ_s``, ``ℓ_s = A_s log π(a_s)/(B T)`` the token's term of the ascent objective and
   ``D = lr_t (1−β₁)/(1−β₁^k) / (sqrt(v̂_k) + eps)`` Adam's weight of the new gradient (its
   denominator frozen at the trial step's value; the momentum part of the step is not attributed);
@@ -34,10 +34,10 @@ import time
 
 import torch
 
-from curvopt.rl.capo_whole_model import token_kl_attributions
-from curvopt.rl.grpo import _kl_rows, group_advantages
-from curvopt.rl.sequence_policy import GRUPolicy, sample_tokens
-from curvopt.rl.token_losses import grpo_loss
+from curvopt.capo.grpo import _kl_rows, group_advantages
+from curvopt.capo.sequence_policy import GRUPolicy, sample_tokens
+from curvopt.capo.token_losses import grpo_loss
+from curvopt.capo.whole_model import token_kl_attributions
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import capo as capo_bench  # noqa: E402  (the same warm start, arms, schedule and metrics)

@@ -1,6 +1,6 @@
 """GRPO vs last-layer CAPO vs whole-model CAPO on a toy where the head carries the step's KL.
 
-Issue #16, parts 2(a) and 2(c). Task and policy: ``curvopt.rl.recall_task`` (each of 64
+Issue #16, parts 2(a) and 2(c). Task and policy: ``curvopt.bench.tasks.recall`` (each of 64
 one-token prompts has a secret 4-token answer over a vocabulary of V = 512; partial-credit reward;
 policy ``LayerNorm(prompt embedding + position embedding)`` -> linear head, H = 16: 8,704 of the
 17,008 parameters are the head's, 8,192 the embedding table of which 64 rows are used). Plain
@@ -42,11 +42,11 @@ import time
 
 import torch
 
-from curvopt.rl.capo import CAPOLoss
-from curvopt.rl.capo_whole_model import predict_step_kl
-from curvopt.rl.grpo import GRPOTrainer, group_advantages
-from curvopt.rl.recall_task import PromptPositionPolicy, RecallTask, supervised_warmstart
-from curvopt.rl.token_losses import grpo_loss
+from curvopt.bench.tasks.recall import PromptPositionPolicy, RecallTask, supervised_warmstart
+from curvopt.capo.grpo import GRPOTrainer, group_advantages
+from curvopt.capo.masker import CAPOLoss
+from curvopt.capo.token_losses import grpo_loss
+from curvopt.capo.whole_model import predict_step_kl
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import capo as capo_bench  # noqa: E402  (threshold calibration, smoothing, samples-to-target)

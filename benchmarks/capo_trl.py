@@ -1,6 +1,6 @@
 """CAPO's overhead per GRPO step inside TRL: CAPOGRPOTrainer vs trl.GRPOTrainer, side by side.
 
-Same model (a random-init GPT-2 from :mod:`curvopt.integrations.trl_addition`), data, seed and
+Same model (a random-init GPT-2 from :mod:`curvopt.bench.tasks.trl_addition`), data, seed and
 GRPOConfig for both arms. CAPO runs with infinite thresholds: every prediction is computed, the
 mask is multiplied in and the per-step predictions are made (``capo_predict_step=True``), but no
 token is rejected, so both arms train bit-identical models on identical completions and do the
@@ -13,7 +13,7 @@ each round is dropped (warm-up). Independently of that noisy difference, the tim
 CAPO's two entry points (the token mask per micro-batch and the step prediction at the
 optimizer's pre-step hook) is measured directly. The table reports medians and ratios.
 
-A third arm, ``CAPO+penalty``, adds the ``delta_kl`` penalty (:mod:`curvopt.rl.capo_penalty`)
+A third arm, ``CAPO+penalty``, adds the ``delta_kl`` penalty (:mod:`curvopt.capo.penalty`)
 with ``--penalty-coef`` (default ``1e-30``: all the penalty's work is done, forward through the
 differentiable predictions and backward through the head and the hidden states into the whole
 network, but the term is far below float32 resolution, so the arm trains the same model on the
@@ -45,13 +45,13 @@ except ImportError:  # the optional extra curvopt[trl]
 from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from curvopt.integrations.trl import CAPOGRPOTrainer  # noqa: E402
-from curvopt.integrations.trl_addition import (  # noqa: E402
+from curvopt.bench.tasks.trl_addition import (  # noqa: E402
     addition_prompts,
     addition_reward,
     char_tokenizer,
     tiny_gpt2,
 )
+from curvopt.integrations.trl import CAPOGRPOTrainer  # noqa: E402
 
 
 class StepTimer(TrainerCallback):

@@ -10,7 +10,7 @@ policy is kept as a copy), and the mean KL(π_old ‖ π_new) over the batch's c
 - predicted, last layer: ½ uᵀ(Diag p − ppᵀ)u with u = ΔW h + Δb (the head's exact step on the old
   hidden states; CAPO's model with a perfect direction model);
 - predicted, whole model: the same with u = J Δθ, the logit change through the whole network by
-  one forward-mode JVP (``curvopt.rl.capo_whole_model.predict_step_kl``).
+  one forward-mode JVP (``curvopt.capo.whole_model.predict_step_kl``).
 
 Prints the quartiles over steps and seeds of predicted / realized per lr, and the cost of the
 whole-model prediction relative to one GRPO step (sampling, forward, backward, Adam), both timed
@@ -28,11 +28,11 @@ import time
 import numpy as np
 import torch
 
-from curvopt.rl.addition_task import AdditionTask, supervised_warmstart
-from curvopt.rl.capo_whole_model import predict_step_kl
-from curvopt.rl.grpo import group_advantages
-from curvopt.rl.sequence_policy import GRUPolicy, sample_tokens
-from curvopt.rl.token_losses import grpo_loss
+from curvopt.bench.tasks.addition import AdditionTask, supervised_warmstart
+from curvopt.capo.grpo import group_advantages
+from curvopt.capo.sequence_policy import GRUPolicy, sample_tokens
+from curvopt.capo.token_losses import grpo_loss
+from curvopt.capo.whole_model import predict_step_kl
 
 GROUP = 8
 

@@ -8,7 +8,7 @@ last layer, and drops the tokens whose update would be unstable.
 ``W`` the ``V x H`` head; the policy at position ``t`` is the softmax ``pi_t`` over the top-K logits
 ``I_t`` (the sampled action is always kept in ``I_t``). With the completion's advantage ``A``
 and the score ``s_t = e_{a_t} - pi_t``, the token gradient is ``G_t = A s_t h_t^T``; a direction
-model (:mod:`curvopt.rl.capo_direction`) gives the modeled step ``Delta_t = P(G_t)`` and the logit
+model (:mod:`curvopt.capo.direction`) gives the modeled step ``Delta_t = P(G_t)`` and the logit
 change ``u_t = Delta_t h_t``. With learning rate ``eta``:
 
 .. math::
@@ -53,7 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from curvopt.kernels import softmax_curvature
 
-from .capo_direction import (
+from .direction import (
     AdamDirection,
     AdamOptimizerDirection,
     SGDDirection,
@@ -61,7 +61,7 @@ from .capo_direction import (
     direction_for,
     find_param_group,
 )
-from .capo_penalty import CAPOPenalty
+from .penalty import CAPOPenalty
 from .token_losses import token_weights_fn
 
 Direction = SGDDirection | AdamDirection | SGDOptimizerDirection | AdamOptimizerDirection
@@ -82,7 +82,7 @@ class CAPOMask:
         delta_kl: Predicted KL change ``Delta KL_t`` (0 on invalid tokens).
         valid: The completion mask the prediction was made for.
         penalty: The penalty term added to the loss (0-d, detached), or None when no penalty
-            is on (:mod:`curvopt.rl.capo_penalty`).
+            is on (:mod:`curvopt.capo.penalty`).
     """
 
     keep: Tensor
@@ -204,9 +204,9 @@ class CAPOMasker:
         tau_f: Threshold on ``Delta KL_t`` (``>= 0``; ``inf`` disables it).
         top_k: Size ``K`` of the per-position softmax support (``None``: the whole vocabulary).
         direction: ``"sgd"``, ``"adam"`` or a direction model instance
-            (:class:`~curvopt.rl.capo_direction.SGDDirection`,
-            :class:`~curvopt.rl.capo_direction.AdamDirection`, or a model of a real optimizer from
-            :func:`~curvopt.rl.capo_direction.direction_for`).
+            (:class:`~curvopt.capo.direction.SGDDirection`,
+            :class:`~curvopt.capo.direction.AdamDirection`, or a model of a real optimizer from
+            :func:`~curvopt.capo.direction.direction_for`).
         symmetric: Keep iff ``|Delta J| < tau_h`` (True) or ``0 <= Delta J < tau_h`` (False).
             With ``tau_h = inf`` the rule on ``Delta J`` is off either way (no token is rejected
             for its ``Delta J``, whatever its sign).
@@ -303,7 +303,7 @@ class CAPOMasker:
             differentiable: Build the predictions with autograd as functions of ``weight``,
                 ``bias`` and ``hidden`` (through ``pi_t``, ``G_t`` and ``u_t = Delta_t h_t``;
                 the top-K support and the direction model's preconditioner, momentum buffer
-                and decay terms are constants; see :mod:`curvopt.rl.capo_penalty`). The values
+                and decay terms are constants; see :mod:`curvopt.capo.penalty`). The values
                 equal the no-grad ones. With the Adam models each chunk is recomputed in the
                 backward pass (activation checkpointing), so memory stays ``O(chunk K H)``.
 
@@ -679,8 +679,8 @@ class CAPOLoss:
     """Apply a CAPO token mask to any token-level policy-gradient loss.
 
     ``loss_fn(logprobs, old_logprobs, advantages, mask)`` is a token-level loss such as
-    :func:`~curvopt.rl.token_losses.grpo_loss`, :func:`~curvopt.rl.token_losses.dr_grpo_loss`
-    or :func:`~curvopt.rl.token_losses.reinforce_loss`; CAPO only changes ``mask`` (the completion
+    :func:`~curvopt.capo.token_losses.grpo_loss`, :func:`~curvopt.capo.token_losses.dr_grpo_loss`
+    or :func:`~curvopt.capo.token_losses.reinforce_loss`; CAPO only changes ``mask`` (the completion
     mask times the curvature mask), so masked tokens contribute exactly zero gradient.
 
     Use with any :mod:`torch.optim` optimizer::
@@ -696,26 +696,26 @@ class CAPOLoss:
         head: The policy's last layer (``nn.Linear``; ``logits = head(hidden)``).
         optimizer: The optimizer training ``head``: gives ``lr`` and the direction model,
             which reads the optimizer's hyperparameters and state
-            (:func:`~curvopt.rl.capo_direction.direction_for`: SGD, Adam, AdamW; others are
+            (:func:`~curvopt.capo.direction.direction_for`: SGD, Adam, AdamW; others are
             refused unless ``direction`` is given). May be None if ``lr`` is passed per call.
         tau_h: Threshold on ``|Delta J_t|`` (see :class:`CAPOMasker`).
         tau_f: Threshold on ``Delta KL_t``.
         top_k: Softmax support size ``K`` (``None``: whole vocabulary).
         direction: Direction model; default: the model of ``optimizer``'s real update
-            (:func:`~curvopt.rl.capo_direction.direction_for`; plain SGD without optimizer).
+            (:func:`~curvopt.capo.direction.direction_for`; plain SGD without optimizer).
         symmetric: Keep rule on ``Delta J`` (see :class:`CAPOMasker`).
         chunk_size: Tokens per chunk (see :class:`CAPOMasker`).
         level: ``"token"``, ``"sequence"`` or ``"global"`` mask (see :class:`CAPOMasker`).
         penalty: ``"none"``, ``"delta_kl"``, ``"delta_j"`` or ``"abs_delta_j"``: add
             ``penalty_coef * sum_t w_t q_t`` to the loss, with ``q_t`` the token's
             differentiable prediction and ``w_t`` the loss's token weights over the kept tokens
-            (:mod:`curvopt.rl.capo_penalty`). Combines with the mask (infinite thresholds give
+            (:mod:`curvopt.capo.penalty`). Combines with the mask (infinite thresholds give
             the penalty alone).
         penalty_coef: ``lambda >= 0``; 0 switches the penalty off (the loss is then the plain
             masked loss, bit for bit).
         token_weights: ``mask -> (B, T)`` token weights of ``loss_fn``, the mask given as 0/1
             in the head's dtype (needed for a penalty with a loss other than
-            :mod:`curvopt.rl.token_losses`' ones).
+            :mod:`curvopt.capo.token_losses`' ones).
     """
 
     def __init__(

@@ -1,9 +1,9 @@
 r"""Whole-model KL prediction for a planned step: the logit change through the whole network.
 
-CAPO's curvature model (:mod:`curvopt.rl.capo`) sees only the last layer: it predicts the KL that
-the head's update causes on fixed hidden states. When the body carries most of the step's KL (the
-GRU of the addition toy: 94-98 %), that prediction misses most of the policy change. This module
-predicts the KL of the *whole* step instead.
+CAPO's curvature model (:mod:`curvopt.capo.masker`) sees only the last layer: it predicts the KL
+that the head's update causes on fixed hidden states. When the body carries most of the step's KL
+(the GRU of the addition toy: 94-98 %), that prediction misses most of the policy change. This
+module predicts the KL of the *whole* step instead.
 
 **Model.** For logits ``z_t(θ)`` (every position ``t`` of every sequence) and a planned parameter
 step ``Δθ`` (any optimizer's: SGD, Adam, ...), the first-order logit change is the Jacobian-vector

@@ -9,7 +9,7 @@ changes the logged loss but not the gradient. Here the penalty is built to have 
 
 **What is added.** With the loss type's own token weights ``w_t`` over the tokens the loss counts
 (the completion mask times the CAPO mask: rejected tokens get no penalty either; see
-:func:`curvopt.rl.token_losses.token_weights` and the TRL trainer's weights),
+:func:`curvopt.capo.token_losses.token_weights` and the TRL trainer's weights),
 
 .. math::
 
@@ -17,7 +17,7 @@ changes the logged loss but not the gradient. Here the penalty is built to have 
     q_t \\in \\{\\Delta\\mathrm{KL}_t,\\; \\Delta J_t,\\; |\\Delta J_t|\\}
 
 (``penalty="delta_kl"``, ``"delta_j"``, ``"abs_delta_j"``), with ``Delta J_t`` and
-``Delta KL_t`` the per-token predictions of :class:`~curvopt.rl.capo.CAPOMasker` at the
+``Delta KL_t`` the per-token predictions of :class:`~curvopt.capo.masker.CAPOMasker` at the
 coming step's learning rate ``eta``. ``delta_j`` is the authors' signed form; ``abs_delta_j``
 penalizes the quantity the symmetric mask thresholds. ``lambda >= 0``.
 
@@ -39,7 +39,7 @@ differentiating Adam's denominator would also reward inflating ``v`` (``Delta`` 
 ``|G|`` grows, sign-like steps) rather than a smaller change of the policy.
 
 Example:
-    >>> from curvopt.rl.capo import CAPOMasker
+    >>> from curvopt.capo.masker import CAPOMasker
     >>> head = torch.nn.Linear(4, 6)
     >>> hidden = torch.randn(2, 3, 4, requires_grad=True)
     >>> pen = CAPOPenalty("delta_kl", 0.5)
@@ -54,12 +54,33 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .capo import CAPOMasker
+
+class TokenPredictor(Protocol):
+    """What the penalty needs from a masker: per-token ``Delta J_t`` and ``Delta KL_t``.
+
+    :class:`~curvopt.capo.masker.CAPOMasker` is one. The penalty depends on this protocol, not on
+    the masker's module, so :mod:`curvopt.capo.masker` can import the penalty without a cycle.
+    """
+
+    def predict(
+        self,
+        weight: Tensor,
+        hidden: Tensor,
+        actions: Tensor,
+        advantages: Tensor,
+        lr: float,
+        bias: Tensor | None = None,
+        mask: Tensor | None = None,
+        temperature: float = 1.0,
+        differentiable: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """``(delta_j, delta_kl)``, each ``(B, T)``; see :meth:`CAPOMasker.predict`."""
+        ...
+
 
 PENALTIES = ("none", "delta_kl", "delta_j", "abs_delta_j")
 
@@ -106,7 +127,7 @@ class CAPOPenalty:
 
     def __call__(
         self,
-        masker: CAPOMasker,
+        masker: TokenPredictor,
         weight: Tensor,
         hidden: Tensor,
         actions: Tensor,
@@ -119,7 +140,8 @@ class CAPOPenalty:
         """The penalty ``lambda sum_t w_t q_t`` (0-d, with grad).
 
         Args:
-            masker: The :class:`~curvopt.rl.capo.CAPOMasker` whose predictions are penalized.
+            masker: The predictor (a :class:`~curvopt.capo.masker.CAPOMasker`) whose
+                predictions are penalized.
             weight: ``(V, H)`` head weight.
             hidden: ``(B, T, H)`` final hidden states (not detached: the gradient flows into them).
             actions: ``(B, T)`` token ids.
@@ -150,4 +172,4 @@ class CAPOPenalty:
         return self.coef * (weights.detach().to(q.dtype) * q).sum()
 
 
-__all__ = ["PENALTIES", "CAPOPenalty"]
+__all__ = ["PENALTIES", "CAPOPenalty", "TokenPredictor"]

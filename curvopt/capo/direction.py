@@ -1,6 +1,6 @@
 """Models of the optimizer's update direction on the last layer, used by CAPO.
 
-CAPO (:mod:`curvopt.rl.capo`) predicts what one token's gradient would do to the policy once the
+CAPO (:mod:`curvopt.capo.masker`) predicts what one token's gradient would do to the policy once the
 optimizer has turned it into a step. The gradient of the token objective ``J_t = A log pi_t(a_t)``
 with respect to the last-layer weight ``W`` (``V x H``, logits ``z = W h``) is the rank-one matrix
 
@@ -35,7 +35,7 @@ on the rows ``I_t``.
   a ``TypeError``.
 
 The loss that the optimizer minimizes is ``-J``; pass the *ascent* gradient ``-W.grad`` to
-:meth:`update` and :meth:`preview` (the :class:`~curvopt.rl.capo.CAPOLoss` wrapper does this).
+:meth:`update` and :meth:`preview` (the :class:`~curvopt.capo.masker.CAPOLoss` wrapper does this).
 """
 
 from __future__ import annotations

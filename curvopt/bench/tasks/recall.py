@@ -89,7 +89,7 @@ class PromptPositionPolicy(nn.Module):
 
     The hidden state at position ``t`` depends only on the first (prompt) token and ``t``, so the
     policy is causal and the completion tokens are conditionally independent given the prompt.
-    It has the ``hidden_states``/``head`` interface of :mod:`curvopt.rl.sequence_policy`.
+    It has the ``hidden_states``/``head`` interface of :mod:`curvopt.capo.sequence_policy`.
 
     Args:
         vocab_size: ``V``.

@@ -8,16 +8,16 @@ One :meth:`GRPOTrainer.step`:
    ``A_i = (r_i - mean_group(r)) / (std_group(r) + eps)`` (:func:`group_advantages`);
 3. recompute the log-probabilities and final hidden states with gradients, build the token-level
    loss (GRPO clipped surrogate by default), masked by CAPO when a
-   :class:`~curvopt.rl.capo.CAPOLoss` is given;
+   :class:`~curvopt.capo.masker.CAPOLoss` is given;
 4. backward, update the CAPO direction model with the masked global gradient, optimizer step;
 5. optionally measure the realized KL(pi_old || pi_new) of the step on the sampled tokens' positions
    (exact, over the full vocabulary), for the whole model and for the head alone.
 
-The policy needs ``hidden_states(tokens)`` and ``head`` (see :mod:`curvopt.rl.sequence_policy`).
+The policy needs ``hidden_states(tokens)`` and ``head`` (see :mod:`curvopt.capo.sequence_policy`).
 
 Example:
-    >>> from curvopt.rl.addition_task import AdditionTask
-    >>> from curvopt.rl.sequence_policy import GRUPolicy
+    >>> from curvopt.bench.tasks.addition import AdditionTask
+    >>> from curvopt.capo.sequence_policy import GRUPolicy
     >>> task = AdditionTask(max_operand=9)
     >>> pol = GRUPolicy(task.vocab_size, 16)
     >>> trainer = GRPOTrainer(pol, torch.optim.Adam(pol.parameters(), 1e-3), group_size=4)
@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .capo import CAPOLoss
+from .masker import CAPOLoss
 from .sequence_policy import sample_tokens
 from .token_losses import grpo_loss
 
@@ -87,7 +87,7 @@ class GRPOTrainer:
         optimizer: Any :mod:`torch.optim` optimizer over the policy's parameters.
         loss_fn: Token-level loss ``(logprobs, old_logprobs, advantages, mask) -> scalar``.
         group_size: Completions per prompt ``G``.
-        capo: Optional :class:`~curvopt.rl.capo.CAPOLoss` (its ``loss_fn`` is used instead of
+        capo: Optional :class:`~curvopt.capo.masker.CAPOLoss` (its ``loss_fn`` is used instead of
             ``loss_fn``).
         normalize_std: Divide advantages by the group standard deviation.
         num_iterations: Optimizer steps per batch of samples (``mu``; the ratio to the sampling

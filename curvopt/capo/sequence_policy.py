@@ -1,6 +1,6 @@
 """A tiny autoregressive token policy (GRU) for the GRPO loop and CAPO.
 
-The GRPO loop (:mod:`curvopt.rl.grpo`) needs two things from a policy: ``hidden_states(tokens)``
+The GRPO loop (:mod:`curvopt.capo.grpo`) needs two things from a policy: ``hidden_states(tokens)``
 giving the final hidden state ``h`` at every position (``(B, L, H)``, causal: position ``i`` has
 seen ``tokens[:, : i + 1]``) and a last layer ``head`` (``nn.Linear``) with
 ``logits = head(h)`` predicting the next token. CAPO's curvature model is built on exactly this

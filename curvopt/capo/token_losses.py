@@ -4,7 +4,7 @@ All share one signature, ``loss(logprobs, old_logprobs, advantages, mask) -> sca
 ``(B, T)`` log-probabilities of the sampled tokens under the current and the sampling policy,
 advantages ``(B,)`` per completion (or ``(B, T)``) and a bool ``(B, T)`` mask of the tokens that
 count. Masked tokens are multiplied by zero, so they contribute exactly zero gradient; this is how
-:class:`~curvopt.rl.capo.CAPOLoss` applies its curvature mask.
+:class:`~curvopt.capo.masker.CAPOLoss` applies its curvature mask.
 
 With the ratio ``r_t = exp(logprobs - old_logprobs)`` and clip range ``eps`` the per-token GRPO
 surrogate is ``l_t = -min(r_t A, clip(r_t, 1 - eps, 1 + eps) A)``.
@@ -15,7 +15,7 @@ surrogate is ``l_t = -min(r_t A, clip(r_t, 1 - eps, 1 + eps) A)``.
 
 :func:`token_weights` gives each loss's token weights ``w_t``: at ratio 1 the loss's gradient is
 ``-sum_t w_t A_t grad log pi(a_t)``, so ``sum_t w_t x_t`` averages any per-token quantity ``x_t``
-the way the loss averages its tokens (CAPO's penalties, :mod:`curvopt.rl.capo_penalty`).
+the way the loss averages its tokens (CAPO's penalties, :mod:`curvopt.capo.penalty`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the sum's digits, plus 0.1 per digit generated (a dense term, so that a random p
 are informative).
 
 Example:
-    >>> from curvopt.integrations.trl_addition import addition_reward, char_tokenizer
+    >>> from curvopt.bench.tasks.trl_addition import addition_reward, char_tokenizer
     >>> char_tokenizer()("12+3=")["input_ids"] == [1, 2, 10, 3, 11]
     True
     >>> addition_reward(["15", "9"], ["12+3=", "1+1="])
