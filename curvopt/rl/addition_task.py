@@ -1,0 +1,5 @@
+"""Deprecated alias of :mod:`curvopt.bench.tasks.addition` (until curvopt 0.2.0)."""
+
+from curvopt._deprecation import alias_module
+
+alias_module(__name__, "curvopt.bench.tasks.addition")
