@@ -56,8 +56,15 @@ def synchronize(device: Any = None) -> None:
         torch.cuda.synchronize(device)
 
 
+def clock(device: Any = None) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` is done (split timings)."""
+    synchronize(device)
+    return time.perf_counter()
+
+
 class Stopwatch:
-    """Elapsed wall seconds of a ``with`` block (``.seconds``), synchronizing ``device``.
+    """Elapsed wall seconds (``.seconds``) and this thread's CPU seconds (``.cpu_seconds``) of a
+    ``with`` block, synchronizing ``device``.
 
     Args:
         device: Synchronized at entry and exit when it is a CUDA device; ``None``: the CPU.
@@ -71,16 +78,17 @@ class Stopwatch:
 
     def __init__(self, device: Any = None) -> None:
         self.device = device
-        self.seconds = float("nan")
-        self._start = 0.0
+        self.seconds = self.cpu_seconds = float("nan")
+        self._start = self._cpu_start = 0.0
 
     def __enter__(self) -> Stopwatch:
-        synchronize(self.device)
-        self._start = time.perf_counter()
+        self._start = clock(self.device)
+        self._cpu_start = time.thread_time()
         return self
 
     def __exit__(self, *exc) -> None:
         synchronize(self.device)
+        self.cpu_seconds = time.thread_time() - self._cpu_start
         self.seconds = time.perf_counter() - self._start
 
 
@@ -193,10 +201,27 @@ def table_rule(columns: int, align: str | None = None) -> str:
 
 
 def table_lines(
-    header: Sequence[Any], rows: Sequence[Sequence[Any]] = (), align: str | None = None
+    header: Sequence[Any],
+    rows: Sequence[Sequence[Any]] = (),
+    align: str | None = None,
+    padded: bool = False,
 ) -> list[str]:
-    """A markdown table as lines: header, rule, rows (cells formatted with ``str``)."""
-    return [table_row(header), table_rule(len(header), align)] + [table_row(r) for r in rows]
+    """A markdown table as lines: header, rule, rows (cells formatted with ``str``).
+
+    With ``padded`` every column is left-justified to its widest cell and the rule is dashes
+    of that width (readable as plain text too).
+
+    Raises:
+        ValueError: If ``padded`` and ``align`` are both given.
+    """
+    if not padded:
+        return [table_row(header), table_rule(len(header), align)] + [table_row(r) for r in rows]
+    if align is not None:
+        raise ValueError("a padded table has no alignment marks: pass padded or align, not both")
+    cells = [[str(c) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    return [lines[0], "|" + "|".join("-" * (w + 2) for w in widths) + "|", *lines[1:]]
 
 
 def print_table(
@@ -204,11 +229,12 @@ def print_table(
     rows: Sequence[Sequence[Any]] = (),
     title: str | None = None,
     align: str | None = None,
+    padded: bool = False,
 ) -> None:
     """Print a markdown table (after a ``### title`` heading if given) and flush stdout."""
     if title is not None:
         print(f"\n### {title}\n")
-    print("\n".join(table_lines(header, rows, align)))
+    print("\n".join(table_lines(header, rows, align, padded)))
     sys.stdout.flush()
 
 
@@ -270,6 +296,7 @@ __all__ = [
     "ROOT",
     "Stopwatch",
     "add_repo_paths",
+    "clock",
     "fmt_ms",
     "interleaved",
     "median",

@@ -82,3 +82,19 @@ def test_stopwatch_and_save_figure(tmp_path):
     ax.plot([0, 1], [1, 0])
     out = harness.save_figure(fig, tmp_path / "img" / "f.png", dpi=50)
     assert out.stat().st_size > 0 and not plt.get_fignums()
+
+
+def test_padded_tables_justify_columns():
+    assert harness.table_lines(["a", "bb"], [["xxx", 1]], padded=True) == [
+        "| a   | bb |",
+        "|-----|----|",
+        "| xxx | 1  |",
+    ]
+    with pytest.raises(ValueError, match="padded"):
+        harness.table_lines(["a"], padded=True, align="l")
+
+
+def test_stopwatch_measures_cpu_time_too():
+    with harness.Stopwatch() as watch:
+        sum(range(10000))
+    assert 0 <= watch.cpu_seconds and 0 <= watch.seconds
