@@ -597,7 +597,7 @@ def main() -> int:
         total.update(counts)
         rows.append([f"`{entry}`", sum(counts.values()), *(counts[k] for k in kinds)])
     rows.append(["**total**", sum(total.values()), *(total[k] for k in kinds)])
-    print_table(["entry point", "cases", *kinds], rows, align="lr" + "r" * len(kinds))
+    print_table(["entry point", "cases", *kinds], rows, align="lr" + "r" * len(kinds), spaced=True)
     if problems:
         print()
         print_table(
@@ -606,7 +606,7 @@ def main() -> int:
                 [kind, f"`{entry}`", name, detail.replace("|", "/")]
                 for kind, entry, name, detail in sorted(problems)
             ],
-            align="llll",
+            spaced=True,
         )
     return 0
 

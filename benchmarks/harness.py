@@ -13,8 +13,10 @@ there. Reported numbers are medians: robust to the odd slow round on a shared ma
 (:func:`interleaved`, :func:`side_by_side`): a change of machine load during the run (another job,
 thermal throttling) then hits all of them alike, and ratios stay meaningful.
 
-**Tables.** GitHub markdown: ``| a | b |`` rows under a ``|---|---|`` rule (or ``| --- | ---: |``
-with explicit alignment), printed and flushed at once so a long run shows progress.
+**Tables.** GitHub markdown: ``| a | b |`` rows under a ``|---|---|`` rule (alignment marks
+``---:`` and a spaced ``| --- |`` rule on request; a padded variant that also reads as plain
+text), printed and flushed at once so a long run shows progress. Fixed-width text tables that a
+script prints for the terminal (kernel_bandwidth, pg_rates) stay in the script.
 
 Example:
     >>> seconds, out = timed(lambda: sum(range(10)), repeats=3)
@@ -185,19 +187,24 @@ def table_row(cells: Sequence[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def table_rule(columns: int, align: str | None = None) -> str:
-    """The rule under the header: ``|---|---|``, or with ``align`` (one of ``l``/``r``/``c``
-    per column) ``| --- | ---: | :---: |``.
+def table_rule(columns: int, align: str | None = None, spaced: bool = False) -> str:
+    """The rule under the header: ``|---|---|``.
+
+    Args:
+        columns: Number of columns.
+        align: Optional alignment, one of ``l``/``r``/``c`` per column (``---``, ``---:``,
+            ``:---:``).
+        spaced: Spaces around the marks: ``| --- | ---: |`` instead of ``|---|---:|``.
 
     Raises:
         ValueError: If ``align`` does not have one letter ``l``, ``r`` or ``c`` per column.
     """
-    if align is None:
-        return "|" + "|".join("---" for _ in range(columns)) + "|"
-    if len(align) != columns or set(align) - set("lrc"):
+    if align is not None and (len(align) != columns or set(align) - set("lrc")):
         raise ValueError(f"align needs one of l/r/c per column ({columns}), got {align!r}")
-    marks = {"l": "---", "r": "---:", "c": ":---:"}
-    return "| " + " | ".join(marks[a] for a in align) + " |"
+    marks = [{"l": "---", "r": "---:", "c": ":---:"}[a] for a in (align or "l" * columns)]
+    if spaced:
+        return "| " + " | ".join(marks) + " |"
+    return "|" + "|".join(marks) + "|"
 
 
 def table_lines(
@@ -205,19 +212,22 @@ def table_lines(
     rows: Sequence[Sequence[Any]] = (),
     align: str | None = None,
     padded: bool = False,
+    spaced: bool = False,
 ) -> list[str]:
     """A markdown table as lines: header, rule, rows (cells formatted with ``str``).
 
-    With ``padded`` every column is left-justified to its widest cell and the rule is dashes
-    of that width (readable as plain text too).
+    ``align`` and ``spaced`` shape the rule (:func:`table_rule`). With ``padded`` every column is
+    left-justified to its widest cell and the rule is dashes of that width (readable as plain
+    text too).
 
     Raises:
-        ValueError: If ``padded`` and ``align`` are both given.
+        ValueError: If ``padded`` is combined with ``align`` or ``spaced``.
     """
     if not padded:
-        return [table_row(header), table_rule(len(header), align)] + [table_row(r) for r in rows]
-    if align is not None:
-        raise ValueError("a padded table has no alignment marks: pass padded or align, not both")
+        rule = table_rule(len(header), align, spaced)
+        return [table_row(header), rule] + [table_row(r) for r in rows]
+    if align is not None or spaced:
+        raise ValueError("a padded table has plain dashes: no align or spaced with padded")
     cells = [[str(c) for c in r] for r in [header, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
@@ -230,11 +240,15 @@ def print_table(
     title: str | None = None,
     align: str | None = None,
     padded: bool = False,
+    spaced: bool = False,
 ) -> None:
-    """Print a markdown table (after a ``### title`` heading if given) and flush stdout."""
+    """Print a markdown table (after a ``### title`` heading if given) and flush stdout.
+
+    The table is :func:`table_lines` of ``header``, ``rows``, ``align``, ``padded``, ``spaced``.
+    """
     if title is not None:
         print(f"\n### {title}\n")
-    print("\n".join(table_lines(header, rows, align, padded)))
+    print("\n".join(table_lines(header, rows, align, padded, spaced)))
     sys.stdout.flush()
 
 

@@ -53,7 +53,9 @@ def test_tables_are_github_markdown(capsys):
         "| 1 | 0.50 |",
         "| 2 | 3.0 |",
     ]
-    assert harness.table_rule(3, "lrc") == "| --- | ---: | :---: |"
+    assert harness.table_rule(3, "lrc") == "|---|---:|:---:|"
+    assert harness.table_rule(3, "lrc", spaced=True) == "| --- | ---: | :---: |"
+    assert harness.table_rule(2, spaced=True) == "| --- | --- |"
     with pytest.raises(ValueError, match="align"):
         harness.table_rule(2, "l")
     harness.print_table(["a"], [[1]], title="T")
