@@ -5,7 +5,9 @@ an in-process check would depend on test order): it must warn exactly once, name
 be the new module itself, so every object it exports is identical to the new one.
 """
 
+import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +126,36 @@ def test_alias_module_rejects_non_strings():
 
     with pytest.raises(TypeError, match="strings"):
         alias_module("curvopt.rl.capo", None)
+
+
+def _old_path_uses(path: Path) -> list[str]:
+    """Old module paths named in a file, and old curvopt.rl names imported by Python code."""
+    text = path.read_text()
+    old = "|".join(re.escape(m) for m in MOVED)
+    found = [m.group(0) for m in re.finditer(rf"\b(?:{old})\b", text)]
+    if path.suffix == ".py":
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.module == "curvopt.rl":
+                found += [f"curvopt.rl.{a.name}" for a in node.names if a.name in MOVED_NAMES]
+            if isinstance(node, ast.ImportFrom) and node.module in ("curvopt", "curvopt.rl"):
+                prefix = node.module + "."
+                found += [prefix + a.name for a in node.names if prefix + a.name in MOVED]
+    return found
+
+
+def test_nothing_in_the_repository_uses_the_old_paths():
+    """Code, tests, benchmarks, examples and docs import the new paths (the shims are for users)."""
+    allowed = {  # the places that name the old paths on purpose
+        ROOT / "tests" / "test_deprecated_paths.py",
+        ROOT / "curvopt" / "rl" / "__init__.py",
+        ROOT / "docs" / "api" / "capo.md",
+    }
+    files = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
+    for folder in ("curvopt", "kernels", "tests", "benchmarks", "examples"):
+        files += (ROOT / folder).rglob("*.py")
+    uses = {
+        str(f.relative_to(ROOT)): found
+        for f in sorted(set(files) - allowed)
+        if (found := _old_path_uses(f))
+    }
+    assert uses == {}

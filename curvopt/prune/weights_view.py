@@ -5,19 +5,20 @@ FSDP2-sharded one is only *where* the flat vector ``w`` of the prunable weights 
 module order, then row-major) lives. A :class:`WeightsView` answers every question the loop asks
 about it, on the entries this process holds (all ``d`` locally; ``d_r`` on rank ``r``):
 
-======================  ======================================================================
-``weights()``           effective weights ``w * mask``, flat
-``alive()``             the entries not pruned yet, flat boolean
-``count(flags)``        number of True entries over the whole vector
-``gradients(...)``      ``G`` (``m x d`` locally, the local columns ``m x d_r`` when sharded)
-``relative_damping``    ``mean(diag(G^T G / m))`` over all ``d`` coordinates
-``inverse(G, lam)``     the inverse-Fisher provider (M-FAC blocks or dense OBS; sharded M-FAC)
-``select(...)``         which entries are pruned after this step (global or per-layer threshold)
-``most_per_block``      the largest number of removals in one M-FAC block (for ``update="auto"``)
-``update_multi``        the exact multi-weight OBS update
-``write(w, alive)``     store new weights and masks
-``snapshot()``          an undo record; ``restore()`` puts the model back exactly
-======================  ======================================================================
+* ``prepare()`` / ``current_sparsity()``: all-ones masks where none is attached (local only),
+  and the sparsity each layer starts from;
+* ``weights()``: effective weights ``w * mask``, flat;
+* ``alive()``: the entries not pruned yet, flat boolean;
+* ``count(flags)``: number of True entries over the whole vector;
+* ``gradients(...)``: ``G`` (``m x d`` locally, the local columns ``m x d_r`` when sharded);
+* ``relative_damping(G)``: ``mean(diag(G^T G / m))`` over all ``d`` coordinates;
+* ``inverse(G, lam, ...)``: the inverse-Fisher provider for ``F = lam I + G^T G / m`` (M-FAC
+  blocks or dense OBS; sharded M-FAC);
+* ``select(...)``: which entries are pruned after this step (global or per-layer threshold);
+* ``most_per_block(...)``: the largest number of removals in one M-FAC block (``update="auto"``);
+* ``update_multi(...)``: the exact multi-weight OBS update;
+* ``write(w, alive)``: store new weights and masks; ``layer_reports()``: the final sparsities;
+* ``snapshot()``: an undo record; its ``restore()`` puts the model back exactly.
 
 Two implementations: :class:`LocalWeights` (every weight on this process) and
 :class:`~curvopt.prune.sharded.ShardedWeights` (FSDP2 ``Shard(0)`` DTensors, every rank its

@@ -8,6 +8,7 @@
 
 They live inside the package, not in ``benchmarks/``, because the example ``examples/capo_trl.py``
 and the CAPO guide's code run them outside a source checkout, and the deprecated old paths
-(``curvopt.rl.addition_task``, ...) must keep resolving for one release. Nothing is re-exported
-here, so importing one task never pulls in another task's dependencies.
+of the tasks (under ``curvopt.rl`` and ``curvopt.integrations``) must keep resolving for one
+release. Nothing is re-exported here, so importing one task never pulls in another task's
+dependencies.
 """
