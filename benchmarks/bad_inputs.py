@@ -36,6 +36,8 @@ from torch import nn
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness import print_table  # noqa: E402
+
 import curvopt  # noqa: E402
 
 OURS = (str(pathlib.Path(curvopt.__file__).parent), str(ROOT / "kernels"))
@@ -589,20 +591,23 @@ def main() -> int:
         if kind != "clear":
             problems.append((kind, case.entry, case.name, detail))
     kinds = ("clear", "raw", "silent", "state")
-    print("| entry point | cases | " + " | ".join(kinds) + " |")
-    print("| --- | ---: |" + " ---: |" * len(kinds))
     total = Counter()
+    rows = []
     for entry, counts in per_entry.items():
         total.update(counts)
-        cells = " | ".join(str(counts[k]) for k in kinds)
-        print(f"| `{entry}` | {sum(counts.values())} | {cells} |")
-    print(
-        f"| **total** | {sum(total.values())} | " + " | ".join(str(total[k]) for k in kinds) + " |"
-    )
+        rows.append([f"`{entry}`", sum(counts.values()), *(counts[k] for k in kinds)])
+    rows.append(["**total**", sum(total.values()), *(total[k] for k in kinds)])
+    print_table(["entry point", "cases", *kinds], rows, align="lr" + "r" * len(kinds), spaced=True)
     if problems:
-        print("\n| outcome | entry point | case | what happened |\n| --- | --- | --- | --- |")
-        for kind, entry, name, detail in sorted(problems):
-            print(f"| {kind} | `{entry}` | {name} | {detail.replace('|', '/')} |")
+        print()
+        print_table(
+            ["outcome", "entry point", "case", "what happened"],
+            [
+                [kind, f"`{entry}`", name, detail.replace("|", "/")]
+                for kind, entry, name, detail in sorted(problems)
+            ],
+            spaced=True,
+        )
     return 0
 
 

@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
-import time
 
 import torch
+from harness import Stopwatch, print_table, pyplot, save_figure
 
-from curvopt.rl.addition_task import AdditionTask, greedy_accuracy, supervised_warmstart
-from curvopt.rl.capo import CAPOLoss, calibrate_thresholds
-from curvopt.rl.grpo import GRPOTrainer, group_advantages
-from curvopt.rl.sequence_policy import GRUPolicy, sample_tokens
-from curvopt.rl.token_losses import grpo_loss
+from curvopt.bench.tasks.addition import AdditionTask, greedy_accuracy, supervised_warmstart
+from curvopt.capo.grpo import GRPOTrainer, group_advantages
+from curvopt.capo.masker import CAPOLoss, calibrate_thresholds
+from curvopt.capo.sequence_policy import GRUPolicy, sample_tokens
+from curvopt.capo.token_losses import grpo_loss
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GROUP = 8
@@ -107,20 +107,20 @@ def run_arm(name: str, lr: float, percentile, seed: int, task, state, args) -> d
     test_p, test_a = task.sample(500, torch.Generator().manual_seed(seed + 4000))
     hist = {k: [] for k in KEYS}
     hist["greedy"] = []
-    t0 = time.perf_counter()
-    for step in range(args.steps):
-        prompts, answers = task.sample(args.prompts, gen)
-        out = trainer.step(
-            prompts,
-            task.answer_len,
-            lambda c, a=answers: task.reward(c, a.repeat_interleave(GROUP, 0)),
-        )
-        sched.step()
-        for k in KEYS:
-            hist[k].append(float(out[k]))
-        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
-            hist["greedy"].append((step + 1, greedy_accuracy(policy, task, test_p, test_a)))
-    hist["seconds"] = time.perf_counter() - t0
+    with Stopwatch() as watch:
+        for step in range(args.steps):
+            prompts, answers = task.sample(args.prompts, gen)
+            out = trainer.step(
+                prompts,
+                task.answer_len,
+                lambda c, a=answers: task.reward(c, a.repeat_interleave(GROUP, 0)),
+            )
+            sched.step()
+            for k in KEYS:
+                hist[k].append(float(out[k]))
+            if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
+                hist["greedy"].append((step + 1, greedy_accuracy(policy, task, test_p, test_a)))
+    hist["seconds"] = watch.seconds
     hist["taus"] = taus
     hist["calibration_rejected"] = split
     return hist
@@ -221,25 +221,26 @@ def step_overhead(args, repeats: int) -> None:
         for r in range(repeats + 2):
             prompts, answers = task.sample(args.prompts, gen)
             for name, trainer in trainers.items():
-                t0 = time.perf_counter()
-                trainer.step(
-                    prompts,
-                    task.answer_len,
-                    lambda c, a=answers: task.reward(c, a.repeat_interleave(GROUP, 0)),
-                )
+                with Stopwatch() as watch:
+                    trainer.step(
+                        prompts,
+                        task.answer_len,
+                        lambda c, a=answers: task.reward(c, a.repeat_interleave(GROUP, 0)),
+                    )
                 if r >= 2:  # skip warm-up repeats
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(watch.seconds)
         med = {k: float(torch.tensor(v).median()) for k, v in times.items()}
         rows.append((direction, med["GRPO"], med["GRPO+CAPO"]))
     print(
         f"\nstep time, {args.prompts} prompts x {GROUP} samples, median of {repeats} interleaved:"
     )
-    print("| optimizer / direction model | GRPO step (ms) | GRPO+CAPO step (ms) | ratio |")
-    print("|---|---|---|---|")
-    for d, a, b in rows:
-        print(
-            f"| {'SGD' if d == 'sgd' else 'Adam'} | {1e3 * a:.1f} | {1e3 * b:.1f} | {b / a:.2f} |"
-        )
+    print_table(
+        ["optimizer / direction model", "GRPO step (ms)", "GRPO+CAPO step (ms)", "ratio"],
+        [
+            ["SGD" if d == "sgd" else "Adam", f"{1e3 * a:.1f}", f"{1e3 * b:.1f}", f"{b / a:.2f}"]
+            for d, a, b in rows
+        ],
+    )
 
 
 def report(results, arms, args):
@@ -253,11 +254,7 @@ def report(results, arms, args):
     print(
         f"\ntarget reward (half-way from start to best small-lr GRPO, {w}-step mean): {target:.3f}"
     )
-    print(
-        "| arm | lr | start reward | final reward | final greedy acc | final entropy | collapsed "
-        "| rejected tokens | samples to target | small-lr samples / arm samples |"
-    )
-    print("|" + "---|" * 10)
+    table = []
     base_samples = [samples_to_reach(h["reward"], target, w, per_step) for h in base]
     for name, lr, _ in arms:
         hs = results[name]
@@ -279,11 +276,35 @@ def report(results, arms, args):
         def fmt(xs, f="{:.3f}"):
             return " / ".join("never" if x == math.inf else f.format(x) for x in xs)
 
-        print(
-            f"| {name} | {lr:.0e} | {fmt(st, '{:.2f}')} | {fmt(fin, '{:.2f}')} | "
-            f"{fmt(greedy, '{:.2f}')} | {fmt(ent, '{:.2f}')} | {sum(collapsed)}/{len(hs)} | "
-            f"{fmt(rej)} | {fmt(samples, '{:.0f}')} | {fmt(ratios, '{:.2f}')} |"
+        table.append(
+            [
+                name,
+                f"{lr:.0e}",
+                fmt(st, "{:.2f}"),
+                fmt(fin, "{:.2f}"),
+                fmt(greedy, "{:.2f}"),
+                fmt(ent, "{:.2f}"),
+                f"{sum(collapsed)}/{len(hs)}",
+                fmt(rej),
+                fmt(samples, "{:.0f}"),
+                fmt(ratios, "{:.2f}"),
+            ]
         )
+    print_table(
+        [
+            "arm",
+            "lr",
+            "start reward",
+            "final reward",
+            "final greedy acc",
+            "final entropy",
+            "collapsed",
+            "rejected tokens",
+            "samples to target",
+            "small-lr samples / arm samples",
+        ],
+        table,
+    )
     for name, _, pct in arms[2:]:
         capo = results[name]
         print(
@@ -313,14 +334,9 @@ def report(results, arms, args):
 
 
 def plot(results, arms, args):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     # --quick runs never overwrite the documented figures
     out = ROOT / "results" / "quick" if args.quick else ROOT / "docs" / "img"
-    out.mkdir(parents=True, exist_ok=True)
     per_step = args.prompts * GROUP
     colors = ["tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -334,8 +350,7 @@ def plot(results, arms, args):
     ax.set_title(f"GRPO vs CAPO on digit addition ({args.seeds} seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "capo_reward.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "capo_reward.png")
 
     capo_arms = [(a, c) for a, c in zip(arms, colors) if a[2] is not None]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -348,8 +363,7 @@ def plot(results, arms, args):
     ax.set_ylabel("rejected token fraction (10-step mean)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "capo_rejected.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "capo_rejected.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in zip(
@@ -371,8 +385,7 @@ def plot(results, arms, args):
         ax.set_ylabel("predicted KL (last-layer model)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "capo_kl.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "capo_kl.png")
     print(f"plots written to {out.relative_to(ROOT)}/capo_*.png")
 
 

@@ -7,7 +7,7 @@ calibration batch, as in capo.py), and large-lr GRPO + a whole-model mask:
 
 - per step, the planned Adam step ``Δθ`` is taken on a copy of the policy and optimizer (trial
   step on all tokens); each token's share of the step's predicted whole-model KL is
-  ``c_s = ½⟨Δθ_s, FΔθ⟩`` (``curvopt.rl.capo_whole_model.token_kl_attributions``) with
+  ``c_s = ½⟨Δθ_s, FΔθ⟩`` (``curvopt.capo.whole_model.token_kl_attributions``) with
   ``Δθ_s = D ∇ℓ_s``, ``ℓ_s = A_s log π(a_s)/(B T)`` the token's term of the ascent objective and
   ``D = lr_t (1−β₁)/(1−β₁^k) / (sqrt(v̂_k) + eps)`` Adam's weight of the new gradient (its
   denominator frozen at the trial step's value; the momentum part of the step is not attributed);
@@ -30,17 +30,17 @@ import copy
 import math
 import pathlib
 import sys
-import time
 
 import torch
 
-from curvopt.rl.capo_whole_model import token_kl_attributions
-from curvopt.rl.grpo import _kl_rows, group_advantages
-from curvopt.rl.sequence_policy import GRUPolicy, sample_tokens
-from curvopt.rl.token_losses import grpo_loss
+from curvopt.capo.grpo import _kl_rows, group_advantages
+from curvopt.capo.sequence_policy import GRUPolicy, sample_tokens
+from curvopt.capo.token_losses import grpo_loss
+from curvopt.capo.whole_model import token_kl_attributions
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import capo as capo_bench  # noqa: E402  (the same warm start, arms, schedule and metrics)
+from harness import Stopwatch, print_table  # noqa: E402
 
 GROUP = capo_bench.GROUP
 
@@ -148,31 +148,33 @@ def run_whole_model_arm(lr, seed, task, state, args, make_policy=None, make_opt=
     gen = torch.Generator().manual_seed(seed + 2000)
     hist = {"reward": [], "rejected_fraction": [], "entropy": [], "realized_kl": []}
     hist["realized_head_kl"] = []
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        seq, comp, rewards = batch(policy, task, gen, n_prompts)
-        adv = group_advantages(rewards, GROUP)
-        keep = torch.ones_like(comp, dtype=torch.bool)
-        if bool((adv != 0).any()):
-            c, informative, _ = whole_model_attributions(policy, opt, seq, comp, adv, lp)
-            keep = budget_mask(c, informative, budget)
-        h = policy.hidden_states(seq)[:, lp - 1 :]
-        logits = policy.head(h)
-        logp = torch.log_softmax(logits, -1).gather(-1, comp[..., None]).squeeze(-1)
-        loss = grpo_loss(logp, logp.detach(), adv, keep)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            p = torch.softmax(logits, -1)
-            hist["entropy"].append(float(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()))
-            old = logits.detach()
-            hist["realized_kl"].append(float(_kl_rows(old, policy(seq)[:, lp - 1 :]).mean()))
-            hist["realized_head_kl"].append(float(_kl_rows(old, policy.head(h.detach())).mean()))
-        hist["reward"].append(float(rewards.mean()))
-        hist["rejected_fraction"].append(float((~keep).float().mean()))
-    hist["seconds"] = time.perf_counter() - t0
+    with Stopwatch() as watch:
+        for _ in range(args.steps):
+            seq, comp, rewards = batch(policy, task, gen, n_prompts)
+            adv = group_advantages(rewards, GROUP)
+            keep = torch.ones_like(comp, dtype=torch.bool)
+            if bool((adv != 0).any()):
+                c, informative, _ = whole_model_attributions(policy, opt, seq, comp, adv, lp)
+                keep = budget_mask(c, informative, budget)
+            h = policy.hidden_states(seq)[:, lp - 1 :]
+            logits = policy.head(h)
+            logp = torch.log_softmax(logits, -1).gather(-1, comp[..., None]).squeeze(-1)
+            loss = grpo_loss(logp, logp.detach(), adv, keep)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                p = torch.softmax(logits, -1)
+                hist["entropy"].append(float(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()))
+                old = logits.detach()
+                hist["realized_kl"].append(float(_kl_rows(old, policy(seq)[:, lp - 1 :]).mean()))
+                hist["realized_head_kl"].append(
+                    float(_kl_rows(old, policy.head(h.detach())).mean())
+                )
+            hist["reward"].append(float(rewards.mean()))
+            hist["rejected_fraction"].append(float((~keep).float().mean()))
+    hist["seconds"] = watch.seconds
     hist["budget"] = budget
     return hist
 
@@ -220,8 +222,7 @@ def main(argv=None) -> int:
         f"thresholds, whole-model KL budgets {budgets}; target reward {target:.3f}; "
         "entries are seeds 0 / 1 / ..."
     )
-    print("| arm | final reward | collapsed | rejected tokens | samples to target | ms/step |")
-    print("|---|---|---|---|---|---|")
+    rows = []
     for a in arms:
         hs = res[a]
         fin = [sum(h["reward"][-w:]) / w for h in hs]
@@ -230,11 +231,20 @@ def main(argv=None) -> int:
         rej = [sum(h["rejected_fraction"]) / len(h["rejected_fraction"]) for h in hs]
         smp = [capo_bench.samples_to_reach(h["reward"], target, w, per_step) for h in hs]
         ms = sum(h["seconds"] for h in hs) / sum(len(h["reward"]) for h in hs) * 1e3
-        print(
-            f"| {a} | {' / '.join(f'{x:.2f}' for x in fin)} | {col}/{len(hs)} | "
-            f"{' / '.join(f'{x:.3f}' for x in rej)} | "
-            f"{' / '.join('never' if x == math.inf else str(x) for x in smp)} | {ms:.0f} |"
+        rows.append(
+            [
+                a,
+                " / ".join(f"{x:.2f}" for x in fin),
+                f"{col}/{len(hs)}",
+                " / ".join(f"{x:.3f}" for x in rej),
+                " / ".join("never" if x == math.inf else str(x) for x in smp),
+                f"{ms:.0f}",
+            ]
         )
+    print_table(
+        ["arm", "final reward", "collapsed", "rejected tokens", "samples to target", "ms/step"],
+        rows,
+    )
     return 0
 
 

@@ -1,6 +1,6 @@
 """GRPO vs last-layer CAPO vs whole-model CAPO on a toy where the head carries the step's KL.
 
-Issue #16, parts 2(a) and 2(c). Task and policy: ``curvopt.rl.recall_task`` (each of 64
+Issue #16, parts 2(a) and 2(c). Task and policy: ``curvopt.bench.tasks.recall`` (each of 64
 one-token prompts has a secret 4-token answer over a vocabulary of V = 512; partial-credit reward;
 policy ``LayerNorm(prompt embedding + position embedding)`` -> linear head, H = 16: 8,704 of the
 17,008 parameters are the head's, 8,192 the embedding table of which 64 rows are used). Plain
@@ -38,19 +38,19 @@ import argparse
 import math
 import pathlib
 import sys
-import time
 
 import torch
 
-from curvopt.rl.capo import CAPOLoss
-from curvopt.rl.capo_whole_model import predict_step_kl
-from curvopt.rl.grpo import GRPOTrainer, group_advantages
-from curvopt.rl.recall_task import PromptPositionPolicy, RecallTask, supervised_warmstart
-from curvopt.rl.token_losses import grpo_loss
+from curvopt.bench.tasks.recall import PromptPositionPolicy, RecallTask, supervised_warmstart
+from curvopt.capo.grpo import GRPOTrainer, group_advantages
+from curvopt.capo.masker import CAPOLoss
+from curvopt.capo.token_losses import grpo_loss
+from curvopt.capo.whole_model import predict_step_kl
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import capo as capo_bench  # noqa: E402  (threshold calibration, smoothing, samples-to-target)
 import capo_compare  # noqa: E402  (the whole-model attributions and KL-budget mask)
+from harness import Stopwatch, print_table, pyplot, save_figure  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GROUP = capo_bench.GROUP
@@ -86,17 +86,17 @@ def run_arm(lr, percentile, seed, task, state, args):
     trainer = GRPOTrainer(policy, opt, grpo_loss, GROUP, capo=capo, generator=gen)
     keys = ("reward", "rejected_fraction", "realized_kl", "realized_head_kl", "entropy")
     hist = {k: [] for k in keys}
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        prompts, answers = task.sample(args.prompts, gen)
-        out = trainer.step(
-            prompts,
-            task.answer_len,
-            lambda c, a=answers: task.reward(c, a.repeat_interleave(GROUP, 0)),
-        )
-        for k in hist:
-            hist[k].append(float(out[k]))
-    hist["seconds"] = time.perf_counter() - t0
+    with Stopwatch() as watch:
+        for _ in range(args.steps):
+            prompts, answers = task.sample(args.prompts, gen)
+            out = trainer.step(
+                prompts,
+                task.answer_len,
+                lambda c, a=answers: task.reward(c, a.repeat_interleave(GROUP, 0)),
+            )
+            for k in hist:
+                hist[k].append(float(out[k]))
+    hist["seconds"] = watch.seconds
     return hist
 
 
@@ -142,37 +142,37 @@ def run_trust_region(seed, task, state, args):
     keys = ("reward", "rejected_fraction", "realized_kl", "realized_head_kl", "lr_scale")
     keys += ("entropy",)
     hist = {k: [] for k in keys}
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        seq, comp, rewards = capo_compare.batch(policy, task, gen, args.prompts)
-        adv = group_advantages(rewards, GROUP)
-        scale = 1.0
-        if bool((adv != 0).any()):
-            opt.param_groups[0]["lr"] = args.large_lr
-            kl = predicted_kl(opt, seq, comp, adv)
-            scale = min(1.0, math.sqrt(budget / kl)) if kl > 0 else 1.0
-        opt.param_groups[0]["lr"] = args.large_lr * scale
-        h = policy.hidden_states(seq)[:, lp - 1 :]
-        logits = policy.head(h)
-        logp = torch.log_softmax(logits, -1).gather(-1, comp[..., None]).squeeze(-1)
-        loss = grpo_loss(logp, logp.detach(), adv, torch.ones_like(comp, dtype=torch.bool))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            old = logits.detach()
-            p = torch.softmax(old, -1)
-            hist["entropy"].append(float(-(p * torch.log_softmax(old, -1)).sum(-1).mean()))
-            hist["realized_kl"].append(
-                float(capo_compare._kl_rows(old, policy(seq)[:, lp - 1 :]).mean())
-            )
-            hist["realized_head_kl"].append(
-                float(capo_compare._kl_rows(old, policy.head(h.detach())).mean())
-            )
-        hist["reward"].append(float(rewards.mean()))
-        hist["rejected_fraction"].append(0.0)
-        hist["lr_scale"].append(scale)
-    hist["seconds"] = time.perf_counter() - t0
+    with Stopwatch() as watch:
+        for _ in range(args.steps):
+            seq, comp, rewards = capo_compare.batch(policy, task, gen, args.prompts)
+            adv = group_advantages(rewards, GROUP)
+            scale = 1.0
+            if bool((adv != 0).any()):
+                opt.param_groups[0]["lr"] = args.large_lr
+                kl = predicted_kl(opt, seq, comp, adv)
+                scale = min(1.0, math.sqrt(budget / kl)) if kl > 0 else 1.0
+            opt.param_groups[0]["lr"] = args.large_lr * scale
+            h = policy.hidden_states(seq)[:, lp - 1 :]
+            logits = policy.head(h)
+            logp = torch.log_softmax(logits, -1).gather(-1, comp[..., None]).squeeze(-1)
+            loss = grpo_loss(logp, logp.detach(), adv, torch.ones_like(comp, dtype=torch.bool))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                old = logits.detach()
+                p = torch.softmax(old, -1)
+                hist["entropy"].append(float(-(p * torch.log_softmax(old, -1)).sum(-1).mean()))
+                hist["realized_kl"].append(
+                    float(capo_compare._kl_rows(old, policy(seq)[:, lp - 1 :]).mean())
+                )
+                hist["realized_head_kl"].append(
+                    float(capo_compare._kl_rows(old, policy.head(h.detach())).mean())
+                )
+            hist["reward"].append(float(rewards.mean()))
+            hist["rejected_fraction"].append(0.0)
+            hist["lr_scale"].append(scale)
+    hist["seconds"] = watch.seconds
     hist["budget"] = budget
     return hist
 
@@ -250,11 +250,7 @@ def summarize(res, arms, args):
     print(
         f"\ntarget reward (half-way from start to best small-lr GRPO, {W}-step mean): {target:.3f}"
     )
-    print(
-        "| arm | lr | start reward | final reward | collapsed | rejected tokens "
-        "| final entropy | samples to target | head share of KL (median) | ms/step |"
-    )
-    print("|" + "---|" * 10)
+    rows = []
 
     def fmt(xs, f):
         return " / ".join("never" if x == math.inf else f.format(x) for x in xs)
@@ -274,11 +270,35 @@ def summarize(res, arms, args):
             share.append(float((head[ok] / full[ok]).median()) if ok.any() else math.nan)
         ent = [sum(h["entropy"][-W:]) / W for h in hs]
         ms = sum(h["seconds"] for h in hs) / sum(len(h["reward"]) for h in hs) * 1e3
-        print(
-            f"| {name} | {lr:g} | {fmt(st, '{:.2f}')} | {fmt(fin, '{:.2f}')} | {col}/{len(hs)} "
-            f"| {fmt(rej, '{:.3f}')} | {fmt(ent, '{:.2f}')} | {fmt(smp, '{:.0f}')} "
-            f"| {fmt(share, '{:.2f}')} | {ms:.1f} |"
+        rows.append(
+            [
+                name,
+                f"{lr:g}",
+                fmt(st, "{:.2f}"),
+                fmt(fin, "{:.2f}"),
+                f"{col}/{len(hs)}",
+                fmt(rej, "{:.3f}"),
+                fmt(ent, "{:.2f}"),
+                fmt(smp, "{:.0f}"),
+                fmt(share, "{:.2f}"),
+                f"{ms:.1f}",
+            ]
         )
+    print_table(
+        [
+            "arm",
+            "lr",
+            "start reward",
+            "final reward",
+            "collapsed",
+            "rejected tokens",
+            "final entropy",
+            "samples to target",
+            "head share of KL (median)",
+            "ms/step",
+        ],
+        rows,
+    )
     budgets = " / ".join(f"{h['budget']:.2e}" for h in res["whole-model CAPO"])
     print(f"\nwhole-model KL budgets per seed: {budgets}")
     hs = res["whole-model KL trust region"]
@@ -291,11 +311,7 @@ def summarize(res, arms, args):
 
 
 def plot(res, arms, args):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     per_step = args.prompts * GROUP
     colors = ["tab:blue", "tab:red", "tab:green", "tab:olive", "tab:purple", "tab:orange"]
     colors += ["tab:brown", "tab:cyan"]
@@ -311,8 +327,7 @@ def plot(res, arms, args):
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = ROOT / "docs" / "img" / "capo_recall_reward.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
     print(f"plot written to {out.relative_to(ROOT)}")
 
 

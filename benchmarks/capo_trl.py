@@ -1,6 +1,6 @@
 """CAPO's overhead per GRPO step inside TRL: CAPOGRPOTrainer vs trl.GRPOTrainer, side by side.
 
-Same model (a random-init GPT-2 from :mod:`curvopt.integrations.trl_addition`), data, seed and
+Same model (a random-init GPT-2 from :mod:`curvopt.bench.tasks.trl_addition`), data, seed and
 GRPOConfig for both arms. CAPO runs with infinite thresholds: every prediction is computed, the
 mask is multiplied in and the per-step predictions are made (``capo_predict_step=True``), but no
 token is rejected, so both arms train bit-identical models on identical completions and do the
@@ -13,7 +13,7 @@ each round is dropped (warm-up). Independently of that noisy difference, the tim
 CAPO's two entry points (the token mask per micro-batch and the step prediction at the
 optimizer's pre-step hook) is measured directly. The table reports medians and ratios.
 
-A third arm, ``CAPO+penalty``, adds the ``delta_kl`` penalty (:mod:`curvopt.rl.capo_penalty`)
+A third arm, ``CAPO+penalty``, adds the ``delta_kl`` penalty (:mod:`curvopt.capo.penalty`)
 with ``--penalty-coef`` (default ``1e-30``: all the penalty's work is done, forward through the
 differentiable predictions and backward through the head and the hidden states into the whole
 network, but the term is far below float32 resolution, so the arm trains the same model on the
@@ -33,7 +33,6 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 
 import torch  # noqa: E402
 
@@ -42,16 +41,17 @@ try:
 except ImportError:  # the optional extra curvopt[trl]
     print("benchmarks/capo_trl.py: skipped, trl is not installed (pip install curvopt[trl])")
     sys.exit(0)
+from harness import Stopwatch, clock, median, print_table  # noqa: E402
 from transformers import PrinterCallback, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from curvopt.integrations.trl import CAPOGRPOTrainer  # noqa: E402
-from curvopt.integrations.trl_addition import (  # noqa: E402
+from curvopt.bench.tasks.trl_addition import (  # noqa: E402
     addition_prompts,
     addition_reward,
     char_tokenizer,
     tiny_gpt2,
 )
+from curvopt.integrations.trl import CAPOGRPOTrainer  # noqa: E402
 
 
 class StepTimer(TrainerCallback):
@@ -59,10 +59,10 @@ class StepTimer(TrainerCallback):
         self.times = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.t0 = time.perf_counter()
+        self.t0 = clock()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.t0)
+        self.times.append(clock() - self.t0)
 
 
 def run(arm: str, args, out_dir: str) -> tuple[list[float], list[float], tuple, list]:
@@ -136,12 +136,12 @@ def isolated_penalty_time(trainer, inputs, reps: int = 20) -> tuple[float, float
         for c in (0.0, coef):
             trainer.capo_penalty.coef = c
             trainer.model.zero_grad()
-            t0 = time.perf_counter()
-            trainer.compute_loss(trainer.model, inputs).backward()
-            times[c].append(time.perf_counter() - t0)
+            with Stopwatch() as watch:
+                trainer.compute_loss(trainer.model, inputs).backward()
+            times[c].append(watch.seconds)
             trainer._capo_window.clear()
     trainer.capo_penalty.coef = coef
-    return statistics.median(times[0.0]), statistics.median(times[coef])
+    return median(times[0.0]), median(times[coef])
 
 
 def isolated_capo_time(trainer, reps: int = 20) -> float:
@@ -151,20 +151,21 @@ def isolated_capo_time(trainer, reps: int = 20) -> float:
     times = []
     for _ in range(reps):
         inputs["completion_mask"] = mb["valid"].long()
-        t0 = time.perf_counter()
-        trainer._capo_apply(inputs, mb["hidden"])
-        trainer._capo_before_step(None, (), {})
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        with Stopwatch() as watch:
+            trainer._capo_apply(inputs, mb["hidden"])
+            trainer._capo_before_step(None, (), {})
+        times.append(watch.seconds)
+    return median(times)
 
 
 def _timed(fn, into):
     def wrapper(*a, **kw):
-        t0 = time.perf_counter()
+        watch = Stopwatch()
         try:
-            return fn(*a, **kw)
+            with watch:
+                return fn(*a, **kw)
         finally:
-            into.append(time.perf_counter() - t0)
+            into.append(watch.seconds)
 
     return wrapper
 
@@ -193,7 +194,7 @@ def main():
     inner = {a: [] for a in arms}
     own, pen = [], []
     final = {}
-    start = time.perf_counter()
+    start = clock()
     with tempfile.TemporaryDirectory() as out_dir:
         for arm in order:
             w, s, r, params = run(arm, args, out_dir)
@@ -215,45 +216,62 @@ def main():
         f"{args.threads} thread(s)"
     )
     print()
-    print(
-        "| time per GRPO step (median) | trl.GRPOTrainer (ms) | CAPOGRPOTrainer (ms) | ratio | "
-        "CAPO + delta_kl penalty (ms) | ratio |"
-    )
-    print("|---|---|---|---|---|---|")
+    rows = []
     for label, data in (
         ("whole optimizer step (generation .. optimizer.step)", wall),
         ("TRL step_time (training_step: generation, loss, backward)", inner),
     ):
-        a, b, c = (statistics.median(data[k]) for k in arms)
-        print(
-            f"| {label} | {1e3 * a:.1f} | {1e3 * b:.1f} | {b / a:.3f} | {1e3 * c:.1f} | "
-            f"{c / a:.3f} |"
+        a, b, c = (median(data[k]) for k in arms)
+        rows.append(
+            [label, f"{1e3 * a:.1f}", f"{1e3 * b:.1f}", f"{b / a:.3f}", f"{1e3 * c:.1f}"]
+            + [f"{c / a:.3f}"]
         )
-    base = statistics.median(wall["GRPO"])
+    base = median(wall["GRPO"])
     mean_own = statistics.mean(r[0] for r in own)
-    isolated = statistics.median(r[1] for r in own)
-    print(
-        f"| CAPO's own work inside training (mask + step prediction), mean per step | - | "
-        f"{1e3 * mean_own:.1f} | {mean_own / base:.3f} of the GRPO step |"
+    isolated = median([r[1] for r in own])
+    rows += [
+        [
+            "CAPO's own work inside training (mask + step prediction), mean per step",
+            "-",
+            f"{1e3 * mean_own:.1f}",
+            f"{mean_own / base:.3f} of the GRPO step",
+        ],
+        [
+            "CAPO's own work on one step's batch, warm, isolated (median)",
+            "-",
+            f"{1e3 * isolated:.1f}",
+            f"{isolated / base:.3f} of the GRPO step",
+        ],
+    ]
+    print_table(
+        [
+            "time per GRPO step (median)",
+            "trl.GRPOTrainer (ms)",
+            "CAPOGRPOTrainer (ms)",
+            "ratio",
+            "CAPO + delta_kl penalty (ms)",
+            "ratio",
+        ],
+        rows,
     )
-    print(
-        f"| CAPO's own work on one step's batch, warm, isolated (median) | - | "
-        f"{1e3 * isolated:.1f} | {isolated / base:.3f} of the GRPO step |"
-    )
-    off = statistics.median(p[0] for p in pen)
-    on = statistics.median(p[1] for p in pen)
+    off = median([p[0] for p in pen])
+    on = median([p[1] for p in pen])
     print()
-    print("| one micro-batch's loss + backward, warm, isolated (median) | ms | ratio |")
-    print("|---|---|---|")
-    print(f"| CAPO mask, no penalty | {1e3 * off:.1f} | 1.000 |")
-    print(f"| CAPO mask + delta_kl penalty | {1e3 * on:.1f} | {on / off:.3f} |")
-    print(
-        f"| penalty's extra time per micro-batch | {1e3 * (on - off):.1f} | "
-        f"{(on - off) / base:.3f} of the GRPO step |"
+    print_table(
+        ["one micro-batch's loss + backward, warm, isolated (median)", "ms", "ratio"],
+        [
+            ["CAPO mask, no penalty", f"{1e3 * off:.1f}", "1.000"],
+            ["CAPO mask + delta_kl penalty", f"{1e3 * on:.1f}", f"{on / off:.3f}"],
+            [
+                "penalty's extra time per micro-batch",
+                f"{1e3 * (on - off):.1f}",
+                f"{(on - off) / base:.3f} of the GRPO step",
+            ],
+        ],
     )
     print()
     print(f"penalty arm (coef {args.penalty_coef:g}) trained the same parameters as CAPO: {same}")
-    print(f"total {time.perf_counter() - start:.0f} s")
+    print(f"total {clock() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ policy is kept as a copy), and the mean KL(π_old ‖ π_new) over the batch's c
 - predicted, last layer: ½ uᵀ(Diag p − ppᵀ)u with u = ΔW h + Δb (the head's exact step on the old
   hidden states; CAPO's model with a perfect direction model);
 - predicted, whole model: the same with u = J Δθ, the logit change through the whole network by
-  one forward-mode JVP (``curvopt.rl.capo_whole_model.predict_step_kl``).
+  one forward-mode JVP (``curvopt.capo.whole_model.predict_step_kl``).
 
 Prints the quartiles over steps and seeds of predicted / realized per lr, and the cost of the
 whole-model prediction relative to one GRPO step (sampling, forward, backward, Adam), both timed
@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import numpy as np
 import torch
+from harness import clock
 
-from curvopt.rl.addition_task import AdditionTask, supervised_warmstart
-from curvopt.rl.capo_whole_model import predict_step_kl
-from curvopt.rl.grpo import group_advantages
-from curvopt.rl.sequence_policy import GRUPolicy, sample_tokens
-from curvopt.rl.token_losses import grpo_loss
+from curvopt.bench.tasks.addition import AdditionTask, supervised_warmstart
+from curvopt.capo.grpo import group_advantages
+from curvopt.capo.sequence_policy import GRUPolicy, sample_tokens
+from curvopt.capo.token_losses import grpo_loss
+from curvopt.capo.whole_model import predict_step_kl
 
 GROUP = 8
 
@@ -52,7 +52,7 @@ def run(seed: int, lr: float, args) -> dict[str, list[float]]:
     lp = task.prompt_len
     out = {k: [] for k in ("whole", "head_pred_whole", "head", "reward", "ms_step", "ms_jvp")}
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         prompts, answers = task.sample(8, gen)
         rep = prompts.repeat_interleave(GROUP, 0)
         comp = sample_tokens(policy, rep, task.answer_len, gen)
@@ -67,16 +67,16 @@ def run(seed: int, lr: float, args) -> dict[str, list[float]]:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        t1 = time.perf_counter()
+        t1 = clock()
         step = [(p.detach() - q.detach()) for p, q in zip(policy.parameters(), old.parameters())]
         informative = (adv != 0)[:, None].expand_as(comp)
         if not bool(informative.any()):
             continue
-        t2 = time.perf_counter()
+        t2 = clock()
         whole = predict_step_kl(
             old, step, seq, mask=informative, output_fn=lambda z: z[:, lp - 1 :]
         )
-        t3 = time.perf_counter()
+        t3 = clock()
         head_step = [
             s if name.startswith("head.") else torch.zeros_like(s)
             for (name, _), s in zip(old.named_parameters(), step)
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.steps = args.steps or (8 if args.quick else 40)
     torch.set_num_threads(1)
-    t0 = time.perf_counter()
+    t0 = clock()
     print(
         f"{args.seeds} seeds x {args.steps} steps; predicted / realized mean KL per step "
         "(quartiles over steps and seeds); informative tokens only"
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             f"{lr:>7g} {q(cat['head']):>27} {q(cat['head_pred_whole']):>25} "
             f"{q(cat['whole']):>25} {jvp:>7.1f} {stp:>8.1f} {jvp / stp:>9.2f}"
         )
-    print(f"\nwall {time.perf_counter() - t0:.0f} s")
+    print(f"\nwall {clock() - t0:.0f} s")
     return 0
 
 

@@ -27,14 +27,13 @@ Usage: ``python benchmarks/curvature_products.py [--quick] [--no-compile] [--rou
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Callable
 
 import torch
+from harness import Stopwatch, median, print_table
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp
 
@@ -154,10 +153,10 @@ def build_methods(model, data, compile_: bool) -> dict[str, tuple[str, Callable[
     if compile_:
         try:
             hvp_c, ggn_c = compiled_products(*args)
-            start = time.perf_counter()
-            hvp_c(v_list)
-            ggn_c(v_list)
-            print(f"  torch.compile warm-up took {time.perf_counter() - start:.1f} s", flush=True)
+            with Stopwatch() as watch:
+                hvp_c(v_list)
+                ggn_c(v_list)
+            print(f"  torch.compile warm-up took {watch.seconds:.1f} s", flush=True)
             methods["HVP torch.compile(jvp(grad))"] = ("hvp", lambda: hvp_c(v_list))
             methods["GGN-vp torch.compile(jvp+vjp)"] = ("ggn", lambda: ggn_c(v_list))
         except Exception as err:  # report, do not stop the benchmark
@@ -247,12 +246,12 @@ def measure(
     for _ in range(rounds):
         for k, f in runnable.items():
             sync()
-            w0, c0 = time.perf_counter(), time.thread_time()
-            f()
-            sync()
-            cpu[k].append(time.thread_time() - c0)
-            wall[k].append(time.perf_counter() - w0)
-    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in runnable}
+            with Stopwatch() as watch:
+                f()
+                sync()
+            cpu[k].append(watch.cpu_seconds)
+            wall[k].append(watch.seconds)
+    return {k: (median(cpu[k]), median(wall[k])) for k in runnable}
 
 
 def main() -> None:
@@ -326,12 +325,7 @@ def main() -> None:
                 )
             )
     header = ("model", "product", "CPU ms", "x gradient", "wall ms", "x gradient (wall)")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
-    print(line)
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
+    print_table(header, rows, padded=True)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,12 @@ Usage: ``python benchmarks/distributed.py [--quick]``.
 from __future__ import annotations
 
 import argparse
-import pathlib
-import statistics
-import sys
-import time
 
 import torch
+from harness import add_repo_paths, clock, median, print_table
 from torch import nn
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tests" / "distributed"))
+add_repo_paths("tests/distributed")
 from dist_helpers import run_workers  # noqa: E402
 
 from curvopt import distributed as D  # noqa: E402
@@ -72,20 +69,20 @@ def _worker(rank, world, width, m, steps):
     warmup = m + 1  # a full window: every step then all-reduces m dot products
     for step in range(warmup + steps):
         for name, (net, opt) in runs.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             opt.zero_grad()
             nn.functional.mse_loss(net(X), Y).backward()
-            t1 = time.perf_counter()
+            t1 = clock()
             with D.CommCounter() as c:
                 opt.step()
-            t2 = time.perf_counter()
+            t2 = clock()
             if step >= warmup:
                 times[name].append(t2 - t0)
                 step_times[name].append(t2 - t1)
             comm[name] = c
     d = sum(p.numel() for p in _model(width).parameters())
-    out = {"d": d, "time": {k: statistics.median(v) for k, v in times.items()}}
-    out["step_time"] = {k: statistics.median(v) for k, v in step_times.items()}
+    out = {"d": d, "time": {k: median(v) for k, v in times.items()}}
+    out["step_time"] = {k: median(v) for k, v in step_times.items()}
     out["bytes"] = {k: c.total_bytes for k, c in comm.items()}
     out["calls"] = {k: c.total_calls for k, c in comm.items()}
     out["window"] = {
@@ -106,39 +103,49 @@ def main():
     d = results[1][0]["d"]
     print(f"d = {d}, m = {m}, float32 parameters and window, batch {BATCH} per rank\n")
 
-    print("| P | mode | window bytes / rank (max) | m*ceil(d/P)*4 | ratio |")
-    print("|---|---|---|---|---|")
+    rows = []
     for P in worlds:
         bound = m * -(-d // P) * 4
         for mode in ("replicated", "zero1", "fsdp2"):
             got = max(r["window"][mode] for r in results[P])
-            print(f"| {P} | {mode} | {got} | {bound} | {got / bound:.4f} |")
+            rows.append([P, mode, got, bound, f"{got / bound:.4f}"])
+    print_table(["P", "mode", "window bytes / rank (max)", "m*ceil(d/P)*4", "ratio"], rows)
 
-    print(
-        "\n| P | mode | collectives / step | bytes / step / rank (max) | formula | "
-        "DDP gradient all-reduce (4d) |"
-    )
-    print("|---|---|---|---|---|---|")
+    rows = []
     for P in worlds:
         for mode in ("zero1", "fsdp2"):
             got = max(r["bytes"][mode] for r in results[P])
             calls = results[P][0]["calls"][mode]
             # one rank communicates nothing; else the flag, G g, and (ZeRO-1) the all-gather
             formula = 0 if P == 1 else 8 * m + 4 + (4 * -(-d // P) if mode == "zero1" else 0)
-            print(f"| {P} | {mode} | {calls} | {got} | {formula} | {4 * d} |")
+            rows.append([P, mode, calls, got, formula, 4 * d])
+    print()
+    print_table(
+        [
+            "P",
+            "mode",
+            "collectives / step",
+            "bytes / step / rank (max)",
+            "formula",
+            "DDP gradient all-reduce (4d)",
+        ],
+        rows,
+    )
 
     for key, what in (("time", "training iteration"), ("step_time", "optimizer step alone")):
         print(f"\n{what}, ms (median over steps, slowest rank)\n")
-        print("| P | MFAC replicated | ZeRO-1 (x repl.) | FSDP2 (x repl.) | DDP+Adam (x repl.) |")
-        print("|---|---|---|---|---|")
+        rows = []
         for P in worlds:
             t = {k: max(r[key][k] for r in results[P]) * 1e3 for k in results[P][0][key]}
             rep = t["replicated"]
-            print(
-                f"| {P} | {rep:.1f} | {t['zero1']:.1f} ({t['zero1'] / rep:.2f}) | "
-                f"{t['fsdp2']:.1f} ({t['fsdp2'] / rep:.2f}) | {t['adam']:.1f} "
-                f"({t['adam'] / rep:.2f}) |"
+            rows.append(
+                [P, f"{rep:.1f}"]
+                + [f"{t[k]:.1f} ({t[k] / rep:.2f})" for k in ("zero1", "fsdp2", "adam")]
             )
+        print_table(
+            ["P", "MFAC replicated", "ZeRO-1 (x repl.)", "FSDP2 (x repl.)", "DDP+Adam (x repl.)"],
+            rows,
+        )
 
 
 if __name__ == "__main__":

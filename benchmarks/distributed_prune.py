@@ -17,14 +17,12 @@ Usage: ``PYTHONPATH=. python benchmarks/distributed_prune.py [--quick]`` from th
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
-import time
 
 import torch
+from harness import Stopwatch, add_repo_paths
 from torch import nn
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tests" / "distributed"))
+add_repo_paths("tests/distributed")
 from dist_helpers import run_workers  # noqa: E402
 
 from curvopt.distributed import CommCounter  # noqa: E402
@@ -55,11 +53,9 @@ def _worker(rank, world, width, m):
         model = _model(width)
         attach_masks(model)
         fully_shard(model)
-        t0 = time.perf_counter()
-        with CommCounter() as counter:
+        with Stopwatch() as watch, CommCounter() as counter:
             prune(model, nn.CrossEntropyLoss(), _data(rank, m), 0.5, **_kwargs(m))
-        seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "calls": counter.calls, "bytes": counter.bytes}
+    return {"seconds": watch.seconds, "calls": counter.calls, "bytes": counter.bytes}
 
 
 def _single(width, m, world):
@@ -68,9 +64,9 @@ def _single(width, m, world):
     data = [(torch.cat([s[i][0] for s in shards]), torch.cat([s[i][1] for s in shards]))
             for i in range(m)]  # fmt: skip
     prune(_model(width), nn.CrossEntropyLoss(), data, 0.5, **_kwargs(m))  # warm-up
-    t0 = time.perf_counter()
-    prune(model, nn.CrossEntropyLoss(), data, 0.5, **_kwargs(m))
-    return time.perf_counter() - t0
+    with Stopwatch() as watch:
+        prune(model, nn.CrossEntropyLoss(), data, 0.5, **_kwargs(m))
+    return watch.seconds
 
 
 def main() -> None:

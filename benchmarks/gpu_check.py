@@ -56,6 +56,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(HERE) not in sys.path:  # loaded from elsewhere (the tests): the sibling scripts' folder
+    sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
+
 SCHEMA = "curvopt.gpu_check/1"
 GRACE_S = 15.0
 PARTS = {
@@ -162,9 +166,7 @@ class Part:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        tmp.replace(self.path)  # atomic: a killed part leaves its last complete record
+        harness.write_json(self.path, self.data)  # atomic: a killed part leaves its last record
 
     def row(self, **fields) -> None:
         self.data["rows"].append(fields)
@@ -420,7 +422,7 @@ def _window_case(kbench, mbench, sizes: Sizes, gen, device, d: int, dt: str, m: 
     row = dict(d=d, m=m, window_dtype=dt)
     if d <= sizes.static_max_d:
         fns = {"gemm": lambda: G @ G.T, "setup": lambda: StaticMFAC(G, DAMP)}
-        t = kbench.time_side_by_side(fns, rounds=3, inner=1, device=device)
+        t = harness.side_by_side(fns, rounds=3, inner=1, device=device)
         row.update(gemm_ms=t["gemm"], static_setup_ms=t["setup"])
         row.update(setup_over_gemm=t["setup"] / t["gemm"])
         K = StaticMFAC(G, DAMP).K[0]
@@ -445,7 +447,7 @@ def _window_case(kbench, mbench, sizes: Sizes, gen, device, d: int, dt: str, m: 
         "floor": lambda: mbench.two_pass_floor(G, v, c),
         "step": lambda: window.add_and_ihvp(g),
     }
-    t = kbench.time_side_by_side(fns, rounds=sizes.rounds, device=device)
+    t = harness.side_by_side(fns, rounds=sizes.rounds, device=device)
     row.update(floor_ms=t["floor"], step_ms=t["step"], step_over_floor=t["step"] / t["floor"])
     return row
 
@@ -564,7 +566,7 @@ def part_optimizer_step(part: Part, sizes: Sizes, out: Path) -> None:
 
     from curvopt.optim import MFAC
 
-    kbench = load_benchmark("kernel_bandwidth")
+    load_benchmark("kernel_bandwidth")  # without CUDA its import selects the Triton interpreter
     device = _device()
     built = gpt2_problem(sizes, device)
     if built is None:
@@ -600,7 +602,7 @@ def part_optimizer_step(part: Part, sizes: Sizes, out: Path) -> None:
     for p in params:
         p.grad = None
     loss().backward()
-    steps = kbench.time_side_by_side(
+    steps = harness.side_by_side(
         {"mfac": mfac.step, "adam": adam.step}, rounds=sizes.rounds, device=device
     )
 
@@ -616,7 +618,7 @@ def part_optimizer_step(part: Part, sizes: Sizes, out: Path) -> None:
         model.zero_grad()
         loss().backward()
 
-    iters = kbench.time_side_by_side(
+    iters = harness.side_by_side(
         {"mfac": iteration(mfac), "adam": iteration(adam), "fb": forward_backward},
         rounds=sizes.rounds,
         inner=1,
@@ -925,32 +927,34 @@ def markdown_table(rows: list[dict]) -> list[str]:
     columns = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
-    return lines
+    return harness.table_lines(columns, [[_fmt(row.get(c)) for c in columns] for row in rows])
 
 
 def summary_tables(report: dict) -> list[str]:
-    lines = [
-        "| part | status | seconds | budget s | correctness failures | notes |",
-        "|---|---|---|---|---|---|",
+    parts = [
+        [
+            f"{p['number']} {p['name']}",
+            p["status"],
+            f"{p.get('seconds', 0):.1f}",
+            f"{p.get('budget_s', 0):.0f}",
+            len(p["correctness_failures"]),
+            len(p["notes"]),
+        ]
+        for p in report["parts"]
     ]
-    for p in report["parts"]:
-        lines.append(
-            f"| {p['number']} {p['name']} | {p['status']} | {p.get('seconds', 0):.1f} | "
-            f"{p.get('budget_s', 0):.0f} | {len(p['correctness_failures'])} | "
-            f"{len(p['notes'])} |"
+    verdicts = {True: "met", False: "MISSED", None: "-"}
+    goals = [[g["goal"], g["target"], g["measured"], verdicts[g["met"]]] for g in report["goals"]]
+    return (
+        harness.table_lines(
+            ["part", "status", "seconds", "budget s", "correctness failures", "notes"], parts
         )
-    lines += ["", "| goal | target | measured | verdict |", "|---|---|---|---|"]
-    for g in report["goals"]:
-        verdict = {True: "met", False: "MISSED", None: "-"}[g["met"]]
-        lines.append(f"| {g['goal']} | {g['target']} | {g['measured']} | {verdict} |")
-    return lines
+        + [""]
+        + harness.table_lines(["goal", "target", "measured", "verdict"], goals)
+    )
 
 
 def write_report(report: dict, out: Path) -> None:
-    (out / "gpu_report.json").write_text(json.dumps(report, indent=1, default=str))
+    harness.write_json(out / "gpu_report.json", report)
     env = report["environment"]
     mode = (
         "dry run (no CUDA or --dry-run: tiny sizes, CPU, Triton interpreter; the numbers "

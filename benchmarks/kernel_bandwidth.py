@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:  # must be set before curvopt.kernels (and with it the kernels) is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from harness import side_by_side  # noqa: E402
 
 from curvopt import kernels  # noqa: E402
 from curvopt.kernels import dispatch  # noqa: E402
@@ -54,43 +54,12 @@ def parse_args(argv):
 # --------------------------------------------------------------------------------------------
 
 
-def time_side_by_side(fns: dict, rounds: int, inner: int = 3, device="cuda") -> dict:
-    """Median milliseconds per call of each function, timed round by round in turn.
-
-    On CUDA the calls are timed with CUDA events; on the CPU (the dry run of
-    ``benchmarks/gpu_check.py``) with ``time.perf_counter``.
-    """
-    cuda = torch.device(device).type == "cuda"
-    times = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up (compilation, autotuning, allocator)
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if cuda:
-                start = torch.cuda.Event(enable_timing=True)
-                stop = torch.cuda.Event(enable_timing=True)
-                start.record()
-            else:
-                t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            if cuda:
-                stop.record()
-                stop.synchronize()
-                times[name].append(start.elapsed_time(stop) / inner)
-            else:
-                times[name].append(1e3 * (time.perf_counter() - t0) / inner)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def copy_bandwidth(device="cuda", n: int = 1 << 28, rounds: int = 5) -> float:
     """GB/s of a device-to-device copy of ``n`` float32 (read + write): the achievable bandwidth."""
     src = torch.empty(n, device=device)
     dst = torch.empty_like(src)
     fns = {"copy": lambda s=src, t=dst: t.copy_(s)}
-    ms = time_side_by_side(fns, rounds=rounds, device=device)["copy"]
+    ms = side_by_side(fns, rounds=rounds, device=device)["copy"]
     del src, dst, fns
     return 2 * n * 4 / ms / 1e6
 
@@ -197,7 +166,7 @@ def bench_multi_dot(table, rounds, ms_grid, ds, dtypes, device="cuda"):
                     "cuBLAS": lambda G=G, Vc=Vc: G @ Vc.T,  # V rounded to G's dtype
                 }
                 diff = rel_diff(fns["triton"](), fns["reference"]())
-                res = time_side_by_side(fns, rounds, device=device)
+                res = side_by_side(fns, rounds, device=device)
                 nbytes = m * d * size + k * d * 4
                 problem = f"m={m} d={d:.0e} {_short(dtype)}"
                 meta = dict(m=m, d=d, dtype=_short(dtype))
@@ -224,7 +193,7 @@ def bench_combine(table, rounds, ms_grid, ds, dtypes, device="cuda"):
                     "cuBLAS": lambda G=G, xc=xc, cc=cc: torch.addmv(xc, G.T, cc, beta=0.5),
                 }
                 diff = rel_diff(fns["triton"](), fns["reference"]())
-                res = time_side_by_side(fns, rounds, device=device)
+                res = side_by_side(fns, rounds, device=device)
                 nbytes = m * d * size + 2 * d * 4
                 problem = f"m={m} d={d:.0e} {_short(dtype)}"
                 meta = dict(m=m, d=d, dtype=_short(dtype))
@@ -249,7 +218,7 @@ def bench_gram_diag(table, rounds, cases, device="cuda"):
         if B is None:  # materialize V = T G in one cuBLAS GEMM, then square and sum
             fns["cuBLAS"] = lambda G=G, T=T: (T[0] @ G.to(T.dtype)).square().sum(0)
         diff = rel_diff(fns["triton"](), fns["reference"]())
-        res = time_side_by_side(fns, rounds, device=device)
+        res = side_by_side(fns, rounds, device=device)
         unit = "FP64" if t_dtype == torch.float64 else "FP32"
         blocks = "one block" if B is None else f"B={B}"
         problem = f"m={m} d={d:.0e} {blocks} T {_short(t_dtype)}"
@@ -275,7 +244,7 @@ def bench_softmax_curvature(table, rounds, cases, device="cuda"):
             "reference": lambda z=z, u=u: softmax_curvature_reference(z, u),
         }
         diff = rel_diff(fns["triton"](), fns["reference"]())
-        res = time_side_by_side(fns, rounds, device=device)
+        res = side_by_side(fns, rounds, device=device)
         problem = f"rows={rows} C={C} {_short(dtype)}"
         meta = dict(rows=rows, classes=C, dtype=_short(dtype))
         table.add("softmax_curv", problem, res, 3 * rows * C * size, "GB/s", diff, **meta)

@@ -23,9 +23,7 @@ import argparse
 import gc
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 import torch
 
@@ -35,21 +33,12 @@ from baselines.mfac_published import (  # noqa: E402
     PublishedWindowMFAC,
     sequential_coefficients,
 )
+from harness import fmt_ms, interleaved, print_table, timed  # noqa: E402
 
 from curvopt.mfac import SlidingWindowMFAC, StaticMFAC  # noqa: E402
 from curvopt.mfac._linalg import cholesky, replace_row_inverse  # noqa: E402
 
 DAMP = 1e-4
-
-
-def timed(fn, repeats):
-    """Median wall time of ``fn()`` over ``repeats`` calls (seconds) and the last result."""
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 def mem_available_gb():
@@ -89,19 +78,6 @@ def gram_float64(G, chunk_elements=1 << 28):
     return K
 
 
-def fmt_ms(t):
-    return f"{1e3 * t:.2f}" if t < 10 else f"{t:.1f} s"
-
-
-def table(title, header, rows):
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for r in rows:
-        print("| " + " | ".join(str(c) for c in r) + " |")
-    sys.stdout.flush()
-
-
 def window_state(G, K, damp):
     """A full window over the buffer ``G`` (shared, not copied; its dtype and device) with Gram
     ``K`` (float64 ``m x m``)."""
@@ -112,18 +88,6 @@ def window_state(G, K, damp):
     w.count = m
     w.refresh()
     return w
-
-
-def interleaved(fns, repeats):
-    """Median time of each function, calling them in turn ``repeats`` times (same load for all)."""
-    times = [[] for _ in fns]
-    outs = [None] * len(fns)
-    for _ in range(repeats):
-        for k, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            outs[k] = fn()
-            times[k].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times], outs
 
 
 def two_pass_floor(G, v, c):
@@ -215,8 +179,7 @@ def bench_small_algebra(ms, repeats):
                 f"{t_seq / t_up:.0f}",
             ]
         )
-    table(
-        "m x m algebra of one window step (ms, float64)",
+    print_table(
         [
             "m",
             "rank-2 update",
@@ -228,6 +191,7 @@ def bench_small_algebra(ms, repeats):
             "published / update",
         ],
         rows,
+        title="m x m algebra of one window step (ms, float64)",
     )
 
 
@@ -250,10 +214,11 @@ def bench_factored_step(ms, d, repeats):
             repeats,
         )
         rows.append([f"{d:.0e}", m, fmt_ms(t_n), fmt_ms(t_f), f"{t_f / t_n:.2f}"])
-    table(
-        "Sliding window: step time (ms) in factored mode (dependent gradients) vs the O(m^2) path",
+    print_table(
         ["d", "m", "O(m^2) updates", "factored (Cholesky per step)", "factored / updates"],
         rows,
+        title="Sliding window: step time (ms) in factored mode (dependent gradients) "
+        "vs the O(m^2) path",
     )
 
 
@@ -333,8 +298,7 @@ def bench_cancellation():
         eb = err(PublishedStaticMFAC(G, DAMP).ihvp(x))
         lam_max = DAMP + torch.linalg.eigvalsh(G64 @ G64.T)[-1].item() / m
         rows.append([m, d, f"{lam_max / DAMP:.0e}", e32, e64_32, e64, ew32, ew64, eb])
-    table(
-        "Cancellation: IHVP of x in span(G), damp 1e-4, G in float32 (relative error vs float64)",
+    print_table(
         [
             "m",
             "d",
@@ -347,6 +311,8 @@ def bench_cancellation():
             "published (f32)",
         ],
         rows,
+        title="Cancellation: IHVP of x in span(G), damp 1e-4, G in float32 "
+        "(relative error vs float64)",
     )
 
 
@@ -389,9 +355,7 @@ def bench_small_block_diagonal():
             errs["rows"].append(row_err(op.inverse_rows(idx)))
             errs["rows_wb"].append(row_err(rows_wb))
         rows.append([f"{damp:g}"] + [f"{max(errs[k]):.1e}" for k in errs])
-    table(
-        f"Inverse diagonal and rows, blocks B={B} <= m={m}, d={d}, G float64: max relative error "
-        "vs torch.linalg.inv per block (worst of 3 seeds)",
+    print_table(
         [
             "damp",
             "diagonal: curvopt (B x B Cholesky)",
@@ -401,6 +365,8 @@ def bench_small_block_diagonal():
             "rows: Woodbury form (before)",
         ],
         rows,
+        title=f"Inverse diagonal and rows, blocks B={B} <= m={m}, d={d}, G float64: "
+        "max relative error vs torch.linalg.inv per block (worst of 3 seeds)",
     )
 
 
@@ -441,8 +407,7 @@ def bench_damping_limit():
 
             row = [m, d, f"{damp:g}", f"{R:.1e}", err(static), ws, err(win), ww, modes[0]]
             rows.append(row)
-    table(
-        "Damping limit: IHVP relative error vs dense float64 (G float64, entries 1e2..2e2)",
+    print_table(
         [
             "m",
             "d",
@@ -455,6 +420,7 @@ def bench_damping_limit():
             "window solve",
         ],
         rows,
+        title="Damping limit: IHVP relative error vs dense float64 (G float64, entries 1e2..2e2)",
     )
 
 
@@ -511,8 +477,7 @@ def main(argv=None):
             bench_window(Gw, K, args.repeats, gen, win_rows, scale_rows)
         del G_all
         gc.collect()
-    table(
-        "Sliding window: time per step (ms) of add_and_ihvp, G float32",
+    print_table(
         [
             "d",
             "m",
@@ -527,11 +492,11 @@ def main(argv=None):
             "rel. diff (step 1)",
         ],
         win_rows,
+        title="Sliding window: time per step (ms) of add_and_ihvp, G float32",
     )
     bench_small_algebra(ms, args.repeats)
     bench_factored_step(ms, ds[0], max(args.repeats, 5))
-    table(
-        "Static M-FAC (ms): curvopt vs the published sequential loop (baseline)",
+    print_table(
         [
             "d",
             "m",
@@ -548,16 +513,17 @@ def main(argv=None):
             "diag speed-up",
         ],
         static_rows,
+        title="Static M-FAC (ms): curvopt vs the published sequential loop (baseline)",
     )
     for d, entries in scale_rows.items():
         m0, t0, f0, b0 = entries[0]
-        table(
-            f"Window step time against m at d={d:.0e} (relative to m={m0})",
+        print_table(
             ["m", "m / m0", "curvopt", "floor", "published"],
             [
                 [m, f"{m / m0:.0f}", f"{t / t0:.1f}", f"{f / f0:.1f}", f"{b / b0:.1f}"]
                 for m, t, f, b in entries
             ],
+            title=f"Window step time against m at d={d:.0e} (relative to m={m0})",
         )
     bench_cancellation()
     bench_small_block_diagonal()

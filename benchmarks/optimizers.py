@@ -19,16 +19,14 @@ import argparse
 import math
 import pathlib
 import statistics
-import time
 
-import matplotlib
+import torch
+from harness import Stopwatch, clock, median, print_table, pyplot, save_figure
+from sklearn.datasets import load_breast_cancer, load_digits
+from torch import nn
+from torch.func import functional_call
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from sklearn.datasets import load_breast_cancer, load_digits  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.func import functional_call  # noqa: E402
+plt = pyplot()
 
 from curvopt.curvature import (  # noqa: E402
     EmpiricalFisherOperator,
@@ -154,9 +152,9 @@ def run_gns(model, data, curvature, max_iters):
 def timed_history(step, grad_norm, max_iters, evals):
     hist, elapsed = [(0, grad_norm(), 0.0, 1)], 0.0
     for it in range(1, max_iters + 1):
-        t = time.perf_counter()
-        step()
-        elapsed += time.perf_counter() - t
+        with Stopwatch() as watch:
+            step()
+        elapsed += watch.seconds
         gn = grad_norm()
         hist.append((it, gn, elapsed, evals()))
         if gn <= TOL or not math.isfinite(gn):
@@ -250,19 +248,30 @@ def part_gns(quick, plots):
         results[name] = (rows, w0.numel())
 
     print("\n## GNSNewton: iterations to ||grad|| <= 1e-10 (float64, full batch)\n")
-    print(
-        "| problem (d) | method | it. to 1e-6 | it. to 1e-8 | it. to 1e-10 | closure/grad evals "
-        "| final ‖g‖ | time [s] |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    table = []
     for name, (rows, d) in results.items():
         for method, (hist, trials) in rows.items():
             it, gn, t, ev = hist[-1]
             firsts = [next((h[0] for h in hist if h[1] <= tol), "-") for tol in (1e-6, 1e-8)]
             reached = str(it) if gn <= TOL else f"not in {it}"
             extra = f" (trials/step {trials:.2f})" if trials is not None else ""
-            cells = f"{firsts[0]} | {firsts[1]} | {reached} | {ev} | {gn:.1e} | {t:.3f}"
-            print(f"| {name} ({d}) | {method}{extra} | {cells} |")
+            table.append(
+                [f"{name} ({d})", f"{method}{extra}", *firsts, reached, ev, f"{gn:.1e}", f"{t:.3f}"]
+            )
+    print_table(
+        [
+            "problem (d)",
+            "method",
+            "it. to 1e-6",
+            "it. to 1e-8",
+            "it. to 1e-10",
+            "closure/grad evals",
+            "final ‖g‖",
+            "time [s]",
+        ],
+        table,
+        align="llrrrrrr",
+    )
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for row, (name, (rows, d)) in enumerate(results.items()):
@@ -281,8 +290,7 @@ def part_gns(quick, plots):
             ax.set_ylabel("||grad||")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    out = plots / "gns_convergence.png"
-    fig.savefig(out, dpi=110)
+    out = save_figure(fig, plots / "gns_convergence.png")
     print(f"\nplot: {out}")
 
 
@@ -335,11 +343,11 @@ def train(kind, opt_name, lr, seed, steps, train_set, test_set, batch=64, every=
             perm, pos = torch.randperm(len(y), generator=gen), 0
         idx = perm[pos : pos + batch]
         pos += batch
-        t = time.perf_counter()
-        opt.zero_grad()
-        ce(model(X[idx]), y[idx]).backward()
-        opt.step()
-        elapsed += time.perf_counter() - t
+        with Stopwatch() as watch:
+            opt.zero_grad()
+            ce(model(X[idx]), y[idx]).backward()
+            opt.step()
+        elapsed += watch.seconds
         if step % every == 0 or step == steps:
             with torch.no_grad():
                 train_loss = float(ce(model(X), y))
@@ -366,16 +374,16 @@ def step_overhead(kind, train_set, rounds, iters=20, batch=64):
         for name in order:
             model, opt = setups[name]
             t_step = 0.0
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(iters):
                 opt.zero_grad()
                 ce(model(X), y).backward()
-                t = time.perf_counter()
-                opt.step()
-                t_step += time.perf_counter() - t
-            total[name].append((time.perf_counter() - t0) / iters)
+                with Stopwatch() as watch:
+                    opt.step()
+                t_step += watch.seconds
+            total[name].append((clock() - t0) / iters)
             only[name].append(t_step / iters)
-    return {n: (statistics.median(total[n]), statistics.median(only[n])) for n in setups}
+    return {n: (median(total[n]), median(only[n])) for n in setups}
 
 
 def part_mfac(quick, plots):
@@ -408,25 +416,39 @@ def part_mfac(quick, plots):
         axes[row, 0].legend(fontsize=8)
         overheads[kind] = step_overhead(kind, train_set, rounds)
     fig.tight_layout()
-    out = plots / "mfac_training.png"
-    fig.savefig(out, dpi=110)
+    out = save_figure(fig, plots / "mfac_training.png")
 
-    print("| model | optimizer | lr (sweep) | test acc (mean ± sd) | test loss | train loss |")
-    print("|---|---|---:|---:|---:|---:|")
+    rows = []
     for kind, name, lr, accs, losses, tr in summary:
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(
-            f"| {kind} | {name} | {lr:g} | {100 * statistics.mean(accs):.1f} ± {100 * sd:.1f} % "
-            f"| {statistics.mean(losses):.3f} | {statistics.mean(tr):.4f} |"
+        rows.append(
+            [
+                kind,
+                name,
+                f"{lr:g}",
+                f"{100 * statistics.mean(accs):.1f} ± {100 * sd:.1f} %",
+                f"{statistics.mean(losses):.3f}",
+                f"{statistics.mean(tr):.4f}",
+            ]
         )
-    print("\n### Per-step time, interleaved, median of rounds (ratio to Adam)\n")
-    print("| model | optimizer | iteration [ms] | ratio | step() only [ms] | ratio |")
-    print("|---|---|---:|---:|---:|---:|")
+    print_table(
+        ["model", "optimizer", "lr (sweep)", "test acc (mean ± sd)", "test loss", "train loss"],
+        rows,
+        align="llrrrr",
+    )
+    rows = []
     for kind, times in overheads.items():
         ta, sa = times["Adam"]
         for name, (t, s) in times.items():
-            cells = f"{1e3 * t:.2f} | {t / ta:.2f} | {1e3 * s:.3f} | {s / sa:.2f}"
-            print(f"| {kind} | {name} | {cells} |")
+            rows.append(
+                [kind, name, f"{1e3 * t:.2f}", f"{t / ta:.2f}", f"{1e3 * s:.3f}", f"{s / sa:.2f}"]
+            )
+    print_table(
+        ["model", "optimizer", "iteration [ms]", "ratio", "step() only [ms]", "ratio"],
+        rows,
+        title="Per-step time, interleaved, median of rounds (ratio to Adam)",
+        align="llrrrr",
+    )
     print(f"\nplot: {out}")
 
 
@@ -446,12 +468,12 @@ def main():
         args.plots = ROOT / "results" / "quick" if args.quick else ROOT / "docs" / "img"
     args.plots.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    t0 = clock()
     if args.part in ("all", "gns"):
         part_gns(args.quick, args.plots)
     if args.part in ("all", "mfac"):
         part_mfac(args.quick, args.plots)
-    print(f"\ntotal benchmark time: {time.perf_counter() - t0:.0f} s")
+    print(f"\ntotal benchmark time: {clock() - t0:.0f} s")
 
 
 if __name__ == "__main__":

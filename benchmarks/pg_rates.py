@@ -55,6 +55,7 @@ from curvopt.rl import (
 )
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from harness import clock, pyplot, save_figure  # noqa: E402
 from policy_gradient import Reinforce, WithoutHessian  # noqa: E402  (the same baselines)
 
 METHODS = ("N-HARPG", "N-PG-IGT", "N-SGDM", "REINFORCE", "NPG")
@@ -213,7 +214,7 @@ def main(argv=None):
     budget = args.budget or (300 if args.quick else 2500)
     if args.plot is None:
         args.plot = "results/quick/pg_rates.png" if args.quick else "docs/img/pg_rates.png"
-    cpu0, wall0 = time.process_time(), time.perf_counter()
+    cpu0, wall0 = time.process_time(), clock()
 
     # 1. step-size sweep on tuning seeds 1000, 1001, ... (never used for evaluation)
     sweep_jobs = [
@@ -242,7 +243,7 @@ def main(argv=None):
     ]
     results = run_jobs(eval_jobs, args.jobs)
     cpu_workers = sum(r[6] for r in sweep + results)
-    wall = time.perf_counter() - wall0
+    wall = clock() - wall0
 
     print(
         f"\n{seeds} evaluation seeds, {tune_seeds} tuning seed(s) per swept value, batch "
@@ -280,11 +281,7 @@ def main(argv=None):
             )
 
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, axes = plt.subplots(2, len(args.problems), figsize=(5.5 * len(args.problems), 8))
         axes = np.array(axes).reshape(2, -1)
         for col, p in enumerate(args.problems):
@@ -321,9 +318,7 @@ def main(argv=None):
             ax.set_ylim(top=budget * 3)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        out = pathlib.Path(args.plot)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=100)
+        out = save_figure(fig, args.plot, dpi=100)
         print(f"\nplot: {out}")
     return 0
 

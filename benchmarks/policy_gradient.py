@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
-import pathlib
-import time
 
 import numpy as np
 import torch
+from harness import clock, pyplot, save_figure
 
 from curvopt.optim import NHARPG, NPG, NPGIGT
 from curvopt.rl import (
@@ -101,7 +100,7 @@ def run_one(job):
     opt = make_optimizer(method, policy.parameters())
     xs, ys = [], []
     next_eval = 0
-    start = time.perf_counter()
+    start = clock()
     while True:
         if sampler.num_trajectories >= next_eval:
             xs.append(sampler.num_trajectories)
@@ -112,7 +111,7 @@ def run_one(job):
         opt.step(WithoutHessian(sampler) if method == "N-SGDM" else sampler)
         if not all(torch.isfinite(p).all() for p in policy.parameters()):
             raise FloatingPointError(f"{method} diverged on {env_id} (seed {seed})")
-    return env_id, method, seed, np.array(xs), np.array(ys), time.perf_counter() - start
+    return env_id, method, seed, np.array(xs), np.array(ys), clock() - start
 
 
 def curves_on_grid(results, env_id, method, grid):
@@ -156,13 +155,13 @@ def main(argv=None):
         args.plot = "" if args.quick else "docs/img/policy_gradient.png"
     seeds = args.seeds or (2 if args.quick else 5)
     jobs = [(e, m, s, envs[e]) for e in envs for s in range(seeds) for m in methods]
-    t0 = time.perf_counter()
+    t0 = clock()
     if args.jobs > 1:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             results = pool.map(run_one, jobs, chunksize=1)
     else:
         results = [run_one(j) for j in jobs]
-    wall = time.perf_counter() - t0
+    wall = clock() - t0
 
     print(f"\n{seeds} seeds, batch {BATCH} trajectories per estimate, wall {wall:.0f} s")
     for env_id, cfg in envs.items():
@@ -185,11 +184,7 @@ def main(argv=None):
             )
 
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4))
         for ax, (env_id, cfg) in zip(np.atleast_1d(axes), envs.items()):
             grid = np.arange(0, cfg[3] + 1, cfg[4])
@@ -205,9 +200,7 @@ def main(argv=None):
             ax.set_ylabel("mean return")
             ax.legend()
         fig.tight_layout()
-        out = pathlib.Path(args.plot)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
+        out = save_figure(fig, args.plot, dpi=110)
         print(f"\nplot: {out}")
     return 0
 

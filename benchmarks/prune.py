@@ -24,6 +24,7 @@ import time
 import warnings
 
 import torch
+from harness import Stopwatch, median, print_row, print_table
 from torch import nn
 
 from curvopt.prune import prune
@@ -68,10 +69,9 @@ def setup(seed: int, hidden: int, epochs: int):
 def run_one(base, calib, split, sparsity, cfg, seed):
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    prune(model, nn.CrossEntropyLoss(), calib, sparsity, **cfg)
-    seconds = time.perf_counter() - t0
-    return accuracy(model, split.X_test, split.y_test), seconds
+    with Stopwatch() as watch:
+        prune(model, nn.CrossEntropyLoss(), calib, sparsity, **cfg)
+    return accuracy(model, split.X_test, split.y_test), watch.seconds
 
 
 def _memory_child(queue, seed, hidden, state, sparsity, cfg):
@@ -178,16 +178,18 @@ def main() -> None:
         return f"{statistics.mean(v):.3f} ± {sd:.3f}"
 
     names = list(METHODS)
-    print("| sparsity | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 1) + "|")
-    for s in sparsities:
-        print(f"| {s:.0%} | " + " | ".join(cell(acc[n][s]) for n in names) + " |")
+    print_table(
+        ["sparsity", *names],
+        [[f"{s:.0%}", *(cell(acc[n][s]) for n in names)] for s in sparsities],
+    )
     s_mem = 0.9 if 0.9 in sparsities else sparsities[-1]
-    print(f"\n| method | median wall time per run [s] | peak extra memory at {s_mem:.0%} [MiB] |")
-    print("|---|---|---|")
-    for name in names:
+    print()
+    print_table(
+        ["method", "median wall time per run [s]", f"peak extra memory at {s_mem:.0%} [MiB]"]
+    )
+    for name in names:  # one row at a time: each measures in a fresh process
         mem = peak_memory_mib(seeds[0], hidden, first_state, s_mem, METHODS[name])
-        print(f"| {name} | {statistics.median(secs[name]):.2f} | {mem:.1f} |")
+        print_row([name, f"{median(secs[name]):.2f}", f"{mem:.1f}"])
     curves = {
         n: [(s, statistics.mean(acc[n][s]), statistics.pstdev(acc[n][s])) for s in sparsities]
         for n in names

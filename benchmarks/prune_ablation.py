@@ -16,6 +16,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from harness import print_row, print_table
 from torch import nn
 
 from curvopt.prune import prune
@@ -70,8 +71,7 @@ def main() -> None:
     }
     print(f"MLP 64-{hidden}-{hidden}-10 on digits, seed {args.seed}, ", end="")
     print(f"dense test accuracy {accuracy(base, split.X_test, split.y_test):.3f}\n")
-    print("| setting | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |")
-    print("|---" * (len(sparsities) + 1) + "|")
+    print_table(["setting", *(f"{s:.0%}" for s in sparsities)])
     curvature = {}
     for name, cfg in ABLATIONS.items():
         cfg = dict(cfg)
@@ -87,7 +87,7 @@ def main() -> None:
             if rep.damp and cfg.get("damp_mode", "relative") == "relative":
                 curvature.setdefault(name, rep.damp[0] / cfg["damp"])
             cells.append(f"{accuracy(model, split.X_test, split.y_test):.3f}")
-        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+        print_row([name, *cells])
     print("\nmean(diag(G^T G / m)) at the first step, i.e. lambda for relative damping 1:")
     for name, value in curvature.items():
         print(f"  {name}: {value:.3g}")

@@ -6,9 +6,10 @@ import sys
 
 here = pathlib.Path(__file__).parent
 failed = []
-# gpu_check.py is the one-lease GPU programme with its own target (`make gpu-check`).
+# gpu_check.py is the one-lease GPU programme with its own target (`make gpu-check`); harness.py
+# is the helpers module the scripts share, not a benchmark.
 for script in sorted(here.glob("*.py")):
-    if script.name in ("run_all.py", "gpu_check.py"):
+    if script.name in ("run_all.py", "gpu_check.py", "harness.py"):
         continue
     print(f"\n===== {script.name} =====", flush=True)
     if subprocess.run([sys.executable, str(script), *sys.argv[1:]]).returncode != 0:

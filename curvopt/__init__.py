@@ -38,6 +38,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
 _SUBPACKAGES = frozenset(
     {
         "bench",
+        "capo",
         "curvature",
         "distributed",
         "integrations",

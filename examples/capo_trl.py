@@ -8,7 +8,7 @@ and logs the rejected fraction and its predictions of each optimizer step next t
 The task: prompts "a+b=", reward 1 for the right sum plus 0.1 per digit.
 
 Thresholds are model- and lr-specific (the paper's tau_F = 1e-4, tau_H = 0.01 belong to a 7B model
-at lr 1.5e-5; curvopt.rl.capo.calibrate_thresholds sets them from percentiles instead). Here the
+at lr 1.5e-5; curvopt.capo.masker.calibrate_thresholds sets them from percentiles instead). Here the
 first step is usually rejected whole: a fresh Adam's first step is sign-like (every entry of the
 head moves by about lr), which the model predicts as a large KL change.
 
@@ -23,13 +23,13 @@ import tempfile
 from transformers import PrinterCallback, TrainerCallback
 from trl import GRPOConfig
 
-from curvopt.integrations.trl import CAPOGRPOTrainer
-from curvopt.integrations.trl_addition import (
+from curvopt.bench.tasks.trl_addition import (
     addition_prompts,
     addition_reward,
     char_tokenizer,
     tiny_gpt2,
 )
+from curvopt.integrations.trl import CAPOGRPOTrainer
 
 
 class PrintProgress(TrainerCallback):

@@ -1,6 +1,6 @@
 """CAPO inside TRL: :class:`CAPOGRPOTrainer`, a drop-in subclass of ``trl.GRPOTrainer``.
 
-CAPO (:mod:`curvopt.rl.capo`) only selects data: per token it predicts, from the policy's final
+CAPO (:mod:`curvopt.capo.masker`) only selects data: per token it predicts, from the policy's final
 hidden state ``h_t``, its output layer ``W`` (``model.get_output_embeddings()``, any
 ``nn.Linear``, tied or not) and the trainer's real optimizer, the change ``Delta J_t`` of the
 objective and ``Delta KL_t`` of the policy that the token's gradient would cause, and keeps the
@@ -15,11 +15,11 @@ weight directly; there is no extra forward of the transformer), and right
 after the forward, before TRL forms the loss, the CAPO mask is computed in one no-grad pass over
 last-layer quantities, chunked over tokens (memory ``O(chunk K H)``; no extra backward), and
 multiplied into that mask in place. TRL divides the logits by its ``temperature``; the model does
-the same (:meth:`~curvopt.rl.capo.CAPOMasker.predict`). With both thresholds infinite the mask is
-all ones and the loss and gradients equal ``trl.GRPOTrainer``'s bit for bit.
+the same (:meth:`~curvopt.capo.masker.CAPOMasker.predict`). With both thresholds infinite the mask
+is all ones and the loss and gradients equal ``trl.GRPOTrainer``'s bit for bit.
 
 **Optimizer.** The update is modeled from the trainer's real optimizer
-(:func:`~curvopt.rl.capo_direction.direction_for`: ``torch.optim.SGD`` with momentum, dampening,
+(:func:`~curvopt.capo.direction.direction_for`: ``torch.optim.SGD`` with momentum, dampening,
 nesterov and weight decay, ``Adam``/``AdamW`` with coupled or decoupled decay and AMSGrad),
 reading its hyperparameters, learning rate and state (moments, buffers, step) as they are before
 the coming step. Any other optimizer raises a ``TypeError`` when the trainer is built (an
@@ -37,7 +37,7 @@ before masking.
 **Penalties** (``capo_penalty``, off in the CAPO recipe): ``lambda sum_t w_t q_t`` with ``q_t``
 the token's ``Delta KL_t``, ``Delta J_t`` or ``|Delta J_t|`` rebuilt with autograd from the
 recorded final hidden states (kept with their graph) and the head, ``w_t`` the loss type's token
-weights over the kept tokens, is added to TRL's loss (:mod:`curvopt.rl.capo_penalty`); it is
+weights over the kept tokens, is added to TRL's loss (:mod:`curvopt.capo.penalty`); it is
 logged as ``capo/penalty`` (the term added to each micro-batch's loss).
 
 **Logged metrics** (through the trainer's metrics, averaged per logging step):
@@ -48,7 +48,7 @@ predictions over all valid and over the kept tokens), and, at each optimizer ste
 ``capo/predicted_step_kl`` and ``capo/predicted_delta_j``: the last-layer model of the coming
 step's mean KL over the completion tokens and of the change of the loss's surrogate
 ``sum_t w_t A_t pi_new/pi_old`` (``w_t`` the loss type's token weights over the kept tokens)
-(:meth:`~curvopt.rl.capo.CAPOMasker.predict_update`).
+(:meth:`~curvopt.capo.masker.CAPOMasker.predict_update`).
 
 Example:
     >>> from curvopt.integrations.trl import CAPOGRPOTrainer
@@ -66,9 +66,9 @@ from accelerate.utils import is_peft_model
 from torch import Tensor, nn
 from trl import GRPOTrainer
 
-from curvopt.rl.capo import CAPOMasker
-from curvopt.rl.capo_direction import direction_for, find_param_group
-from curvopt.rl.capo_penalty import CAPOPenalty
+from curvopt.capo.direction import direction_for, find_param_group
+from curvopt.capo.masker import CAPOMasker
+from curvopt.capo.penalty import CAPOPenalty
 
 __all__ = ["CAPOGRPOTrainer"]
 
@@ -86,14 +86,14 @@ class CAPOGRPOTrainer(GRPOTrainer):
         capo_top_k: Size ``K`` of the per-position softmax support of the model (the authors'
             code uses 200; clipped to the vocabulary; ``None``: the whole vocabulary).
         capo_level: ``"token"`` (the CAPO recipe), ``"sequence"`` or ``"global"`` mask
-            (:class:`~curvopt.rl.capo.CAPOMasker`).
+            (:class:`~curvopt.capo.masker.CAPOMasker`).
         capo_chunk_size: Tokens per chunk of the no-grad pass (``None``: automatic).
         capo_predict_step: Log the predicted KL and ``Delta J`` of every optimizer step (one more
             no-grad pass over the step's hidden states, at the step).
         capo_penalty: ``"none"`` (the CAPO recipe), ``"delta_kl"``, ``"delta_j"`` or
             ``"abs_delta_j"``: add ``capo_penalty_coef * sum_t w_t q_t`` to TRL's loss, ``q_t``
             the token's prediction rebuilt with autograd from the policy's final hidden state and
-            the head (:mod:`curvopt.rl.capo_penalty`), ``w_t`` the loss type's token weights
+            the head (:mod:`curvopt.capo.penalty`), ``w_t`` the loss type's token weights
             over the kept tokens. Combines with the mask (infinite thresholds: penalty only).
         capo_penalty_coef: ``lambda >= 0``; 0 switches the penalty off (TRL's loss bit for bit).
         **kwargs: Passed to ``trl.GRPOTrainer``.

@@ -6,20 +6,16 @@ import numbers
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from curvopt.mfac._validation import check_damp, check_positive_int
 
-from .dense import DenseFisherInverse
-from .gradients import collect_gradients
-from .masks import PrunableWeight, WeightMask, prunable_weights, set_mask
-from .obs import obs_scores, obs_update_diagonal, obs_update_multi
-from .report import PruneReport, layer_reports
-from .schedule import _check_sparsity
-from .sharded import check_sharded_arguments, is_sharded, prune_sharded
-from .snapshot import ModelSnapshot
+from .masks import PrunableWeight, WeightMask, prunable_weights
+from .obs import obs_scores, obs_update_diagonal
+from .report import PruneReport
+from .schedule import _check_sparsity, one_shot_step
+from .weights_view import WeightsView, weights_view
 
 METHODS = ("mfac", "obs", "magnitude")
 SCOPES = ("global", "layer")
@@ -93,8 +89,11 @@ def prune(
     fails later (the data, the loss, the callback, an interrupt) the model is restored exactly -
     values, masks, parametrizations, buffers, ``requires_grad`` - before the error propagates
     (:class:`curvopt.prune.snapshot.ModelSnapshot`; costs one copy of the prunable weights).
-    The FSDP2 path is not rolled back yet: its arguments are checked up front, but an error in
-    the middle of a sharded run leaves the shards as they are.
+    An FSDP2 model is restored the same way on every rank that sees the error (its local
+    shards, the masks and the buffers).
+
+    One loop serves both cases: it runs on a :class:`~curvopt.prune.weights_view.WeightsView`
+    of the prunable weights, local or sharded, which is the only place where they differ.
 
     Args:
         model: The network, changed in place (put it in eval mode for BatchNorm/Dropout).
@@ -147,99 +146,74 @@ def prune(
     targets = prunable_weights(model, layer_types, names)
     layer_targets = _layer_targets(sparsity, scope, targets)
     _check_targets(targets, method)
-    if is_sharded(targets):  # FSDP2: every rank prunes its local shards (curvopt.prune.sharded)
-        # (not under the all-or-nothing snapshot: ModelSnapshot is single-process only)
-        check_sharded_arguments(method, block_size)
-        report = PruneReport(method=method, scope=scope, target=_plain(sparsity), layers=[])
-        prune_sharded(
-            model, loss_func, data, targets, layer_targets, report, method=method, scope=scope,
-            num_grads=num_grads, damp=damp, steps=steps, damp_mode=damp_mode, update=update,
-            grad_batch_size=grad_batch_size, normalize=normalize, max_multi=max_multi,
-            multi_budget=multi_budget, callback=callback,
-        )  # fmt: skip
-        report.seconds = time.perf_counter() - t0
-        return report
-    snapshot = ModelSnapshot(model, targets)
+    view = weights_view(model, targets, method, block_size)
+    report = PruneReport(method=method, scope=scope, target=_plain(sparsity), layers=[])
+    snapshot = view.snapshot()
     try:
-        return _prune_steps(
-            model, loss_func, data, sparsity, method, scope, num_grads, block_size, damp, steps,
-            damp_mode, update, grad_batch_size, normalize, max_multi, multi_budget, callback,
-            targets, layer_targets, t0,
+        _prune_steps(
+            view, report, model, loss_func, data, layer_targets, method, scope, num_grads,
+            block_size, damp, steps, damp_mode, update, grad_batch_size, normalize, max_multi,
+            multi_budget, callback,
         )  # fmt: skip
     except BaseException:
         snapshot.restore()  # all or nothing: a failed prune leaves the model as it was
         raise
+    report.seconds = time.perf_counter() - t0
+    return report
 
 
 def _prune_steps(
-    model, loss_func, data, sparsity, method, scope, num_grads, block_size, damp, steps,
-    damp_mode, update, grad_batch_size, normalize, max_multi, multi_budget, callback,
-    targets, layer_targets, t0,
-) -> PruneReport:  # fmt: skip
-    """The body of :func:`prune` after its checks (may leave the model half-pruned on error)."""
-    sizes = [t.param.numel() for t in targets]
-    d = sum(sizes)
-    start = _current_sparsity(targets)
-    report = PruneReport(method=method, scope=scope, target=_plain(sparsity), layers=[])
-    with torch.no_grad():
-        for t in targets:  # start from the effective values (mask already applied)
-            if t.mask is None:
-                set_mask(t, torch.ones_like(t.param))
+    view: WeightsView, report: PruneReport, model, loss_func, data, layer_targets, method, scope,
+    num_grads, block_size, damp, steps, damp_mode, update, grad_batch_size, normalize, max_multi,
+    multi_budget, callback,
+) -> None:  # fmt: skip
+    """The one pruning loop of :func:`prune`, after its checks, on either view of the weights.
+
+    Fills ``report``; may leave the model half-pruned on error (:func:`prune` restores it).
+    """
+    d = view.dim
+    start = view.current_sparsity()
+    view.prepare()
+    bsize = block_size if method == "mfac" else None  # dense OBS and sharded M-FAC: one block
     for j in range(steps):
         frac = (j + 1) / steps
-        w = torch.cat([t.param.detach().reshape(-1) * t.mask.reshape(-1) for t in targets])
-        alive = torch.cat([t.mask.reshape(-1) != 0 for t in targets])
+        w, alive = view.weights(), view.alive()
         inverse = None
         if method == "magnitude":
             scores = w.abs()
         else:
-            G = collect_gradients(model, loss_func, data, targets, num_grads, grad_batch_size)
+            G = view.gradients(model, loss_func, data, num_grads, grad_batch_size)
             lam = float(damp)
             if damp_mode == "relative":
-                scale = float(G.double().pow(2).sum(0).mean() / G.shape[0])
+                scale = view.relative_damping(G)
                 lam = damp * scale if scale > 0 else float(damp)
             report.damp.append(lam)
-            if method == "mfac":
-                from curvopt.mfac import StaticMFAC
-
-                inverse = StaticMFAC(G, lam, block_size=block_size)
-                bsize = block_size
-            else:
-                inverse = DenseFisherInverse(G, lam, block_size=None)
-                bsize = None
+            inverse = view.inverse(G, lam, method, block_size)
             inv_diag = inverse.inverse_diagonal().to(w.dtype)
             scores = obs_scores(w, inv_diag)
-        prune_now = _select(scores, alive, sizes, layer_targets, scope, normalize, frac, start)
+        prune_now = view.select(scores, alive, layer_targets, scope, normalize, frac, start)
         idx = (prune_now & alive).nonzero().squeeze(1)
+        removed = view.count(prune_now & alive)
         kind = "none"
-        if inverse is not None and update != "none" and idx.numel() > 0:
+        if inverse is not None and update != "none" and removed > 0:
             kind = update
             if update == "auto":
-                B = d if bsize is None else bsize
-                per_block = torch.bincount(torch.div(idx, B, rounding_mode="floor"))
-                small = int(per_block.max()) <= max_multi and idx.numel() * d <= multi_budget
+                most = view.most_per_block(idx, bsize, removed)
+                small = most <= max_multi and removed * d <= multi_budget
                 kind = "multi" if small else "diagonal"
             if kind == "multi":
-                delta = obs_update_multi(inverse, w, idx, bsize)
+                delta = view.update_multi(inverse, w, idx, bsize)
             else:
                 delta = obs_update_diagonal(inverse, w, idx, inv_diag)
             w = w + delta
         report.update.append(kind)
         new_alive = alive & ~prune_now
-        with torch.no_grad():
-            offset = 0
-            for t, n in zip(targets, sizes):
-                mask = new_alive[offset : offset + n].reshape(t.param.shape)
-                t.param.copy_(w[offset : offset + n].reshape(t.param.shape))
-                set_mask(t, mask)
-                offset += n
-        reached = 1 - float(new_alive.sum()) / d
+        view.write(w, new_alive)
+        reached = 1 - view.count(new_alive) / d
         report.steps.append(reached)
         if callback is not None:
             callback(j + 1, steps, reached)
-    report.layers = layer_reports(targets)
-    report.seconds = time.perf_counter() - t0
-    return report
+    report.layers = view.layer_reports()
 
 
 def _check_arguments(
@@ -317,14 +291,6 @@ def _plain(sparsity):
     return dict(sparsity) if isinstance(sparsity, Mapping) else float(sparsity)
 
 
-def _current_sparsity(targets: list[PrunableWeight]) -> list[float]:
-    out = []
-    for t in targets:
-        w = getattr(t.module, t.attr).detach()
-        out.append(float((w == 0).sum()) / w.numel() if t.mask is not None else 0.0)
-    return out
-
-
 def _layer_targets(sparsity, scope: str, targets: list[PrunableWeight]) -> list[float]:
     """Per-layer target sparsities (for global scope: the same value, used as the total)."""
     if isinstance(sparsity, Mapping):
@@ -344,48 +310,4 @@ def _layer_targets(sparsity, scope: str, targets: list[PrunableWeight]) -> list[
     return [float(sparsity)] * len(targets)
 
 
-def _select(
-    scores: Tensor,
-    alive: Tensor,
-    sizes: list[int],
-    layer_targets: list[float],
-    scope: str,
-    normalize: bool,
-    frac: float,
-    start: list[float],
-) -> Tensor:
-    """Boolean mask of the weights that are pruned after this step (old ones included)."""
-    scores = scores.clone().to(torch.float64)
-    scores[~alive] = -float("inf")  # already pruned: always counted first
-    d = scores.numel()
-    out = torch.zeros(d, dtype=torch.bool, device=scores.device)
-    if scope == "global":
-        if normalize:
-            offset = 0
-            for n in sizes:
-                seg = scores[offset : offset + n]
-                live = seg[torch.isfinite(seg)]
-                if live.numel() > 0 and float(live.mean()) > 0:
-                    seg /= live.mean()
-                offset += n
-        total_start = sum(s * n for s, n in zip(start, sizes)) / d
-        s_j = one_shot_step(layer_targets[0], frac, total_start)
-        k = min(int(round(s_j * d)), d)
-        out[torch.argsort(scores, stable=True)[:k]] = True
-        return out | ~alive
-    offset = 0
-    for n, s_t, s_0 in zip(sizes, layer_targets, start):
-        s_j = one_shot_step(s_t, frac, min(s_0, s_t))
-        k = min(int(round(s_j * n)), n)
-        seg = scores[offset : offset + n]
-        out[offset + torch.argsort(seg, stable=True)[:k]] = True
-        offset += n
-    return out | ~alive
-
-
-def one_shot_step(target: float, frac: float, start: float) -> float:
-    """Sparsity after a fraction ``frac = j/k`` of the schedule from ``start`` to ``target``."""
-    start = min(start, target)
-    if frac >= 1:
-        return target
-    return 1 - (1 - start) * ((1 - target) / (1 - start)) ** frac
+__all__ = ["DAMP_MODES", "METHODS", "SCOPES", "UPDATES", "one_shot_step", "prune"]

@@ -102,6 +102,23 @@ class CubicSchedule:
         return [t for t in range(self.start_step, self.end_step + 1) if self.is_prune_step(t)]
 
 
+def one_shot_step(target: float, frac: float, start: float) -> float:
+    """Sparsity after a fraction ``frac = j/k`` of the schedule from ``start`` to ``target``.
+
+    The ``j``-th entry of :func:`one_shot_schedule` for ``frac = j / k``,
+    ``1 - (1 - s_0) ((1 - s) / (1 - s_0))^frac`` with ``s_0 = min(start, target)``; exactly
+    ``target`` from ``frac = 1`` on. No validation: the pruning loop calls it with checked values.
+
+    Example:
+        >>> round(one_shot_step(0.9, 0.5, 0.0), 4)
+        0.6838
+    """
+    start = min(start, target)
+    if frac >= 1:
+        return target
+    return 1 - (1 - start) * ((1 - target) / (1 - start)) ** frac
+
+
 def _check_sparsity(s: float, name: str) -> None:
     if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
         raise ValueError(f"{name} must be a number in [0, 1), got {s!r}")

@@ -1,4 +1,8 @@
-"""Pruning an FSDP2-sharded model: the steps of :func:`curvopt.prune.prune` on local shards.
+"""The FSDP2-sharded weights view: the steps of :func:`curvopt.prune.prune` on local shards.
+
+:class:`ShardedWeights` is the sharded implementation of
+:class:`~curvopt.prune.weights_view.WeightsView`; the loop itself is the one of
+:func:`~curvopt.prune.prune` (nothing here runs the steps).
 
 With ``torch.distributed.fsdp.fully_shard`` every prunable weight is a DTensor split by rows
 (``Shard(0)``, uneven splits included) over a 1-D device mesh. Rank ``r`` then treats the
@@ -27,7 +31,8 @@ be attached BEFORE ``fully_shard`` (:func:`curvopt.prune.attach_masks`). FSDP2 t
 writes the local rows and all-gathers the new masks (one byte per weight per step).
 
 Same masks as the single-process run with ``block_size=None`` on the same gradients, up to
-ties decided by round-off (scores are computed with sums in another order).
+ties decided by round-off (scores are computed with sums in another order). A failed prune is
+undone on every rank, as on one process (:meth:`ShardedWeights.snapshot`).
 """
 
 from __future__ import annotations
@@ -52,8 +57,9 @@ from curvopt.distributed import (
 
 from .kselect import smallest_k
 from .masks import PrunableWeight
-from .obs import obs_scores, obs_update_diagonal
-from .report import LayerReport, PruneReport
+from .report import LayerReport
+from .schedule import one_shot_step
+from .snapshot import ModelSnapshot
 
 
 def is_sharded(targets: list[PrunableWeight]) -> bool:
@@ -66,6 +72,7 @@ class ShardedWeights:
 
     Args:
         targets: The prunable weights, all DTensors ``Shard(0)`` on one 1-D mesh, masks attached.
+        model: The network they belong to (its buffers go into :meth:`snapshot`); optional.
 
     Attributes:
         group: The mesh's process group.
@@ -77,7 +84,7 @@ class ShardedWeights:
             other than ``Shard(0)``, or a weight without a mask.
     """
 
-    def __init__(self, targets: list[PrunableWeight]) -> None:
+    def __init__(self, targets: list[PrunableWeight], model: nn.Module | None = None) -> None:
         plain = [t.qualified_name for t in targets if not is_dtensor(t.param)]
         if plain:
             raise ValueError(
@@ -96,6 +103,7 @@ class ShardedWeights:
                 f"FSDP2-sharded weights {unmasked} carry no mask. Masks (parametrizations) must "
                 "be attached before fully_shard: call curvopt.prune.attach_masks(model) first"
             )
+        self.model = model
         self.targets = targets
         self.group = groups[0]
         self.local = [local_tensor(t.param) for t in targets]
@@ -127,6 +135,14 @@ class ShardedWeights:
         return self.sizes[i] // shape[0] if shape[0] else 0
 
     # ------------------------------------------------------------------------- state
+    def prepare(self) -> None:
+        """Nothing to do: the masks were attached before ``fully_shard`` (checked in init)."""
+
+    def snapshot(self) -> ModelSnapshot:
+        """Undo record of this rank's shards, the mask buffers and the model's buffers."""
+        model = self.model if self.model is not None else nn.Module()
+        return ModelSnapshot(model, self.targets, structure=False)
+
     def weights(self) -> Tensor:
         """Effective local weights (mask applied), flat ``(d_r,)``."""
         return torch.cat([(x.detach() * m).reshape(-1) for x, m in zip(self.local, self.masks)])
@@ -228,6 +244,12 @@ class ShardedWeights:
         sq = all_reduce_sum_(G.double().pow(2).sum(0).sum().reshape(1), self.group)
         return float(sq) / (self.dim * G.shape[0])
 
+    def inverse(self, G: Tensor, lam: float, method: str, block_size: int | None):
+        """Coordinate-sharded M-FAC over the ranks' columns ``G_r`` (one block; ``"mfac"`` only)."""
+        from curvopt.mfac import StaticMFAC
+
+        return StaticMFAC(G, lam, process_group=self.group)
+
     # ------------------------------------------------------------------------- selection
     def select(
         self,
@@ -239,9 +261,7 @@ class ShardedWeights:
         frac: float,
         start: list[float],
     ) -> Tensor:
-        """Local mask of the weights pruned after this step (the sharded ``_select``)."""
-        from .pruner import one_shot_step
-
+        """Local mask of the entries pruned after this step (k lowest, globally or per layer)."""
         scores = scores.clone().to(torch.float64)
         scores[~alive] = -float("inf")  # already pruned: always counted first
         L = len(self.targets)
@@ -268,7 +288,13 @@ class ShardedWeights:
             segment = self.layer
         return smallest_k(scores, self.index, segment, k, self.group) | ~alive
 
-    def update_multi(self, inverse, w: Tensor, idx: Tensor) -> Tensor:
+    def most_per_block(self, idx: Tensor, block_size: int | None, total: int) -> int:
+        """``total``, the removals over all ranks: the sharded M-FAC is one block."""
+        return total
+
+    def update_multi(
+        self, inverse, w: Tensor, idx: Tensor, block_size: int | None = None
+    ) -> Tensor:
         """Exact multi-weight OBS update for removing ``idx`` (local) over all ranks.
 
         ``delta w = -F^{-1}[:, Q] (F^{-1}[Q, Q])^{-1} w_Q``: the rows of ``F^{-1}`` for every
@@ -316,75 +342,4 @@ def check_sharded_arguments(method: str, block_size: int | None) -> None:
         )
 
 
-def prune_sharded(
-    model: nn.Module,
-    loss_func: Callable[[Tensor, Tensor], Tensor] | None,
-    data: Iterable | None,
-    targets: list[PrunableWeight],
-    layer_targets: list[float],
-    report: PruneReport,
-    *,
-    method: str,
-    scope: str,
-    num_grads: int,
-    damp: float,
-    steps: int,
-    damp_mode: str,
-    update: str,
-    grad_batch_size: int | None,
-    normalize: bool,
-    max_multi: int,
-    multi_budget: int,
-    callback: Callable[[int, int, float], None] | None,
-) -> PruneReport:
-    """The steps of :func:`curvopt.prune.prune` for an FSDP2 model (see the module docstring).
-
-    Every rank calls it together (through ``prune``); all return the same report.
-    """
-    from curvopt.mfac import StaticMFAC
-
-    shards = ShardedWeights(targets)
-    d = shards.dim
-    start = shards.current_sparsity()
-    for j in range(steps):
-        frac = (j + 1) / steps
-        w, alive = shards.weights(), shards.alive()
-        inverse = None
-        if method == "magnitude":
-            scores = w.abs()
-        else:
-            G = shards.gradients(model, loss_func, data, num_grads, grad_batch_size)
-            lam = float(damp)
-            if damp_mode == "relative":
-                scale = shards.relative_damping(G)
-                lam = damp * scale if scale > 0 else float(damp)
-            report.damp.append(lam)
-            inverse = StaticMFAC(G, lam, process_group=shards.group)
-            inv_diag = inverse.inverse_diagonal().to(w.dtype)
-            scores = obs_scores(w, inv_diag)
-        prune_now = shards.select(scores, alive, layer_targets, scope, normalize, frac, start)
-        idx = (prune_now & alive).nonzero().squeeze(1)
-        removed = shards.count(prune_now & alive)
-        kind = "none"
-        if inverse is not None and update != "none" and removed > 0:
-            kind = update
-            if update == "auto":
-                small = removed <= max_multi and removed * d <= multi_budget
-                kind = "multi" if small else "diagonal"
-            if kind == "multi":
-                delta = shards.update_multi(inverse, w, idx)
-            else:
-                delta = obs_update_diagonal(inverse, w, idx, inv_diag)
-            w = w + delta
-        report.update.append(kind)
-        new_alive = alive & ~prune_now
-        shards.write(w, new_alive)
-        reached = 1 - shards.count(new_alive) / d
-        report.steps.append(reached)
-        if callback is not None:
-            callback(j + 1, steps, reached)
-    report.layers = shards.layer_reports()
-    return report
-
-
-__all__ = ["ShardedWeights", "check_sharded_arguments", "is_sharded", "prune_sharded"]
+__all__ = ["ShardedWeights", "check_sharded_arguments", "is_sharded"]

@@ -14,12 +14,19 @@ that before the first change and puts it back on :meth:`ModelSnapshot.restore`:
   parameter, and the values of every buffer of the model.
 
 Memory: one copy of the prunable weights and of the model's buffers.
+
+FSDP2-sharded models (``structure=False``): every rank records and restores its local shards of
+the prunable weights (no communication) and the replicated mask buffers. The structure is left
+alone: the sharded path never attaches masks (they must be attached before ``fully_shard``), and
+FSDP2 itself swaps the registered parameters between sharded and unsharded ones.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from curvopt.distributed import local_tensor
 
 from .masks import PrunableWeight
 
@@ -30,6 +37,8 @@ class ModelSnapshot:
     Args:
         model: The network about to be pruned.
         targets: Its prunable weights (:func:`~curvopt.prune.prunable_weights`).
+        structure: Also record the module classes and parameter / buffer / child dictionaries
+            (``False`` for an FSDP2-sharded model, see the module docs).
 
     Example:
         >>> from curvopt.prune.masks import prunable_weights, set_mask
@@ -45,25 +54,28 @@ class ModelSnapshot:
         True
     """
 
-    def __init__(self, model: nn.Module, targets: list[PrunableWeight]) -> None:
+    def __init__(
+        self, model: nn.Module, targets: list[PrunableWeight], structure: bool = True
+    ) -> None:
         modules: dict[int, nn.Module] = {}
         for t in targets:
             modules.setdefault(id(t.module), t.module)
-        self._structure = [
-            (m, type(m), dict(m._parameters), dict(m._buffers), dict(m._modules))
-            for m in modules.values()
-        ]
+        self._structure = (
+            [
+                (m, type(m), dict(m._parameters), dict(m._buffers), dict(m._modules))
+                for m in modules.values()
+            ]
+            if structure
+            else []
+        )
         self._values: list[tuple[Tensor, Tensor]] = []
         seen: set[int] = set()
-        for t in targets:
-            for tensor in (t.param, t.mask):
-                if tensor is not None and id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    self._values.append((tensor, tensor.detach().clone()))
-        for buf in model.buffers():
-            if id(buf) not in seen:
-                seen.add(id(buf))
-                self._values.append((buf, buf.detach().clone()))
+        tensors = [x for t in targets for x in (t.param, t.mask)] + list(model.buffers())
+        for tensor in tensors:
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                local = local_tensor(tensor)  # a DTensor's local shard (in-place writes through)
+                self._values.append((local, local.detach().clone()))
         self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
 
     def restore(self) -> None:

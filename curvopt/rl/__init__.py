@@ -1,9 +1,11 @@
-"""Policy-gradient plumbing (rollouts, policies, unbiased surrogates, samplers) and CAPO masking."""
+"""Policy-gradient estimation: rollouts, policies, samplers, unbiased surrogates, baselines.
+
+Also the exactly solvable problems the estimators are checked on (tabular MDP, LQR and its env).
+CAPO moved to :mod:`curvopt.capo`; its names are still reachable here (``curvopt.rl.CAPOLoss``,
+``curvopt.rl.capo``, ...) for one release, with a ``DeprecationWarning``.
+"""
 
 from curvopt.rl.baselines import Baseline, LinearFeatureBaseline
-from curvopt.rl.capo import CAPOLoss, CAPOMask, CAPOMasker, calibrate_thresholds
-from curvopt.rl.capo_penalty import CAPOPenalty
-from curvopt.rl.grpo import GRPOTrainer, group_advantages
 from curvopt.rl.lqr import LinearQuadraticRegulator
 from curvopt.rl.policies import (
     CategoricalMLPPolicy,
@@ -30,14 +32,9 @@ from curvopt.rl.tabular import TabularMDP
 __all__ = [
     "Baseline",
     "Batch",
-    "CAPOLoss",
-    "CAPOMask",
-    "CAPOMasker",
-    "CAPOPenalty",
     "CategoricalMLPPolicy",
     "CategoricalPolicy",
     "EstimateSampler",
-    "GRPOTrainer",
     "GaussianMLPPolicy",
     "GymRollout",
     "LinearFeatureBaseline",
@@ -48,10 +45,8 @@ __all__ = [
     "SampleRecord",
     "TabularMDP",
     "TabularSoftmaxPolicy",
-    "calibrate_thresholds",
     "discounted_reward_to_go",
     "fisher_vector_product",
-    "group_advantages",
     "importance_surrogate",
     "mean_kl",
     "mlp",
@@ -61,3 +56,24 @@ __all__ = [
     "trajectory_scores",
     "trajectory_terms",
 ]
+
+#: names that moved to :mod:`curvopt.capo`, still served here for one release
+_MOVED_TO_CAPO = frozenset(
+    {
+        "CAPOLoss",
+        "CAPOMask",
+        "CAPOMasker",
+        "CAPOPenalty",
+        "GRPOTrainer",
+        "calibrate_thresholds",
+        "group_advantages",
+    }
+)
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_CAPO:
+        from curvopt._deprecation import moved_name
+
+        return moved_name(f"{__name__}.{name}", "curvopt.capo", name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

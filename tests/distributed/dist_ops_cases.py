@@ -176,6 +176,17 @@ def masks_and_weights(model):
     return out
 
 
+def full_state(model):
+    """Every parameter (whole, gathered from FSDP2 shards) and buffer of ``model``, cloned."""
+    out = {}
+    for name, p in model.named_parameters():
+        p = p.detach()
+        out[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).clone()
+    for name, b in model.named_buffers():
+        out[name] = b.detach().clone()
+    return out
+
+
 def _prune_checks(rank, world, shards):
     from torch.distributed.fsdp import fully_shard
 
@@ -186,6 +197,27 @@ def _prune_checks(rank, world, shards):
         fully_shard(model)
         report = prune(model, nn.CrossEntropyLoss(), shards[rank], **prune_kwargs(case))
         out[case] = {"report": report.to_dict(), "state": masks_and_weights(model)}
+    # all or nothing: a prune that fails after its first step (on every rank) is undone on every
+    # rank, and the restored model then prunes exactly like a fresh one
+    model = prune_model(ties=False)
+    attach_masks(model)
+    fully_shard(model)
+    before = full_state(model)
+
+    def fail_after_first_step(step, steps, reached):
+        raise RuntimeError(f"stop at step {step}")
+
+    try:
+        prune(
+            model, nn.CrossEntropyLoss(), shards[rank], callback=fail_after_first_step,
+            **prune_kwargs("mfac-global-multi"),
+        )  # fmt: skip
+    except RuntimeError as err:
+        out["rollback-error"] = str(err)
+    out["rollback-before"] = before
+    out["rollback-after"] = full_state(model)
+    prune(model, nn.CrossEntropyLoss(), shards[rank], **prune_kwargs("mfac-global-multi"))
+    out["rollback-then-prune"] = masks_and_weights(model)
     # the global selection all-reduces counts only: no gather, payload independent of d
     model = prune_model(ties=False)
     attach_masks(model)

@@ -53,3 +53,19 @@ def test_sharded_prune_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="method='obs'"):
         check_sharded_arguments("obs", None)
     check_sharded_arguments("magnitude", 128)  # no blocks involved: fine
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_failed_fsdp2_prune_is_rolled_back_on_every_rank(world):
+    _, _, results = spawned_ranks(world)
+    for res in results:
+        got = res["prune"]
+        assert got["rollback-error"] == "stop at step 1"  # failed after writing step 1
+        before, after = got["rollback-before"], got["rollback-after"]
+        assert list(after) == list(before)
+        for name, value in before.items():
+            assert torch.equal(after[name], value), f"{name} changed by the failed prune"
+        # the restored model prunes exactly like a fresh one
+        fresh = got["mfac-global-multi"]["state"]
+        for name, (mask, w) in got["rollback-then-prune"].items():
+            assert torch.equal(mask, fresh[name][0]) and torch.equal(w, fresh[name][1]), name

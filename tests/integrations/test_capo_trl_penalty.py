@@ -10,8 +10,8 @@ pytest.importorskip("trl")
 import trl_helpers as th  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
+from curvopt.capo.penalty import CAPOPenalty  # noqa: E402
 from curvopt.integrations.trl import CAPOGRPOTrainer  # noqa: E402
-from curvopt.rl.capo_penalty import CAPOPenalty  # noqa: E402
 
 INF = {"capo_tau_h": math.inf, "capo_tau_f": math.inf}
 

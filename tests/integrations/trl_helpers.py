@@ -2,7 +2,7 @@
 
 from trl import GRPOConfig
 
-from curvopt.integrations.trl_addition import (
+from curvopt.bench.tasks.trl_addition import (
     addition_prompts,
     addition_reward,
     char_tokenizer,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from curvopt.rl.capo import (
+from curvopt.capo.masker import (
     AdamDirection,
     AdamOptimizerDirection,
     CAPOLoss,
@@ -11,8 +11,8 @@ from curvopt.rl.capo import (
     SGDOptimizerDirection,
     calibrate_thresholds,
 )
-from curvopt.rl.sequence_policy import GRUPolicy
-from curvopt.rl.token_losses import clipped_surrogate, dr_grpo_loss, grpo_loss, reinforce_loss
+from curvopt.capo.sequence_policy import GRUPolicy
+from curvopt.capo.token_losses import clipped_surrogate, dr_grpo_loss, grpo_loss, reinforce_loss
 
 V, H, B, T = 9, 6, 4, 5
 

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from curvopt.rl.capo import AdamDirection, CAPOLoss, CAPOMasker, SGDDirection
-from curvopt.rl.capo_direction import direction_for
-from curvopt.rl.capo_penalty import CAPOPenalty
-from curvopt.rl.token_losses import dr_grpo_loss, grpo_loss, reinforce_loss, token_weights
+from curvopt.capo.direction import direction_for
+from curvopt.capo.masker import AdamDirection, CAPOLoss, CAPOMasker, SGDDirection
+from curvopt.capo.penalty import CAPOPenalty
+from curvopt.capo.token_losses import dr_grpo_loss, grpo_loss, reinforce_loss, token_weights
 
 V, H, B, T, K = 7, 5, 3, 4, 4
 LR = 0.05
@@ -264,9 +264,9 @@ def test_bad_settings_are_refused():
 
 
 def test_grpo_loop_runs_with_mask_and_penalty():
-    from curvopt.rl.addition_task import AdditionTask
-    from curvopt.rl.grpo import GRPOTrainer
-    from curvopt.rl.sequence_policy import GRUPolicy
+    from curvopt.bench.tasks.addition import AdditionTask
+    from curvopt.capo.grpo import GRPOTrainer
+    from curvopt.capo.sequence_policy import GRUPolicy
 
     torch.manual_seed(0)
     task = AdditionTask(max_operand=9)

@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from curvopt.rl.addition_task import AdditionTask
-from curvopt.rl.capo import CAPOLoss
-from curvopt.rl.grpo import GRPOTrainer, group_advantages
-from curvopt.rl.sequence_policy import GRUPolicy, sample_tokens
-from curvopt.rl.token_losses import grpo_loss
+from curvopt.bench.tasks.addition import AdditionTask
+from curvopt.capo.grpo import GRPOTrainer, group_advantages
+from curvopt.capo.masker import CAPOLoss
+from curvopt.capo.sequence_policy import GRUPolicy, sample_tokens
+from curvopt.capo.token_losses import grpo_loss
 
 
 def test_group_advantages_against_explicit_loop():

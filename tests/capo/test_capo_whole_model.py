@@ -5,13 +5,13 @@ import torch
 from torch import nn
 from torch.autograd.functional import jacobian
 
-from curvopt.rl.capo_whole_model import (
+from curvopt.capo.sequence_policy import GRUPolicy
+from curvopt.capo.whole_model import (
     logit_change,
     predict_step_kl,
     token_kl,
     token_kl_attributions,
 )
-from curvopt.rl.sequence_policy import GRUPolicy
 from curvopt.utils.params import flatten, unflatten
 
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from curvopt.rl.capo import CAPOMasker
-from curvopt.rl.capo_direction import (
+from curvopt.capo.direction import (
     AdamOptimizerDirection,
     SGDOptimizerDirection,
     direction_for,
 )
+from curvopt.capo.masker import CAPOMasker
 
 V, H = 7, 5
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from curvopt.rl.grpo import GRPOTrainer
-from curvopt.rl.recall_task import PromptPositionPolicy, RecallTask, supervised_warmstart
-from curvopt.rl.sequence_policy import sample_tokens
-from curvopt.rl.token_losses import grpo_loss
+from curvopt.bench.tasks.recall import PromptPositionPolicy, RecallTask, supervised_warmstart
+from curvopt.capo.grpo import GRPOTrainer
+from curvopt.capo.sequence_policy import sample_tokens
+from curvopt.capo.token_losses import grpo_loss
 
 
 def _task_policy(seed, V=40, P=6, T=3, H=5):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from curvopt.rl.capo import AdamDirection, CAPOMasker, SGDDirection
+from curvopt.capo.masker import AdamDirection, CAPOMasker, SGDDirection
 
 V, H, B, T = 7, 5, 3, 4
 

@@ -1,0 +1,74 @@
+"""CAPO: curvature-aware token masking and penalties for token-level LLM policy-gradient losses.
+
+One module per idea:
+
+* :mod:`~curvopt.capo.masker`: :class:`CAPOMasker` predicts each token's ``Delta J_t`` and
+  ``Delta KL_t`` from a last-layer curvature model and masks the unstable tokens;
+  :class:`CAPOLoss` wraps a token loss with it.
+* :mod:`~curvopt.capo.direction`: models of the optimizer's step on the head (SGD, Adam, and
+  models of a real ``torch.optim`` optimizer's state).
+* :mod:`~curvopt.capo.penalty`: ``lambda * Delta KL`` / ``lambda * Delta J`` added to the loss.
+* :mod:`~curvopt.capo.token_losses`: GRPO, Dr. GRPO and REINFORCE token losses.
+* :mod:`~curvopt.capo.whole_model`: the KL of a planned step through the whole network.
+* :mod:`~curvopt.capo.grpo` and :mod:`~curvopt.capo.sequence_policy`: a small GRPO loop and the
+  policy interface it needs.
+
+The TRL trainer (:mod:`curvopt.integrations.trl`) builds on this package; the toy tasks of the
+studies are in :mod:`curvopt.bench.tasks`.
+
+Example:
+    >>> from curvopt.capo import CAPOMasker
+    >>> masker = CAPOMasker(tau_h=1e-2, tau_f=1e-4, top_k=4)
+    >>> masker.top_k
+    4
+"""
+
+from .direction import (
+    AdamDirection,
+    AdamOptimizerDirection,
+    SGDDirection,
+    SGDOptimizerDirection,
+    direction_for,
+)
+from .grpo import GRPOTrainer, group_advantages
+from .masker import CAPOLoss, CAPOMask, CAPOMasker, calibrate_thresholds
+from .penalty import PENALTIES, CAPOPenalty, TokenPredictor
+from .sequence_policy import GRUPolicy, sample_tokens
+from .token_losses import (
+    clipped_surrogate,
+    dr_grpo_loss,
+    grpo_loss,
+    reinforce_loss,
+    token_weights,
+    token_weights_fn,
+)
+from .whole_model import logit_change, predict_step_kl, token_kl, token_kl_attributions
+
+__all__ = [
+    "PENALTIES",
+    "AdamDirection",
+    "AdamOptimizerDirection",
+    "CAPOLoss",
+    "CAPOMask",
+    "CAPOMasker",
+    "CAPOPenalty",
+    "GRPOTrainer",
+    "GRUPolicy",
+    "SGDDirection",
+    "SGDOptimizerDirection",
+    "TokenPredictor",
+    "calibrate_thresholds",
+    "clipped_surrogate",
+    "direction_for",
+    "dr_grpo_loss",
+    "group_advantages",
+    "grpo_loss",
+    "logit_change",
+    "predict_step_kl",
+    "reinforce_loss",
+    "sample_tokens",
+    "token_kl",
+    "token_kl_attributions",
+    "token_weights",
+    "token_weights_fn",
+]
