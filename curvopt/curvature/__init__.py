@@ -11,9 +11,25 @@ from .fisher import FisherOperator
 from .functional import hvp
 from .ggn import GGNOperator
 from .hessian import HessianOperator
+from .inverse import (
+    CGInverseOperator,
+    MFACOperator,
+    NeumannInverseOperator,
+    check_damping,
+    inverse,
+)
+from .linear_operator import DenseOperator, SquareOperator, as_operator
 
 __all__ = [
+    "CGInverseOperator",
     "CurvatureOperator",
+    "DenseOperator",
+    "MFACOperator",
+    "NeumannInverseOperator",
+    "SquareOperator",
+    "as_operator",
+    "check_damping",
+    "inverse",
     "EmpiricalFisherOperator",
     "FisherOperator",
     "GGNOperator",

@@ -401,6 +401,28 @@ class CurvatureOperator:
     def _before_matmat(self) -> None:
         """Hook run at the start of every product (the MC Fisher reseeds here)."""
 
+    def inverse(self, method: str = "cg", *, damping: float, **kwargs: Any) -> Any:
+        """``(A + damping I)^{-1}`` as an operator (`curvopt.curvature.inverse.inverse`).
+
+        Args:
+            method: ``"cg"`` (exact up to a tolerance) or ``"neumann"`` (truncated series).
+            damping: The damping ``delta > 0``.
+            **kwargs: Options of the method (``rtol``, ``maxiter``; ``num_terms``, ``scale``).
+
+        Example:
+            >>> from curvopt.curvature import GGNOperator
+            >>> model = nn.Linear(3, 2).double()
+            >>> data = [(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2).double())]
+            >>> G = GGNOperator(model, nn.MSELoss(), list(model.parameters()), data)
+            >>> v = torch.randn(G.shape[0], dtype=torch.float64)
+            >>> x = G.inverse("cg", damping=1e-2, rtol=1e-12) @ v
+            >>> torch.allclose(G @ x + 1e-2 * x, v)
+            True
+        """
+        from .inverse import inverse  # noqa: PLC0415 - inverse.py wraps this class
+
+        return inverse(self, method, damping=damping, **kwargs)
+
     # -------------------------------------------------------------------------------- exports
     def to_scipy(self, dtype: np.dtype | type | None = None) -> LinearOperator:
         """Wrap the operator as a ``scipy.sparse.linalg.LinearOperator`` (for eigsh, cg, ...).
