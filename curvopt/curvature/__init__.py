@@ -5,6 +5,7 @@ Each operator represents a ``d x d`` curvature matrix of the empirical risk over
 parameter-shaped tensors; ``to_scipy()`` and ``to_dense()`` export it.
 """
 
+from . import estimators
 from .base import CurvatureOperator
 from .empirical_fisher import EmpiricalFisherOperator
 from .fisher import FisherOperator
@@ -28,6 +29,7 @@ __all__ = [
     "NeumannInverseOperator",
     "SquareOperator",
     "as_operator",
+    "estimators",
     "check_damping",
     "inverse",
     "EmpiricalFisherOperator",
