@@ -19,6 +19,7 @@ from .inverse import (
     check_damping,
     inverse,
 )
+from .kfac import KFACOperator
 from .linear_operator import DenseOperator, SquareOperator, as_operator
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "EmpiricalFisherOperator",
     "FisherOperator",
     "GGNOperator",
+    "KFACOperator",
     "HessianOperator",
     "hvp",
 ]
