@@ -7,6 +7,7 @@ parameter-shaped tensors; ``to_scipy()`` and ``to_dense()`` export it.
 
 from . import estimators
 from .base import CurvatureOperator
+from .ekfac import EKFACOperator
 from .empirical_fisher import EmpiricalFisherOperator
 from .fisher import FisherOperator
 from .functional import hvp
@@ -33,6 +34,7 @@ __all__ = [
     "estimators",
     "check_damping",
     "inverse",
+    "EKFACOperator",
     "EmpiricalFisherOperator",
     "FisherOperator",
     "GGNOperator",

@@ -298,13 +298,31 @@ class KFACOperator(CurvatureOperator):
         blocks = self._blocks
         for b in blocks:
             b.A, b.B, b.A_count, b.eig = None, None, 0.0, {}
+        hooks = [(b, self._input_hook(b), self._output_hook(b)) for b in blocks]
+        scale = self._data_pass(hooks)
+        for b in blocks:
+            d_out = b.module.weight.shape[1 if b.transposed else 0]
+            if b.B is None:
+                b.B = torch.zeros(d_out, d_out, dtype=self.dtype, device=self.device)
+            b.B.mul_(scale)
+            if b.A is not None:
+                b.A.div_(b.A_count)
+        self._computed = True
+
+    def _data_pass(self, hooks: list) -> float:
+        """One pass over the data with ``(block, pre_hook, hook)`` installed.
+
+        Every batch runs one forward pass and the backward passes of `_backward_vectors`
+        (labels drawn from a generator seeded with ``seed``, so every pass draws the same).
+        Returns the scale of the gradient sums: ``c / mc_samples``.
+        """
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self._seed)
         total_weight = 0.0
         handles = []
-        for b in blocks:
-            handles.append(b.module.register_forward_pre_hook(self._input_hook(b)))
-            handles.append(b.module.register_forward_hook(self._output_hook(b)))
+        for b, pre_hook, hook in hooks:
+            handles.append(b.module.register_forward_pre_hook(pre_hook))
+            handles.append(b.module.register_forward_hook(hook))
         unsafe = bool(unsafe_training_modules(self._model_func))
         try:
             with preserved_buffers(self._model_func, active=unsafe):
@@ -323,15 +341,7 @@ class KFACOperator(CurvatureOperator):
                 "of the whole data set is undefined"
             )
         scale = 1.0 / total_weight if self._loss_func.reduction == "mean" else 1.0
-        scale /= self._mc_samples
-        for b in blocks:
-            d_out = b.module.weight.shape[1 if b.transposed else 0]
-            if b.B is None:
-                b.B = torch.zeros(d_out, d_out, dtype=self.dtype, device=self.device)
-            b.B.mul_(scale)
-            if b.A is not None:
-                b.A.div_(b.A_count)
-        self._computed = True
+        return scale / self._mc_samples
 
     def _batch_factors(self, X: Any, y: Tensor, generator: torch.Generator) -> None:
         from ._functional import call_model  # noqa: PLC0415
@@ -355,6 +365,29 @@ class KFACOperator(CurvatureOperator):
 
     def _backward_vectors(self, output: Tensor, y: Tensor, generator: torch.Generator):
         """Output-space vectors ``u`` whose backward passes give the ``g`` of `B`."""
+        vectors = self._type2_or_sampled_vectors(output, y, generator)
+        if self._fisher_type != "type-2" or not self._per_term:
+            return vectors
+        # one backward pass per loss term and column (EK-FAC's correction: the columns of
+        # different terms of one sample must not be added up before squaring)
+        axis = 1 if isinstance(self._loss_func, nn.CrossEntropyLoss) else output.ndim - 1
+        grid = [n for i, n in enumerate(output.shape) if i not in (0, axis)]
+        if not grid:
+            return vectors
+        out = []
+        for index in torch.cartesian_prod(*[torch.arange(n) for n in grid]).reshape(-1, len(grid)):
+            mask = torch.zeros_like(output)
+            where = [slice(None)] * output.ndim
+            positions = [i for i in range(output.ndim) if i not in (0, axis)]
+            for dim, k in zip(positions, index.tolist()):
+                where[dim] = k
+            mask[tuple(where)] = 1.0
+            out.extend(u * mask for u in vectors)
+        return out
+
+    _per_term: bool = False
+
+    def _type2_or_sampled_vectors(self, output: Tensor, y: Tensor, generator: torch.Generator):
         loss = self._loss_func
         if self._fisher_type == "empirical":
             return [output_gradients(loss, output, y)]

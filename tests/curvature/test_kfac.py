@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from curvlinops import KFACLinearOperator
+from curvlinops import EKFACLinearOperator, KFACLinearOperator
 from torch import nn
 
-from curvopt.curvature import KFACOperator
+from curvopt.curvature import EKFACOperator, GGNOperator, KFACOperator
 
 F64 = torch.float64
 
@@ -284,3 +284,79 @@ def test_bad_options():
         KFACOperator(*args).inverse(damping=0.0)
     with pytest.raises(ValueError, match="label_smoothing|likelihood"):
         KFACOperator(model, nn.CrossEntropyLoss(label_smoothing=0.1), *args[2:])
+
+
+# ----------------------------------------------------------------------------------- EK-FAC
+EK_CASES = [
+    (arch, loss, fisher, *variant)
+    for (arch, loss, fisher), variant in zip(
+        itertools.product(["mlp", "cnn"], ["ce", "mse", "bce"], ["type-2", "mc", "empirical"]),
+        itertools.cycle(itertools.product(["mean", "sum"], ["expand", "reduce"], [True, False])),
+    )
+]
+
+
+@pytest.mark.parametrize(("arch", "loss", "fisher", "reduction", "approx", "separate"), EK_CASES)
+def test_ekfac_matches_curvlinops(arch, loss, fisher, reduction, approx, separate):
+    torch.manual_seed(0)
+    model, _ = _model(arch)
+    # enough samples for non-singular factors: in a factor's null space the eigenbasis, and
+    # with it EK-FAC, is not unique (K-FAC-reduce of a convolution with few samples)
+    shape = (4,) if arch == "mlp" else (2, 4, 4)
+    xs = [torch.randn(n, *shape, dtype=F64) for n in (20, 15)]
+    with torch.no_grad():
+        outputs = [model(x) for x in xs]
+    loss_cls, ys = _targets(loss, outputs)
+    loss_func = loss_cls(reduction=reduction)
+    data, params = list(zip(xs, ys)), list(model.parameters())
+    options = dict(fisher_type=fisher, kfac_approx=approx, separate_weight_and_bias=separate)
+    ref = EKFACLinearOperator(model, loss_func, params, data, check_deterministic=False, **options)
+    ours = EKFACOperator(model, loss_func, params, data, **options)
+    d = ours.shape[0]
+    torch.testing.assert_close(_dense(ours, d), _dense(ref, d), rtol=1e-9, atol=1e-12)
+
+
+def _kfac_basis(K: KFACOperator, layer: str, transposed: bool = False) -> torch.Tensor:
+    QA = torch.linalg.eigh(K.input_covariances[layer]).eigenvectors
+    QB = torch.linalg.eigh(K.gradient_covariances[layer]).eigenvectors
+    return torch.kron(QA, QB) if transposed else torch.kron(QB, QA)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_ekfac_is_the_ggn_diagonal_in_the_kfac_basis(approx):
+    # type-2 EK-FAC = Q diag(Q^T C Q) Q^T per weight block, C the exact GGN block, also with
+    # weight sharing and ignore_index (the LM layout); basis from the K-FAC factors
+    torch.manual_seed(6)
+    model = LogitsLM().double()
+    data = _lm_data(ignore=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = nn.CrossEntropyLoss()
+    E = EKFACOperator(model, loss, params, data, fisher_type="type-2", kfac_approx=approx)
+    ggn = _dense(GGNOperator(model, loss, params, data), E.shape[0])
+    dense = _dense(E, E.shape[0])
+    start = 0
+    for layer in ("block", "head"):
+        module = getattr(model, layer)
+        n_w = module.weight.numel()
+        w = slice(start, start + n_w)
+        Q = _kfac_basis(E, layer)
+        expected = Q @ torch.diag((Q.T @ ggn[w, w] @ Q).diagonal()) @ Q.T
+        torch.testing.assert_close(dense[w, w], expected, rtol=1e-9, atol=1e-12)
+        start += n_w + module.bias.numel()
+
+
+def test_ekfac_conv1d_and_inverse():
+    conv, _ = _gpt2_conv1d_twins()
+    data = [(torch.randn(n, 6, 4, dtype=F64), torch.randn(n, 6, 3, dtype=F64)) for n in (4, 3)]
+    loss = nn.MSELoss()
+    E = EKFACOperator(conv, loss, list(conv.parameters()), data, fisher_type="type-2")
+    d = E.shape[0]
+    ggn = _dense(GGNOperator(conv, loss, list(conv.parameters()), data), d)
+    dense = _dense(E, d)
+    Q = _kfac_basis(E, "0", transposed=True)
+    w = slice(0, 20)
+    expected = Q @ torch.diag((Q.T @ ggn[w, w] @ Q).diagonal()) @ Q.T
+    torch.testing.assert_close(dense[w, w], expected, rtol=1e-9, atol=1e-12)
+    B = torch.randn(d, 2, dtype=F64)
+    solve = torch.linalg.solve(dense + 1e-3 * torch.eye(d, dtype=F64), B)
+    torch.testing.assert_close(E.inverse(damping=1e-3) @ B, solve, rtol=1e-8, atol=1e-10)
