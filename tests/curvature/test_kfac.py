@@ -360,3 +360,34 @@ def test_ekfac_conv1d_and_inverse():
     B = torch.randn(d, 2, dtype=F64)
     solve = torch.linalg.solve(dense + 1e-3 * torch.eye(d, dtype=F64), B)
     torch.testing.assert_close(E.inverse(damping=1e-3) @ B, solve, rtol=1e-8, atol=1e-10)
+
+
+def test_tiny_gpt2_kfac_and_ekfac():
+    pytest.importorskip("transformers")
+    from test_language_models import padded_batch, tiny_gpt2
+
+    model = tiny_gpt2()
+    gen = torch.Generator().manual_seed(0)
+    data = [padded_batch([6, 4, 3], gen), padded_batch([5, 2], gen)]  # dicts, -100 labels
+    loss = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="tied weights.*Embedding.*LayerNorm"):
+        KFACOperator(model, loss, list(model.parameters()), data)
+    E = EKFACOperator(model, loss, list(model.parameters()), data, fisher_type="type-2",
+                      allow_unsupported=True)  # fmt: skip
+    assert {type(b.module).__name__ for b in E._blocks} == {"Conv1D"}
+    d = E.shape[0]
+    ggn = _dense(GGNOperator(model, loss, E.params, data), d)
+    dense = _dense(E, d)
+    start = 0
+    for b in E._blocks:  # every weight block: the GGN diagonal in the K-FAC basis
+        n_w = b.module.weight.numel()
+        w = slice(start, start + n_w)
+        Q = _kfac_basis(E, b.name, transposed=True)
+        expected = Q @ torch.diag((Q.T @ ggn[w, w] @ Q).diagonal()) @ Q.T
+        torch.testing.assert_close(dense[w, w], expected, rtol=1e-8, atol=1e-12)
+        start += n_w + b.module.bias.numel()
+    K = KFACOperator(model, loss, list(model.parameters()), data, fisher_type="mc",
+                     allow_unsupported=True)  # fmt: skip
+    v = torch.randn(d, dtype=F64)
+    x = K.inverse(damping=1e-2) @ v
+    torch.testing.assert_close(K @ x + 1e-2 * x, v)
