@@ -59,7 +59,7 @@ class HessianOperator(CurvatureOperator):
         (``torch.func.jvp`` of ``grad``) and reverse-over-reverse are right for all of them.
 
     The keywords ``num_data``, ``batch_size_fn``, ``check_deterministic``,
-    ``allow_train_mode`` and ``process_group`` are those of
+    ``allow_train_mode``, ``process_group`` and ``progressbar`` are those of
     `curvopt.curvature.base.CurvatureOperator`.
 
     Args:
@@ -97,6 +97,7 @@ class HessianOperator(CurvatureOperator):
         check_deterministic: bool = False,
         allow_train_mode: bool = False,
         process_group: Any = None,
+        progressbar: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -112,6 +113,7 @@ class HessianOperator(CurvatureOperator):
             check_deterministic=check_deterministic,
             allow_train_mode=allow_train_mode,
             process_group=process_group,
+            progressbar=progressbar,
         )
 
     @property

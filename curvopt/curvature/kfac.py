@@ -112,8 +112,9 @@ class _Block:
 class KFACOperator(CurvatureOperator):
     r"""K-FAC of the GGN, the (Monte-Carlo) Fisher or the empirical Fisher (module docstring).
 
-    The keywords ``num_data``, ``batch_size_fn``, ``check_deterministic`` and
-    ``allow_train_mode`` are those of `curvopt.curvature.base.CurvatureOperator` (data-parallel
+    The keywords ``num_data``, ``batch_size_fn``, ``check_deterministic``,
+    ``allow_train_mode`` and ``progressbar`` are those of
+    `curvopt.curvature.base.CurvatureOperator` (data-parallel
     process groups are not supported). Batches are ``(X, y)`` as for every operator: tensors,
     tuples, mappings (tokenizer output), models returning ``.logits``.
 
@@ -167,6 +168,7 @@ class KFACOperator(CurvatureOperator):
         check_deterministic: bool = False,
         allow_train_mode: bool = False,
         process_group: Any = None,
+        progressbar: bool = False,
     ) -> None:
         if fisher_type not in FISHER_TYPES:
             raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
@@ -198,6 +200,7 @@ class KFACOperator(CurvatureOperator):
             batch_size_fn=batch_size_fn,
             check_deterministic=False,
             allow_train_mode=allow_train_mode,
+            progressbar=progressbar,
         )
         self._blocks = self._make_blocks()
         self._computed = False
@@ -326,7 +329,7 @@ class KFACOperator(CurvatureOperator):
         unsafe = bool(unsafe_training_modules(self._model_func))
         try:
             with preserved_buffers(self._model_func, active=unsafe):
-                for i, X, y in self._loop_over_data():
+                for i, X, y in self._loop_over_data(f"{type(self).__name__} factors"):
                     weight = self._batch_weight(X, y, i)
                     if self._batch_size(X, i) == 0:
                         continue

@@ -391,3 +391,11 @@ def test_tiny_gpt2_kfac_and_ekfac():
     v = torch.randn(d, dtype=F64)
     x = K.inverse(damping=1e-2) @ v
     torch.testing.assert_close(K @ x + 1e-2 * x, v)
+
+
+def test_kfac_progressbar(capsys):
+    model = nn.Linear(3, 2).double()
+    data = [(torch.randn(4, 3, dtype=F64), torch.randint(0, 2, (4,)))] * 2
+    K = KFACOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data, progressbar=True)
+    K @ torch.randn(K.shape[0], dtype=F64)
+    assert "KFACOperator factors" in capsys.readouterr().err
