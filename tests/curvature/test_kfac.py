@@ -399,3 +399,23 @@ def test_kfac_progressbar(capsys):
     K = KFACOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data, progressbar=True)
     K @ torch.randn(K.shape[0], dtype=F64)
     assert "KFACOperator factors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
+@pytest.mark.parametrize("corrected", [False, True])
+def test_several_mc_samples_and_another_seed_match_curvlinops(loss, corrected):
+    torch.manual_seed(0)
+    model, _ = _model("mlp")
+    xs = [torch.randn(n, 4, dtype=F64) for n in (20, 15)]
+    with torch.no_grad():
+        outputs = [model(x) for x in xs]
+    loss_cls, ys = _targets(loss, outputs)
+    data, params = list(zip(xs, ys)), list(model.parameters())
+    ref_cls, cls = (
+        (EKFACLinearOperator, EKFACOperator) if corrected else (KFACLinearOperator, KFACOperator)
+    )
+    options = dict(fisher_type="mc", mc_samples=3, seed=7)
+    ref = ref_cls(model, loss_cls(), params, data, check_deterministic=False, **options)
+    ours = cls(model, loss_cls(), params, data, **options)
+    d = ours.shape[0]
+    torch.testing.assert_close(_dense(ours, d), _dense(ref, d), rtol=1e-10, atol=1e-12)
