@@ -310,6 +310,11 @@ class KFACOperator(CurvatureOperator):
             b.B.mul_(scale)
             if b.A is not None:
                 b.A.div_(b.A_count)
+            elif b.weight is not None:  # the layer never ran: a zero block
+                w = b.module.weight
+                d_in = w.shape[0] if b.transposed else w[0].numel()
+                d_in += int(b.bias is not None and not self._separate)
+                b.A = torch.zeros(d_in, d_in, dtype=self.dtype, device=self.device)
         self._computed = True
 
     def _data_pass(self, hooks: list) -> float:

@@ -419,3 +419,22 @@ def test_several_mc_samples_and_another_seed_match_curvlinops(loss, corrected):
     ours = cls(model, loss_cls(), params, data, **options)
     d = ours.shape[0]
     torch.testing.assert_close(_dense(ours, d), _dense(ref, d), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [KFACOperator, EKFACOperator])
+def test_a_layer_that_never_runs_has_a_zero_block(cls):
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Unused().double()
+    data = [(torch.randn(5, 3, dtype=F64), torch.randint(0, 2, (5,)))]
+    K = cls(model, nn.CrossEntropyLoss(), list(model.parameters()), data, fisher_type="type-2")
+    dense = _dense(K, K.shape[0])
+    assert (dense[8:, :] == 0).all() and (dense[:, 8:] == 0).all() and dense[:8, :8].abs().sum() > 0
+    x = K.inverse(damping=0.5) @ torch.ones(K.shape[0], dtype=F64)
+    torch.testing.assert_close(x[8:], torch.full((8,), 2.0, dtype=F64))
