@@ -13,11 +13,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from curvlinops import EKFACLinearOperator, KFACLinearOperator
 from torch import nn
 
 from curvopt.curvature import EKFACOperator, GGNOperator, KFACOperator
 
+curvlinops = pytest.importorskip("curvlinops")  # the dev extra
+EKFACLinearOperator, KFACLinearOperator = (
+    curvlinops.EKFACLinearOperator,
+    curvlinops.KFACLinearOperator,
+)
 F64 = torch.float64
 
 
