@@ -16,7 +16,8 @@ Families (:func:`default_approximations` builds the standard set):
 | ``empirical_fisher`` | empirical Fisher ``(1/N) sum_n g_n g_n^T``, ``EmpiricalFisherOperator`` |
 | ``hutchinson_diag`` | Hutchinson diagonal ``abs(mean_s z_s * (H z_s))`` (Rademacher ``z``) |
 | ``sqgrad_diag`` | squared-gradient diagonal ``(1/N) sum_n g_n * g_n`` (diagonal of the EF) |
-| ``kfac`` | K-FAC from curvlinops (``KFACLinearOperator``, type-2: exact GGN factors) |
+| ``kfac`` | native K-FAC, ``curvopt.curvature.KFACOperator`` (type-2: exact GGN factors) |
+| ``ekfac`` | native EK-FAC, ``curvopt.curvature.EKFACOperator`` (type-2) |
 | ``mfac_m{m}`` | M-FAC, ``F = lam I + G^T G / m`` on ``m`` per-sample gradients |
 
 Exact operators are materialized (``to_dense``) and eigendecomposed when ``d`` is at most
@@ -384,57 +385,84 @@ class SquaredGradientDiagonal(DiagonalApproximation):
 
 
 class KFACApproximation(Approximation):
-    """K-FAC from curvlinops: ``KFACLinearOperator`` and its inverse with exact damping.
+    """Native K-FAC / EK-FAC (`curvopt.curvature.KFACOperator`, `EKFACOperator`).
 
-    ``KFACInverseLinearOperator(..., use_exact_damping=True)`` inverts ``A ⊗ B + lam I`` exactly
-    through the factors' eigendecompositions, so the damping matches the other methods. Only
-    ``Linear`` and ``Conv2d`` layers are supported (curvlinops' limitation).
+    The damped inverse is exact through the factors' eigendecompositions
+    (``(A ⊗ B + lam I)^{-1}``, ``KFACOperator.inverse``), so the damping matches the other
+    methods. Layers: ``Linear``, ``Conv1d``, ``Conv2d`` and transformers' ``Conv1D``; the
+    parameters of other layers (embeddings, normalizations, tied weights) get a zero block, so
+    their inverse is ``1 / lam`` (the layers K-FAC leaves out).
 
     Args:
         fisher_type: ``type-2`` (exact GGN factors), ``mc`` or ``empirical``.
-        name: Method name (default ``kfac``).
+        name: Method name (default ``kfac``, or ``ekfac`` with ``eigenvalue_corrected``).
+        seed: Seed of the label sampler (``mc``).
+        eigenvalue_corrected: EK-FAC instead of K-FAC.
     """
 
     family = "kronecker"
     solver = "kronecker"
     damping_after_setup = False
 
-    def __init__(self, fisher_type: str = "type-2", name: str = "kfac", seed: int = 0) -> None:
+    def __init__(
+        self,
+        fisher_type: str = "type-2",
+        name: str | None = None,
+        seed: int = 0,
+        eigenvalue_corrected: bool = False,
+    ) -> None:
         super().__init__()
-        self.fisher_type, self.name, self.seed = fisher_type, name, seed
+        self.name = name or ("ekfac" if eigenvalue_corrected else "kfac")
+        self.fisher_type, self.seed, self.corrected = fisher_type, seed, eigenvalue_corrected
         self.op: Any = None
         self.inv: Any = None
+        self.index: Tensor | None = None  # positions of the operator's entries in the problem
 
     def _setup(self, problem: Problem) -> None:
-        from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+        from curvopt.curvature import EKFACOperator, KFACOperator
 
-        self.op = KFACLinearOperator(
+        cls = EKFACOperator if self.corrected else KFACOperator
+        self.op = cls(
             problem.model,
             problem.loss_func,
             problem.params,
             problem.data,
             fisher_type=self.fisher_type,
-            check_deterministic=False,
             seed=self.seed,
+            allow_unsupported=True,
         )
-        self.inv = KFACInverseLinearOperator(self.op, damping=self.damping, use_exact_damping=True)
-        zero = torch.zeros(self.dim, 1, dtype=self.dtype, device=self.device)
-        self.inv @ (self.op @ zero)  # both compute and cache their factors on first use
+        kept = {id(p) for p in self.op.params}
+        index, start = [], 0
+        for p in problem.params:
+            if id(p) in kept:
+                index.append(torch.arange(start, start + p.numel(), device=self.device))
+            start += p.numel()
+        self.index = torch.cat(index)
+        self.inv = self.op.inverse(damping=self.damping)
+        self.op.compute_kronecker_factors()
+        zero = torch.zeros(self.op.shape[0], 1, dtype=self.dtype, device=self.device)
+        self.inv @ zero  # eigendecompositions now, in the setup time
+
+    def _embedded(self, V: Tensor, fn: Callable[[Tensor], Tensor], rest: float) -> Tensor:
+        X, single = _as_columns(V)
+        out = X * rest
+        out[self.index] = fn(X[self.index])
+        return out[:, 0] if single else out
 
     def ihvp(self, V: Tensor) -> Tensor:  # noqa: D102
-        return self.inv @ V
+        return self._embedded(V, lambda X: self.inv @ X, 1.0 / self.damping)
 
     def matvec(self, V: Tensor) -> Tensor:  # noqa: D102
-        return self.op @ V
+        return self._embedded(V, lambda X: self.op @ X, 0.0)
 
     def state_bytes(self) -> int:  # noqa: D102
+        if self.op is None:
+            return 0
         total = 0
-        for obj in (self.op, self.inv):
-            for value in vars(obj).values() if obj is not None else ():
-                items = value.values() if isinstance(value, dict) else [value]
-                for t in items:
-                    if isinstance(t, Tensor):
-                        total += t.numel() * t.element_size()
+        for b in self.op._blocks:
+            for t in [b.A, b.B, *b.eig.values()]:
+                if isinstance(t, Tensor):
+                    total += t.numel() * t.element_size()
         return total
 
     def release(self) -> None:  # noqa: D102
@@ -519,6 +547,7 @@ METHOD_NAMES = (
     "hutchinson_diag",
     "sqgrad_diag",
     "kfac",
+    "ekfac",
 )
 
 #: The M-FAC sizes of the default set.
@@ -552,8 +581,8 @@ def make_approximation(
         return HutchinsonDiagonal(samples=hutchinson_samples, seed=seed)
     if name == "sqgrad_diag":
         return SquaredGradientDiagonal()
-    if name == "kfac":
-        return KFACApproximation(seed=seed)
+    if name in ("kfac", "ekfac"):
+        return KFACApproximation(seed=seed, eigenvalue_corrected=name == "ekfac")
     raise ValueError(
         f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)} "
         "or mfac_m<m> (e.g. mfac_m64)"

@@ -94,6 +94,9 @@ class CurvatureOperator:
             `to_dense` and `to_scipy`'s products together with identical inputs. With a
             process group ``num_data`` is this rank's count (``0`` allowed) and the property
             is the sum over ranks.
+        progressbar: Show the progress of every pass over the data (products, counting, factor
+            computations) on stderr: with ``tqdm`` when it is installed, else a one-line
+            counter.
 
     Attributes:
         SELF_ADJOINT: Whether the matrix is symmetric (all curvature matrices here are).
@@ -132,7 +135,11 @@ class CurvatureOperator:
         check_deterministic: bool = False,
         allow_train_mode: bool = False,
         process_group: Any = None,
+        progressbar: bool = False,
     ) -> None:
+        if not isinstance(progressbar, bool):
+            raise TypeError(f"progressbar must be a bool, got {progressbar!r}")
+        self._progressbar = progressbar
         if not isinstance(model_func, nn.Module):
             raise TypeError(f"model_func must be an nn.Module, got {type(model_func).__name__}")
         check_loss(
@@ -401,6 +408,28 @@ class CurvatureOperator:
     def _before_matmat(self) -> None:
         """Hook run at the start of every product (the MC Fisher reseeds here)."""
 
+    def inverse(self, method: str = "cg", *, damping: float, **kwargs: Any) -> Any:
+        """``(A + damping I)^{-1}`` as an operator (`curvopt.curvature.inverse.inverse`).
+
+        Args:
+            method: ``"cg"`` (exact up to a tolerance) or ``"neumann"`` (truncated series).
+            damping: The damping ``delta > 0``.
+            **kwargs: Options of the method (``rtol``, ``maxiter``; ``num_terms``, ``scale``).
+
+        Example:
+            >>> from curvopt.curvature import GGNOperator
+            >>> model = nn.Linear(3, 2).double()
+            >>> data = [(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2).double())]
+            >>> G = GGNOperator(model, nn.MSELoss(), list(model.parameters()), data)
+            >>> v = torch.randn(G.shape[0], dtype=torch.float64)
+            >>> x = G.inverse("cg", damping=1e-2, rtol=1e-12) @ v
+            >>> torch.allclose(G @ x + 1e-2 * x, v)
+            True
+        """
+        from .inverse import inverse  # noqa: PLC0415 - inverse.py wraps this class
+
+        return inverse(self, method, damping=damping, **kwargs)
+
     # -------------------------------------------------------------------------------- exports
     def to_scipy(self, dtype: np.dtype | type | None = None) -> LinearOperator:
         """Wrap the operator as a ``scipy.sparse.linalg.LinearOperator`` (for eigsh, cg, ...).
@@ -465,9 +494,12 @@ class CurvatureOperator:
         return dense
 
     # -------------------------------------------------------------------------------- helpers
-    def _loop_over_data(self) -> Iterator[tuple[int, Any, Tensor]]:
+    def _loop_over_data(self, desc: str | None = None) -> Iterator[tuple[int, Any, Tensor]]:
         """Yield ``(index, X, y)`` for every batch, moved to the parameters' device."""
-        for i, batch in enumerate(self._data):
+        batches = self._data
+        if getattr(self, "_progressbar", False):
+            batches = progress(batches, desc or f"{type(self).__name__} product")
+        for i, batch in enumerate(batches):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError(f"batch {i} of data must be a pair (X, y), got {type(batch)}")
             X, y = batch
@@ -500,7 +532,7 @@ class CurvatureOperator:
     def _count_samples(self) -> int:
         """One pass over the data: count the samples and check that ``y`` has the batch axis."""
         total = 0
-        for i, X, y in self._loop_over_data():
+        for i, X, y in self._loop_over_data(f"{type(self).__name__}: counting samples"):
             size = self._batch_size(X, i)
             if self._batch_size_fn is None and (y.ndim == 0 or y.shape[0] != size):
                 raise BatchError(
@@ -587,6 +619,32 @@ class CurvatureOperator:
                 f"{type(self).__name__} is not deterministic: two products with the same vector "
                 "differ. Check for shuffling data loaders, dropout, or batch norm in train mode"
             )
+
+
+def progress(iterable: Iterable[Any], desc: str) -> Iterator[Any]:
+    """Iterate with a progress display on stderr (``tqdm`` if installed, else a counter).
+
+    Example:
+        >>> list(progress([1, 2], "demo"))  # doctest: +SKIP
+        [1, 2]
+    """
+    try:
+        from tqdm.auto import tqdm  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        tqdm = None
+    total = len(iterable) if hasattr(iterable, "__len__") else None
+    if tqdm is not None:
+        yield from tqdm(iterable, desc=desc, total=total)
+        return
+    import sys  # noqa: PLC0415
+
+    count = 0
+    for count, item in enumerate(iterable, start=1):
+        yield item
+        shown = f"{count}/{total}" if total is not None else str(count)
+        sys.stderr.write(f"\r{desc}: {shown} batches")
+        sys.stderr.flush()
+    sys.stderr.write(f"\r{desc}: {count} batches, done\n")
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:

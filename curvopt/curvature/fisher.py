@@ -52,7 +52,7 @@ class FisherOperator(GGNOperator):
     single-process operator on the concatenated data, with other draws.
 
     The keywords ``num_data``, ``batch_size_fn``, ``check_deterministic``,
-    ``allow_train_mode`` and ``process_group`` are those of
+    ``allow_train_mode``, ``process_group`` and ``progressbar`` are those of
     `curvopt.curvature.base.CurvatureOperator`.
 
     Args:
@@ -96,6 +96,7 @@ class FisherOperator(GGNOperator):
         check_deterministic: bool = False,
         allow_train_mode: bool = False,
         process_group: Any = None,
+        progressbar: bool = False,
     ) -> None:
         if mc_samples is not None and (
             isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1
@@ -118,6 +119,7 @@ class FisherOperator(GGNOperator):
             check_deterministic=check_deterministic,
             allow_train_mode=allow_train_mode,
             process_group=process_group,
+            progressbar=progressbar,
         )
 
     @property

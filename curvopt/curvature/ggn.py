@@ -32,7 +32,7 @@ class GGNOperator(OutputSpaceOperator):
     to reverse passes (`curvopt.curvature.output_space`).
 
     The keywords ``num_data``, ``batch_size_fn``, ``check_deterministic``,
-    ``allow_train_mode`` and ``process_group`` are those of
+    ``allow_train_mode``, ``process_group`` and ``progressbar`` are those of
     `curvopt.curvature.base.CurvatureOperator`.
 
     Args:

@@ -12,6 +12,7 @@ from torch.func import grad, jvp, vmap
 
 from ._functional import call_model, evaluate_loss, make_forward, no_autograd_path
 from .base import Batch, CurvatureOperator
+from .forward_ad import module_signature, reverse_over_forward_safe
 from .losses import differentiable_loss
 
 MODES = ("auto", "reverse-over-forward", "reverse-over-reverse", "forward-over-reverse")
@@ -46,15 +47,19 @@ class HessianOperator(CurvatureOperator):
     kernels) gets a RuntimeError naming the module and the fix.
 
     Note:
-        In PyTorch 2.13 the backward pass through ``nn.LayerNorm``'s forward-mode derivative
-        is wrong (HVPs off by up to 50 % on a small MLP with one LayerNorm), so models with an
-        ``nn.LayerNorm`` module use reverse-over-reverse instead of reverse-over-forward (a
-        ``F.layer_norm`` call outside such a module is not detected: choose
-        ``mode="reverse-over-reverse"`` for it). ``torch.func.hessian`` is also wrong there;
-        ``mode="forward-over-reverse"`` and ``"reverse-over-reverse"`` are not.
+        Reverse-over-forward backpropagates through torch's forward-mode derivative formulas,
+        and in PyTorch 2.13 some of them are differentiated wrongly without any error:
+        ``nn.LayerNorm`` and ``F.layer_norm``, ``nn.InstanceNorm1d/2d/3d``, and batch norm in
+        training mode (products off by 15-50 %). Reverse-over-forward is therefore used (in
+        ``"auto"`` and when asked for by name) only when one recorded forward pass of the model
+        calls nothing but the ATen operators of the allow-list
+        `curvopt.curvature.forward_ad.SAFE_OPS`; otherwise the product is computed
+        reverse-over-reverse (`forward_ad_safe` says which; the verdict is cached until a
+        module is added, replaced or switched between train and eval). Forward-over-reverse
+        (``torch.func.jvp`` of ``grad``) and reverse-over-reverse are right for all of them.
 
     The keywords ``num_data``, ``batch_size_fn``, ``check_deterministic``,
-    ``allow_train_mode`` and ``process_group`` are those of
+    ``allow_train_mode``, ``process_group`` and ``progressbar`` are those of
     `curvopt.curvature.base.CurvatureOperator`.
 
     Args:
@@ -92,13 +97,12 @@ class HessianOperator(CurvatureOperator):
         check_deterministic: bool = False,
         allow_train_mode: bool = False,
         process_group: Any = None,
+        progressbar: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self._mode = mode
-        self._has_layer_norm = isinstance(model_func, nn.Module) and any(
-            isinstance(m, nn.LayerNorm) for m in model_func.modules()
-        )
+        self._safety: tuple[tuple, bool, list[str]] | None = None
         super().__init__(
             model_func,
             loss_func,
@@ -109,6 +113,7 @@ class HessianOperator(CurvatureOperator):
             check_deterministic=check_deterministic,
             allow_train_mode=allow_train_mode,
             process_group=process_group,
+            progressbar=progressbar,
         )
 
     @property
@@ -118,14 +123,44 @@ class HessianOperator(CurvatureOperator):
 
     _forward_ad_failed: bool = False
 
+    @property
+    def forward_ad_safe(self) -> tuple[bool, list[str]] | None:
+        """Whether reverse-over-forward is trusted for the model, and the operators against it.
+
+        ``None`` until the first single-column product (the check records one forward pass on
+        the first batch then); afterwards ``(safe, offenders)`` with the ATen operators outside
+        `curvopt.curvature.forward_ad.SAFE_OPS`.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1))
+            >>> H = HessianOperator(model, nn.MSELoss(), list(model.parameters()),
+            ...                     [(torch.randn(5, 3), torch.randn(5, 1))])
+            >>> _ = H @ torch.randn(H.shape[0])
+            >>> H.forward_ad_safe  # doctest: +ELLIPSIS
+            (False, ['aten.native_layer_norm (nn.LayerNorm / F.layer_norm ...)'])
+        """
+        if self._safety is None:
+            return None
+        return self._safety[1], list(self._safety[2])
+
+    def _forward_ad_safe(self, X: Any) -> bool:
+        """Check (once per module layout and mode) that the model's ops are allow-listed."""
+        signature = module_signature(self._model_func)
+        if self._safety is None or self._safety[0] != signature:
+            safe, bad = reverse_over_forward_safe(
+                lambda: call_model(self._model_func, X, self._loss_func)
+            )
+            self._safety = (signature, safe, bad)
+        return self._safety[1]
+
     def _matmat_batch(self, X: Any, y: Tensor, cols: list[Tensor]) -> list[Tensor]:
         mode = self._mode
         if mode == "auto":
             mode = "reverse-over-forward" if cols[0].shape[0] == 1 else "reverse-over-reverse"
         if mode == "forward-over-reverse" and self._stateful_forward:
             mode = "reverse-over-reverse"  # buffers change in place: no torch.func
-        if mode == "reverse-over-forward" and self._has_layer_norm:
-            mode = "reverse-over-reverse"  # torch's LayerNorm breaks reverse-over-forward
+        if mode == "reverse-over-forward" and not self._forward_ad_safe(X):
+            mode = "reverse-over-reverse"  # torch gets its second derivative wrong here
         if not self._forward_ad_failed:
             try:
                 if mode == "forward-over-reverse":

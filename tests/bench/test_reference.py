@@ -78,12 +78,13 @@ def test_user_problem_with_kfac_exact_on_a_linear_mse_model():
     model = nn.Linear(3, 2, bias=False).double()  # K-FAC splits W and b into separate blocks
     problem = Problem("regression", model, nn.MSELoss(), [(X[:8], y[:8]), (X[8:], y[8:])])
     result = run_benchmark(
-        problem, ["ggn", "kfac", "sqgrad_diag"], reference="ggn", damping=1e-2, repeats=1
+        problem, ["ggn", "kfac", "ekfac", "sqgrad_diag"], reference="ggn", damping=1e-2, repeats=1
     )
     for r in result.records:
         assert r["error"] is None, r["error"]
-    assert result.record("kfac")["ihvp_rel_error"] < 1e-10
-    assert result.record("kfac")["top_eig_rel_error"] < 1e-10
+    for name in ("kfac", "ekfac"):
+        assert result.record(name)["ihvp_rel_error"] < 1e-10
+        assert result.record(name)["top_eig_rel_error"] < 1e-10
     assert result.record("sqgrad_diag")["ihvp_rel_error"] > 1e-3
 
 

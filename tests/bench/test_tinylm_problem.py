@@ -42,3 +42,23 @@ def test_tinylm_pieces_agree_with_autograd(lm_problem):
     w, v = lm_problem.flat_params(), torch.randn(H.shape[1], dtype=torch.float64)
     hv = torch.autograd.functional.hvp(lm_problem.loss_function(), w, v)[1]
     torch.testing.assert_close(H @ v, hv, rtol=1e-9, atol=1e-11)
+
+
+def test_native_kfac_and_ekfac_run_on_tinylm(lm_problem):
+    from curvopt.bench import run_benchmark
+    from curvopt.bench.approximations import make_approximation
+
+    result = run_benchmark(lm_problem, ["ggn", "kfac", "ekfac"], reference="ggn", repeats=1)
+    for name in ("kfac", "ekfac"):
+        record = result.record(name)
+        assert record["error"] is None, record["error"]
+        assert 0 < record["ihvp_rel_error"] < 1  # an approximation, but a useful one
+    # the layers K-FAC leaves out (embeddings, LayerNorm) get a zero block: inverse 1 / lam
+    approx = make_approximation("kfac")
+    approx.setup(lm_problem, damping=0.5)
+    skipped = torch.ones(approx.dim, dtype=torch.bool)
+    skipped[approx.index] = False
+    assert skipped.any() and approx.op.skipped
+    v = torch.randn(approx.dim, dtype=torch.float64)
+    torch.testing.assert_close(approx.ihvp(v)[skipped], v[skipped] / 0.5)
+    assert (approx.matvec(v)[skipped] == 0).all()

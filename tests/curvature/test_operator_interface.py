@@ -222,3 +222,18 @@ def test_hessian_with_layer_norm_matches_truth():
     torch.testing.assert_close(
         ggn.to_dense(chunk_size=1), ggn_truth(forward, loss, y, theta), **TOL
     )
+
+
+@pytest.mark.parametrize(
+    "cls", [HessianOperator, GGNOperator, FisherOperator, EmpiricalFisherOperator]
+)
+def test_progressbar_reports_every_pass_and_changes_nothing(cls, capsys):
+    problem = cached_problem("mlp-ce", "mean")
+    op = cls(problem.model, problem.loss, problem.params, problem.data, progressbar=True)
+    quiet = cls(problem.model, problem.loss, problem.params, problem.data)
+    v = torch.randn(op.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(op @ v, quiet @ v)
+    err = capsys.readouterr().err
+    assert "counting samples" in err and f"{cls.__name__} product" in err
+    with pytest.raises(TypeError, match="progressbar must be a bool"):
+        cls(problem.model, problem.loss, problem.params, problem.data, progressbar=1)
