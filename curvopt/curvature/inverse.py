@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .linear_operator import SquareOperator, as_operator
+from .linear_operator import SquareOperator, as_operator, register_inverse
 
 METHODS = ("cg", "neumann")
 
@@ -325,3 +325,6 @@ def inverse(A: Any, method: str = "cg", *, damping: float, **kwargs: Any) -> Squ
     if method == "neumann":
         return NeumannInverseOperator(A, damping, **kwargs)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+register_inverse(inverse)

@@ -13,7 +13,7 @@ or a dense square tensor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -145,9 +145,21 @@ class SquareOperator:
 
     def inverse(self, method: str = "cg", *, damping: float, **kwargs: Any) -> SquareOperator:
         """``(A + damping I)^{-1}`` as an operator; see `curvopt.curvature.inverse.inverse`."""
-        from .inverse import inverse  # noqa: PLC0415 - inverse.py builds on this module
+        if _inverse_factory is None:  # pragma: no cover - the package's __init__ registers it
+            raise RuntimeError("import curvopt.curvature (it registers the inverses) first")
+        return _inverse_factory(self, method, damping=damping, **kwargs)
 
-        return inverse(self, method, damping=damping, **kwargs)
+
+#: ``curvopt.curvature.inverse.inverse``, registered by that module when it is imported (the
+#: package's ``__init__`` imports it, and Python runs a package's ``__init__`` before any of its
+#: modules). The inverses subclass `SquareOperator`, so this base module cannot import them.
+_inverse_factory: Callable[..., SquareOperator] | None = None
+
+
+def register_inverse(factory: Callable[..., SquareOperator]) -> None:
+    """Make ``factory(A, method, damping=..., **kwargs)`` back `SquareOperator.inverse`."""
+    global _inverse_factory
+    _inverse_factory = factory
 
 
 class DenseOperator(SquareOperator):
