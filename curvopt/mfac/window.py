@@ -298,6 +298,9 @@ class SlidingWindowMFAC:
             "refine": self.refine,
             "count": self.count,
             "since_refresh": self._since_refresh,
+            # redundant with count, so that a corrupted count is detected at load
+            "position": self.count % self.m,
+            "filled": self.filled,
             "G": self.G.clone(),
             "K": self.K.clone(),
             "Ainv": self.Ainv.clone(),
@@ -315,6 +318,14 @@ class SlidingWindowMFAC:
 
         Checks the keys, ``dim``, ``m``, the storage dtype, the shapes of the tensors, the damping
         and the counters, so a caller can validate every part of a larger state before loading any.
+        The buffers must be finite and consistent: ``K`` symmetric, rows of ``G`` and ``K`` past a
+        count below ``m`` zero, ``since_refresh <= count`` and below ``refresh_every``, and the
+        ring position and fill level that :meth:`state_dict` records beside ``count`` must agree
+        with it (a count changed alone moves the row the next gradient replaces).
+
+        Raises:
+            TypeError: For entries of the wrong type or dtype.
+            ValueError: For wrong shapes, values out of range, or inconsistent buffers.
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
@@ -346,6 +357,32 @@ class SlidingWindowMFAC:
             value = state.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
+        count, since = state["count"], state.get("since_refresh", 0)
+        refresh_every = state.get("refresh_every", self.refresh_every)
+        if since > count or since >= refresh_every:
+            raise ValueError(
+                f"state['since_refresh']={since} must be <= count={count} and < refresh_every="
+                f"{refresh_every}: the saved counters are inconsistent"
+            )
+        for key, want in (("position", count % self.m), ("filled", min(count, self.m))):
+            if key in state and state[key] != want:
+                raise ValueError(
+                    f"state[{key!r}]={state[key]!r} does not match count={count} (expected "
+                    f"{want}): the saved counters are corrupted"
+                )
+        for key in ("G", "K", "Ainv"):
+            if not bool(torch.isfinite(state[key]).all()):
+                raise ValueError(
+                    f"state[{key!r}] contains NaN or Inf: the saved window is corrupted"
+                )
+        K, G = state["K"], state["G"]
+        if not torch.equal(K, K.T):
+            raise ValueError("state['K'] (the Gram matrix G G^T) must be symmetric")
+        if count < self.m and (bool(G[count:].any()) or bool(K[count:].any())):
+            raise ValueError(
+                f"state['count']={count} but rows of G or K past row {count} are not zero: the "
+                "saved count does not match the buffer"
+            )
         factored = state.get("factored", False)
         if not isinstance(factored, bool):
             raise TypeError(f"state['factored'] must be True or False, got {factored!r}")

@@ -13,6 +13,7 @@ where ``g_t`` is added to the window before ``u_t`` is computed. The inverse pro
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -213,7 +214,17 @@ class MFAC(Optimizer):
                 raise ValueError(
                     f"{key!r} is shared by all groups (one window); pass it to the constructor"
                 )
-        super().add_param_group(param_group)
+        with warnings.catch_warnings():  # torch only warns about duplicates: we refuse them
+            warnings.filterwarnings("ignore", "optimizer contains a parameter group with dup")
+            super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        if len({id(p) for p in params}) != len(params):
+            self.param_groups.pop()
+            raise ValueError(
+                "MFAC got the same parameter twice in one group; the window would hold its "
+                "coordinates twice (d too large) and the step would update it twice: pass each "
+                "parameter once"
+            )
         _check_group_hyperparameters(self.param_groups[-1])
 
     def _all_params(self) -> list[Tensor]:
@@ -357,7 +368,11 @@ class MFAC(Optimizer):
         """
         local = {id(p): self._shards.param(i).shape for i, p in enumerate(self._shards.params)}
         check_optimizer_state(
-            self, state_dict, ["momentum_buffer"], lambda p: local.get(id(p), p.shape)
+            self,
+            state_dict,
+            ["momentum_buffer"],
+            lambda p: local.get(id(p), p.shape),
+            check_group=_check_group_hyperparameters,
         )
         state_dict = dict(state_dict)
         state_dict["state"] = dict(state_dict["state"])
@@ -366,13 +381,17 @@ class MFAC(Optimizer):
             raise ValueError("state_dict has no 'mfac_window' entry: it was not saved by MFAC")
         self.window.check_state(saved["window"])
         skipped = saved.get("skipped")
-        if not (isinstance(skipped, Tensor) and skipped.numel() == 1):
-            raise ValueError("the saved MFAC skipped-step counter must be a 1-element tensor")
-        for i, group in enumerate(state_dict["param_groups"]):
-            missing = {"lr", "momentum", "weight_decay", "decoupled_weight_decay"} - set(group)
-            if missing:
-                raise ValueError(f"parameter group {i} of state_dict lacks {sorted(missing)}")
-            _check_group_hyperparameters(group)
+        if not (
+            isinstance(skipped, Tensor)
+            and skipped.numel() == 1
+            and not skipped.is_floating_point()
+            and not skipped.is_complex()
+            and int(skipped) >= 0
+        ):
+            raise ValueError(
+                "the saved MFAC skipped-step counter must be a 1-element integer tensor >= 0, "
+                f"got {skipped!r}"
+            )
         super().load_state_dict(state_dict)
         self.window.load_state_dict(saved["window"])
         self._skipped.copy_(skipped.reshape(()))

@@ -154,3 +154,32 @@ def test_bad_input_is_rejected():
         LinearGaussianPolicy(2, 1, action_std=0.0)
     with pytest.raises(ValueError, match="action_std"):
         LinearGaussianPolicy(2, 2, action_std=[1.0, 2.0, 3.0])
+
+
+def test_complex_matrices_are_refused_not_truncated():
+    eye = np.eye(2)
+    a = np.array([[0.5, 0.1j], [0.0, 0.5]])
+    with pytest.raises(TypeError, match="A must be real"):
+        LinearQuadraticRegulator(a, np.ones((2, 1)), eye, np.eye(1), eye, 0.9)
+    with pytest.raises(TypeError, match="B must be real"):
+        LinearQuadraticRegulator(
+            eye, torch.ones(2, 1, dtype=torch.complex64), eye, np.eye(1), eye, 0.9
+        )
+    with pytest.raises(TypeError, match="Q must be real"):
+        LinearQuadraticRegulator(eye, np.ones((2, 1)), eye + 0j, np.eye(1), eye, 0.9)
+
+
+@pytest.mark.parametrize(("a", "stable"), [(1.10, True), (1.15, False)])
+def test_stability_is_that_of_sqrt_discount_times_the_closed_loop(a, stable):
+    """Scalar x' = a x, γ = 0.81: J = -Σ γ^t a^{2t} is finite iff √γ a < 1 (1.15: γ a < 1)."""
+    gamma = 0.81
+    one = np.eye(1)
+    lqr = LinearQuadraticRegulator(a * one, one, one, one, one, gamma)
+    theta = np.zeros((1, 1))
+    assert lqr.is_stable(theta) is stable
+    std = 1e-3  # the action noise adds -Σ γ^t (R σ² + Q Σ_{s<t} a^{2(t-1-s)} σ²); tiny here
+    if stable:
+        truth = -1.0 / (1.0 - gamma * a**2)  # geometric series in float64
+        assert lqr.expected_return(theta, std) == pytest.approx(truth, rel=1e-3)
+    else:
+        assert lqr.expected_return(theta, std) == float("-inf")
