@@ -92,7 +92,43 @@ def model_inputs(model: nn.Module, X: Any) -> tuple[tuple[Any, ...], dict[str, A
         return (X,), {}
     if isinstance(X, Mapping):
         return ((X,), {}) if _takes_mapping_positionally(model, X) else ((), dict(X))
+    _check_tuple_binding(model, X)
     return tuple(X), {}
+
+
+def _check_tuple_binding(model: nn.Module, X: Any) -> None:
+    """Refuse a tuple ``(input_ids, attention_mask)`` that ``model(*X)`` would misbind.
+
+    transformers' models take ``input_ids`` first but not always the mask second (GPT-2's second
+    parameter is ``past_key_values``), so a tuple passes the mask as something else.
+
+    Raises:
+        BatchError: If ``forward`` takes ``input_ids`` and ``attention_mask`` and the tensors of
+            ``X`` after the first would not bind to ``attention_mask`` and the parameters after
+            it in order.
+    """
+    if len(X) < 2:
+        return
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    positional = [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if "input_ids" not in positional or "attention_mask" not in positional:
+        return
+    bound = positional[: len(X)]
+    if bound[:2] != ["input_ids", "attention_mask"]:
+        raise BatchError(
+            f"X is a tuple {describe(X)}, so the model is called as model(*X), which binds its "
+            f"tensors to {', '.join(bound)} of {type(model).__name__}.forward (the attention "
+            "mask would be taken as another argument); pass X as a dict, e.g. "
+            "{'input_ids': ids, 'attention_mask': mask} (a tokenizer's output), which is "
+            "passed as model(**X)"
+        )
 
 
 def _takes_mapping_positionally(model: nn.Module, X: Mapping) -> bool:

@@ -152,7 +152,14 @@ class SlidingWindowMFAC:
             raise TypeError(f"refine must be True, False or None, got {type(refine).__name__}")
         self.refine = (self._acc == torch.float64) if refine is None else refine
         device = torch.device("cpu") if device is None else torch.device(device)
-        self.G = torch.zeros(self.m, self.dim, dtype=self.dtype, device=device)
+        try:
+            self.G = torch.zeros(self.m, self.dim, dtype=self.dtype, device=device)
+        except (AssertionError, RuntimeError) as err:  # e.g. "Torch not compiled with CUDA"
+            raise ValueError(
+                f"SlidingWindowMFAC cannot allocate its buffer on device {str(device)!r} "
+                f"({type(err).__name__}: {err}); pass a device this machine has, e.g. "
+                "device='cpu' or the gradients' device"
+            ) from None
         self.K = torch.zeros(self.m, self.m, dtype=torch.float64, device=device)
         self.Ainv = torch.eye(self.m, dtype=torch.float64, device=device) / self.m
         self.last_drift = torch.zeros((), dtype=torch.float64, device=device)

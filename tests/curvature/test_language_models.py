@@ -163,3 +163,18 @@ def test_matches_curvlinops_on_one_concatenated_batch(kind, setup):
     other = theirs(*args, batch_size_fn=lambda X: X["input_ids"].shape[0])
     V = torch.randn(ours.shape[1], 2, dtype=torch.float64)
     torch.testing.assert_close(ours @ V, other @ V, **TOL)
+
+
+def test_a_tuple_input_for_gpt2_is_refused_with_the_fix():
+    """``model(*(ids, mask))`` would pass the mask as GPT-2's second parameter (the cache)."""
+    model = tiny_gpt2()
+    tuples = [((X["input_ids"], X["attention_mask"]), y) for X, y in lm_data()]
+    for cls in (GGNOperator, EmpiricalFisherOperator, HessianOperator):
+        op = cls(model, nn.CrossEntropyLoss(), list(model.parameters()), tuples)
+        with pytest.raises(
+            ValueError, match=r"batch 0: .*binds .* to input_ids, \w+ of GPT2LMHeadModel.*as a dict"
+        ):
+            op @ torch.randn(op.shape[1], dtype=torch.float64)
+    ids_only = [((X["input_ids"],), y) for X, y in lm_data()]  # one tensor binds to input_ids
+    op = GGNOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), ids_only)
+    assert torch.isfinite(op @ torch.randn(op.shape[1], dtype=torch.float64)).all()

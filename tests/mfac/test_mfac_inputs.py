@@ -186,3 +186,9 @@ def test_window_skip_mode_masks_nonfinite_without_raising():
     assert not torch.isfinite(ignore.G).all()
     with pytest.raises(ValueError, match="on_nonfinite"):
         ignore.add(torch.ones(d), on_nonfinite="warn")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_window_on_a_missing_device_is_a_value_error():
+    with pytest.raises(ValueError, match="cannot allocate its buffer on device 'cuda'"):
+        SlidingWindowMFAC(4, 2, 1e-2, device="cuda")
