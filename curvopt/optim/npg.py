@@ -30,6 +30,7 @@ After each step :attr:`NPG.last_step` holds ``predicted_kl`` (``½ΔθᵀFΔθ``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -160,7 +161,10 @@ class NPG(Optimizer):
 
         scores = trajectory_scores(policy, params, batch)
         scale = batch.lengths().mean().clamp_min(1.0).rsqrt()
-        return StaticMFAC(scores * scale, group["damping"]).ihvp(grad)
+        with warnings.catch_warnings():  # many trajectories of a small policy: rows by design
+            warnings.filterwarnings("ignore", "grads has shape", UserWarning)
+            inverse = StaticMFAC(scores * scale, group["damping"])
+        return inverse.ihvp(grad)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a :meth:`state_dict`; validated first, so on error the optimizer is unchanged."""

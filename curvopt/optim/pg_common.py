@@ -9,7 +9,8 @@ Schedules (``t = 0, 1, ...`` counts steps taken):
 
 - step size ``γ_t = lr · (2/(t+2))^lr_power`` — or ``lr · lr_schedule(t)`` if a callable is given;
 - momentum ``η_t = momentum · (2/(t+2))^momentum_power`` — or ``momentum_schedule(t)``; must lie in
-  ``(0, 1]``. With the defaults ``η_0 = 1`` so ``d_0 = g_0``.
+  ``(0, 1]``. The first direction is the first gradient, ``d_0 = g_0``, whatever ``η_0``
+  (averaging it with the nonexistent ``d_{-1} = 0`` would start from ``η_0 g_0``).
 """
 
 from __future__ import annotations
@@ -277,7 +278,9 @@ class MomentumPolicyGradient(Optimizer):
         with torch.no_grad():
             theta = flatten([p.detach() for p in params]).clone()
         prev, mom = self._load_state(params, theta)
-        eta = self._per_param(t, self.momentum_weight)
+        eta = self._per_param(t, self.momentum_weight)  # validates the schedule at t = 0 too
+        if t == 0:  # d_0 = g_0: nothing to average with yet
+            eta = torch.ones_like(eta)
         direction = self._direction(sampler, params, theta, prev, mom, eta, t)
         with torch.no_grad():
             direction = direction.detach()

@@ -32,7 +32,7 @@ def _all_checks(rank: int, world: int, ckpt_dir: str) -> dict:
         "optimizer": _optimizer_checks(rank, world),
     }
     if world == SAVE_WORLD:
-        _save(rank, world, ckpt_dir)
+        out["checkpoint_saved"] = _save(rank, world, ckpt_dir)
     if world == LOAD_WORLD:
         out["checkpoint"] = _load_and_continue(rank, world, ckpt_dir)
     return out

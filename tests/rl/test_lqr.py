@@ -183,3 +183,22 @@ def test_stability_is_that_of_sqrt_discount_times_the_closed_loop(a, stable):
         assert lqr.expected_return(theta, std) == pytest.approx(truth, rel=1e-3)
     else:
         assert lqr.expected_return(theta, std) == float("-inf")
+
+
+def test_linear_gaussian_policy_sigma_follows_the_model_dtype():
+    """log σ in float64 after .double(), not float32's rounding of it (5e-8 off before)."""
+    policy = LinearGaussianPolicy(2, 2, action_std=[0.3, 0.7])
+    assert policy.log_std.dtype == torch.get_default_dtype()
+    policy = policy.double()
+    assert policy.log_std.dtype == torch.float64
+    want = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    torch.testing.assert_close(policy.action_std, want, rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        policy.log_std, torch.log(want), rtol=1e-15, atol=0
+    )  # also after a round trip through float32
+    torch.testing.assert_close(policy.float().double().action_std, want, rtol=1e-15, atol=0)
+    loaded = LinearGaussianPolicy(2, 2, action_std=1.0)
+    loaded.load_state_dict(LinearGaussianPolicy(2, 2, action_std=2.0).state_dict())
+    torch.testing.assert_close(
+        loaded.double().action_std, torch.full((2,), 2.0, dtype=torch.float64), rtol=1e-7, atol=0
+    )  # a loaded σ is kept (to float32's precision, which is all the state holds)
