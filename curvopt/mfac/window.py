@@ -12,6 +12,8 @@ from curvopt import distributed as D
 from . import _products as P
 from ._linalg import cholesky, replace_row_inverse, symmetric_matmul
 from ._validation import (
+    ACCUMULATE_DTYPES,
+    STORAGE_DTYPES,
     check_damp,
     check_operand,
     check_positive_int,
@@ -84,7 +86,11 @@ class SlidingWindowMFAC:
             Cholesky solve. Default: on with float64 accumulation, off with float32 (whose own
             error, about ``eps32 * R``, dominates while ``R < 1e8``).
         process_group: A ``torch.distributed`` process group over which the coordinates are
-            sharded, or None (one process).
+            sharded, or None (one process). The ranks must agree on ``m``, ``damp``, the
+            dtypes, ``refresh_every`` and ``refine``: checked here with one all-reduce of a few
+            numbers (a ``ValueError`` on every rank otherwise).
+        agree: Further numbers the ranks must agree on, checked in the same all-reduce (e.g.
+            the total number of coordinates, which no rank's ``dim`` shows).
 
     Warns:
         RuntimeWarning: When ``R = lambda_max(F)/damp``, estimated from above by
@@ -134,6 +140,7 @@ class SlidingWindowMFAC:
         accumulate_dtype: torch.dtype | None = None,
         refine: bool | None = None,
         process_group: object = None,
+        agree: dict[str, float] | None = None,
     ):
         """Allocate an empty window."""
         self.process_group = D.check_process_group(process_group)
@@ -172,6 +179,22 @@ class SlidingWindowMFAC:
         self.nonfinite_count = torch.zeros((), dtype=torch.long, device=device)
         self.count = 0
         self._since_refresh = 0
+        if self.process_group is not None:  # one small all-reduce, here rather than 4 steps on
+            codes = {t: i for i, t in enumerate((*STORAGE_DTYPES, *ACCUMULATE_DTYPES))}
+            D.check_same_across_ranks(
+                {
+                    "m": self.m,
+                    "damp": self._damp,
+                    "dtype": codes[self.dtype],
+                    "refresh_every": self.refresh_every,
+                    "accumulate_dtype": codes[self._acc],
+                    "refine": int(self.refine),
+                    **(agree or {}),
+                },
+                self.process_group,
+                "SlidingWindowMFAC",
+                device,
+            )
 
     # ------------------------------------------------------------------ properties
     @property

@@ -77,7 +77,8 @@ class MFAC(Optimizer):
 
     **Parameters without a gradient** (``.grad is None``) contribute zeros to this step's window row
     and are not updated (no decay, their momentum buffer is untouched). A step where no parameter
-    has a gradient does nothing and leaves the window unchanged.
+    has a gradient does nothing, leaves the window unchanged and warns (``UserWarning``): the
+    usual cause is an optimizer built before ``fully_shard``, whose old tensors get no gradient.
 
     **Frozen parameters** (``requires_grad=False`` at construction) are left out of the window
     (``d`` counts only trainable ones, so a frozen backbone costs no window memory) and are never
@@ -200,6 +201,10 @@ class MFAC(Optimizer):
             device=ps[0].device,
             dtype=ps[0].dtype if window_dtype is None else window_dtype,
             process_group=self._shards.group,
+            agree={
+                "d (coordinates of all ranks)": sum(p.numel() for p in ps),
+                "nonfinite": ("raise", "skip").index(nonfinite),
+            },
         )
         self._skipped = torch.zeros((), dtype=torch.int64, device=ps[0].device)
 
@@ -292,6 +297,14 @@ class MFAC(Optimizer):
                 loss = closure()
         g = self._flat_gradient()
         if g is None:
+            warnings.warn(
+                "MFAC.step found no gradient on any of its parameters and did nothing. If the "
+                "model was wrapped with fully_shard (FSDP2) after the optimizer was built, the "
+                "optimizer holds the old tensors, which never get a gradient: build MFAC after "
+                "fully_shard, from model.parameters()",
+                UserWarning,
+                stacklevel=3,  # the caller of step (through torch.no_grad's wrapper)
+            )
             return loss
         window, shards = self.window, self._shards
         if shards.mode == "zero1":  # every rank holds the whole gradient: check all of it
