@@ -137,13 +137,16 @@ def _optimizer_checks(rank, world):
         out["differ_raised"] = False
     except ValueError as err:
         out["differ_raised"] = "differ across the ranks" in str(err)
-    # ... also when they differ with the same sum on every rank
+    # ... also when they differ with the same sum on every rank: small integers (every sum
+    # exact, in any order), +3 and -3 on rank 0 (0, 1 become 3, -2: squares 1 -> 13)
     opt.zero_grad()
     nn.functional.mse_loss(ddp(X[mine]), Y[mine]).backward()
+    for p in ddp.parameters():
+        p.grad.copy_(torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) % 5)
     if rank == 0 and world > 1:
         g = next(ddp.parameters()).grad
-        g[0, 0] += 1.0
-        g[0, 1] -= 1.0
+        g[0, 0] += 3.0
+        g[0, 1] -= 3.0
     try:
         opt.step()
         out["same_sum_raised"] = False
