@@ -381,6 +381,9 @@ class SlidingWindowMFAC:
                 f"state holds G in {state['G'].dtype} but this window stores {self.dtype}"
             )
         check_damp(state["damp"])
+        refine = state.get("refine", self.refine)
+        if not isinstance(refine, bool):
+            raise TypeError(f"state['refine'] must be True or False, got {refine!r}")
         check_positive_int(state.get("refresh_every", self.refresh_every), "refresh_every")
         resolve_accumulate_dtype(state.get("accumulate_dtype"), self.dtype)
         for key in ("count", "since_refresh"):

@@ -109,6 +109,9 @@ def test_window_refuses_nonfinite_and_inconsistent_buffers():
         with pytest.raises(ValueError, match=match):
             w.load_state_dict(bad)
         assert_same(good, w.state_dict())
+    bad = dict(copy.deepcopy(good), refine="yes")
+    with pytest.raises(TypeError, match="refine"):
+        w.load_state_dict(bad)
     bad = dict(copy.deepcopy(good), since_refresh=3)  # refresh_every = m = 3
     with pytest.raises(ValueError, match="since_refresh"):
         w.load_state_dict(bad)
