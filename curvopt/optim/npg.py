@@ -157,6 +157,8 @@ class NPG(Optimizer):
                 return fv + group["damping"] * v
 
             return fixed_iteration_cg(damped_fvp, grad, group["cg_iters"], group["cg_tol"])
+        if group["solver"] != "mfac":  # e.g. a param group edited after construction
+            raise ValueError(f"solver must be 'cg' or 'mfac', got {group['solver']!r}")
         from curvopt.mfac import StaticMFAC
 
         scores = trajectory_scores(policy, params, batch)
