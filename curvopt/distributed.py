@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ __all__ = [
     "all_reduce_max_",
     "all_reduce_sum_",
     "check_process_group",
+    "check_same_across_ranks",
     "check_shard0",
     "group_ranks",
     "is_dtensor",
@@ -60,11 +62,17 @@ __all__ = [
 def check_process_group(group: object, name: str = "process_group") -> object:
     """Return ``group`` after checking that it can run collectives (None passes through).
 
+    ``None`` is refused in one case: a launcher (``torchrun``) started several processes
+    (``WORLD_SIZE > 1`` in the environment) and ``torch.distributed`` is not initialized yet.
+    Then ``dist.group.WORLD`` is itself ``None``, and every rank would silently run alone.
+
     Raises:
-        ValueError: If ``torch.distributed`` is unavailable or not initialized.
+        ValueError: If ``torch.distributed`` is unavailable or not initialized, or ``group`` is
+            None under a multi-process launch before ``init_process_group``.
         TypeError: If ``group`` is not a ``torch.distributed.ProcessGroup``.
     """
     if group is None:
+        _refuse_uninitialized_launch(name)
         return None
     if not dist.is_available():
         raise ValueError(f"{name} was given but this torch build has no torch.distributed")
@@ -79,6 +87,56 @@ def check_process_group(group: object, name: str = "process_group") -> object:
             f"got {type(group).__name__}"
         )
     return group
+
+
+def _refuse_uninitialized_launch(name: str) -> None:
+    """Raise if several processes were launched but ``torch.distributed`` is not initialized."""
+    try:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return
+    if launched > 1 and dist.is_available() and not dist.is_initialized():
+        raise ValueError(
+            f"{name} is None while WORLD_SIZE={launched} processes were launched (torchrun) and "
+            "torch.distributed is not initialized: dist.group.WORLD is None before "
+            "init_process_group, so each rank would run alone. Call "
+            "torch.distributed.init_process_group(...) before building curvopt objects (for "
+            "ranks that are meant to run alone, set WORLD_SIZE=1)"
+        )
+
+
+def check_same_across_ranks(
+    values: dict[str, float], group: object, owner: str, device: object = None
+) -> None:
+    """Raise ``ValueError`` if the ranks of ``group`` disagree on any of ``values``.
+
+    One all-reduce (maximum) of ``2 k`` float64 numbers (each value and its negation); a no-op
+    without a group. Collective: every rank must call it with the same keys.
+
+    Args:
+        values: Name -> number (ints and floats exactly representable in float64; encode
+            dtypes as indices).
+        group: The process group, or None.
+        owner: Name for the message.
+        device: Device of the reduced tensor (the group's backend must support it; CPU for
+            gloo, the rank's GPU for NCCL). Default CPU.
+    """
+    if not _active(group):
+        return
+    names = list(values)
+    v = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=device)
+    both = all_reduce_max_(torch.cat([v, -v]), group)
+    hi, lo = both[: len(names)], -both[len(names) :]
+    bad = [
+        f"{k} (this rank {values[k]!r}, between {lo[i].item():g} and {hi[i].item():g})"
+        for i, k in enumerate(names)
+        if hi[i] != lo[i]
+    ]
+    if bad:
+        raise ValueError(
+            f"{owner}: the ranks of the process group disagree on {', '.join(bad)}; every rank "
+            "must construct it with the same arguments and model"
+        )
 
 
 def group_ranks(group: object) -> tuple[int, ...]:

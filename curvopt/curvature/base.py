@@ -55,6 +55,7 @@ from .batches import (
     default_batch_size,
     describe,
     move_to,
+    split_batch,
 )
 from .losses import KNOWN_LOSSES, check_loss, check_targets, loss_terms
 from .train_mode import check_train_mode, preserved_buffers, unsafe_training_modules
@@ -76,7 +77,9 @@ class CurvatureOperator:
             ``requires_grad=False`` are left out. Their order defines the flat layout.
         data: Re-iterable source of ``(X, y)`` batches, e.g. a list or a ``DataLoader``. ``X``
             is a tensor, a tuple of tensors (``model(*X)``) or a mapping of tensors
-            (``model(**X)``, e.g. a tokenizer's output); ``y`` is a tensor.
+            (``model(**X)``, e.g. a tokenizer's output); ``y`` is a tensor. A batch may also
+            be a transformers dict with ``labels`` aligned with ``input_ids`` (shifted here:
+            ``y[:, t] = labels[:, t + 1]``, see :func:`~curvopt.curvature.batches.split_batch`).
         num_data: Total number of samples ``N`` (the `num_data` property); counted with one
             pass over ``data`` if None. The weighting does not use it (see the module
             docstring).
@@ -500,9 +503,7 @@ class CurvatureOperator:
         if getattr(self, "_progressbar", False):
             batches = progress(batches, desc or f"{type(self).__name__} product")
         for i, batch in enumerate(batches):
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise ValueError(f"batch {i} of data must be a pair (X, y), got {type(batch)}")
-            X, y = batch
+            X, y = split_batch(batch, i, self._loss_func)  # a pair, or a dict with 'labels'
             check_input(X, i)
             if not isinstance(y, Tensor):
                 raise TypeError(f"batch {i}: y must be a tensor, got {type(y).__name__}")

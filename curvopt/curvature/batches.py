@@ -1,6 +1,7 @@
 """What the curvature operators need to know about a batch: inputs, outputs, sizes, checks.
 
-A batch is a pair ``(X, y)``. ``X`` is what the model takes:
+A batch is a pair ``(X, y)``, or a transformers dict with ``labels`` (see `split_batch`). ``X`` is
+what the model takes:
 
 * a tensor, called as ``model(X)``;
 * a tuple or list of tensors, called as ``model(*X)``;
@@ -19,6 +20,7 @@ The first axis of every tensor in ``X``, of the outputs and of ``y`` is the batc
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -54,6 +56,82 @@ def check_input(X: Any, index: int) -> None:
         f"batch {index}: X must be a tensor, a tuple of tensors or a mapping of names to "
         f"tensors (e.g. a tokenizer's output), got {describe(X)}"
     )
+
+
+def split_batch(batch: Any, index: int, loss_func: nn.Module) -> tuple[Any, Any]:
+    """``(X, y)`` of one element of ``data``: a pair, or a transformers dict with ``labels``.
+
+    A mapping with a ``labels`` entry follows Hugging Face's convention for causal language
+    models: ``labels`` are aligned with ``input_ids`` (usually a copy of them, ``-100`` where
+    ignored) and the model shifts them. Here the loss sees the logits of every position, so
+    ``y[:, t] = labels[:, t + 1]`` and the last position is ignored (``loss_func.ignore_index``);
+    ``X`` is the mapping without ``labels``.
+
+    For a pair whose ``X`` holds ``input_ids`` and whose ``y`` equals them at every valid
+    position, a ``UserWarning`` says that the labels look unshifted (the curvature would be that
+    of predicting the current token, not the next).
+
+    Raises:
+        ValueError: For a batch that is neither, or a ``labels`` dict with a loss other than
+            ``nn.CrossEntropyLoss`` or labels that are not integer ``(N, S)`` tensors.
+    """
+    if isinstance(batch, Mapping) and "labels" in batch:
+        return _shifted_labels_batch(batch, index, loss_func)
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        hint = ""
+        if isinstance(batch, Mapping):
+            hint = (
+                f" with keys {sorted(batch)}; a dict batch needs the next-token labels under "
+                "'labels' (transformers' convention: labels aligned with input_ids, shifted "
+                "inside), or pass the pair (inputs_dict, next_token_labels)"
+            )
+        raise ValueError(
+            f"batch {index} of data must be a pair (X, y), got {type(batch).__name__}{hint}"
+        )
+    X, y = batch
+    if (
+        isinstance(X, Mapping)
+        and isinstance(y, Tensor)
+        and isinstance(loss_func, nn.CrossEntropyLoss)
+    ):
+        _warn_if_unshifted(X.get("input_ids"), y, index, loss_func.ignore_index)
+    return X, y
+
+
+def _shifted_labels_batch(batch: Mapping, index: int, loss_func: nn.Module) -> tuple[Any, Any]:
+    labels = batch["labels"]
+    if not isinstance(loss_func, nn.CrossEntropyLoss):
+        raise ValueError(
+            f"batch {index}: a dict with 'labels' is transformers' causal-LM convention, which "
+            f"needs nn.CrossEntropyLoss, got {type(loss_func).__name__}; pass the pair (X, y)"
+        )
+    if not isinstance(labels, Tensor) or labels.ndim != 2 or labels.is_floating_point():
+        raise ValueError(
+            f"batch {index}: 'labels' must be an integer tensor (N, S) aligned with input_ids, "
+            f"got {describe(labels)}"
+        )
+    ignore = loss_func.ignore_index
+    y = labels.new_full(labels.shape, ignore)
+    nxt = labels[:, 1:]
+    y[:, :-1] = nxt.masked_fill(nxt == -100, ignore)  # -100: transformers' ignored label
+    return {k: v for k, v in batch.items() if k != "labels"}, y
+
+
+def _warn_if_unshifted(ids: Any, y: Tensor, index: int, ignore_index: int) -> None:
+    """Warn when ``y`` equals ``input_ids`` wherever it is valid (labels not shifted)."""
+    if not isinstance(ids, Tensor) or ids.shape != y.shape or y.is_floating_point():
+        return
+    valid = y != ignore_index
+    if bool(valid.any()) and bool((y == ids.to(y.device))[valid].all()):
+        warnings.warn(
+            f"batch {index}: y equals input_ids at every valid position. The labels of a "
+            "language model must be the next tokens, y[:, t] = input_ids[:, t + 1] (the last "
+            "position ignored); unshifted labels give the curvature of predicting the current "
+            "token. Shift them, or pass the dict with 'labels' = input_ids (transformers' "
+            "convention, shifted here)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def move_to(X: Any, device: Any) -> Any:
@@ -92,7 +170,43 @@ def model_inputs(model: nn.Module, X: Any) -> tuple[tuple[Any, ...], dict[str, A
         return (X,), {}
     if isinstance(X, Mapping):
         return ((X,), {}) if _takes_mapping_positionally(model, X) else ((), dict(X))
+    _check_tuple_binding(model, X)
     return tuple(X), {}
+
+
+def _check_tuple_binding(model: nn.Module, X: Any) -> None:
+    """Refuse a tuple ``(input_ids, attention_mask)`` that ``model(*X)`` would misbind.
+
+    transformers' models take ``input_ids`` first but not always the mask second (GPT-2's second
+    parameter is ``past_key_values``), so a tuple passes the mask as something else.
+
+    Raises:
+        BatchError: If ``forward`` takes ``input_ids`` and ``attention_mask`` and the tensors of
+            ``X`` after the first would not bind to ``attention_mask`` and the parameters after
+            it in order.
+    """
+    if len(X) < 2:
+        return
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    positional = [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if "input_ids" not in positional or "attention_mask" not in positional:
+        return
+    bound = positional[: len(X)]
+    if bound[:2] != ["input_ids", "attention_mask"]:
+        raise BatchError(
+            f"X is a tuple {describe(X)}, so the model is called as model(*X), which binds its "
+            f"tensors to {', '.join(bound)} of {type(model).__name__}.forward (the attention "
+            "mask would be taken as another argument); pass X as a dict, e.g. "
+            "{'input_ids': ids, 'attention_mask': mask} (a tokenizer's output), which is "
+            "passed as model(**X)"
+        )
 
 
 def _takes_mapping_positionally(model: nn.Module, X: Mapping) -> bool:

@@ -100,8 +100,9 @@ def check_targets(loss_func: nn.Module, output: Tensor, y: Tensor) -> None:
 
     Raises:
         BatchError: For cross-entropy logits without a class axis, targets of the wrong shape,
-            labels outside ``[0, C)`` (other than ``ignore_index``), or MSE/BCE targets whose
-            shape differs from the output's.
+            labels outside ``[0, C)`` (other than ``ignore_index``), MSE/BCE targets whose
+            shape differs from the output's, BCE targets that are not floating-point (int64 or
+            bool labels), or a BCE ``weight``/``pos_weight`` that does not broadcast to the output.
     """
     if isinstance(loss_func, nn.CrossEntropyLoss):
         if output.ndim < 2:
@@ -131,11 +132,40 @@ def check_targets(loss_func: nn.Module, output: Tensor, y: Tensor) -> None:
                 f"label {int(bad)} is outside the {C} classes [0, {C - 1}] of the logits "
                 f"{tuple(output.shape)} (ignore_index={loss_func.ignore_index})"
             )
-    elif isinstance(loss_func, (nn.MSELoss, nn.BCEWithLogitsLoss)) and y.shape != output.shape:
-        raise BatchError(
-            f"{type(loss_func).__name__} needs targets of the output's shape "
-            f"{tuple(output.shape)}, got y {tuple(y.shape)}"
-        )
+    elif isinstance(loss_func, (nn.MSELoss, nn.BCEWithLogitsLoss)):
+        name = type(loss_func).__name__
+        if y.shape != output.shape:
+            raise BatchError(
+                f"{name} needs targets of the output's shape {tuple(output.shape)}, got y "
+                f"{tuple(y.shape)}"
+            )
+        if isinstance(loss_func, nn.BCEWithLogitsLoss) and not y.is_floating_point():
+            raise BatchError(
+                f"{name} needs floating-point targets, got y {str(y.dtype).removeprefix('torch.')}"
+                f" (torch's {name} refuses them too); convert them with y.to(torch."
+                f"{str(output.dtype).removeprefix('torch.')}) in the data"
+            )
+        if isinstance(loss_func, nn.BCEWithLogitsLoss):
+            for option in ("weight", "pos_weight"):
+                value = getattr(loss_func, option)
+                if value is not None and not _broadcasts_to(value.shape, output.shape):
+                    hint = (
+                        f"one entry per output of the last axis, ({output.shape[-1]},)"
+                        if option == "pos_weight"
+                        else "a shape that broadcasts to the output's"
+                    )
+                    raise BatchError(
+                        f"BCEWithLogitsLoss's {option} has shape {tuple(value.shape)}, which "
+                        f"does not broadcast to the output {tuple(output.shape)}; give it {hint}"
+                    )
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` without changing ``target``."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 def loss_terms(loss_func: nn.Module, y: Tensor) -> float:

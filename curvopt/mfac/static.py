@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -20,6 +22,9 @@ from ._validation import (
     resolve_accumulate_dtype,
     warn_if_ill_conditioned,
 )
+
+#: ``m >= _TRANSPOSED_RATIO * d`` rows of ``grads`` look like a transposed ``(d, m)`` matrix.
+_TRANSPOSED_RATIO = 16
 
 
 class StaticMFAC:
@@ -61,6 +66,8 @@ class StaticMFAC:
             sharded, or None (one process).
 
     Warns:
+        UserWarning: When ``grads`` has at least 16 times more rows than columns (one process):
+            most likely a transposed ``(d, m)`` matrix, which would fail at the first product.
         RuntimeWarning: When ``lambda_max(F)/damp``, estimated from above by
             ``1 + max_b ||K_b||_inf / (m damp)``, reaches ``1/eps`` of the accumulation dtype: the
             Woodbury products then cancel to noise. ``damp`` so small that ``1/damp^2``
@@ -111,6 +118,17 @@ class StaticMFAC:
         if grads.shape[0] == 0 or (grads.shape[1] == 0 and group is None):
             raise ValueError(
                 f"grads is empty (shape {tuple(grads.shape)}); pass at least one gradient"
+            )
+        m, d = grads.shape
+        if group is None and m >= _TRANSPOSED_RATIO * max(d, 1):
+            warnings.warn(
+                f"grads has shape (m, d) = {tuple(grads.shape)}: {m} gradients of only {d} "
+                "coordinates. StaticMFAC takes one gradient per row; if these are the columns, "
+                f"pass grads.T (shape ({d}, {m})), or the first ihvp with a ({d},)-vector fails "
+                "on a shape mismatch. With that many gradients of so few coordinates, the "
+                f"dense ({d}, {d}) curvature is also cheaper than M-FAC",
+                UserWarning,
+                stacklevel=2,
             )
         if bool(D.all_reduce_any(~finite_flag(grads), group)):
             raise ValueError("grads contains NaN or Inf values (on this or another rank)")

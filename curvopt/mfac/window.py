@@ -12,6 +12,8 @@ from curvopt import distributed as D
 from . import _products as P
 from ._linalg import cholesky, replace_row_inverse, symmetric_matmul
 from ._validation import (
+    ACCUMULATE_DTYPES,
+    STORAGE_DTYPES,
     check_damp,
     check_operand,
     check_positive_int,
@@ -84,7 +86,11 @@ class SlidingWindowMFAC:
             Cholesky solve. Default: on with float64 accumulation, off with float32 (whose own
             error, about ``eps32 * R``, dominates while ``R < 1e8``).
         process_group: A ``torch.distributed`` process group over which the coordinates are
-            sharded, or None (one process).
+            sharded, or None (one process). The ranks must agree on ``m``, ``damp``, the
+            dtypes, ``refresh_every`` and ``refine``: checked here with one all-reduce of a few
+            numbers (a ``ValueError`` on every rank otherwise).
+        agree: Further numbers the ranks must agree on, checked in the same all-reduce (e.g.
+            the total number of coordinates, which no rank's ``dim`` shows).
 
     Warns:
         RuntimeWarning: When ``R = lambda_max(F)/damp``, estimated from above by
@@ -134,6 +140,7 @@ class SlidingWindowMFAC:
         accumulate_dtype: torch.dtype | None = None,
         refine: bool | None = None,
         process_group: object = None,
+        agree: dict[str, float] | None = None,
     ):
         """Allocate an empty window."""
         self.process_group = D.check_process_group(process_group)
@@ -152,7 +159,14 @@ class SlidingWindowMFAC:
             raise TypeError(f"refine must be True, False or None, got {type(refine).__name__}")
         self.refine = (self._acc == torch.float64) if refine is None else refine
         device = torch.device("cpu") if device is None else torch.device(device)
-        self.G = torch.zeros(self.m, self.dim, dtype=self.dtype, device=device)
+        try:
+            self.G = torch.zeros(self.m, self.dim, dtype=self.dtype, device=device)
+        except (AssertionError, RuntimeError) as err:  # e.g. "Torch not compiled with CUDA"
+            raise ValueError(
+                f"SlidingWindowMFAC cannot allocate its buffer on device {str(device)!r} "
+                f"({type(err).__name__}: {err}); pass a device this machine has, e.g. "
+                "device='cpu' or the gradients' device"
+            ) from None
         self.K = torch.zeros(self.m, self.m, dtype=torch.float64, device=device)
         self.Ainv = torch.eye(self.m, dtype=torch.float64, device=device) / self.m
         self.last_drift = torch.zeros((), dtype=torch.float64, device=device)
@@ -165,6 +179,22 @@ class SlidingWindowMFAC:
         self.nonfinite_count = torch.zeros((), dtype=torch.long, device=device)
         self.count = 0
         self._since_refresh = 0
+        if self.process_group is not None:  # one small all-reduce, here rather than 4 steps on
+            codes = {t: i for i, t in enumerate((*STORAGE_DTYPES, *ACCUMULATE_DTYPES))}
+            D.check_same_across_ranks(
+                {
+                    "m": self.m,
+                    "damp": self._damp,
+                    "dtype": codes[self.dtype],
+                    "refresh_every": self.refresh_every,
+                    "accumulate_dtype": codes[self._acc],
+                    "refine": int(self.refine),
+                    **(agree or {}),
+                },
+                self.process_group,
+                "SlidingWindowMFAC",
+                device,
+            )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -298,6 +328,9 @@ class SlidingWindowMFAC:
             "refine": self.refine,
             "count": self.count,
             "since_refresh": self._since_refresh,
+            # redundant with count, so that a corrupted count is detected at load
+            "position": self.count % self.m,
+            "filled": self.filled,
             "G": self.G.clone(),
             "K": self.K.clone(),
             "Ainv": self.Ainv.clone(),
@@ -315,6 +348,14 @@ class SlidingWindowMFAC:
 
         Checks the keys, ``dim``, ``m``, the storage dtype, the shapes of the tensors, the damping
         and the counters, so a caller can validate every part of a larger state before loading any.
+        The buffers must be finite and consistent: ``K`` symmetric, rows of ``G`` and ``K`` past a
+        count below ``m`` zero, ``since_refresh <= count`` and below ``refresh_every``, and the
+        ring position and fill level that :meth:`state_dict` records beside ``count`` must agree
+        with it (a count changed alone moves the row the next gradient replaces).
+
+        Raises:
+            TypeError: For entries of the wrong type or dtype.
+            ValueError: For wrong shapes, values out of range, or inconsistent buffers.
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
@@ -340,12 +381,41 @@ class SlidingWindowMFAC:
                 f"state holds G in {state['G'].dtype} but this window stores {self.dtype}"
             )
         check_damp(state["damp"])
+        refine = state.get("refine", self.refine)
+        if not isinstance(refine, bool):
+            raise TypeError(f"state['refine'] must be True or False, got {refine!r}")
         check_positive_int(state.get("refresh_every", self.refresh_every), "refresh_every")
         resolve_accumulate_dtype(state.get("accumulate_dtype"), self.dtype)
         for key in ("count", "since_refresh"):
             value = state.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
+        count, since = state["count"], state.get("since_refresh", 0)
+        refresh_every = state.get("refresh_every", self.refresh_every)
+        if since > count or since >= refresh_every:
+            raise ValueError(
+                f"state['since_refresh']={since} must be <= count={count} and < refresh_every="
+                f"{refresh_every}: the saved counters are inconsistent"
+            )
+        for key, want in (("position", count % self.m), ("filled", min(count, self.m))):
+            if key in state and state[key] != want:
+                raise ValueError(
+                    f"state[{key!r}]={state[key]!r} does not match count={count} (expected "
+                    f"{want}): the saved counters are corrupted"
+                )
+        for key in ("G", "K", "Ainv"):
+            if not bool(torch.isfinite(state[key]).all()):
+                raise ValueError(
+                    f"state[{key!r}] contains NaN or Inf: the saved window is corrupted"
+                )
+        K, G = state["K"], state["G"]
+        if not torch.equal(K, K.T):
+            raise ValueError("state['K'] (the Gram matrix G G^T) must be symmetric")
+        if count < self.m and (bool(G[count:].any()) or bool(K[count:].any())):
+            raise ValueError(
+                f"state['count']={count} but rows of G or K past row {count} are not zero: the "
+                "saved count does not match the buffer"
+            )
         factored = state.get("factored", False)
         if not isinstance(factored, bool):
             raise TypeError(f"state['factored'] must be True or False, got {factored!r}")

@@ -22,12 +22,17 @@ def check_optimizer_state(
     state_dict: Any,
     shaped_keys: Iterable[str] = (),
     state_shape: Callable[[Tensor], torch.Size] | None = None,
+    check_group: Callable[[Mapping[str, Any]], object] | None = None,
 ) -> dict[int, Tensor]:
     """Raise ``TypeError``/``ValueError`` if ``state_dict`` does not fit ``optimizer``.
 
     Checks the structure (``state`` and ``param_groups``), the number of groups, the number of
-    parameters of each group, and that every per-parameter entry named in ``shaped_keys``
-    (e.g. a momentum buffer) is a tensor shaped like its parameter. Changes nothing.
+    parameters of each group, that every saved group has the keys of the optimizer's defaults
+    (a group without ``lr`` would load and fail at the next step), that every per-parameter entry
+    named in ``shaped_keys`` (e.g. a momentum buffer) is a finite tensor of exactly the
+    parameter's shape (a transposed buffer with the same number of elements is refused), and,
+    with ``check_group``, the hyperparameters of every saved group by the constructor's own rules.
+    Changes nothing.
 
     Args:
         optimizer: The optimizer that will load the state.
@@ -35,6 +40,8 @@ def check_optimizer_state(
         shaped_keys: Per-parameter state entries that must have the parameter's shape.
         state_shape: The shape those entries must have for a parameter, when it is not the
             parameter's own (e.g. an optimizer that keeps only this rank's shard of it).
+        check_group: Called on every saved parameter group (after the check for missing keys);
+            raises ``ValueError``/``TypeError`` for a hyperparameter the constructor would refuse.
 
     Returns:
         The map from the saved parameter ids to this optimizer's parameters.
@@ -69,6 +76,17 @@ def check_optimizer_state(
                 f"parameter group {i} of state_dict has {len(saved['params'])} parameters but "
                 f"the optimizer's has {len(group['params'])}"
             )
+        missing = set(optimizer.defaults) - set(saved)
+        if missing:
+            raise ValueError(
+                f"parameter group {i} of state_dict lacks the hyperparameters {sorted(missing)}: "
+                f"it was not saved by {type(optimizer).__name__}.state_dict()"
+            )
+        if check_group is not None:
+            try:
+                check_group(saved)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"parameter group {i} of state_dict: {err}") from None
         id_map.update(zip(saved["params"], group["params"]))
     state = state_dict["state"]
     if not isinstance(state, Mapping):
@@ -83,10 +101,15 @@ def check_optimizer_state(
             if key not in entry:
                 continue
             t = entry[key]
-            if not isinstance(t, Tensor) or t.shape != shape:
+            if not isinstance(t, Tensor) or tuple(t.shape) != tuple(shape):
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(
                     f"state_dict['state'][{pid}][{key!r}] has shape {got} but parameter {pid} "
                     f"needs shape {tuple(shape)}: the state is from another model"
+                )
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"state_dict['state'][{pid}][{key!r}] contains NaN or Inf: the saved state "
+                    "is corrupted (loading it would write NaN into the parameters)"
                 )
     return id_map

@@ -52,6 +52,48 @@ def _operator_class(name: str):
     return classes[name]
 
 
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for a hyperparameter of a GNSNewton group out of range.
+
+    The constructor's rules, applied by the constructor and by :meth:`GNSNewton.load_state_dict`
+    to the saved group (a state with ``max_trials=0`` is refused as the constructor refuses it).
+    """
+    gamma0, gamma_min, max_trials = group["gamma0"], group["gamma_min"], group["max_trials"]
+    dense_threshold, cg_rtol, cg_maxiter = (
+        group["dense_threshold"],
+        group["cg_rtol"],
+        group["cg_maxiter"],
+    )
+    jacobi_probes, mfac_m, mfac_damp = group["jacobi_probes"], group["mfac_m"], group["mfac_damp"]
+    grad_tol, on_exhausted = group["grad_tol"], group["on_exhausted"]
+    if not (isinstance(gamma0, (int, float)) and gamma0 > 0 and math.isfinite(gamma0)):
+        raise ValueError(f"gamma0 must be a positive finite number, got {gamma0!r}")
+    if not (isinstance(gamma_min, (int, float)) and gamma_min >= 0):
+        raise ValueError(f"gamma_min must be >= 0, got {gamma_min!r}")
+    if not (isinstance(max_trials, int) and max_trials >= 1):
+        raise ValueError(f"max_trials must be an integer >= 1, got {max_trials!r}")
+    if not (isinstance(dense_threshold, int) and dense_threshold >= 0):
+        raise ValueError(f"dense_threshold must be an integer >= 0, got {dense_threshold!r}")
+    if not cg_rtol > 0:
+        raise ValueError(f"cg_rtol must be > 0, got {cg_rtol!r}")
+    if cg_maxiter is not None and not (isinstance(cg_maxiter, int) and cg_maxiter >= 1):
+        raise ValueError(f"cg_maxiter must be None or an integer >= 1, got {cg_maxiter!r}")
+    if not (isinstance(mfac_m, int) and mfac_m >= 1):
+        raise ValueError(f"mfac_m must be an integer >= 1, got {mfac_m!r}")
+    if not mfac_damp > 0:
+        raise ValueError(f"mfac_damp must be > 0, got {mfac_damp!r}")
+    if not (isinstance(jacobi_probes, int) and jacobi_probes >= 1):
+        raise ValueError(f"jacobi_probes must be an integer >= 1, got {jacobi_probes!r}")
+    if not (isinstance(grad_tol, (int, float)) and grad_tol >= 0):
+        raise ValueError(f"grad_tol must be >= 0, got {grad_tol!r}")
+    if on_exhausted not in ("take_last", "stay"):
+        raise ValueError(f"on_exhausted must be 'take_last' or 'stay', got {on_exhausted!r}")
+    if not isinstance(group["reuse_evaluation"], bool):
+        raise TypeError(
+            f"reuse_evaluation must be True or False, got {group['reuse_evaluation']!r}"
+        )
+
+
 class GNSNewton(Optimizer):
     r"""Gradient-normalized-smoothness regularized Newton method (full-batch, deterministic).
 
@@ -163,28 +205,6 @@ class GNSNewton(Optimizer):
         seed: int = 0,
         grad_tol: float = 0.0,
     ) -> None:
-        if not (isinstance(gamma0, (int, float)) and gamma0 > 0 and math.isfinite(gamma0)):
-            raise ValueError(f"gamma0 must be a positive finite number, got {gamma0!r}")
-        if not (isinstance(gamma_min, (int, float)) and gamma_min >= 0):
-            raise ValueError(f"gamma_min must be >= 0, got {gamma_min!r}")
-        if not (isinstance(max_trials, int) and max_trials >= 1):
-            raise ValueError(f"max_trials must be an integer >= 1, got {max_trials!r}")
-        if not (isinstance(dense_threshold, int) and dense_threshold >= 0):
-            raise ValueError(f"dense_threshold must be an integer >= 0, got {dense_threshold!r}")
-        if not cg_rtol > 0:
-            raise ValueError(f"cg_rtol must be > 0, got {cg_rtol!r}")
-        if cg_maxiter is not None and not (isinstance(cg_maxiter, int) and cg_maxiter >= 1):
-            raise ValueError(f"cg_maxiter must be None or an integer >= 1, got {cg_maxiter!r}")
-        if not (isinstance(mfac_m, int) and mfac_m >= 1):
-            raise ValueError(f"mfac_m must be an integer >= 1, got {mfac_m!r}")
-        if not mfac_damp > 0:
-            raise ValueError(f"mfac_damp must be > 0, got {mfac_damp!r}")
-        if not (isinstance(jacobi_probes, int) and jacobi_probes >= 1):
-            raise ValueError(f"jacobi_probes must be an integer >= 1, got {jacobi_probes!r}")
-        if not (isinstance(grad_tol, (int, float)) and grad_tol >= 0):
-            raise ValueError(f"grad_tol must be >= 0, got {grad_tol!r}")
-        if on_exhausted not in ("take_last", "stay"):
-            raise ValueError(f"on_exhausted must be 'take_last' or 'stay', got {on_exhausted!r}")
         if not (preconditioner is None or preconditioner == "jacobi" or callable(preconditioner)):
             raise ValueError(
                 f"preconditioner must be None, 'jacobi' or a callable (r, lam) -> M^-1 r, "
@@ -208,6 +228,22 @@ class GNSNewton(Optimizer):
                 "curvature must be a name, an object supporting `@` (e.g. a (d, d) tensor or an "
                 f"operator), or a callable params -> operator; got {type(curvature).__name__}"
             )
+        _check_hyperparameters(
+            dict(
+                gamma0=gamma0,
+                gamma_min=gamma_min,
+                max_trials=max_trials,
+                dense_threshold=dense_threshold,
+                cg_rtol=cg_rtol,
+                cg_maxiter=cg_maxiter,
+                jacobi_probes=jacobi_probes,
+                mfac_m=mfac_m,
+                mfac_damp=mfac_damp,
+                reuse_evaluation=bool(reuse_evaluation),
+                on_exhausted=on_exhausted,
+                grad_tol=grad_tol,
+            )
+        )
         defaults = dict(
             gamma0=float(gamma0),
             gamma_min=float(gamma_min),
@@ -490,7 +526,7 @@ class GNSNewton(Optimizer):
         """
         from curvopt.mfac import SlidingWindowMFAC
 
-        check_optimizer_state(self, state_dict)
+        check_optimizer_state(self, state_dict, check_group=_check_hyperparameters)
         state_dict = dict(state_dict)
         state_dict["state"] = dict(state_dict["state"])
         window_state = state_dict["state"].pop("gns_mfac_window", None)

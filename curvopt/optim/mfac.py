@@ -13,6 +13,7 @@ where ``g_t`` is added to the window before ``u_t`` is computed. The inverse pro
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -76,7 +77,8 @@ class MFAC(Optimizer):
 
     **Parameters without a gradient** (``.grad is None``) contribute zeros to this step's window row
     and are not updated (no decay, their momentum buffer is untouched). A step where no parameter
-    has a gradient does nothing and leaves the window unchanged.
+    has a gradient does nothing, leaves the window unchanged and warns (``UserWarning``): the
+    usual cause is an optimizer built before ``fully_shard``, whose old tensors get no gradient.
 
     **Frozen parameters** (``requires_grad=False`` at construction) are left out of the window
     (``d`` counts only trainable ones, so a frozen backbone costs no window memory) and are never
@@ -199,6 +201,10 @@ class MFAC(Optimizer):
             device=ps[0].device,
             dtype=ps[0].dtype if window_dtype is None else window_dtype,
             process_group=self._shards.group,
+            agree={
+                "d (coordinates of all ranks)": sum(p.numel() for p in ps),
+                "nonfinite": ("raise", "skip").index(nonfinite),
+            },
         )
         self._skipped = torch.zeros((), dtype=torch.int64, device=ps[0].device)
 
@@ -213,7 +219,17 @@ class MFAC(Optimizer):
                 raise ValueError(
                     f"{key!r} is shared by all groups (one window); pass it to the constructor"
                 )
-        super().add_param_group(param_group)
+        with warnings.catch_warnings():  # torch only warns about duplicates: we refuse them
+            warnings.filterwarnings("ignore", "optimizer contains a parameter group with dup")
+            super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        if len({id(p) for p in params}) != len(params):
+            self.param_groups.pop()
+            raise ValueError(
+                "MFAC got the same parameter twice in one group; the window would hold its "
+                "coordinates twice (d too large) and the step would update it twice: pass each "
+                "parameter once"
+            )
         _check_group_hyperparameters(self.param_groups[-1])
 
     def _all_params(self) -> list[Tensor]:
@@ -281,6 +297,14 @@ class MFAC(Optimizer):
                 loss = closure()
         g = self._flat_gradient()
         if g is None:
+            warnings.warn(
+                "MFAC.step found no gradient on any of its parameters and did nothing. If the "
+                "model was wrapped with fully_shard (FSDP2) after the optimizer was built, the "
+                "optimizer holds the old tensors, which never get a gradient: build MFAC after "
+                "fully_shard, from model.parameters()",
+                UserWarning,
+                stacklevel=3,  # the caller of step (through torch.no_grad's wrapper)
+            )
             return loss
         window, shards = self.window, self._shards
         if shards.mode == "zero1":  # every rank holds the whole gradient: check all of it
@@ -357,7 +381,11 @@ class MFAC(Optimizer):
         """
         local = {id(p): self._shards.param(i).shape for i, p in enumerate(self._shards.params)}
         check_optimizer_state(
-            self, state_dict, ["momentum_buffer"], lambda p: local.get(id(p), p.shape)
+            self,
+            state_dict,
+            ["momentum_buffer"],
+            lambda p: local.get(id(p), p.shape),
+            check_group=_check_group_hyperparameters,
         )
         state_dict = dict(state_dict)
         state_dict["state"] = dict(state_dict["state"])
@@ -366,13 +394,17 @@ class MFAC(Optimizer):
             raise ValueError("state_dict has no 'mfac_window' entry: it was not saved by MFAC")
         self.window.check_state(saved["window"])
         skipped = saved.get("skipped")
-        if not (isinstance(skipped, Tensor) and skipped.numel() == 1):
-            raise ValueError("the saved MFAC skipped-step counter must be a 1-element tensor")
-        for i, group in enumerate(state_dict["param_groups"]):
-            missing = {"lr", "momentum", "weight_decay", "decoupled_weight_decay"} - set(group)
-            if missing:
-                raise ValueError(f"parameter group {i} of state_dict lacks {sorted(missing)}")
-            _check_group_hyperparameters(group)
+        if not (
+            isinstance(skipped, Tensor)
+            and skipped.numel() == 1
+            and not skipped.is_floating_point()
+            and not skipped.is_complex()
+            and int(skipped) >= 0
+        ):
+            raise ValueError(
+                "the saved MFAC skipped-step counter must be a 1-element integer tensor >= 0, "
+                f"got {skipped!r}"
+            )
         super().load_state_dict(state_dict)
         self.window.load_state_dict(saved["window"])
         self._skipped.copy_(skipped.reshape(()))

@@ -8,7 +8,8 @@ Maximizes ``J(θ) = E_τ[Σ_h γ^h r_h]``. At step ``t`` with iterates ``θ_t, �
    sampled at ``θ̂_t`` and ``v_t = B(τ̂_t, θ̂_t)(θ_t − θ_{t-1})``. Since
    ``∫_0^1 ∇²J(θ_{t-1} + q(θ_t − θ_{t-1})) dq · (θ_t − θ_{t-1}) = ∇J(θ_t) − ∇J(θ_{t-1})``,
    ``v_t`` is an unbiased estimate of the gradient difference;
-3. ``d_t = (1 − η_t)(d_{t-1} + v_t) + η_t g_t`` (``d_0 = g_0`` with the default ``η_0 = 1``);
+3. ``d_t = (1 − η_t)(d_{t-1} + v_t) + η_t g_t`` (``d_0 = g_0`` whatever ``η_0``: there is no
+   ``d_{-1}`` to average with);
 4. ``θ_{t+1} = θ_t + γ_t d_t / ‖d_t‖`` (N-HARPG) or ``θ_t + γ_t d_t`` (HARPG, ``normalize=False``).
 
 Defaults follow the paper: ``η_t = 2/(t+2)``, ``γ_t = γ₀ · 2/(t+2)``; for the unnormalized

@@ -30,6 +30,10 @@ After each step :attr:`NPG.last_step` holds ``predicted_kl`` (``½ΔθᵀFΔθ``
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -48,6 +52,39 @@ from curvopt.rl.surrogates import (
     trajectory_scores,
 )
 from curvopt.utils.params import flatten, unflatten
+
+
+def _checked_hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of an NPG group, validated and normalized (the constructor's rules).
+
+    Used by the constructor and by :meth:`NPG.load_state_dict` on every saved group.
+
+    Raises:
+        ValueError: A value out of range (e.g. ``delta <= 0`` or NaN, an unknown solver).
+        TypeError: A value of the wrong type (e.g. ``backtrack`` not a bool).
+    """
+    solver = group["solver"]
+    if solver not in ("cg", "mfac"):
+        raise ValueError(f"solver must be 'cg' or 'mfac', got {solver!r}")
+    out = dict(
+        delta=check_number("delta (the KL trust-region radius δ)", group["delta"]),
+        damping=check_number(
+            "damping (> 0 for solver='mfac')", group["damping"], low_open=solver == "mfac"
+        ),
+        solver=solver,
+        cg_iters=check_count("cg_iters", group["cg_iters"]),
+        cg_tol=check_number(
+            "cg_tol (relative squared residual of CG)", group["cg_tol"], high=1.0, low_open=False
+        ),
+        max_backtracks=check_count("max_backtracks", group["max_backtracks"]),
+        backtrack_ratio=check_number("backtrack_ratio", group["backtrack_ratio"], high=1.0),
+        kl_tolerance=check_number("kl_tolerance", group["kl_tolerance"]),
+    )
+    for name in ("backtrack", "require_improvement"):
+        if not isinstance(group[name], bool):
+            raise TypeError(f"{name} must be True or False, got {group[name]!r}")
+        out[name] = group[name]
+    return out
 
 
 class NPG(Optimizer):
@@ -92,33 +129,19 @@ class NPG(Optimizer):
         kl_tolerance: float = 1.5,
         require_improvement: bool = True,
     ):
-        delta = check_number("delta (the KL trust-region radius δ)", delta)
-        if solver not in ("cg", "mfac"):
-            raise ValueError(f"solver must be 'cg' or 'mfac', got {solver!r}")
-        damping = check_number(
-            "damping (> 0 for solver='mfac')", damping, low_open=solver == "mfac"
-        )
-        cg_iters = check_count("cg_iters", cg_iters)
-        cg_tol = check_number(
-            "cg_tol (relative squared residual of CG)", cg_tol, high=1.0, low_open=False
-        )
-        max_backtracks = check_count("max_backtracks", max_backtracks)
-        backtrack_ratio = check_number("backtrack_ratio", backtrack_ratio, high=1.0)
-        kl_tolerance = check_number("kl_tolerance", kl_tolerance)
-        for name, flag in (("backtrack", backtrack), ("require_improvement", require_improvement)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
-        defaults = dict(
-            delta=float(delta),
-            damping=float(damping),
-            solver=solver,
-            cg_iters=cg_iters,
-            cg_tol=cg_tol,
-            backtrack=bool(backtrack),
-            max_backtracks=max_backtracks,
-            backtrack_ratio=backtrack_ratio,
-            kl_tolerance=kl_tolerance,
-            require_improvement=bool(require_improvement),
+        defaults = _checked_hyperparameters(
+            dict(
+                delta=delta,
+                damping=damping,
+                solver=solver,
+                cg_iters=cg_iters,
+                cg_tol=cg_tol,
+                backtrack=backtrack,
+                max_backtracks=max_backtracks,
+                backtrack_ratio=backtrack_ratio,
+                kl_tolerance=kl_tolerance,
+                require_improvement=require_improvement,
+            )
         )
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
@@ -134,15 +157,20 @@ class NPG(Optimizer):
                 return fv + group["damping"] * v
 
             return fixed_iteration_cg(damped_fvp, grad, group["cg_iters"], group["cg_tol"])
+        if group["solver"] != "mfac":  # e.g. a param group edited after construction
+            raise ValueError(f"solver must be 'cg' or 'mfac', got {group['solver']!r}")
         from curvopt.mfac import StaticMFAC
 
         scores = trajectory_scores(policy, params, batch)
         scale = batch.lengths().mean().clamp_min(1.0).rsqrt()
-        return StaticMFAC(scores * scale, group["damping"]).ihvp(grad)
+        with warnings.catch_warnings():  # many trajectories of a small policy: rows by design
+            warnings.filterwarnings("ignore", "grads has shape", UserWarning)
+            inverse = StaticMFAC(scores * scale, group["damping"])
+        return inverse.ihvp(grad)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a :meth:`state_dict`; validated first, so on error the optimizer is unchanged."""
-        check_optimizer_state(self, state_dict)
+        check_optimizer_state(self, state_dict, check_group=_checked_hyperparameters)
         super().load_state_dict(state_dict)
 
     @staticmethod

@@ -4,7 +4,7 @@ Maximizes ``J(θ)``. At step ``t``:
 
 1. extrapolated point ``θ̃_t = θ_t + ((1 − η_t)/η_t)(θ_t − θ_{t-1})``;
 2. ``g̃_t = g(τ_t, θ̃_t)``: GPOMDP gradient on fresh trajectories sampled at ``θ̃_t``;
-3. ``d_t = (1 − η_t) d_{t-1} + η_t g̃_t`` (``d_0 = g_0`` with the default ``η_0 = 1``);
+3. ``d_t = (1 − η_t) d_{t-1} + η_t g̃_t`` (``d_0 = g_0`` whatever ``η_0``);
 4. ``θ_{t+1} = θ_t + γ_t d_t / ‖d_t‖``.
 
 The extrapolation transports the old gradients to ``θ_t`` to first order without any Hessian: one

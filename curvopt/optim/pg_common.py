@@ -9,14 +9,16 @@ Schedules (``t = 0, 1, ...`` counts steps taken):
 
 - step size ``γ_t = lr · (2/(t+2))^lr_power`` — or ``lr · lr_schedule(t)`` if a callable is given;
 - momentum ``η_t = momentum · (2/(t+2))^momentum_power`` — or ``momentum_schedule(t)``; must lie in
-  ``(0, 1]``. With the defaults ``η_0 = 1`` so ``d_0 = g_0``.
+  ``(0, 1]``. The first direction is the first gradient, ``d_0 = g_0``, whatever ``η_0``
+  (averaging it with the nonexistent ``d_{-1} = 0`` would start from ``η_0 g_0``).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -79,6 +81,34 @@ def check_count(name: str, value: object) -> int:
     return int(value)
 
 
+def checked_group_hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of a momentum policy-gradient group, validated (the constructor's rules).
+
+    Used by the constructor and by :meth:`MomentumPolicyGradient.load_state_dict` on every saved
+    group, so a state with ``momentum=2`` or ``lr=nan`` is refused as the constructor refuses it.
+
+    Raises:
+        ValueError: A value out of range.
+        TypeError: A value of the wrong type.
+    """
+    normalize = group["normalize"]
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be True or False, got {normalize!r}")
+    for name in ("lr_schedule", "momentum_schedule"):
+        fn = group[name]
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be a callable t -> float or None, got {fn!r}")
+    return dict(
+        lr=check_number("lr (the initial step size γ₀)", group["lr"]),
+        lr_power=check_number("lr_power", group["lr_power"], low_open=False),
+        momentum=check_number("momentum (η₀)", group["momentum"], high=1.0, high_open=False),
+        momentum_power=check_number("momentum_power", group["momentum_power"], low_open=False),
+        normalize=normalize,
+        lr_schedule=group["lr_schedule"],
+        momentum_schedule=group["momentum_schedule"],
+    )
+
+
 class MomentumPolicyGradient(Optimizer):
     """Base class: hyperparameter validation, schedules, flat views, the normalized ascent step.
 
@@ -97,25 +127,18 @@ class MomentumPolicyGradient(Optimizer):
         momentum_schedule: Callable[[int], float] | None,
         generator: torch.Generator | None = None,
     ):
-        lr = check_number("lr (the initial step size γ₀)", lr)
-        lr_power = check_number("lr_power", lr_power, low_open=False)
-        momentum = check_number("momentum (η₀)", momentum, high=1.0, high_open=False)
-        momentum_power = check_number("momentum_power", momentum_power, low_open=False)
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be True or False, got {normalize!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
-        for name, fn in (("lr_schedule", lr_schedule), ("momentum_schedule", momentum_schedule)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be a callable t -> float or None, got {fn!r}")
-        defaults = dict(
-            lr=lr,
-            lr_power=lr_power,
-            momentum=momentum,
-            momentum_power=momentum_power,
-            normalize=bool(normalize),
-            lr_schedule=lr_schedule,
-            momentum_schedule=momentum_schedule,
+        defaults = checked_group_hyperparameters(
+            dict(
+                lr=lr,
+                lr_power=lr_power,
+                momentum=momentum,
+                momentum_power=momentum_power,
+                normalize=normalize,
+                lr_schedule=lr_schedule,
+                momentum_schedule=momentum_schedule,
+            )
         )
         super().__init__(params, defaults)
         self.generator = generator
@@ -137,7 +160,28 @@ class MomentumPolicyGradient(Optimizer):
             ValueError: If the state does not fit these parameters, or holds a generator state
                 but this optimizer has no generator.
         """
-        check_optimizer_state(self, state_dict, ["prev", "momentum"])
+        id_map = check_optimizer_state(
+            self, state_dict, ["prev", "momentum"], check_group=checked_group_hyperparameters
+        )
+        steps = set()
+        for pid, entry in state_dict["state"].items():
+            if pid in id_map and isinstance(entry, Mapping):
+                step = entry.get("step", 0)
+                if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                    raise ValueError(
+                        f"state_dict['state'][{pid}]['step'] must be an int >= 0, got {step!r}"
+                    )
+                if step > 0 and not {"prev", "momentum"} <= set(entry):
+                    raise ValueError(
+                        f"state_dict['state'][{pid}] is at step {step} but lacks 'prev' or "
+                        "'momentum': the saved state is incomplete"
+                    )
+                steps.add(step)
+        if len(steps) > 1 or (steps - {0} and len(state_dict["state"]) < len(id_map)):
+            raise ValueError(
+                f"the parameters of the saved state are at different steps {sorted(steps)}: "
+                "the state is corrupted (all parameters step together)"
+            )
         state_dict = dict(state_dict)
         generator_state = state_dict.pop("generator_state", None)
         if generator_state is not None and self.generator is None:
@@ -234,7 +278,9 @@ class MomentumPolicyGradient(Optimizer):
         with torch.no_grad():
             theta = flatten([p.detach() for p in params]).clone()
         prev, mom = self._load_state(params, theta)
-        eta = self._per_param(t, self.momentum_weight)
+        eta = self._per_param(t, self.momentum_weight)  # validates the schedule at t = 0 too
+        if t == 0:  # d_0 = g_0: nothing to average with yet
+            eta = torch.ones_like(eta)
         direction = self._direction(sampler, params, theta, prev, mom, eta, t)
         with torch.no_grad():
             direction = direction.detach()

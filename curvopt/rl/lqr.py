@@ -36,8 +36,21 @@ from torch import Tensor, nn
 from curvopt.rl.rollout import Batch
 
 
+def _real(name: str, value) -> np.ndarray:
+    """``value`` as a float64 array; complex input is refused (NumPy drops imaginary parts)."""
+    arr = np.asarray(value.detach().cpu() if isinstance(value, Tensor) else value)
+    if np.iscomplexobj(arr):
+        raise TypeError(
+            f"{name} must be real, got a complex array ({arr.dtype}); the LQR is defined over "
+            f"real matrices: pass {name}.real if the imaginary part is zero"
+        )
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
+    return arr.astype(np.float64)
+
+
 def _matrix(name: str, value, shape: tuple[int, int]) -> np.ndarray:
-    arr = np.asarray(value.detach().cpu() if isinstance(value, Tensor) else value, dtype=np.float64)
+    arr = _real(name, value)
     if arr.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
     if not np.all(np.isfinite(arr)):
@@ -88,8 +101,7 @@ class LinearQuadraticRegulator:
         noise_cov: ArrayLike | None = None,
         seed: int = 0,
     ):
-        a = np.asarray(A.detach().cpu() if isinstance(A, Tensor) else A, dtype=np.float64)
-        b = np.asarray(B.detach().cpu() if isinstance(B, Tensor) else B, dtype=np.float64)
+        a, b = _real("A", A), _real("B", B)
         if a.ndim != 2 or a.shape[0] != a.shape[1] or b.ndim != 2 or b.shape[0] != a.shape[0]:
             raise ValueError(
                 f"A must be (n, n) and B (n, m) with the same n, got {a.shape} and {b.shape}"

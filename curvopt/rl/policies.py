@@ -164,7 +164,9 @@ class LinearGaussianPolicy(GaussianMLPPolicy):
     """Linear Gaussian policy ``a ~ N(θ s, diag(σ²))`` with a fixed (not learned) ``σ``.
 
     The only parameter is the gain ``θ = mean_net.weight`` of shape ``(act_dim, obs_dim)``;
-    ``log σ`` is a buffer. With ``σ > 0`` fixed, the Fisher information ``E[s sᵀ] ⊗ diag(σ⁻²)``
+    ``log σ`` is a buffer in the model's dtype, rounded from the exact (float64) value whenever
+    the dtype changes (``.double()`` after a float32 construction gives ``log σ`` to float64
+    precision). With ``σ > 0`` fixed, the Fisher information ``E[s sᵀ] ⊗ diag(σ⁻²)``
     is positive definite whenever the state covariance is: the Fisher-non-degenerate class of
     N-HARPG's theory.
 
@@ -183,7 +185,7 @@ class LinearGaussianPolicy(GaussianMLPPolicy):
 
     def __init__(self, obs_dim: int, act_dim: int, action_std: float | Sequence[float] = 1.0):
         nn.Module.__init__(self)
-        std = torch.as_tensor(action_std, dtype=torch.get_default_dtype())
+        std = torch.as_tensor(action_std, dtype=torch.float64)
         if std.ndim > 1 or std.numel() not in (1, act_dim):
             raise ValueError(f"action_std must be a scalar or {act_dim} values, got {action_std!r}")
         std = std.expand(act_dim)
@@ -191,7 +193,22 @@ class LinearGaussianPolicy(GaussianMLPPolicy):
             raise ValueError(f"action_std must be positive and finite, got {action_std!r}")
         self.mean_net = nn.Linear(obs_dim, act_dim, bias=False)
         nn.init.zeros_(self.mean_net.weight)
-        self.register_buffer("log_std", std.log().clone())
+        # log σ exactly (float64) beside the buffer in the model's dtype: .double() after a
+        # float32 construction must give log σ, not the float32 rounding of it
+        self._log_std_exact = std.log().clone()
+        self.register_buffer("log_std", self._log_std_exact.to(torch.get_default_dtype()))
+
+    def _apply(self, fn, recurse=True):  # noqa: D102 - .to(), .double(), .cuda(), ...
+        buf, exact = self.log_std, self._log_std_exact
+        if buf.device.type != "meta":
+            now = buf.detach().to("cpu")
+            if not torch.equal(now, exact.to(now.dtype)):  # set or loaded since: keep that
+                self._log_std_exact = exact = now.to(torch.float64)
+        out = super()._apply(fn, recurse)
+        if self.log_std.is_floating_point() and self.log_std.device.type != "meta":
+            with torch.no_grad():
+                self.log_std.copy_(exact)  # the new dtype's rounding of the exact value
+        return out
 
     @property
     def action_std(self) -> Tensor:

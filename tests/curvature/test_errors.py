@@ -131,3 +131,28 @@ def test_check_deterministic_catches_dropout(problem):
 
 def _args(problem):
     return problem.model, problem.loss, problem.params, problem.data
+
+
+@pytest.mark.parametrize("cls", [GGNOperator, EmpiricalFisherOperator, HessianOperator])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_bce_with_integer_or_bool_targets_says_to_convert(cls, dtype):
+    model = nn.Linear(2, 3).double()
+    y = torch.randint(0, 2, (4, 3)).to(dtype)
+    op = cls(
+        model, nn.BCEWithLogitsLoss(), list(model.parameters()), [(torch.ones(4, 2).double(), y)]
+    )
+    with pytest.raises(ValueError, match=r"batch 0: BCEWithLogitsLoss needs floating-point.*y\.to"):
+        op @ torch.ones(op.shape[1], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("cls", [GGNOperator, EmpiricalFisherOperator])
+@pytest.mark.parametrize(
+    ("option", "shape"), [("pos_weight", (2,)), ("pos_weight", (4, 1, 3)), ("weight", (4, 1, 1))]
+)
+def test_bce_options_of_the_wrong_shape_are_named(cls, option, shape):
+    model = nn.Linear(2, 3).double()
+    loss = nn.BCEWithLogitsLoss(**{option: torch.ones(shape, dtype=torch.float64)})
+    data = [(torch.ones(4, 2).double(), torch.ones(4, 3).double())]
+    op = cls(model, loss, list(model.parameters()), data)
+    with pytest.raises(ValueError, match=rf"batch 0: BCEWithLogitsLoss's {option} has shape"):
+        op @ torch.ones(op.shape[1], dtype=torch.float64)

@@ -163,3 +163,72 @@ def test_matches_curvlinops_on_one_concatenated_batch(kind, setup):
     other = theirs(*args, batch_size_fn=lambda X: X["input_ids"].shape[0])
     V = torch.randn(ours.shape[1], 2, dtype=torch.float64)
     torch.testing.assert_close(ours @ V, other @ V, **TOL)
+
+
+def test_a_tuple_input_for_gpt2_is_refused_with_the_fix():
+    """``model(*(ids, mask))`` would pass the mask as GPT-2's second parameter (the cache)."""
+    model = tiny_gpt2()
+    tuples = [((X["input_ids"], X["attention_mask"]), y) for X, y in lm_data()]
+    for cls in (GGNOperator, EmpiricalFisherOperator, HessianOperator):
+        op = cls(model, nn.CrossEntropyLoss(), list(model.parameters()), tuples)
+        with pytest.raises(
+            ValueError, match=r"batch 0: .*binds .* to input_ids, \w+ of GPT2LMHeadModel.*as a dict"
+        ):
+            op @ torch.randn(op.shape[1], dtype=torch.float64)
+    ids_only = [((X["input_ids"],), y) for X, y in lm_data()]  # one tensor binds to input_ids
+    op = GGNOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), ids_only)
+    assert torch.isfinite(op @ torch.randn(op.shape[1], dtype=torch.float64)).all()
+
+
+def _hf_batches(data):
+    """transformers' convention: labels = input_ids (-100 at padding), shifted by the model."""
+    out = []
+    for X, _ in data:
+        labels = X["input_ids"].masked_fill(X["attention_mask"] == 0, -100)
+        out.append({**X, "labels": labels})
+    return out
+
+
+@pytest.mark.parametrize("cls", [GGNOperator, EmpiricalFisherOperator])
+def test_hugging_face_labels_dicts_are_shifted_like_the_model_does(cls, setup):
+    """A dict with 'labels' gives the operator of the (X, next-token y) pairs, which the dense
+    truth checks; and transformers' own loss of those labels equals torch's CE on them."""
+    model, data, forward, y, theta = setup
+    loss, params = nn.CrossEntropyLoss(), list(model.parameters())
+    hf = _hf_batches(data)
+    V = torch.randn(theta.numel(), 2, dtype=torch.float64)
+    op = cls(model, loss, params, hf)
+    truth = {GGNOperator: ggn_truth, EmpiricalFisherOperator: ef_truth}[cls](
+        forward, loss, y, theta
+    )
+    torch.testing.assert_close(op @ V, truth @ V, **TOL)
+    with torch.no_grad():  # the shift is transformers' own: same loss value per batch
+        for batch, (X, yb) in zip(hf, data):
+            hf_loss = model(**batch).loss
+            ours = loss(model(**X).logits.movedim(-1, 1), yb)
+            torch.testing.assert_close(hf_loss.double(), ours, rtol=1e-6, atol=0)  # fp32 loss
+
+
+def test_labels_dict_with_another_loss_or_a_plain_dict_says_what_to_pass(setup):
+    model, data, *_ = setup
+    params = list(model.parameters())
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs nn.CrossEntropyLoss"):
+        GGNOperator(model, nn.MSELoss(), params, _hf_batches(data)) @ v
+    plain = [X for X, _ in data]  # no labels at all
+    with pytest.raises(ValueError, match=r"batch 0 .*'labels'.*pair \(inputs_dict"):
+        GGNOperator(model, nn.CrossEntropyLoss(), params, plain)
+
+
+def test_unshifted_labels_warn(setup):
+    model, data, *_ = setup
+    unshifted = [(X, X["input_ids"].masked_fill(X["attention_mask"] == 0, -100)) for X, _ in data]
+    with pytest.warns(UserWarning, match="y equals input_ids at every valid position"):
+        op = GGNOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), unshifted)
+        op @ torch.randn(op.shape[1], dtype=torch.float64)
+    import warnings
+
+    with warnings.catch_warnings():  # the shifted labels of the other tests: no warning
+        warnings.simplefilter("error", UserWarning)
+        op = GGNOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
+        op @ torch.randn(op.shape[1], dtype=torch.float64)

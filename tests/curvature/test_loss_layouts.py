@@ -68,11 +68,14 @@ def make_case(name, reduction):
     k = 1 if name.startswith("bce1") else 3
     model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, k)).double()
     options = {}
+    weight = {"weight": torch.linspace(0.5, 1.5, k, dtype=torch.float64)}
+    pos_weight = {"pos_weight": torch.linspace(2.0, 0.7, k, dtype=torch.float64)}
     if name.endswith("-weights"):
-        options = {
-            "weight": torch.linspace(0.5, 1.5, k, dtype=torch.float64),
-            "pos_weight": torch.linspace(2.0, 0.7, k, dtype=torch.float64),
-        }
+        options = {**weight, **pos_weight}
+    elif name.endswith("-posweight"):  # each option alone, too
+        options = pos_weight
+    elif name.endswith("-weight"):
+        options = weight
     loss = nn.BCEWithLogitsLoss(reduction=reduction, **options)
     return model, loss, _regression_data(4, (2,), (k,), binary=True)
 
@@ -86,7 +89,7 @@ def whole(model, data):
 
 CASES = [
     "ce", "ce-weight", "ce-smooth", "ce-weight-smooth", "mse-seq", "mse-1d",
-    "bce1", "bcek", "bcek-weights",
+    "bce1", "bcek", "bcek-weights", "bcek-posweight", "bcek-weight",
 ]  # fmt: skip
 
 

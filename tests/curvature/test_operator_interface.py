@@ -1,5 +1,6 @@
 """Batch formats, transposes, train-mode safety, autograd fallbacks and batch-indexed errors."""
 
+import copy
 import types
 
 import pytest
@@ -15,6 +16,7 @@ from curvopt.curvature import (
     GGNOperator,
     HessianOperator,
 )
+from curvopt.curvature.train_mode import unsafe_training_modules
 
 OPERATORS = [HessianOperator, GGNOperator, FisherOperator, EmpiricalFisherOperator]
 KIND = {HessianOperator: "hessian", GGNOperator: "ggn", FisherOperator: "ggn"}
@@ -237,3 +239,38 @@ def test_progressbar_reports_every_pass_and_changes_nothing(cls, capsys):
     assert "counting samples" in err and f"{cls.__name__} product" in err
     with pytest.raises(TypeError, match="progressbar must be a bool"):
         cls(problem.model, problem.loss, problem.params, problem.data, progressbar=1)
+
+
+def test_train_mode_products_of_several_columns_match_dense_truth():
+    """allow_train_mode (batch statistics, no torch.func): each column gets its own product."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    model = model.double().train()
+    X, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    loss = nn.CrossEntropyLoss()
+    # the truth: the same batch-statistics forward from a copy that tracks no running statistics
+    plain = copy.deepcopy(model)
+    plain[1].track_running_stats = False
+    plain[1].running_mean = plain[1].running_var = plain[1].num_batches_tracked = None
+    theta, unflatten = flat_view(plain)
+    truth = ggn_truth(lambda t: functional_call(plain, unflatten(t), (X,)), loss, y, theta)
+    op = GGNOperator(model, loss, list(model.parameters()), [(X, y)], allow_train_mode=True)
+    V = torch.randn(theta.numel(), 4, dtype=torch.float64)
+    torch.testing.assert_close(op @ V, truth @ V, rtol=1e-9, atol=1e-11)
+
+
+def test_dropout_with_p_zero_is_not_random():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0), nn.Tanh(), nn.Linear(3, 2))
+    model = model.double().train()
+    assert unsafe_training_modules(model) == []
+    data = [(torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,)))]
+    op = GGNOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)  # accepted
+    theta, unflatten = flat_view(model)
+    truth = ggn_truth(
+        lambda t: functional_call(model, unflatten(t), (data[0][0],)),
+        nn.CrossEntropyLoss(),
+        data[0][1],
+        theta,
+    )
+    V = torch.randn(theta.numel(), 2, dtype=torch.float64)
+    torch.testing.assert_close(op @ V, truth @ V, rtol=1e-9, atol=1e-11)

@@ -13,6 +13,7 @@ Spawning costs about 2 s per process (importing torch): put many checks in one `
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import tempfile
 import time
@@ -33,7 +34,19 @@ GRACE_S = 5.0
 def _worker(
     fn: Callable[..., Any], rank: int, world: int, init_file: str, out_dir: str, args: tuple
 ) -> None:
+    """One rank: run ``fn``, then tear the process groups down while the interpreter is alive.
+
+    The checks build DDP and FSDP2 modules, device meshes and DTensors, which hold their process
+    groups in reference cycles: ``destroy_process_group()`` unregisters the groups but the
+    objects live on until a garbage collection, and without one they are destructed during
+    interpreter finalization. There gloo's worker threads can no longer take the GIL to release
+    the tensors of their last work items, and the process aborts with "terminate called without
+    an active exception" (exit code -6) after its result was written, sometimes (it depends on
+    the order of finalization). So: collect the garbage, let every rank finish its collectives
+    (a barrier), destroy the groups, collect again, and only then exit.
+    """
     torch.set_num_threads(1)
+    failed = False
     try:
         dist.init_process_group(
             "gloo",
@@ -44,13 +57,20 @@ def _worker(
         )
         try:
             result = fn(rank, world, *args)
+            gc.collect()  # the modules, meshes and DTensors of fn, with their groups
+            dist.barrier()  # no rank tears its connections down while a peer still uses them
         finally:
+            gc.collect()
             dist.destroy_process_group()
         torch.save(result, os.path.join(out_dir, f"result_{rank}.pt"))
     except BaseException:  # noqa: BLE001 - every failure goes back to pytest
         with open(os.path.join(out_dir, f"error_{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
-        raise SystemExit(1) from None
+        failed = True
+    # outside the except block: the traceback (and the frames' objects) is released by now
+    gc.collect()
+    if failed:
+        raise SystemExit(1)
 
 
 def run_workers(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 90.0) -> list[Any]:

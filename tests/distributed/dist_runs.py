@@ -24,15 +24,17 @@ def _all_checks(rank: int, world: int, ckpt_dir: str) -> dict:
     from test_dist_mfac_checkpoint import _load_and_continue, _save
     from test_dist_mfac_optimizer import _optimizer_checks
     from test_dist_mfac_sharded import _static_checks, _window_checks
+    from test_dist_misuse import _misuse_checks
 
     out = {
         "collectives": _collectives(rank, world),
         "window": _window_checks(rank, world),
         "static": _static_checks(rank, world),
         "optimizer": _optimizer_checks(rank, world),
+        "misuse": _misuse_checks(rank, world),
     }
     if world == SAVE_WORLD:
-        _save(rank, world, ckpt_dir)
+        out["checkpoint_saved"] = _save(rank, world, ckpt_dir)
     if world == LOAD_WORLD:
         out["checkpoint"] = _load_and_continue(rank, world, ckpt_dir)
     return out

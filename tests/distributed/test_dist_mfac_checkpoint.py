@@ -3,13 +3,18 @@
 import os
 
 import torch
-from dist_runs import LOAD_WORLD, results
+from dist_runs import LOAD_WORLD, SAVE_WORLD, results
 from test_dist_mfac_optimizer import BATCH, make_data, make_model, make_opt, train
 
 HALF = 6
 
 
 def _build(mode, world):
+    if mode.endswith("_skip"):
+        net, model, _ = _build(mode.removesuffix("_skip"), world)
+        kw = {} if mode.startswith("fsdp") else {"process_group": torch.distributed.group.WORLD}
+        return net, model, make_opt(model, nonfinite="skip", **kw)
+    mode = mode.removesuffix("_factored")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -28,16 +33,61 @@ def _shard(rank, world):
     return X[mine], Y[mine]
 
 
+def counters(opt):
+    """What a resumed MFAC must restore exactly (a shifted refresh schedule hides in trajectories
+    compared at a tolerance)."""
+    w = opt.window
+    return {
+        "count": w.count,
+        "since_refresh": w._since_refresh,
+        "factored": w.factored,
+        "skipped": int(opt.skipped_steps),
+        "nonfinite_count": int(w.nonfinite_count),
+    }
+
+
+def _special(mode, net, model, opt, X, Y, rank):
+    """The extra checkpoints: a factored window ("*_factored"), a skipped step ("*_skip")."""
+    from curvopt.mfac import window as window_module
+
+    if mode.endswith("_factored"):  # every refresh check now switches to factored mode
+        limit = window_module.EXPLICIT_INVERSE_LIMIT
+        window_module.EXPLICIT_INVERSE_LIMIT = -1.0
+        try:
+            train(net, opt, X, Y, HALF)
+        finally:
+            window_module.EXPLICIT_INVERSE_LIMIT = limit
+        assert opt.window.factored
+    else:
+        train(net, opt, X, Y, HALF - 1)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(X), Y).backward()
+        if rank == 0:  # a NaN on one rank: every rank skips the step
+            p = next(model.parameters())
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            grad.view(-1)[0] = float("nan")
+        opt.step()
+        assert int(opt.skipped_steps) == 1
+
+
+MODES = ("zero1", "fsdp", "zero1_factored", "fsdp_skip")
+
+
 def _save(rank, world, path):
     import torch.distributed.checkpoint as dcp
 
     X, Y = _shard(rank, world)
-    for mode in ("zero1", "fsdp"):
+    saved = {}
+    for mode in MODES:
         net, model, opt = _build(mode, world)
-        train(net, opt, X, Y, HALF)
+        if mode in ("zero1", "fsdp"):
+            train(net, opt, X, Y, HALF)
+        else:
+            _special(mode, net, model, opt, X, Y, rank)
+        saved[mode] = counters(opt)
         sd = {"model": model.state_dict(), "optim": opt.sharded_state_dict()}
         dcp.save(sd, checkpoint_id=os.path.join(path, mode))
-    return True
+    return saved
 
 
 def _load_and_continue(rank, world, path):
@@ -45,14 +95,16 @@ def _load_and_continue(rank, world, path):
 
     X, Y = _shard(rank, world)
     out = {}
-    for mode in ("zero1", "fsdp"):
+    for mode in MODES:
         net, model, opt = _build(mode, world)
         sd = {"model": model.state_dict(), "optim": opt.sharded_state_dict()}
         dcp.load(sd, checkpoint_id=os.path.join(path, mode))
         model.load_state_dict(sd["model"])
         opt.load_sharded_state_dict(sd["optim"])
-        out[mode] = train(net, opt, X, Y, HALF)
-        out[mode + "_count"] = opt.window.count
+        out[mode + "_restored"] = counters(opt)
+        if mode in ("zero1", "fsdp"):
+            out[mode] = train(net, opt, X, Y, HALF)
+            out[mode + "_count"] = opt.window.count
     return out
 
 
@@ -68,6 +120,19 @@ def test_dcp_save_at_two_ranks_load_at_three_continue():
                 for a, b in zip(step, ref):
                     rel = float((a - b).abs().max() / b.abs().max())
                     assert rel <= 1e-12, (mode, rel)
+
+
+def test_dcp_restores_counters_and_flags_exactly():
+    """count, the refresh phase, factored mode and the skipped steps: equal, not close."""
+    saved = [r["checkpoint_saved"] for r in results(SAVE_WORLD)]
+    loaded = [r["checkpoint"] for r in results(LOAD_WORLD)]
+    want = saved[0]
+    assert all(s == want for s in saved)
+    assert want["zero1"]["since_refresh"] == HALF % 4 != 0  # m = 4: mid-way between refreshes
+    assert want["zero1_factored"]["factored"] and want["fsdp_skip"]["skipped"] == 1
+    for res in loaded:
+        for mode in MODES:
+            assert res[mode + "_restored"] == want[mode], mode
 
 
 def test_sharded_state_dict_needs_a_sharded_optimizer():

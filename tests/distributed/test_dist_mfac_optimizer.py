@@ -1,5 +1,7 @@
 """curvopt.optim.MFAC under DDP (ZeRO-1) and FSDP2 on 1-3 gloo ranks vs the one-process run."""
 
+import copy
+
 import pytest
 import torch
 from dist_runs import results
@@ -57,6 +59,40 @@ def max_rel(hist, ref):
     )
 
 
+def _plain_state_dict_round_trip(net, model, X, Y, group):
+    """A sharded MFAC loads its own ``state_dict()`` (per-rank shard shapes) into a fresh one.
+
+    Returns True if the load succeeded and the next step of both optimizers, from the same
+    parameters, gives bitwise the same parameters; the error text if the load failed.
+    """
+    kw = {} if group is None else {"process_group": group}
+    opt = make_opt(model, **kw)
+    train(net, opt, X, Y, 5)  # momentum buffers and a window that has refreshed
+    fresh = make_opt(model, **kw)
+    try:
+        fresh.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch's load aliases tensors
+    except ValueError as err:
+        return str(err)
+    start = [full(p).clone() for p in model.parameters()]
+    first = train(net, opt, X, Y, 1)[0]
+    _write_full(model, start)
+    second = train(net, fresh, X, Y, 1)[0]
+    return all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def _write_full(model, values):
+    """Set every parameter (a DTensor's local Shard(0) rows, or the tensor) from full values."""
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), values):
+            if not D.is_dtensor(p):
+                p.copy_(v)
+                continue
+            world, rows = torch.distributed.get_world_size(), p.shape[0]
+            per = -(-rows // world)  # torch.chunk's split, as FSDP2 uses
+            bounds = [min(per * r, rows) for r in range(1, world)]
+            D.local_tensor(p).copy_(v.tensor_split(bounds, 0)[torch.distributed.get_rank()])
+
+
 def _optimizer_checks(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -101,6 +137,22 @@ def _optimizer_checks(rank, world):
         out["differ_raised"] = False
     except ValueError as err:
         out["differ_raised"] = "differ across the ranks" in str(err)
+    # ... also when they differ with the same sum on every rank: small integers (every sum
+    # exact, in any order), +3 and -3 on rank 0 (0, 1 become 3, -2: squares 1 -> 13)
+    opt.zero_grad()
+    nn.functional.mse_loss(ddp(X[mine]), Y[mine]).backward()
+    for p in ddp.parameters():
+        p.grad.copy_(torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) % 5)
+    if rank == 0 and world > 1:
+        g = next(ddp.parameters()).grad
+        g[0, 0] += 3.0
+        g[0, 1] -= 3.0
+    try:
+        opt.step()
+        out["same_sum_raised"] = False
+    except ValueError as err:
+        out["same_sum_raised"] = "differ across the ranks" in str(err)
+    out["zero1_reload"] = _plain_state_dict_round_trip(ddp, ddp.module, X[mine], Y[mine], group)
 
     # FSDP2
     mesh = init_device_mesh("cpu", (world,))
@@ -120,6 +172,7 @@ def _optimizer_checks(rank, world):
     opt.step()
     out["skipped"] = int(opt.skipped_steps)
     out["skip_unchanged"] = all(torch.equal(a, full(b)) for a, b in zip(before, model.parameters()))
+    out["fsdp_reload"] = _plain_state_dict_round_trip(model, model, X[mine], Y[mine], None)
 
     # bad input: a Replicate placement; DTensor and plain parameters mixed
     rep = nn.Parameter(distribute_tensor(torch.ones(4, dtype=torch.float64), mesh, [Replicate()]))
@@ -155,6 +208,9 @@ def test_mfac_ddp_zero1_and_fsdp2_match_one_process(world):
         assert res["fsdp_dim"] == res["fsdp_local"]
         assert res["nan_raised"] and res["nan_unchanged"]
         assert res["differ_raised"] == (world > 1)
+        assert res["same_sum_raised"] == (world > 1)
+        assert res["zero1_reload"] is True, res["zero1_reload"]
+        assert res["fsdp_reload"] is True, res["fsdp_reload"]
         assert res["skipped"] == 1 and res["skip_unchanged"]
         assert "Shard(0)" in res["bad"][0] and "both DTensor" in res["bad"][1]
     if world > 1:

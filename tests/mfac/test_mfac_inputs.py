@@ -186,3 +186,22 @@ def test_window_skip_mode_masks_nonfinite_without_raising():
     assert not torch.isfinite(ignore.G).all()
     with pytest.raises(ValueError, match="on_nonfinite"):
         ignore.add(torch.ones(d), on_nonfinite="warn")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_window_on_a_missing_device_is_a_value_error():
+    with pytest.raises(ValueError, match="cannot allocate its buffer on device 'cuda'"):
+        SlidingWindowMFAC(4, 2, 1e-2, device="cuda")
+
+
+def test_transposed_gradients_warn_at_construction():
+    """(d, m) = (10, 400) given for (m, d): a warning now, not a shape error at the first ihvp."""
+    G = torch.randn(10, 400, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"\(m, d\) = \(400, 10\).*pass grads\.T"):
+        StaticMFAC(G.T, 1e-2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        StaticMFAC(G, 1e-2)  # m < d: no warning
+        StaticMFAC(torch.randn(32, 4, dtype=torch.float64), 1e-2)  # 8 d rows: still quiet

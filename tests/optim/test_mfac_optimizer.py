@@ -145,7 +145,8 @@ def test_step_without_any_gradient_changes_nothing():
     params = make_params()
     opt = MFAC(params, lr=0.1, m=3, damp=1.0)
     before = flat(params)
-    opt.step()
+    with pytest.warns(UserWarning, match="no gradient on any of its parameters"):
+        opt.step()
     assert opt.window.count == 0
     assert torch.equal(flat(params), before)
 

@@ -104,3 +104,25 @@ def test_step_size_schedule_that_overflows_is_an_error():
         MomentumPolicyGradient.step_size(group, 3)
     group["lr_schedule"] = None
     assert MomentumPolicyGradient.step_size(group, 2) == pytest.approx(0.5)
+
+
+class _AffineSampler:
+    """g(θ) = θ + 1 and B v = 2 v, exactly."""
+
+    def gradient(self, params):
+        return torch.cat([p.detach().reshape(-1) for p in params]) + 1.0
+
+    def hvp(self, vector, params):
+        return 2.0 * vector
+
+
+@pytest.mark.parametrize("cls", [NHARPG, HARPG, NPGIGT])
+@pytest.mark.parametrize("momentum", [1.0, 0.5, 0.1])
+def test_the_first_direction_is_the_first_gradient_whatever_eta0(cls, momentum):
+    theta0 = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
+    w = theta0.clone().requires_grad_(True)
+    opt = cls([w], lr=0.1, momentum=momentum)
+    d0 = opt.step(_AffineSampler())
+    torch.testing.assert_close(d0, theta0 + 1.0, rtol=0, atol=0)  # g_0, not η_0 g_0
+    step = 0.1 * d0 / d0.norm() if cls is not HARPG else 0.1 * d0
+    torch.testing.assert_close(w.detach(), theta0 + step, rtol=1e-15, atol=0)

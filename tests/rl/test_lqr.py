@@ -154,3 +154,51 @@ def test_bad_input_is_rejected():
         LinearGaussianPolicy(2, 1, action_std=0.0)
     with pytest.raises(ValueError, match="action_std"):
         LinearGaussianPolicy(2, 2, action_std=[1.0, 2.0, 3.0])
+
+
+def test_complex_matrices_are_refused_not_truncated():
+    eye = np.eye(2)
+    a = np.array([[0.5, 0.1j], [0.0, 0.5]])
+    with pytest.raises(TypeError, match="A must be real"):
+        LinearQuadraticRegulator(a, np.ones((2, 1)), eye, np.eye(1), eye, 0.9)
+    with pytest.raises(TypeError, match="B must be real"):
+        LinearQuadraticRegulator(
+            eye, torch.ones(2, 1, dtype=torch.complex64), eye, np.eye(1), eye, 0.9
+        )
+    with pytest.raises(TypeError, match="Q must be real"):
+        LinearQuadraticRegulator(eye, np.ones((2, 1)), eye + 0j, np.eye(1), eye, 0.9)
+
+
+@pytest.mark.parametrize(("a", "stable"), [(1.10, True), (1.15, False)])
+def test_stability_is_that_of_sqrt_discount_times_the_closed_loop(a, stable):
+    """Scalar x' = a x, γ = 0.81: J = -Σ γ^t a^{2t} is finite iff √γ a < 1 (1.15: γ a < 1)."""
+    gamma = 0.81
+    one = np.eye(1)
+    lqr = LinearQuadraticRegulator(a * one, one, one, one, one, gamma)
+    theta = np.zeros((1, 1))
+    assert lqr.is_stable(theta) is stable
+    std = 1e-3  # the action noise adds -Σ γ^t (R σ² + Q Σ_{s<t} a^{2(t-1-s)} σ²); tiny here
+    if stable:
+        truth = -1.0 / (1.0 - gamma * a**2)  # geometric series in float64
+        assert lqr.expected_return(theta, std) == pytest.approx(truth, rel=1e-3)
+    else:
+        assert lqr.expected_return(theta, std) == float("-inf")
+
+
+def test_linear_gaussian_policy_sigma_follows_the_model_dtype():
+    """log σ in float64 after .double(), not float32's rounding of it (5e-8 off before)."""
+    policy = LinearGaussianPolicy(2, 2, action_std=[0.3, 0.7])
+    assert policy.log_std.dtype == torch.get_default_dtype()
+    policy = policy.double()
+    assert policy.log_std.dtype == torch.float64
+    want = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    torch.testing.assert_close(policy.action_std, want, rtol=1e-15, atol=0)
+    torch.testing.assert_close(
+        policy.log_std, torch.log(want), rtol=1e-15, atol=0
+    )  # also after a round trip through float32
+    torch.testing.assert_close(policy.float().double().action_std, want, rtol=1e-15, atol=0)
+    loaded = LinearGaussianPolicy(2, 2, action_std=1.0)
+    loaded.load_state_dict(LinearGaussianPolicy(2, 2, action_std=2.0).state_dict())
+    torch.testing.assert_close(
+        loaded.double().action_std, torch.full((2,), 2.0, dtype=torch.float64), rtol=1e-7, atol=0
+    )  # a loaded σ is kept (to float32's precision, which is all the state holds)

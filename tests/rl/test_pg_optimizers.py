@@ -148,7 +148,7 @@ def test_custom_schedules_are_used():
     )
     th0 = flat_params(module)
     d0 = opt.step(sampler)
-    torch.testing.assert_close(d0, 0.5 * (sampler.A @ th0 + sampler.b))  # η_0 = 0.5, d_{-1} = 0
+    torch.testing.assert_close(d0, sampler.A @ th0 + sampler.b)  # d_0 = g_0 whatever η_0
     assert (flat_params(module) - th0).norm() == pytest.approx(0.5)
     th1 = flat_params(module)
     opt.step(sampler)
