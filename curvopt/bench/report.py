@@ -60,17 +60,74 @@ def print_table(document: Mapping[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     if console is None:
         console = Console()
         if not console.is_terminal:  # files and pipes: wide enough for every column
             console = Console(width=max(console.width, 120))
-    table = Table(title=escape(_title(document)), title_justify="left")
-    for i, (_, title, _) in enumerate(TABLE_COLUMNS):
-        table.add_column(escape(title), justify="left" if i == 0 else "right", no_wrap=i == 0)
-    for row in table_rows(document):  # plain text: "[s]" or an error's "[...]" is not markup
-        table.add_row(*(escape(cell) for cell in row))
-    console.print(table)
+    rows, failures = [], []
+    for row in table_rows(document):  # an error goes under the tables, whole
+        if row[1].startswith("failed: "):
+            failures.append(f"{row[0]} {row[1]}")
+            row = [row[0], "failed", *row[2:]]
+        rows.append(row)
+    title = escape(_title(document))
+    groups = column_groups(rows, console.width, whole_headers=True)
+    whole = len(groups) == 1  # headers on one line where everything fits, else wrapped
+    if not whole:
+        groups = column_groups(rows, console.width)
+    for group in groups:
+        table = Table(title=title, title_justify="left")
+        title = None  # the title once, above the first part
+        columns = [0, *group]
+        for j in columns:
+            width = _min_width(rows, j, whole)
+            right = "right" if j else "left"
+            # headers may wrap at spaces; values never (a number is cut by nothing)
+            table.add_column(Text(TABLE_COLUMNS[j][1]), justify=right, width=width)
+        for row in rows:  # plain Text: "[s]" or an error's "[...]" is not markup
+            table.add_row(*(Text(row[j], no_wrap=True) for j in columns))
+        console.print(table)
+    for line in failures:
+        console.print(escape(line), soft_wrap=True)
+
+
+def _min_width(rows: Sequence[Sequence[str]], j: int, whole_headers: bool = False) -> int:
+    """The narrowest column ``j`` can be: its longest value (never cut) or header (word)."""
+    title = TABLE_COLUMNS[j][1]
+    header = [len(title)] if whole_headers else [len(w) for w in title.split()]
+    return max(header + [len(r[j]) for r in rows])
+
+
+def column_groups(
+    rows: Sequence[Sequence[str]], width: int, whole_headers: bool = False
+) -> list[list[int]]:
+    """Split the metric columns into consecutive groups whose tables fit ``width`` characters.
+
+    Each group is printed as a table of its own beside the method column, so that no number is
+    cut short on a narrow terminal (80 columns). Every group holds at least one column.
+
+    Args:
+        rows: The formatted cells (:func:`table_rows`, with a failure shown as ``"failed"``).
+        width: The console's width in characters.
+        whole_headers: Count each header on one line (else its longest word: headers wrap).
+
+    Returns:
+        Lists of column indices into :data:`TABLE_COLUMNS` (1, 2, ...), in order.
+    """
+    border = 3  # a rule and one space of padding on either side of each column
+    first = _min_width(rows, 0, whole_headers) + border + 1
+    groups: list[list[int]] = [[]]
+    used = first
+    for j in range(1, len(TABLE_COLUMNS)):
+        need = _min_width(rows, j, whole_headers) + border
+        if groups[-1] and used + need > width:
+            groups.append([])
+            used = first
+        groups[-1].append(j)
+        used += need
+    return groups
 
 
 def markdown_table(document: Mapping[str, Any]) -> str:

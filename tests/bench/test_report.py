@@ -86,3 +86,40 @@ def test_plot_without_exact_methods_has_two_panels(tmp_path):
     document["results"] = [r for r in document["results"] if r["method"] not in ("hessian", "ggn")]
     out = save_plots(document, tmp_path / "sub" / "p.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def _printed(width):
+    import io
+
+    from rich.console import Console
+
+    from curvopt.bench.report import print_table
+
+    document = _document() | {
+        "problem": dict(name="p", description="a", num_params=5, num_samples=7, loss_value=1),
+        "config": dict(damping=1e-3),
+        "reference": dict(kind="dense", curvature="hessian"),
+    }
+    document["results"][0]["method"] = "empirical_fisher"  # the longest method name
+    buffer = io.StringIO()
+    print_table(document, Console(file=buffer, width=width, color_system=None))
+    return buffer.getvalue()
+
+
+def test_table_at_80_columns_cuts_no_number():
+    from curvopt.bench.report import column_groups
+
+    ok = table_rows(_document())[0]
+    text = _printed(80)
+    assert "…" not in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+    for cell in ok[1:]:  # every value of the row appears whole
+        assert f" {cell} " in text
+    assert text.count("empirical_fisher") == len(column_groups(table_rows(_document()), 80)) >= 2
+    assert "mfac_m9 failed: ValueError: m = 9 exceeds N" in text  # the error, whole
+
+
+def test_table_on_a_wide_console_is_one_table():
+    text = _printed(200)
+    assert text.count("empirical_fisher") == 1 and "…" not in text
+    assert "IHVP rel. err" in text and "state MiB" in text
