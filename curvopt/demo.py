@@ -8,6 +8,7 @@ loss Hessian, computed matrix-free with :class:`~curvopt.curvature.HessianOperat
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.k >= NUM_PARAMS:  # eigsh (ARPACK) finds at most d - 1 eigenvalues
         args._parser.error(f"--k {args.k}: at most {NUM_PARAMS - 1} eigenvalues (d = {NUM_PARAMS})")
     torch.manual_seed(args.seed)
+    _progress("1/3", "softmax regression on sklearn's digits: 50 gradient steps")
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X / 16.0, dtype=torch.float64)
     y = torch.tensor(y)
@@ -63,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
     H = HessianOperator(model, torch.nn.CrossEntropyLoss(), list(model.parameters()), [(X, y)])
     d = H.shape[0]
     op = H.to_scipy()
+    _progress("2/3", f"top {args.k} eigenvalues, matrix-free (Hessian-vector products + eigsh)")
     t0 = time.perf_counter()
     top = np.sort(eigsh(op, k=args.k, which="LA", return_eigenvectors=False))[::-1]
     t_free = time.perf_counter() - t0
+    _progress("3/3", f"the dense reference: the {d} x {d} Hessian and its eigenvalues")
     t0 = time.perf_counter()
     dense = torch.linalg.eigvalsh(torch.func.hessian(loss_of)(w)).flip(0)[: args.k].numpy()
     t_dense = time.perf_counter() - t0
@@ -76,3 +80,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{i + 1:>3} {a:>26.8f} {b:>16.8f}")
     print(f"time: matrix-free {t_free:.2f} s, dense {t_dense:.2f} s")
     return 0
+
+
+def _progress(step: str, what: str) -> None:
+    """One progress line on standard error (the results go to standard output)."""
+    print(f"[{step}] {what} ...", file=sys.stderr, flush=True)

@@ -22,7 +22,11 @@ def test_help_lists_commands():
 
 def test_demo_matches_dense(capsys):
     assert main(["demo", "--k", "3"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    # progress goes to stderr, one line per stage before it starts; the results to stdout
+    progress = captured.err.splitlines()
+    assert [line[:5] for line in progress] == ["[1/3]", "[2/3]", "[3/3]"]
+    lines = captured.out.splitlines()
     rows = [ln.split() for ln in lines if ln.strip()[:1].isdigit() and len(ln.split()) == 3]
     assert len(rows) == 3
     for _, free, dense in rows:
