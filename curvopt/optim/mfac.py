@@ -455,7 +455,7 @@ class MFAC(Optimizer):
                 elif momentum == 0:
                     w.sub_(u_p, alpha=lr)
                 else:  # an exponential average with Adam's bias correction: lr keeps its scale
-                    t = self.state[p]["graft_step"].clamp_min(1)
+                    t = self.state[p]["step"].clamp_min(1)
                     w.sub_(u_p * (lr * (1 - momentum) / (1 - torch.pow(momentum, t))).to(w.dtype))
         shards.gather_()  # ZeRO-1: the one all-gather of the new parameters
         return loss
@@ -477,8 +477,8 @@ class MFAC(Optimizer):
             state = self.state[p]
             if "exp_avg_sq" not in state:
                 state["exp_avg_sq"] = torch.zeros(n, dtype=g.dtype, device=g.device)
-                state["graft_step"] = torch.zeros((), dtype=torch.float64, device=g.device)
-            v, t = state["exp_avg_sq"], state["graft_step"]
+                state["step"] = torch.zeros((), dtype=torch.float64, device=g.device)
+            v, t = state["exp_avg_sq"], state["step"]
             if mask is None:
                 v.mul_(beta2).addcmul_(g_p, g_p, value=1 - beta2)
                 t.add_(1)

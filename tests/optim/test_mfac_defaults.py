@@ -175,7 +175,7 @@ def test_grafted_state_dict_resume_is_bit_for_bit():
     c = [t.clone().requires_grad_() for t in saved["params"]]
     opt_c = MFAC(c, lr=0.05, m=3)
     opt_c.load_state_dict(saved["opt"])
-    assert set(opt_c.state[c[0]]) == {"exp_avg_sq", "graft_step", "momentum_buffer"}
+    assert set(opt_c.state[c[0]]) == {"exp_avg_sq", "step", "momentum_buffer"}
     run(opt_c, c, loss_flat, 4)
     for pa, pc in zip(a, c):
         assert torch.equal(pa, pc)
@@ -194,7 +194,7 @@ def test_grafted_skip_of_a_nonfinite_gradient_changes_nothing():
     assert int(opt.skipped_steps) == 1
     assert torch.equal(flat(params), before[0])
     for i, p in enumerate(params):
-        for key in ("exp_avg_sq", "graft_step", "momentum_buffer"):
+        for key in ("exp_avg_sq", "step", "momentum_buffer"):
             assert torch.equal(opt.state[p][key], before[1]["state"][i][key])
 
 
@@ -211,3 +211,31 @@ def test_grafted_skip_of_a_nonfinite_gradient_changes_nothing():
 def test_bad_new_hyperparameters_raise_naming_the_value(kwargs, word):
     with pytest.raises(ValueError, match=word):
         MFAC(make_params(), **kwargs)
+
+
+def test_grafted_resume_of_float32_parameters_is_bit_for_bit():
+    """torch.optim casts floating state to the parameters' dtype on load, except ``step``."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    X, y = torch.randn(8, 10, 6), torch.randint(0, 3, (8, 10))
+
+    def train(model, opt, steps):
+        for t in steps:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X[t]), y[t]).backward()
+            opt.step()
+
+    ref = copy.deepcopy(model)
+    opt_ref = MFAC(ref.parameters(), lr=1e-2, m=3)
+    train(ref, opt_ref, range(8))
+    opt = MFAC(model.parameters(), lr=1e-2, m=3)
+    train(model, opt, range(4))
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    model2 = torch.nn.Linear(6, 3)
+    model2.load_state_dict(saved[0])
+    opt2 = MFAC(model2.parameters(), lr=1e-2, m=3)
+    opt2.load_state_dict(saved[1])
+    assert opt2.state[model2.weight]["step"].dtype == torch.float64
+    train(model2, opt2, range(4, 8))
+    for a, b in zip(ref.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
