@@ -166,11 +166,11 @@ def _mfac_authors(params, lr):
     return MFAC(params, lr=lr, m=32, damp=1e-5, momentum=0.9, graft=None)
 
 
-def _mfac_damp(damp):
+def _mfac_damp(damp, graft="adam"):
     def make(params, lr):
         from curvopt.optim import MFAC
 
-        return MFAC(params, lr=lr, damp=damp)
+        return MFAC(params, lr=lr, damp=damp, graft=graft)
 
     return make
 
@@ -201,9 +201,10 @@ GRIDS: dict[str, tuple[Callable, tuple[float, ...]]] = {
     "Muon+AdamW": (_heavyball("MuonAdamW"), (1e-3, 3e-3, 1e-2)),
     "PSGD-Kron": (_heavyball("PSGDKron"), (3e-4, 1e-3, 3e-3)),
     "ista-MFAC": (_ista_mfac, (1e-4, 1e-3)),
-    # ablations of the default relative damping (1e-2)
-    "MFAC-damp0.1": (_mfac_damp(0.1), (3e-4, 1e-3, 3e-3)),
+    # ablations of the default relative damping (0.1) and of the window's rows
+    "MFAC-damp0.01": (_mfac_damp(0.01), (3e-4, 1e-3, 3e-3)),
     "MFAC-damp1": (_mfac_damp(1.0), (3e-4, 1e-3, 3e-3)),
+    "MFAC-grad-damp0.01": (_mfac_damp(0.01, "adam-grad"), (3e-4, 1e-3, 3e-3)),
 }
 
 # ----------------------------------------------------------------------------- runs

@@ -40,10 +40,42 @@ def _save(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
-def study(workload: str, optimizers: list[str], seeds: int, out: Path, steps: int | None) -> dict:
-    """Tune, rerun on seeds and time one workload; saves ``out/<workload>.json`` as it goes."""
+def _merge_base(path: Path, optimizers: list[str], rename: dict[str, str]) -> dict | None:
+    """Saved results without the optimizers about to be rerun (others renamed as asked)."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    for r in data["tuning"]:
+        r["optimizer"] = rename.get(r["optimizer"], r["optimizer"])
+    for key in ("seeds", "best"):
+        data[key] = {rename.get(k, k): v for k, v in data[key].items()}
+    for runs in data["seeds"].values():
+        for r in runs:
+            r["optimizer"] = rename.get(r["optimizer"], r["optimizer"])
+    data["tuning"] = [r for r in data["tuning"] if r["optimizer"] not in optimizers]
+    for key in ("seeds", "best"):
+        data[key] = {k: v for k, v in data[key].items() if k not in optimizers}
+    return data
+
+
+def study(
+    workload: str,
+    optimizers: list[str],
+    seeds: int,
+    out: Path,
+    steps: int | None,
+    merge: bool = False,
+    rename: dict[str, str] | None = None,
+) -> dict:
+    """Tune, rerun on seeds and time one workload; saves ``out/<workload>.json`` as it goes.
+
+    With ``merge``, the saved results of other optimizers are kept (after ``rename``) and the
+    iteration times are measured again for all of them.
+    """
     data: dict = {"workload": workload, "tuning": [], "seeds": {}, "best": {}, "iter_s": {}}
     path = out / f"{workload}.json"
+    if merge:
+        data = _merge_base(path, optimizers, rename or {}) or data
     if workload not in W.WORKLOADS:
         data["error"] = f"unknown workload {workload!r} (known: {sorted(W.WORKLOADS)})"
         print(data["error"])
@@ -191,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "workloads")
     ap.add_argument("--plots", type=Path, default=ROOT / "docs" / "img")
     ap.add_argument("--render", action="store_true", help="only tables/plots from saved JSON")
+    ap.add_argument("--merge", action="store_true", help="keep saved results of other optimizers")
+    ap.add_argument("--rename", nargs="*", default=[], help="OLD=NEW names in saved results")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     md = []
@@ -202,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             data = json.loads(path.read_text())
         else:
-            data = study(wl, args.optimizers, args.seeds, args.out, args.steps)
+            rename = dict(item.split("=", 1) for item in args.rename)
+            data = study(wl, args.optimizers, args.seeds, args.out, args.steps, args.merge, rename)
         md.append(render(data))
         plot(data, args.plots)
     text = "\n".join(md)

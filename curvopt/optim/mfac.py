@@ -38,14 +38,14 @@ _REQUIRES_GRAD_CHANGED = (
     "requires_grad was changed since. Build a new optimizer for the new set of trainable parameters"
 )
 _SHARED = ("m", "damp", "window_dtype", "nonfinite", "graft", "beta2", "eps", "max_window_bytes")
-_GRAFTS = ("adam", None)
+_GRAFTS = ("adam", "adam-grad", None)
 #: Default window with only ``lr`` given: ``m = min(DEFAULT_M, what max_window_bytes allows)``.
 DEFAULT_M = 32
 #: Default budget for the window's buffer ``G`` (bytes): 1 GiB.
 DEFAULT_MAX_WINDOW_BYTES = 2**30
-#: Default damping with ``graft="adam"`` (relative: ``lambda = damp / m`` on unit-norm rows) and
+#: Default damping with a graft (relative: ``lambda = damp / m`` on unit-norm rows) and
 #: with ``graft=None`` (absolute, the authors' value).
-DEFAULT_DAMP = {"adam": 1e-2, None: 1e-5}
+DEFAULT_DAMP = {"adam": 0.1, "adam-grad": 0.1, None: 1e-5}
 
 
 def _resolve_window_size(
@@ -88,28 +88,30 @@ class MFAC(Optimizer):
     **Defaults for a drop-in** (only ``lr`` given, ``graft="adam"``): a window of
     ``m = min(32, max_window_bytes / (d * bytes))`` gradients (at most ``32 d`` numbers; an
     explicit ``m`` whose buffer exceeds ``max_window_bytes``, 1 GiB by default, warns with its
-    size in GiB), and a step whose *direction* is M-FAC's and whose *size* is Adam's, per
-    parameter tensor (Shampoo's "grafting"). With ``g`` the gradient (after coupled decay),
-    ``g_p`` its part for parameter ``p`` and ``t`` the step count:
+    size in GiB), and M-FAC applied on top of Adam's diagonal scaling, with the step's size
+    grafted to Adam's per parameter tensor (Shampoo's "grafting"). With ``g`` the gradient
+    (after coupled decay), ``g_p`` its part for parameter ``p`` and ``t`` the step count:
 
     .. math::
-        \hat g = g / \|g\|, \quad F = \tfrac{\text{damp}}{m} I + \hat G^\top \hat G / m,
-        \quad u = F^{-1} \hat g, \\
         v_p \leftarrow \beta_2 v_p + (1-\beta_2) g_p^2, \quad
         a_p = g_p / (\sqrt{v_p / (1-\beta_2^t)} + \epsilon), \quad
+        \hat a = a / \|a\|, \\
+        F = \tfrac{\text{damp}}{m} I + \hat A^\top \hat A / m, \quad u = F^{-1} \hat a, \quad
         s_p = u_p \, \|a_p\| / \|u_p\|, \\
         b_p \leftarrow \mu b_p + s_p, \quad
         w_p \leftarrow w_p - \text{lr}\,\frac{1-\mu}{1-\mu^t}\, b_p,
 
-    where ``\hat G`` ``(m, d)`` holds the last ``m`` *unit-norm* gradients, so ``damp`` is relative
-    (each gradient adds eigenvalue ``1/m``; default ``damp=1e-2``), ``mu = momentum`` (default
-    0.9) acts as an exponential average with bias correction like Adam's ``beta1``, and
-    ``s_p = 0`` where ``u_p = 0``.
-    Multiplying the loss by ``c > 0`` leaves every step unchanged (exactly with ``eps=0``; up to
-    ``eps`` otherwise, as for Adam), so Adam's learning rates apply. Costs one more ``d``-vector
-    (``v``) per parameter. Why: with an absolute damping ``damp << ||g||^2/m`` the step
-    ``F^{-1} g`` has norm about ``m / ||g||``, so the right ``lr`` moves with the loss scale;
-    see "Optimizers on workloads" in the benchmarks page for the measurements.
+    where ``\hat A`` ``(m, d)`` holds the last ``m`` *unit-norm* Adam steps, so ``damp`` is
+    relative (each row adds eigenvalue ``1/m``; default ``damp=0.1``), ``mu = momentum``
+    (default 0.9) acts as an exponential average with bias correction like Adam's ``beta1``,
+    and ``s_p = 0`` where ``u_p = 0``. A large ``damp`` gives Adam (without its ``eps`` inside
+    the momentum); ``graft="adam-grad"`` fills the window with ``g / ||g||`` instead of ``a``
+    (measured worse, kept for the ablation). Multiplying the loss by ``c > 0`` leaves every
+    step unchanged (exactly with ``eps=0``; up to ``eps`` otherwise, as for Adam), so Adam's
+    learning rates apply. Costs one more ``d``-vector (``v``) per parameter. Why: with an
+    absolute damping ``damp << ||g||^2/m`` the authors' step ``F^{-1} g`` has norm about
+    ``m / ||g||``, so the right ``lr`` moves with the loss scale; see "Optimizers on
+    workloads" in the benchmarks page for the measurements.
 
     **The authors' settings** are ``MFAC(params, lr, m=1024, damp=1e-5, graft=None)`` (plus
     ``momentum`` as below): then ``damp`` is absolute, the window holds the raw gradients and the
@@ -189,13 +191,14 @@ class MFAC(Optimizer):
         m: Window size, the number of recent gradients kept (>= 1); default None: ``32``, or
             fewer if ``32`` gradients exceed ``max_window_bytes``.
         damp: Damping of ``F`` (> 0); larger values move the step towards SGD (``graft=None``)
-            or Adam (``graft="adam"``). Default None: ``1e-2`` relative with ``graft="adam"``,
-            ``1e-5`` absolute with ``graft=None`` (the authors').
+            or Adam (``graft="adam"``). Default None: ``0.1`` relative with a graft, ``1e-5``
+            absolute with ``graft=None`` (the authors').
         momentum: Momentum in ``[0, 1)``: heavy ball with ``graft=None`` (default 0), an
             exponential average with ``graft="adam"`` (default 0.9).
         weight_decay: Weight decay (>= 0), coupled or decoupled as set by the next argument.
-        graft: ``"adam"`` (default): unit-norm window rows, relative damping and Adam's norm
-            per parameter (scale-invariant); None: the authors' step.
+        graft: ``"adam"`` (default): window of unit-norm Adam steps, relative damping and
+            Adam's norm per parameter (scale-invariant); ``"adam-grad"``: the same with
+            unit-norm gradients in the window; None: the authors' step.
         beta2: Decay of the squared-gradient average of the Adam graft, in ``[0, 1)``.
         eps: Added to the Adam graft's denominator (>= 0).
         max_window_bytes: Budget for the window's buffer in bytes (default 1 GiB): the default
@@ -241,13 +244,13 @@ class MFAC(Optimizer):
         check_replicated_grads: bool = False,
     ) -> None:
         if graft not in _GRAFTS:
-            raise ValueError(f"graft must be 'adam' or None, got {graft!r}")
+            raise ValueError(f"graft must be 'adam', 'adam-grad' or None, got {graft!r}")
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"m (window size) must be an integer >= 1 or None, got {m!r}")
         if damp is None:
             damp = DEFAULT_DAMP[graft]
         if momentum is None:
-            momentum = 0.9 if graft == "adam" else 0.0
+            momentum = 0.0 if graft is None else 0.9
         if isinstance(damp, bool) or not (isinstance(damp, (int, float)) and damp > 0):
             raise ValueError(f"damp must be a number > 0, got {damp!r}")
         if isinstance(beta2, bool) or not (isinstance(beta2, (int, float)) and 0 <= beta2 < 1):
@@ -303,7 +306,7 @@ class MFAC(Optimizer):
             self._shards.local_dim,
             m,
             # relative damping: the rows are unit vectors, each adds eigenvalue 1/m to F
-            self._damp / m if graft == "adam" else self._damp,
+            self._damp / m if graft is not None else self._damp,
             device=ps[0].device,
             dtype=dtype,
             process_group=self._shards.group,
@@ -408,17 +411,19 @@ class MFAC(Optimizer):
         else:
             self._skipped.add_(bad.to(self._skipped.dtype))
             mask = (~bad).to(g.dtype)
-        row = g
+        row, a2 = g, None
         if self._graft is not None:  # unit-norm rows: the direction ignores the loss scale
-            norm2 = D.all_reduce_sum_(g.square().sum().reshape(1), shards.group)
-            row = g / norm2.sqrt().clamp_min(torch.finfo(g.dtype).tiny)
+            a, a2 = self._adam_step(g, mask)
+            row = g if self._graft == "adam-grad" else a  # "adam": the window sees Adam's steps
+            norm2 = D.all_reduce_sum_(row.square().sum().reshape(1), shards.group)
+            row = row / norm2.sqrt().clamp_min(torch.finfo(g.dtype).tiny)
         if mask is not None:
             evicted = window.G[window.count % window.m].to(g.dtype)
             row = torch.where(~bad, row, evicted)
         u = window.add_and_ihvp(row, on_nonfinite="ignore")  # checked above
         if self._nonfinite == "raise" and window.refreshed:
             window.check_conditioning()  # once per refresh, in the mode that synchronizes anyway
-        scales = None if self._graft is None else self._graft_scales(g, u, mask)
+        scales = None if a2 is None else self._graft_scales(a2, u)
         offset, i = 0, 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
@@ -460,20 +465,21 @@ class MFAC(Optimizer):
         shards.gather_()  # ZeRO-1: the one all-gather of the new parameters
         return loss
 
-    def _graft_scales(self, g: Tensor, u: Tensor, mask: Tensor | None) -> Tensor:
-        """Per parameter ``||a_p|| / ||u_p||`` with ``a`` Adam's unmomented step (updates ``v``).
+    def _adam_step(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Adam's unmomented step ``a`` (flat, updates ``v``) and ``||a_p||^2`` per parameter.
 
         ``v_p <- beta2 v_p + (1 - beta2) g_p^2``, ``a_p = g_p / (sqrt(v_p / (1 - beta2^t)) + eps)``
-        (``t`` counts the steps in which ``p`` had a gradient). One all-reduce of ``2 P``
-        numbers when sharded. Returns a ``(P,)`` tensor (0 where ``u_p = 0``).
+        (``t`` counts the steps in which ``p`` had a gradient); ``a_p = 0`` for parameters
+        without a gradient and on a skipped step. The norms are all-reduced when sharded.
         """
         shards, beta2, eps = self._shards, self._beta2, self._eps
-        sums = torch.zeros(2, len(shards.params), dtype=torch.float64, device=g.device)
+        a = torch.zeros_like(g)
+        a2 = torch.zeros(len(shards.params), dtype=torch.float64, device=g.device)
         for i, (p, (_, n)) in enumerate(zip(shards.params, shards.ranges)):
             if p.grad is None:
                 continue
             off = self._offsets[i]
-            g_p, u_p = g[off : off + n], u[off : off + n]
+            g_p = g[off : off + n]
             state = self.state[p]
             if "exp_avg_sq" not in state:
                 state["exp_avg_sq"] = torch.zeros(n, dtype=g.dtype, device=g.device)
@@ -486,14 +492,22 @@ class MFAC(Optimizer):
                 v.lerp_(torch.where(mask.bool(), g_p, 0).square(), (1 - beta2) * mask)
                 t.add_(mask.to(t.dtype))
             bias = 1 - torch.pow(beta2, t.clamp_min(1))
-            a_p = g_p / ((v / bias.to(v.dtype)).sqrt() + eps)
+            a_p = a[off : off + n]
+            torch.div(g_p, (v / bias.to(v.dtype)).sqrt_().add_(eps), out=a_p)
             if mask is not None:
-                a_p = torch.where(mask.bool(), a_p, 0)
-            sums[0, i] = a_p.square().sum(dtype=torch.float64)
-            sums[1, i] = u_p.square().sum(dtype=torch.float64)
-        D.all_reduce_sum_(sums, shards.group)
-        ratio = (sums[0] / sums[1]).sqrt()
-        return torch.where(sums[1] > 0, ratio, 0).to(u.dtype)
+                a_p.copy_(torch.where(mask.bool(), a_p, 0))
+            a2[i] = a_p.square().sum(dtype=torch.float64)
+        return a, D.all_reduce_sum_(a2, shards.group)
+
+    def _graft_scales(self, a2: Tensor, u: Tensor) -> Tensor:
+        """Per parameter ``||a_p|| / ||u_p||`` (0 where ``u_p = 0``); all-reduced when sharded."""
+        shards = self._shards
+        u2 = torch.zeros(len(shards.params), dtype=torch.float64, device=u.device)
+        for i, (_, n) in enumerate(shards.ranges):
+            off = self._offsets[i]
+            u2[i] = u[off : off + n].square().sum(dtype=torch.float64)
+        D.all_reduce_sum_(u2, shards.group)
+        return torch.where(u2 > 0, (a2 / u2).sqrt(), 0).to(u.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         """The torch.optim state plus the window (buffer, factors, counters) as ``mfac_window``."""
