@@ -225,8 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", action="store_true", help="only tables/plots from saved JSON")
     ap.add_argument("--merge", action="store_true", help="keep saved results of other optimizers")
     ap.add_argument("--rename", nargs="*", default=[], help="OLD=NEW names in saved results")
+    ap.add_argument("--grid", nargs="*", default=[], help="NAME=lr,lr,... to override a grid")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    for item in args.grid:
+        name, lrs = item.split("=", 1)
+        if name in W.GRIDS:
+            W.GRIDS[name] = (W.GRIDS[name][0], tuple(float(x) for x in lrs.split(",")))
+        else:
+            print(f"--grid: unknown optimizer {name!r} (known: {sorted(W.GRIDS)})")
     md = []
     for wl in args.workloads:
         path = args.out / f"{wl}.json"
