@@ -113,6 +113,19 @@ def _to_target(run: dict, target: float) -> tuple[int | None, float | None]:
     return None, None
 
 
+def _mean_curve(runs: list[dict]) -> dict | None:
+    """The validation curve averaged over the finished seeds (steps, CPU seconds, loss)."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
+        return None
+    n = min(len(r["val"]) for r in ok)
+    return {
+        "steps": ok[0]["steps"][:n],
+        "cpu": [statistics.mean(r["cpu"][i] for r in ok) for i in range(n)],
+        "val": [statistics.mean(r["val"][i] for r in ok) for i in range(n)],
+    }
+
+
 def _fmt(x: float | None, spec: str = ".3g") -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
@@ -128,17 +141,14 @@ def render(data: dict) -> str:
         k: [r["val"][-1] for r in runs if r["status"] == "ok"] for k, runs in data["seeds"].items()
     }
     target = statistics.mean(finals["AdamW"]) if adam and finals.get("AdamW") else None
-    adam_steps = None
-    if target is not None:
-        hits = [_to_target(r, target)[0] for r in adam]
-        adam_steps = statistics.mean([h for h in hits if h is not None] or [float("nan")])
+    adam_steps = _to_target(_mean_curve(adam), target)[0] if target is not None else None
     t_adam = data["iter_s"].get("AdamW")
     lines = [
         f"### {name}",
         "",
         f"Target: AdamW's mean final validation {unit} = {_fmt(target, '.4f')}.",
         "",
-        "| optimizer | best lr | final val (mean ± sd, n) | steps to target (reached) "
+        "| optimizer | best lr | final val (mean ± sd, n) | steps to target (seeds reaching it) "
         "| × AdamW's steps | CPU s to target | iteration time × AdamW |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -156,9 +166,9 @@ def render(data: dict) -> str:
         if bad:
             final += " " + "; ".join(f"seed {r['seed']} {r['status']}" for r in bad)
         hits = [_to_target(r, target) for r in runs] if target is not None else []
-        got = [h for h in hits if h[0] is not None]
-        steps = statistics.mean([h[0] for h in got]) if got else None
-        cpu = statistics.mean([h[1] for h in got]) if got else None
+        got = [h for h in hits if h[0] is not None]  # seeds that reach the target on their own
+        curve = _mean_curve(runs)
+        steps, cpu = _to_target(curve, target) if target is not None and curve else (None, None)
         ratio = steps / adam_steps if steps and adam_steps else None
         t = data["iter_s"].get(opt)
         tr = t / t_adam if t and t_adam else None
