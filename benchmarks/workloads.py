@@ -69,12 +69,22 @@ def study(
 ) -> dict:
     """Tune, rerun on seeds and time one workload; saves ``out/<workload>.json`` as it goes.
 
-    With ``merge``, the saved results of other optimizers are kept (after ``rename``) and the
-    iteration times are measured again for all of them.
+    With ``merge``, the saved results of other optimizers are kept (after ``rename``), the
+    optimizers given run only the grid points not saved yet (seeds again only if the best lr
+    changed), and the iteration times are measured again for all of them.
     """
     data: dict = {"workload": workload, "tuning": [], "seeds": {}, "best": {}, "iter_s": {}}
     path = out / f"{workload}.json"
-    if merge:
+    extend: dict[str, dict] = {}  # with merge: saved runs of the optimizers run again
+    if merge and path.exists():
+        saved = _merge_base(path, [], rename or {})
+        assert saved is not None
+        for name in optimizers:
+            extend[name] = {
+                "tuning": [r for r in saved["tuning"] if r["optimizer"] == name],
+                "best": saved["best"].get(name),
+                "seeds": saved["seeds"].get(name),
+            }
         data = _merge_base(path, optimizers, rename or {}) or data
     if workload not in W.WORKLOADS:
         data["error"] = f"unknown workload {workload!r} (known: {sorted(W.WORKLOADS)})"
@@ -84,7 +94,10 @@ def study(
     data["unit"] = W.WORKLOADS[workload].unit
     for name in optimizers:
         grid = W.GRIDS[name][1] if name in W.GRIDS else (float("nan"),)
-        tuned = [W.run(workload, name, lr, 0, steps) for lr in grid]
+        done = [W.Outcome(**r) for r in extend.get(name, {}).get("tuning", [])]
+        tuned = done + [
+            W.run(workload, name, lr, 0, steps) for lr in grid if lr not in {o.lr for o in done}
+        ]
         data["tuning"] += [asdict(o) for o in tuned]
         ok = [o for o in tuned if o.status == "ok" and math.isfinite(o.final)]
         for o in tuned:
@@ -95,6 +108,11 @@ def study(
             continue
         best = min(ok, key=lambda o: o.final)
         data["best"][name] = best.lr
+        old = extend.get(name, {})
+        if old.get("best") == best.lr and old.get("seeds"):  # the extension changed nothing
+            data["seeds"][name] = old["seeds"]
+            _save(path, data)
+            continue
         runs = [best] + [W.run(workload, name, best.lr, s, steps) for s in range(1, seeds)]
         data["seeds"][name] = [asdict(o) for o in runs]
         print(f"{workload} {name} best lr {best.lr:g}: " + " ".join(f"{o.final:.4f}" for o in runs))
@@ -130,6 +148,13 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
+def _order(data: dict) -> list[str]:
+    """Optimizers of a result in the order of ``GRIDS`` (unknown names last)."""
+    names = list(dict.fromkeys(r["optimizer"] for r in data["tuning"]))
+    known = list(W.GRIDS)
+    return sorted(names, key=lambda n: known.index(n) if n in known else len(known))
+
+
 def render(data: dict) -> str:
     """Markdown tables for one workload."""
     name = data["workload"]
@@ -152,7 +177,7 @@ def render(data: dict) -> str:
         "| × AdamW's steps | CPU s to target | iteration time × AdamW |",
         "|---|---|---|---|---|---|---|",
     ]
-    for opt in dict.fromkeys([r["optimizer"] for r in data["tuning"]]):
+    for opt in _order(data):
         lr = data["best"].get(opt)
         if lr is None:
             tuned = [r for r in data["tuning"] if r["optimizer"] == opt]
@@ -178,7 +203,7 @@ def render(data: dict) -> str:
         )
     lines += ["", "Tuning (seed 0, final validation loss per lr):", ""]
     lines += ["| optimizer | " + " | ".join(["lr: final"] * 1) + " |", "|---|---|"]
-    for opt in dict.fromkeys([r["optimizer"] for r in data["tuning"]]):
+    for opt in _order(data):
         cells = [
             f"{r['lr']:g}: {_fmt(r['val'][-1] if r['status'] == 'ok' else None, '.4f')}"
             + ("" if r["status"] == "ok" else f" ({r['status']})")
