@@ -201,9 +201,9 @@ GRIDS: dict[str, tuple[Callable, tuple[float, ...]]] = {
     "Muon+AdamW": (_heavyball("MuonAdamW"), (1e-3, 3e-3, 1e-2)),
     "PSGD-Kron": (_heavyball("PSGDKron"), (3e-4, 1e-3, 3e-3)),
     "ista-MFAC": (_ista_mfac, (1e-4, 1e-3)),
-    # ablations of the default relative damping (0.1) and of the window's rows
+    # ablations of the default relative damping (1) and of the window's rows
     "MFAC-damp0.01": (_mfac_damp(0.01), (3e-4, 1e-3, 3e-3)),
-    "MFAC-damp1": (_mfac_damp(1.0), (3e-4, 1e-3, 3e-3)),
+    "MFAC-damp0.1": (_mfac_damp(0.1), (3e-4, 1e-3, 3e-3)),
     "MFAC-grad-damp0.01": (_mfac_damp(0.01, "adam-grad"), (3e-4, 1e-3, 3e-3)),
 }
 

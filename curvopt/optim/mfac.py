@@ -45,7 +45,7 @@ DEFAULT_M = 32
 DEFAULT_MAX_WINDOW_BYTES = 2**30
 #: Default damping with a graft (relative: ``lambda = damp / m`` on unit-norm rows) and
 #: with ``graft=None`` (absolute, the authors' value).
-DEFAULT_DAMP = {"adam": 0.1, "adam-grad": 0.1, None: 1e-5}
+DEFAULT_DAMP = {"adam": 1.0, "adam-grad": 1.0, None: 1e-5}
 
 
 def _resolve_window_size(
@@ -102,7 +102,7 @@ class MFAC(Optimizer):
         w_p \leftarrow w_p - \text{lr}\,\frac{1-\mu}{1-\mu^t}\, b_p,
 
     where ``\hat A`` ``(m, d)`` holds the last ``m`` *unit-norm* Adam steps, so ``damp`` is
-    relative (each row adds eigenvalue ``1/m``; default ``damp=0.1``), ``mu = momentum``
+    relative (each row adds eigenvalue ``1/m``; default ``damp=1``), ``mu = momentum``
     (default 0.9) acts as an exponential average with bias correction like Adam's ``beta1``,
     and ``s_p = 0`` where ``u_p = 0``. A large ``damp`` gives Adam (without its ``eps`` inside
     the momentum); ``graft="adam-grad"`` fills the window with ``g / ||g||`` instead of ``a``
@@ -191,7 +191,7 @@ class MFAC(Optimizer):
         m: Window size, the number of recent gradients kept (>= 1); default None: ``32``, or
             fewer if ``32`` gradients exceed ``max_window_bytes``.
         damp: Damping of ``F`` (> 0); larger values move the step towards SGD (``graft=None``)
-            or Adam (``graft="adam"``). Default None: ``0.1`` relative with a graft, ``1e-5``
+            or Adam (``graft="adam"``). Default None: ``1`` relative with a graft, ``1e-5``
             absolute with ``graft=None`` (the authors').
         momentum: Momentum in ``[0, 1)``: heavy ball with ``graft=None`` (default 0), an
             exponential average with ``graft="adam"`` (default 0.9).

@@ -124,7 +124,7 @@ def test_only_lr_gives_a_small_window():
     assert opt.window.m == DEFAULT_M <= 64
     assert opt.window.G.numel() <= 64 * d
     assert opt.param_groups[0]["momentum"] == 0.9
-    assert opt.window.damp == pytest.approx(0.1 / DEFAULT_M)
+    assert opt.window.damp == pytest.approx(1.0 / DEFAULT_M)
 
 
 def test_default_window_follows_the_memory_budget():
