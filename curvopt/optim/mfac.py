@@ -167,7 +167,8 @@ class MFAC(Optimizer):
     parameters must share one dtype and device.
 
     **Memory.** ``m * d * bytes(window_dtype)`` for the window plus ``O(m^2)`` float64 and one
-    ``d``-vector per parameter with momentum: see :meth:`memory_bytes`.
+    ``d``-vector per parameter with momentum, one more with a graft (``exp_avg_sq``): see
+    :meth:`memory_bytes`.
 
     **Distributed** (see the guide page "Distributed"; all ranks call :meth:`step` together):
 
@@ -342,7 +343,7 @@ class MFAC(Optimizer):
         return self._skipped
 
     def memory_bytes(self) -> int:
-        """Bytes held: the window (``m d`` entries + float64 ``m x m``) plus momentum buffers."""
+        """Bytes held: the window (``m d`` entries + float64 ``m x m``) plus per-parameter state."""
         buffers = sum(
             t.numel() * t.element_size()
             for key, st in self.state.items()
