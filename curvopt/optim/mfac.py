@@ -583,14 +583,9 @@ class MFAC(Optimizer):
 
         Raises:
             ValueError: For an MFAC without a process group or FSDP2 parameters (use
-                :meth:`state_dict`), or with ``graft="adam"`` (not stored yet).
+                :meth:`state_dict`).
         """
         shards, w = self._shards, self.window
-        if self._graft is not None:
-            raise ValueError(
-                "sharded_state_dict() does not store the Adam graft's state yet: build the "
-                "sharded MFAC with graft=None for distributed checkpoints"
-            )
         if shards.group is None:
             raise ValueError(
                 "sharded_state_dict() is for a sharded MFAC (FSDP2 parameters or "
@@ -624,7 +619,23 @@ class MFAC(Optimizer):
             },
             "momentum": momentum,
             "skipped": self._skipped.clone(),
+            **self._sharded_graft_state(cols),
         }
+
+    def _sharded_graft_state(self, cols: list[tuple[int, int, int]]) -> dict[str, Any]:
+        """The graft's ``exp_avg_sq`` (sharded like the window) and step counts (replicated)."""
+        if self._graft is None:
+            return {}
+        shards, w = self._shards, self.window
+        v, steps = {}, []
+        for i, p in enumerate(shards.params):
+            _, off, n = cols[i]
+            st = self.state.get(p, {})
+            buf = st.get("exp_avg_sq")
+            flat = torch.zeros(n, dtype=p.dtype, device=w.device) if buf is None else buf
+            v[str(i)] = D.sharded_columns(flat.reshape(-1), p.numel(), off, shards.group)
+            steps.append(st.get("step", torch.zeros((), dtype=torch.float64, device=w.device)))
+        return {"graft": {"exp_avg_sq": v, "step": torch.stack(steps).clone()}}
 
     def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
         """Load a :meth:`sharded_state_dict` filled by ``torch.distributed.checkpoint.load``.
@@ -636,6 +647,8 @@ class MFAC(Optimizer):
                 "state must be the dict of sharded_state_dict() after dcp.load, with the keys "
                 "'window', 'momentum' and 'skipped'"
             )
+        if self._graft is not None and "graft" not in state:
+            raise ValueError("state has no 'graft' entry: it was saved by an MFAC with graft=None")
         shards, w, win = self._shards, self.window, state["window"]
         cols = self._local_columns()
         G = torch.zeros_like(w.G)
@@ -667,4 +680,12 @@ class MFAC(Optimizer):
             local = D.local_columns(state["momentum"][str(i)])
             buf = torch.zeros_like(target) if local is None else local.reshape(target.shape)
             self.state[shards.params[i]]["momentum_buffer"] = buf.clone()
+        if self._graft is not None:
+            steps = state["graft"]["step"]
+            for i, p in enumerate(shards.params):
+                local = D.local_columns(state["graft"]["exp_avg_sq"][str(i)])
+                n = shards.ranges[i][1]
+                v = torch.zeros(n, dtype=p.dtype, device=w.device) if local is None else local
+                self.state[p]["exp_avg_sq"] = v.reshape(n).clone()
+                self.state[p]["step"] = steps[i].to(torch.float64).clone()
         self._skipped.copy_(state["skipped"])
