@@ -18,7 +18,7 @@ PYTEST := $(PY) -m pytest
 # before triton is imported, so the kernel tests run in a pytest process of their own).
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test test-all test-latest lock wheel-check bench bench-quick gpu-check docs lint format clean
+.PHONY: demo test test-all test-latest lock wheel-check bench bench-quick bench-workloads gpu-check docs lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -106,6 +106,12 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick
+
+# Optimizers on workloads (issue #23): MFAC vs AdamW, SGD, SOAP, Muon, PSGD on a char-level GPT-2,
+# a digits autoencoder and a digits CNN; about 40 minutes on one CPU thread. JSON and tables in
+# results/workloads/, plots in docs/img/workloads_*.png.
+bench-workloads: $(STAMP)
+	$(PY) benchmarks/workloads.py
 
 # Every GPU figure in one command (benchmarks/gpu_check.py: five parts with their own budgets, under
 # 8 minutes on an H200; report in results/gpu/). Without CUDA it is a dry run of well under a minute

@@ -325,7 +325,10 @@ def make_model(kind, seed):
 
 OPTIMIZERS = {
     # damp 1e-2 chosen by a one-off sweep (damp 1e-4..1e-1 x lr 3e-3..1e-1, seed 100, 150 steps)
-    "MFAC": (lambda ps, lr: MFAC(ps, lr=lr, m=32, damp=1e-2, momentum=0.9), (1e-3, 3e-3, 1e-2)),
+    "MFAC": (
+        lambda ps, lr: MFAC(ps, lr=lr, m=32, damp=1e-2, momentum=0.9, graft=None),
+        (1e-3, 3e-3, 1e-2),
+    ),
     "Adam": (lambda ps, lr: torch.optim.Adam(ps, lr=lr), (1e-3, 3e-3, 1e-2)),
     "SGD-momentum": (lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9), (0.01, 0.03, 0.1)),
 }

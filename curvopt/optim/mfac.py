@@ -1,5 +1,8 @@
 r"""The M-FAC optimizer: the gradient preconditioned by a sliding-window empirical Fisher inverse.
 
+By default the step is grafted to Adam's per-parameter norm and the damping is relative, so the
+step does not depend on the loss scale (see :class:`MFAC`); ``graft=None`` gives the authors' step.
+
 Frantar, Kurtic, Alistarh, "M-FAC: Efficient Matrix-Free Approximations of Second-Order
 Information" (NeurIPS 2021), optimization section. With ``G`` the ``(m, d)`` matrix of the last
 ``m`` gradients of *all* parameters of the optimizer (flattened once, in parameter-group order),
@@ -13,8 +16,9 @@ where ``g_t`` is added to the window before ``u_t`` is computed. The inverse pro
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -34,7 +38,37 @@ _REQUIRES_GRAD_CHANGED = (
     "MFAC's window spans the parameters that had requires_grad=True at construction; "
     "requires_grad was changed since. Build a new optimizer for the new set of trainable parameters"
 )
-_SHARED = ("m", "damp", "window_dtype", "nonfinite")
+_SHARED = ("m", "damp", "window_dtype", "nonfinite", "graft", "beta2", "eps", "max_window_bytes")
+_GRAFTS = ("adam", "adam-grad", None)
+#: Default window with only ``lr`` given: ``m = min(DEFAULT_M, what max_window_bytes allows)``.
+DEFAULT_M = 32
+#: Default budget for the window's buffer ``G`` (bytes): 1 GiB.
+DEFAULT_MAX_WINDOW_BYTES = 2**30
+#: Default damping with a graft (relative: ``lambda = damp / m`` on unit-norm rows) and
+#: with ``graft=None`` (absolute, the authors' value).
+DEFAULT_DAMP = {"adam": 1.0, "adam-grad": 1.0, None: 1e-5}
+
+
+def _resolve_window_size(
+    m: int | None, d: int, itemsize: int, max_window_bytes: float | None
+) -> int:
+    """The window size: ``m`` as given (warning above the budget) or the default rule."""
+    budget = DEFAULT_MAX_WINDOW_BYTES if max_window_bytes is None else max_window_bytes
+    if m is None:
+        return max(1, min(DEFAULT_M, int(budget // (max(d, 1) * itemsize))))
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m (window size) must be an integer >= 1 or None, got {m!r}")
+    size = m * d * itemsize
+    if size > budget:
+        warnings.warn(
+            f"MFAC: the window of m={m} gradients of d={d} coordinates takes "
+            f"{size / 2**30:.2f} GiB ({itemsize} bytes each), above max_window_bytes="
+            f"{budget / 2**30:.2f} GiB; pass a smaller m (or m=None for the default rule), "
+            "or raise max_window_bytes to silence this warning",
+            UserWarning,
+            stacklevel=3,
+        )
+    return m
 
 
 def _check_group_hyperparameters(group: dict[str, Any]) -> None:
@@ -52,7 +86,38 @@ def _check_group_hyperparameters(group: dict[str, Any]) -> None:
 class MFAC(Optimizer):
     r"""M-FAC: SGD on the gradient preconditioned by a sliding-window empirical Fisher inverse.
 
-    One step, with ``g`` the gradient of all parameters as one vector and ``w`` the parameters:
+    **Defaults for a drop-in** (only ``lr`` given, ``graft="adam"``): a window of
+    ``m = min(32, max_window_bytes / (d * bytes))`` gradients (at most ``32 d`` numbers; an
+    explicit ``m`` whose buffer exceeds ``max_window_bytes``, 1 GiB by default, warns with its
+    size in GiB), and M-FAC applied on top of Adam's diagonal scaling, with the step's size
+    grafted to Adam's per parameter tensor (Shampoo's "grafting"). With ``g`` the gradient
+    (after coupled decay), ``g_p`` its part for parameter ``p`` and ``t`` the step count:
+
+    .. math::
+        v_p \leftarrow \beta_2 v_p + (1-\beta_2) g_p^2, \quad
+        a_p = g_p / (\sqrt{v_p / (1-\beta_2^t)} + \epsilon), \quad
+        \hat a = a / \|a\|, \\
+        F = \tfrac{\text{damp}}{m} I + \hat A^\top \hat A / m, \quad u = F^{-1} \hat a, \quad
+        s_p = u_p \, \|a_p\| / \|u_p\|, \\
+        b_p \leftarrow \mu b_p + s_p, \quad
+        w_p \leftarrow w_p - \text{lr}\,\frac{1-\mu}{1-\mu^t}\, b_p,
+
+    where ``\hat A`` ``(m, d)`` holds the last ``m`` *unit-norm* Adam steps, so ``damp`` is
+    relative (each row adds eigenvalue ``1/m``; default ``damp=1``), ``mu = momentum``
+    (default 0.9) acts as an exponential average with bias correction like Adam's ``beta1``,
+    and ``s_p = 0`` where ``u_p = 0``. A large ``damp`` gives Adam (without its ``eps`` inside
+    the momentum); ``graft="adam-grad"`` fills the window with ``g / ||g||`` instead of ``a``
+    (measured worse, kept for the ablation). Multiplying the loss by ``c > 0`` leaves every
+    step unchanged (exactly with ``eps=0``; up to ``eps`` otherwise, as for Adam), so Adam's
+    learning rates apply. Costs one more ``d``-vector (``v``) per parameter. Why: with an
+    absolute damping ``damp << ||g||^2/m`` the authors' step ``F^{-1} g`` has norm about
+    ``m / ||g||``, so the right ``lr`` moves with the loss scale; see "Optimizers on
+    workloads" in the benchmarks page for the measurements.
+
+    **The authors' settings** are ``MFAC(params, lr, m=1024, damp=1e-5, graft=None)`` (plus
+    ``momentum`` as below): then ``damp`` is absolute, the window holds the raw gradients and the
+    step is as follows. One step, with ``g`` the gradient of all parameters as one vector and
+    ``w`` the parameters (``graft="adam"`` differs only as stated above):
 
     1. Coupled weight decay (``decoupled_weight_decay=False``, default, as in L2 regularization and
        ``torch.optim.SGD``): ``g <- g + wd * w`` *before* ``g`` enters the window, so the
@@ -104,7 +169,8 @@ class MFAC(Optimizer):
     parameters must share one dtype and device.
 
     **Memory.** ``m * d * bytes(window_dtype)`` for the window plus ``O(m^2)`` float64 and one
-    ``d``-vector per parameter with momentum: see :meth:`memory_bytes`.
+    ``d``-vector per parameter with momentum, one more with a graft (``exp_avg_sq``): see
+    :meth:`memory_bytes`.
 
     **Distributed** (see the guide page "Distributed"; all ranks call :meth:`step` together):
 
@@ -125,10 +191,21 @@ class MFAC(Optimizer):
     Args:
         params: Parameters or parameter groups.
         lr: Learning rate (>= 0).
-        m: Window size, the number of recent gradients kept (>= 1).
-        damp: Damping of ``F`` (> 0); larger values move the step towards SGD with step ``lr/damp``.
-        momentum: Heavy-ball momentum in ``[0, 1)``.
+        m: Window size, the number of recent gradients kept (>= 1); default None: ``32``, or
+            fewer if ``32`` gradients exceed ``max_window_bytes``.
+        damp: Damping of ``F`` (> 0); larger values move the step towards SGD (``graft=None``)
+            or Adam (``graft="adam"``). Default None: ``1`` relative with a graft, ``1e-5``
+            absolute with ``graft=None`` (the authors').
+        momentum: Momentum in ``[0, 1)``: heavy ball with ``graft=None`` (default 0), an
+            exponential average with ``graft="adam"`` (default 0.9).
         weight_decay: Weight decay (>= 0), coupled or decoupled as set by the next argument.
+        graft: ``"adam"`` (default): window of unit-norm Adam steps, relative damping and
+            Adam's norm per parameter (scale-invariant); ``"adam-grad"``: the same with
+            unit-norm gradients in the window; None: the authors' step.
+        beta2: Decay of the squared-gradient average of the Adam graft, in ``[0, 1)``.
+        eps: Added to the Adam graft's denominator (>= 0).
+        max_window_bytes: Budget for the window's buffer in bytes (default 1 GiB): the default
+            ``m`` fits in it, an explicit ``m`` above it warns (``UserWarning``).
         decoupled_weight_decay: Use decoupled (AdamW-style) instead of coupled weight decay.
         window_dtype: Storage dtype of the window (float32, bfloat16 or float64; default: the
             parameters' dtype). The ``m x m`` algebra is float64 regardless.
@@ -139,7 +216,10 @@ class MFAC(Optimizer):
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
-        >>> opt = MFAC(model.parameters(), lr=1e-2, m=8, damp=1e-3, momentum=0.9)
+        >>> opt = MFAC(model.parameters(), lr=1e-2)  # drop-in for AdamW's lr range
+        >>> opt.window.m, opt.param_groups[0]["momentum"]
+        (32, 0.9)
+        >>> authors = MFAC(model.parameters(), lr=1e-2, m=8, damp=1e-3, graft=None)
         >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
         >>> for _ in range(3):
         ...     opt.zero_grad()
@@ -151,21 +231,42 @@ class MFAC(Optimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1e-3,
-        m: int = 1024,
-        damp: float = 1e-5,
-        momentum: float = 0.0,
+        m: int | None = None,
+        damp: float | None = None,
+        momentum: float | None = None,
         weight_decay: float = 0.0,
         *,
+        graft: str | None = "adam",
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        max_window_bytes: float | None = None,
         decoupled_weight_decay: bool = False,
         window_dtype: torch.dtype | None = None,
         nonfinite: str = "raise",
         process_group: object = None,
         check_replicated_grads: bool = False,
     ) -> None:
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"m (window size) must be an integer >= 1, got {m!r}")
-        if not (isinstance(damp, (int, float)) and damp > 0):
+        if graft not in _GRAFTS:
+            raise ValueError(f"graft must be 'adam', 'adam-grad' or None, got {graft!r}")
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"m (window size) must be an integer >= 1 or None, got {m!r}")
+        if damp is None:
+            damp = DEFAULT_DAMP[graft]
+        if momentum is None:
+            momentum = 0.0 if graft is None else 0.9
+        if isinstance(damp, bool) or not (isinstance(damp, (int, float)) and damp > 0):
             raise ValueError(f"damp must be a number > 0, got {damp!r}")
+        if isinstance(beta2, bool) or not (isinstance(beta2, (int, float)) and 0 <= beta2 < 1):
+            raise ValueError(f"beta2 must be a number in [0, 1), got {beta2!r}")
+        if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        if max_window_bytes is not None and (
+            isinstance(max_window_bytes, bool)
+            or not (isinstance(max_window_bytes, (int, float)) and max_window_bytes > 0)
+        ):
+            raise ValueError(
+                f"max_window_bytes must be a number > 0 or None, got {max_window_bytes!r}"
+            )
         if window_dtype is not None and window_dtype not in _WINDOW_DTYPES:
             raise ValueError(
                 f"window_dtype must be one of {_WINDOW_DTYPES} or None, got {window_dtype!r}"
@@ -179,7 +280,8 @@ class MFAC(Optimizer):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         _check_group_hyperparameters(defaults)
-        self._m, self._damp, self._nonfinite = m, float(damp), nonfinite
+        self._damp, self._nonfinite = float(damp), nonfinite
+        self._graft, self._beta2, self._eps = graft, float(beta2), float(eps)
         self._window: SlidingWindowMFAC | None = None
         super().__init__(params, defaults)
         ps = trainable(self._all_params())
@@ -193,13 +295,23 @@ class MFAC(Optimizer):
         if not ps[0].is_floating_point():
             raise TypeError(f"MFAC needs floating-point parameters, got {ps[0].dtype}")
         self._shards = ParamShards(ps, process_group)
+        offsets, total = [], 0
+        for _, n in self._shards.ranges:
+            offsets.append(total)
+            total += n
+        self._offsets = offsets
         self._check_replicated = bool(check_replicated_grads)
+        dtype = ps[0].dtype if window_dtype is None else window_dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        m = _resolve_window_size(m, self._shards.local_dim, itemsize, max_window_bytes)
+        self._m = m
         self._window = SlidingWindowMFAC(
             self._shards.local_dim,
             m,
-            self._damp,
+            # relative damping: the rows are unit vectors, each adds eigenvalue 1/m to F
+            self._damp / m if graft is not None else self._damp,
             device=ps[0].device,
-            dtype=ps[0].dtype if window_dtype is None else window_dtype,
+            dtype=dtype,
             process_group=self._shards.group,
             agree={
                 "d (coordinates of all ranks)": sum(p.numel() for p in ps),
@@ -247,7 +359,7 @@ class MFAC(Optimizer):
         return self._skipped
 
     def memory_bytes(self) -> int:
-        """Bytes held: the window (``m d`` entries + float64 ``m x m``) plus momentum buffers."""
+        """Bytes held: the window (``m d`` entries + float64 ``m x m``) plus per-parameter state."""
         buffers = sum(
             t.numel() * t.element_size()
             for key, st in self.state.items()
@@ -322,14 +434,21 @@ class MFAC(Optimizer):
                     "nothing was changed (pass nonfinite='skip' to skip such steps instead)"
                 )
         else:
-            ok = ~bad
+            self._skipped.add_(bad.to(self._skipped.dtype))
+            mask = (~bad).to(g.dtype)
+        row, a2 = g, None
+        if self._graft is not None:  # unit-norm rows: the direction ignores the loss scale
+            a, a2 = self._adam_step(g, mask)
+            row = g if self._graft == "adam-grad" else a  # "adam": the window sees Adam's steps
+            norm2 = D.all_reduce_sum_(row.square().sum().reshape(1), shards.group)
+            row = row / norm2.sqrt().clamp_min(torch.finfo(g.dtype).tiny)
+        if mask is not None:
             evicted = window.G[window.count % window.m].to(g.dtype)
-            g = torch.where(ok, g, evicted)
-            self._skipped.add_((~ok).to(self._skipped.dtype))
-            mask = ok.to(g.dtype)
-        u = window.add_and_ihvp(g, on_nonfinite="ignore")  # checked above
+            row = torch.where(~bad, row, evicted)
+        u = window.add_and_ihvp(row, on_nonfinite="ignore")  # checked above
         if self._nonfinite == "raise" and window.refreshed:
             window.check_conditioning()  # once per refresh, in the mode that synchronizes anyway
+        scales = None if a2 is None else self._graft_scales(a2, u)
         offset, i = 0, 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
@@ -342,6 +461,8 @@ class MFAC(Optimizer):
                 offset += n
                 if p.grad is None:
                     continue
+                if scales is not None:
+                    u_p = u_p * scales[i - 1]
                 if mask is not None:
                     u_p = u_p * mask
                 if momentum != 0:
@@ -359,9 +480,94 @@ class MFAC(Optimizer):
                         w.mul_(1 - lr * wd)
                     else:
                         w.mul_(1 - lr * wd * mask)
-                w.add_(u_p, alpha=-lr)
+                if scales is None:
+                    w.add_(u_p, alpha=-lr)
+                elif momentum == 0:
+                    w.sub_(u_p, alpha=lr)
+                else:  # an exponential average with Adam's bias correction: lr keeps its scale
+                    t = self.state[p]["step"].clamp_min(1)
+                    w.sub_(u_p * (lr * (1 - momentum) / (1 - torch.pow(momentum, t))).to(w.dtype))
         shards.gather_()  # ZeRO-1: the one all-gather of the new parameters
         return loss
+
+    def _adam_step(self, g: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Adam's unmomented step ``a`` (flat, updates ``v``) and ``||a_p||^2`` per parameter.
+
+        ``v_p <- beta2 v_p + (1 - beta2) g_p^2``, ``a_p = g_p / (sqrt(v_p / (1 - beta2^t)) + eps)``
+        (``t`` counts the steps in which ``p`` had a gradient); ``a_p = 0`` for parameters
+        without a gradient and on a skipped step. The norms are all-reduced when sharded.
+        """
+        shards, beta2, eps = self._shards, self._beta2, self._eps
+        a = torch.zeros_like(g)
+        a2 = torch.zeros(len(shards.params), dtype=torch.float64, device=g.device)
+        for i, (p, (_, n)) in enumerate(zip(shards.params, shards.ranges)):
+            if p.grad is None:
+                continue
+            off = self._offsets[i]
+            g_p = g[off : off + n]
+            state = self.state[p]
+            if "exp_avg_sq" not in state:
+                state["exp_avg_sq"] = torch.zeros(n, dtype=g.dtype, device=g.device)
+                state["step"] = torch.zeros((), dtype=torch.float64, device=g.device)
+            v, t = state["exp_avg_sq"], state["step"]
+            if mask is None:
+                v.mul_(beta2).addcmul_(g_p, g_p, value=1 - beta2)
+                t.add_(1)
+            else:  # a skipped step leaves v and t as they are
+                v.lerp_(torch.where(mask.bool(), g_p, 0).square(), (1 - beta2) * mask)
+                t.add_(mask.to(t.dtype))
+            bias = 1 - torch.pow(beta2, t.clamp_min(1))
+            a_p = a[off : off + n]
+            torch.div(g_p, (v / bias.to(v.dtype)).sqrt_().add_(eps), out=a_p)
+            if mask is not None:
+                a_p.copy_(torch.where(mask.bool(), a_p, 0))
+            a2[i] = a_p.square().sum(dtype=torch.float64)
+        return a, D.all_reduce_sum_(a2, shards.group)
+
+    def _check_graft_state(self, saved: Mapping[Any, Any], by_id: Mapping[int, Tensor]) -> None:
+        """Refuse a saved graft state (``exp_avg_sq``, ``step``) that this optimizer cannot use.
+
+        ``exp_avg_sq`` must be a finite, non-negative flat tensor of this rank's element count of
+        the parameter, and ``step`` a finite scalar ``>= 0``; the two come together.
+        """
+        sizes = {id(p): n for p, (_, n) in zip(self._shards.params, self._shards.ranges)}
+        for key, entry in saved.items():
+            if key == _STATE_KEY or not isinstance(entry, Mapping):
+                continue
+            has_v, has_t = "exp_avg_sq" in entry, "step" in entry
+            if has_v != has_t:
+                raise ValueError(
+                    f"state_dict['state'][{key!r}] has only one of 'exp_avg_sq' and 'step'; "
+                    "the Adam graft needs both (save and load with the same MFAC version)"
+                )
+            if not has_v:
+                continue
+            v, t, p = entry["exp_avg_sq"], entry["step"], by_id.get(key)
+            n = sizes.get(id(p)) if p is not None else None
+            if not isinstance(v, Tensor) or v.dim() != 1 or (n is not None and v.numel() != n):
+                raise ValueError(
+                    f"state_dict['state'][{key!r}]['exp_avg_sq'] must be a flat tensor of {n} "
+                    f"entries (this rank's part of the parameter), got "
+                    f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}"
+                )
+            if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+                raise ValueError(
+                    f"state_dict['state'][{key!r}]['exp_avg_sq'] must be finite and >= 0"
+                )
+            if not isinstance(t, Tensor) or t.numel() != 1 or not (0 <= float(t) < math.inf):
+                raise ValueError(
+                    f"state_dict['state'][{key!r}]['step'] must be a finite scalar tensor >= 0"
+                )
+
+    def _graft_scales(self, a2: Tensor, u: Tensor) -> Tensor:
+        """Per parameter ``||a_p|| / ||u_p||`` (0 where ``u_p = 0``); all-reduced when sharded."""
+        shards = self._shards
+        u2 = torch.zeros(len(shards.params), dtype=torch.float64, device=u.device)
+        for i, (_, n) in enumerate(shards.ranges):
+            off = self._offsets[i]
+            u2[i] = u[off : off + n].square().sum(dtype=torch.float64)
+        D.all_reduce_sum_(u2, shards.group)
+        return torch.where(u2 > 0, (a2 / u2).sqrt(), 0).to(u.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         """The torch.optim state plus the window (buffer, factors, counters) as ``mfac_window``."""
@@ -380,13 +586,14 @@ class MFAC(Optimizer):
         Everything is validated before anything is loaded: on error the optimizer is unchanged.
         """
         local = {id(p): self._shards.param(i).shape for i, p in enumerate(self._shards.params)}
-        check_optimizer_state(
+        by_id = check_optimizer_state(
             self,
             state_dict,
             ["momentum_buffer"],
             lambda p: local.get(id(p), p.shape),
             check_group=_check_group_hyperparameters,
         )
+        self._check_graft_state(state_dict["state"], by_id)
         state_dict = dict(state_dict)
         state_dict["state"] = dict(state_dict["state"])
         saved = state_dict["state"].pop(_STATE_KEY, None)
@@ -480,7 +687,23 @@ class MFAC(Optimizer):
             },
             "momentum": momentum,
             "skipped": self._skipped.clone(),
+            **self._sharded_graft_state(cols),
         }
+
+    def _sharded_graft_state(self, cols: list[tuple[int, int, int]]) -> dict[str, Any]:
+        """The graft's ``exp_avg_sq`` (sharded like the window) and step counts (replicated)."""
+        if self._graft is None:
+            return {}
+        shards, w = self._shards, self.window
+        v, steps = {}, []
+        for i, p in enumerate(shards.params):
+            _, off, n = cols[i]
+            st = self.state.get(p, {})
+            buf = st.get("exp_avg_sq")
+            flat = torch.zeros(n, dtype=p.dtype, device=w.device) if buf is None else buf
+            v[str(i)] = D.sharded_columns(flat.reshape(-1), p.numel(), off, shards.group)
+            steps.append(st.get("step", torch.zeros((), dtype=torch.float64, device=w.device)))
+        return {"graft": {"exp_avg_sq": v, "step": torch.stack(steps).clone()}}
 
     def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
         """Load a :meth:`sharded_state_dict` filled by ``torch.distributed.checkpoint.load``.
@@ -492,6 +715,8 @@ class MFAC(Optimizer):
                 "state must be the dict of sharded_state_dict() after dcp.load, with the keys "
                 "'window', 'momentum' and 'skipped'"
             )
+        if self._graft is not None and "graft" not in state:
+            raise ValueError("state has no 'graft' entry: it was saved by an MFAC with graft=None")
         shards, w, win = self._shards, self.window, state["window"]
         cols = self._local_columns()
         G = torch.zeros_like(w.G)
@@ -523,4 +748,12 @@ class MFAC(Optimizer):
             local = D.local_columns(state["momentum"][str(i)])
             buf = torch.zeros_like(target) if local is None else local.reshape(target.shape)
             self.state[shards.params[i]]["momentum_buffer"] = buf.clone()
+        if self._graft is not None:
+            steps = state["graft"]["step"]
+            for i, p in enumerate(shards.params):
+                local = D.local_columns(state["graft"]["exp_avg_sq"][str(i)])
+                n = shards.ranges[i][1]
+                v = torch.zeros(n, dtype=p.dtype, device=w.device) if local is None else local
+                self.state[p]["exp_avg_sq"] = v.reshape(n).clone()
+                self.state[p]["step"] = steps[i].to(torch.float64).clone()
         self._skipped.copy_(state["skipped"])

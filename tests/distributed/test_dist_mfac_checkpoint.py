@@ -9,11 +9,14 @@ from test_dist_mfac_optimizer import BATCH, make_data, make_model, make_opt, tra
 HALF = 6
 
 
-def _build(mode, world):
+GRAFTS = (None, "adam")
+
+
+def _build(mode, world, graft=None):
     if mode.endswith("_skip"):
         net, model, _ = _build(mode.removesuffix("_skip"), world)
         kw = {} if mode.startswith("fsdp") else {"process_group": torch.distributed.group.WORLD}
-        return net, model, make_opt(model, nonfinite="skip", **kw)
+        return net, model, make_opt(model, nonfinite="skip", graft=graft, **kw)
     mode = mode.removesuffix("_factored")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -22,9 +25,9 @@ def _build(mode, world):
     model = make_model()
     if mode == "fsdp":
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-        return model, model, make_opt(model)
+        return model, model, make_opt(model, graft=graft)
     ddp = DDP(model)
-    return ddp, model, make_opt(model, process_group=torch.distributed.group.WORLD)
+    return ddp, model, make_opt(model, graft=graft, process_group=torch.distributed.group.WORLD)
 
 
 def _shard(rank, world):
@@ -79,14 +82,16 @@ def _save(rank, world, path):
     X, Y = _shard(rank, world)
     saved = {}
     for mode in MODES:
-        net, model, opt = _build(mode, world)
-        if mode in ("zero1", "fsdp"):
-            train(net, opt, X, Y, HALF)
-        else:
-            _special(mode, net, model, opt, X, Y, rank)
-        saved[mode] = counters(opt)
-        sd = {"model": model.state_dict(), "optim": opt.sharded_state_dict()}
-        dcp.save(sd, checkpoint_id=os.path.join(path, mode))
+        for graft in GRAFTS if mode in ("zero1", "fsdp") else (None,):
+            key = f"{mode}-{graft}"
+            net, model, opt = _build(mode, world, graft)
+            if mode in ("zero1", "fsdp"):
+                train(net, opt, X, Y, HALF)
+            else:
+                _special(mode, net, model, opt, X, Y, rank)
+            saved[key] = counters(opt)
+            sd = {"model": model.state_dict(), "optim": opt.sharded_state_dict()}
+            dcp.save(sd, checkpoint_id=os.path.join(path, key))
     return saved
 
 
@@ -96,30 +101,34 @@ def _load_and_continue(rank, world, path):
     X, Y = _shard(rank, world)
     out = {}
     for mode in MODES:
-        net, model, opt = _build(mode, world)
-        sd = {"model": model.state_dict(), "optim": opt.sharded_state_dict()}
-        dcp.load(sd, checkpoint_id=os.path.join(path, mode))
-        model.load_state_dict(sd["model"])
-        opt.load_sharded_state_dict(sd["optim"])
-        out[mode + "_restored"] = counters(opt)
-        if mode in ("zero1", "fsdp"):
-            out[mode] = train(net, opt, X, Y, HALF)
-            out[mode + "_count"] = opt.window.count
+        for graft in GRAFTS if mode in ("zero1", "fsdp") else (None,):
+            key = f"{mode}-{graft}"
+            net, model, opt = _build(mode, world, graft)
+            sd = {"model": model.state_dict(), "optim": opt.sharded_state_dict()}
+            dcp.load(sd, checkpoint_id=os.path.join(path, key))
+            model.load_state_dict(sd["model"])
+            opt.load_sharded_state_dict(sd["optim"])
+            out[key + "_restored"] = counters(opt)
+            if mode in ("zero1", "fsdp"):
+                out[key] = train(net, opt, X, Y, HALF)
+                out[key + "_count"] = opt.window.count
     return out
 
 
 def test_dcp_save_at_two_ranks_load_at_three_continue():
     out = [r["checkpoint"] for r in results(LOAD_WORLD)]  # saved by the run on SAVE_WORLD ranks
     X, Y = make_data()
-    model = make_model()
-    reference = train(model, make_opt(model), X, Y, 2 * HALF)[HALF:]
-    for res in out:
-        for mode in ("zero1", "fsdp"):
-            assert res[mode + "_count"] == 2 * HALF
-            for step, ref in zip(res[mode], reference):
-                for a, b in zip(step, ref):
-                    rel = float((a - b).abs().max() / b.abs().max())
-                    assert rel <= 1e-12, (mode, rel)
+    for graft in GRAFTS:
+        model = make_model()
+        reference = train(model, make_opt(model, graft=graft), X, Y, 2 * HALF)[HALF:]
+        for res in out:
+            for mode in ("zero1", "fsdp"):
+                key = f"{mode}-{graft}"
+                assert res[key + "_count"] == 2 * HALF
+                for step, ref in zip(res[key], reference):
+                    for a, b in zip(step, ref):
+                        rel = float((a - b).abs().max() / b.abs().max())
+                        assert rel <= (1e-12 if graft is None else 1e-9), (key, rel)
 
 
 def test_dcp_restores_counters_and_flags_exactly():
@@ -128,11 +137,12 @@ def test_dcp_restores_counters_and_flags_exactly():
     loaded = [r["checkpoint"] for r in results(LOAD_WORLD)]
     want = saved[0]
     assert all(s == want for s in saved)
-    assert want["zero1"]["since_refresh"] == HALF % 4 != 0  # m = 4: mid-way between refreshes
-    assert want["zero1_factored"]["factored"] and want["fsdp_skip"]["skipped"] == 1
+    assert want["zero1-None"]["since_refresh"] == HALF % 4 != 0  # m = 4: between refreshes
+    assert want["zero1_factored-None"]["factored"] and want["fsdp_skip-None"]["skipped"] == 1
     for res in loaded:
-        for mode in MODES:
-            assert res[mode + "_restored"] == want[mode], mode
+        assert set(res) >= {key + "_restored" for key in want}
+        for key in want:
+            assert res[key + "_restored"] == want[key], key
 
 
 def test_sharded_state_dict_needs_a_sharded_optimizer():

@@ -24,7 +24,7 @@ def make_data():
     return X, torch.randn(BATCH, 2, generator=gen, dtype=torch.float64)
 
 
-def make_opt(model, **kw):
+def make_opt(model, graft=None, **kw):
     groups = [
         {"params": model[0].parameters(), "momentum": 0.9, "weight_decay": 1e-2},
         {
@@ -35,7 +35,7 @@ def make_opt(model, **kw):
             "decoupled_weight_decay": True,
         },
     ]
-    return MFAC(groups, lr=0.1, m=4, damp=0.1, **kw)
+    return MFAC(groups, lr=0.1, m=4, damp=0.1, graft=graft, **kw)
 
 
 def train(model, opt, X, Y, steps):
@@ -174,6 +174,17 @@ def _optimizer_checks(rank, world):
     out["skip_unchanged"] = all(torch.equal(a, full(b)) for a, b in zip(before, model.parameters()))
     out["fsdp_reload"] = _plain_state_dict_round_trip(model, model, X[mine], Y[mine], None)
 
+    # the default grafted step (per-parameter norms all-reduced) matches one process too
+    ref_model = make_model()
+    reference = train(ref_model, make_opt(ref_model, graft="adam"), X, Y, STEPS)
+    ddp = DDP(make_model())
+    opt = make_opt(ddp.module, graft="adam", process_group=group)
+    out["graft_ddp_err"] = max_rel(train(ddp, opt, X[mine], Y[mine], STEPS), reference)
+    model = make_model()
+    fully_shard(model, mesh=mesh)
+    opt = make_opt(model, graft="adam")
+    out["graft_fsdp_err"] = max_rel(train(model, opt, X[mine], Y[mine], STEPS), reference)
+
     # bad input: a Replicate placement; DTensor and plain parameters mixed
     rep = nn.Parameter(distribute_tensor(torch.ones(4, dtype=torch.float64), mesh, [Replicate()]))
     out["bad"] = []
@@ -182,7 +193,7 @@ def _optimizer_checks(rank, world):
         [next(model.parameters()), nn.Parameter(torch.ones(3, dtype=torch.float64))],
     ):
         try:
-            MFAC(params, m=2)
+            MFAC(params, m=2, graft=None)
             out["bad"].append("accepted")
         except ValueError as err:
             out["bad"].append(str(err))
@@ -190,7 +201,7 @@ def _optimizer_checks(rank, world):
     sub = torch.distributed.new_group([0]) if world > 1 else None
     if rank == 0 and sub is not None:
         try:
-            MFAC(model.parameters(), m=2, process_group=sub)
+            MFAC(model.parameters(), m=2, process_group=sub, graft=None)
             out["bad"].append("accepted")
         except ValueError as err:
             out["bad"].append(str(err))
@@ -204,6 +215,8 @@ def test_mfac_ddp_zero1_and_fsdp2_match_one_process(world):
     for res in out:
         assert res["ddp_err"] <= 1e-10, res["ddp_err"]
         assert res["fsdp_err"] <= 1e-10, res["fsdp_err"]
+        assert res["graft_ddp_err"] <= 1e-9, res["graft_ddp_err"]
+        assert res["graft_fsdp_err"] <= 1e-9, res["graft_fsdp_err"]
         assert res["ddp_dim"] in (d // world, -(-d // world))
         assert res["fsdp_dim"] == res["fsdp_local"]
         assert res["nan_raised"] and res["nan_unchanged"]
@@ -221,4 +234,4 @@ def test_mfac_ddp_zero1_and_fsdp2_match_one_process(world):
 
 def test_mfac_rejects_a_group_without_initialized_distributed():
     with pytest.raises(ValueError, match="not initialized"):
-        MFAC(make_model().parameters(), m=2, process_group=object())
+        MFAC(make_model().parameters(), m=2, process_group=object(), graft=None)

@@ -49,7 +49,7 @@ class ScriptedSampler:
 def mfac_after_steps(shapes, m, lr, steps=3, seed=0, **kw):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen, dtype=DT, requires_grad=True) for s in shapes]
-    opt = MFAC(params, lr=lr, m=m, damp=1e-2, momentum=0.9, **kw)
+    opt = MFAC(params, lr=lr, m=m, damp=1e-2, momentum=0.9, **kw, graft=None)
     for _ in range(steps):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen, dtype=DT)
@@ -88,7 +88,9 @@ def test_mfac_resume_restores_the_skipped_step_counter():
     opt.step()
     opt.step()
     assert int(opt.skipped_steps) == 2
-    fresh = MFAC([torch.zeros(3, dtype=DT, requires_grad=True)], m=2, damp=1e-2, nonfinite="skip")
+    fresh = MFAC(
+        [torch.zeros(3, dtype=DT, requires_grad=True)], m=2, damp=1e-2, nonfinite="skip", graft=None
+    )
     fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert int(fresh.skipped_steps) == 2
 
@@ -97,7 +99,7 @@ def test_mfac_leaves_frozen_parameters_out_of_the_window():
     backbone = nn.Linear(64, 64).double().requires_grad_(False)
     head = nn.Linear(64, 3).double()
     params = [*backbone.parameters(), *head.parameters()]
-    opt = MFAC(params, lr=0.1, m=8, damp=1e-2)
+    opt = MFAC(params, lr=0.1, m=8, damp=1e-2, graft=None)
     d = sum(p.numel() for p in head.parameters())
     assert opt.window.dim == d
     assert opt.memory_bytes() == 8 * d * 8 + 2 * 8 * 8 * 8
@@ -105,7 +107,7 @@ def test_mfac_leaves_frozen_parameters_out_of_the_window():
     x = torch.randn(16, 64, dtype=DT)
     # reference: MFAC on the head alone gives the same step
     head_ref = copy.deepcopy(head)
-    ref = MFAC(head_ref.parameters(), lr=0.1, m=8, damp=1e-2)
+    ref = MFAC(head_ref.parameters(), lr=0.1, m=8, damp=1e-2, graft=None)
     for module, o in ((head, opt), (head_ref, ref)):
         o.zero_grad()
         module(backbone(x)).square().sum().backward()
@@ -115,7 +117,7 @@ def test_mfac_leaves_frozen_parameters_out_of_the_window():
     for p, q in zip(backbone.parameters(), frozen):
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="requires_grad=True"):
-        MFAC(backbone.parameters(), lr=0.1)
+        MFAC(backbone.parameters(), lr=0.1, graft=None)
     next(backbone.parameters()).requires_grad_(True)
     next(backbone.parameters()).grad = torch.ones(64, 64, dtype=DT)
     with pytest.raises(ValueError, match="requires_grad was changed"):
@@ -267,3 +269,32 @@ def test_gns_newton_rejects_complex_parameters_and_sparse_gradients():
 
     with pytest.raises(TypeError, match="sparse"):
         opt.step(closure)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda s: s["exp_avg_sq"].__setitem__(0, float("nan")), "finite and >= 0"),
+        (lambda s: s["exp_avg_sq"].__setitem__(0, -1.0), "finite and >= 0"),
+        (lambda s: s.__setitem__("exp_avg_sq", s["exp_avg_sq"][:-1]), "flat tensor of 12"),
+        (lambda s: s.__setitem__("exp_avg_sq", s["exp_avg_sq"].reshape(3, 4)), "flat tensor"),
+        (lambda s: s.__setitem__("step", torch.tensor(float("inf"))), "finite scalar"),
+        (lambda s: s.pop("step"), "only one of"),
+    ],
+)
+def test_mfac_graft_state_is_checked_and_a_failed_load_changes_nothing(corrupt, message):
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(s, generator=gen, dtype=DT, requires_grad=True) for s in [(3, 4), (4,)]]
+    opt = MFAC(params, lr=0.01, m=4)  # the default: the Adam graft keeps exp_avg_sq and step
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=DT)
+        opt.step()
+    before = snapshot(opt)
+    bad = copy.deepcopy(before)
+    corrupt(bad["state"][0])
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(bad)
+    assert_same(before, opt.state_dict())
+    opt.load_state_dict(copy.deepcopy(before))  # the intact state still loads
+    assert_same(before, opt.state_dict())

@@ -92,7 +92,7 @@ def test_direction_is_dense_inverse_fisher_times_gradient():
     params = make_params()
     w0 = flat(params)
     m, damp = 3, 1e-2
-    opt = MFAC(params, lr=1.0, m=m, damp=damp)
+    opt = MFAC(params, lr=1.0, m=m, damp=damp, graft=None)
     got = run_optimizer(opt, params, loss_flat, 7)  # 7 > m: the ring wraps around
     want = reference_run(loss_flat, w0, [(slice(0, D), 1.0, 0.0, 0.0, False)], m, damp, 7)
     for a, b in zip(got, want):
@@ -116,6 +116,7 @@ def test_param_groups_weight_decay_and_momentum(decoupled):
         momentum=0.9,
         weight_decay=0.1,
         decoupled_weight_decay=decoupled,
+        graft=None,
     )
     got = run_optimizer(opt, params, loss_flat, 8)
     groups = [(slice(0, 8), 0.05, 0.9, 0.3, decoupled), (slice(8, 12), 0.02, 0.5, 0.1, decoupled)]
@@ -128,7 +129,7 @@ def test_parameters_without_gradient_are_skipped():
     loss_flat = make_loss(seed=4)
     params = make_params(seed=5)
     w0 = flat(params)
-    opt = MFAC(params, lr=0.1, m=3, damp=1e-1, momentum=0.9, weight_decay=0.2)
+    opt = MFAC(params, lr=0.1, m=3, damp=1e-1, momentum=0.9, weight_decay=0.2, graft=None)
     got = run_optimizer(opt, params, loss_flat, 5, dead_params=(1,))  # b (flat 6:8) gets no grad
     assert params[1].grad is None
     assert "momentum_buffer" not in opt.state[params[1]]
@@ -143,7 +144,7 @@ def test_parameters_without_gradient_are_skipped():
 
 def test_step_without_any_gradient_changes_nothing():
     params = make_params()
-    opt = MFAC(params, lr=0.1, m=3, damp=1.0)
+    opt = MFAC(params, lr=0.1, m=3, damp=1.0, graft=None)
     before = flat(params)
     with pytest.warns(UserWarning, match="no gradient on any of its parameters"):
         opt.step()
@@ -158,7 +159,7 @@ def test_nonfinite_gradient_never_enters_the_window(mode, before):
     params = make_params(seed=7)
     w0 = flat(params)
     m, damp = 3, 1e-1
-    opt = MFAC(params, lr=0.1, m=m, damp=damp, momentum=0.9, nonfinite=mode)
+    opt = MFAC(params, lr=0.1, m=m, damp=damp, momentum=0.9, nonfinite=mode, graft=None)
     run_optimizer(opt, params, loss_flat, before)
     K_before = opt.window.K.clone()
     w_before = flat(params)
@@ -193,7 +194,9 @@ def test_nonfinite_gradient_never_enters_the_window(mode, before):
 def test_skip_mode_step_has_no_host_synchronization(monkeypatch):
     loss_flat = make_loss()
     params = make_params()
-    opt = MFAC(params, lr=0.1, m=3, damp=1e-1, momentum=0.9, weight_decay=0.1, nonfinite="skip")
+    opt = MFAC(
+        params, lr=0.1, m=3, damp=1e-1, momentum=0.9, weight_decay=0.1, nonfinite="skip", graft=None
+    )
     run_optimizer(opt, params, loss_flat, 1)
     opt.zero_grad()
     loss_flat(torch.cat([p.reshape(-1) for p in params])).backward()
@@ -213,7 +216,7 @@ def test_bf16_window_matches_dense_reference_of_rounded_gradients():
     loss_flat = make_loss(seed=8)
     params = make_params(seed=9, dtype=torch.float32)
     m, damp = 4, 1e-1
-    opt = MFAC(params, lr=1.0, m=m, damp=damp, window_dtype=torch.bfloat16)
+    opt = MFAC(params, lr=1.0, m=m, damp=damp, window_dtype=torch.bfloat16, graft=None)
     rows = []
     for _ in range(6):
         w = flat(params).to(DT)
@@ -246,6 +249,7 @@ def make_mfac(model):
         damp=1e-2,
         momentum=0.9,
         weight_decay=1e-3,
+        graft=None,
     )
 
 
@@ -285,7 +289,7 @@ def test_state_dict_resume_is_bit_for_bit():
 
 def test_memory_bytes_counts_window_and_buffers():
     params = make_params(dtype=torch.float32)
-    opt = MFAC(params, m=16, damp=1e-3, momentum=0.9)
+    opt = MFAC(params, m=16, damp=1e-3, momentum=0.9, graft=None)
     window = 16 * D * 4 + 2 * 16 * 16 * 8
     assert opt.memory_bytes() == window
     for p in params:
@@ -311,26 +315,26 @@ def test_memory_bytes_counts_window_and_buffers():
 )
 def test_bad_hyperparameters_raise(kwargs):
     with pytest.raises(ValueError):
-        MFAC(make_params(), **kwargs)
+        MFAC(make_params(), **kwargs, graft=None)
 
 
 def test_bad_groups_raise():
     params = make_params()
     with pytest.raises(ValueError, match="lr"):
-        MFAC([{"params": params[:1], "lr": -1.0}, {"params": params[1:]}])
+        MFAC([{"params": params[:1], "lr": -1.0}, {"params": params[1:]}], graft=None)
     with pytest.raises(ValueError, match="constructor"):
-        MFAC([{"params": params[:1], "m": 8}, {"params": params[1:]}])
-    opt = MFAC(params[:2])
+        MFAC([{"params": params[:1], "m": 8}, {"params": params[1:]}], graft=None)
+    opt = MFAC(params[:2], graft=None)
     with pytest.raises(ValueError, match="constructor"):
         opt.add_param_group({"params": params[2:]})
     with pytest.raises(ValueError, match="dtype"):
-        MFAC([params[0], params[1].detach().float().requires_grad_()])
+        MFAC([params[0], params[1].detach().float().requires_grad_()], graft=None)
 
 
 def test_closure_is_called_once_and_its_loss_returned():
     loss_flat = make_loss()
     params = make_params()
-    opt = MFAC(params, lr=0.1, m=2, damp=1.0)
+    opt = MFAC(params, lr=0.1, m=2, damp=1.0, graft=None)
     calls = [0]
 
     def closure():
@@ -355,7 +359,7 @@ def test_momentum_matches_the_reference_optimizer_with_rescaled_lr():
     params = make_params(seed=5)
     w = flat(params)
     m, damp, mu, lr_ref, steps = 4, 1e-2, 0.9, 0.05, 50
-    opt = MFAC(params, lr=(1 - mu) * lr_ref, m=m, damp=damp, momentum=mu)
+    opt = MFAC(params, lr=(1 - mu) * lr_ref, m=m, damp=damp, momentum=mu, graft=None)
     got = run_optimizer(opt, params, loss_flat, steps)
     rows, v = [], torch.zeros_like(w)
     for t in range(steps):
@@ -378,7 +382,7 @@ def test_window_of_dependent_gradients_gives_accurate_steps():
     A = torch.randn(3, 3, generator=gen, dtype=DT)
     A = 1e2 * (A @ A.T + torch.eye(3, dtype=DT))
     w = torch.nn.Parameter(torch.randn(3, generator=gen, dtype=DT))
-    opt = MFAC([w], lr=lr, m=m, damp=damp)
+    opt = MFAC([w], lr=lr, m=m, damp=damp, graft=None)
     rows = []
     for i in range(2 * m + 3):
         opt.zero_grad()
