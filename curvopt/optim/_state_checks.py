@@ -16,6 +16,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+#: Entries that torch itself puts into ``optimizer.defaults`` (``Optimizer.__setstate__``, run by
+#: ``copy.deepcopy`` or unpickling, e.g. inside Hugging Face's Trainer, adds ``differentiable``)
+#: without adding them to the saved groups; the step never reads them from a group.
+TORCH_MANAGED_DEFAULTS = frozenset({"differentiable"})
+
 
 def check_optimizer_state(
     optimizer: Optimizer,
@@ -76,7 +81,7 @@ def check_optimizer_state(
                 f"parameter group {i} of state_dict has {len(saved['params'])} parameters but "
                 f"the optimizer's has {len(group['params'])}"
             )
-        missing = set(optimizer.defaults) - set(saved)
+        missing = set(optimizer.defaults) - set(saved) - TORCH_MANAGED_DEFAULTS
         if missing:
             raise ValueError(
                 f"parameter group {i} of state_dict lacks the hyperparameters {sorted(missing)}: "

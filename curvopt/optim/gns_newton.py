@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from curvopt.optim._state_checks import check_optimizer_state
+from curvopt.optim._copying import WholeCopyOptimizer
+from curvopt.optim._state_checks import TORCH_MANAGED_DEFAULTS, check_optimizer_state
 from curvopt.optim.linear_solve import conjugate_gradient, damped_cholesky_solve
 from curvopt.utils.params import flat_grad, flatten, unflatten
 
@@ -94,7 +94,7 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         )
 
 
-class GNSNewton(Optimizer):
+class GNSNewton(WholeCopyOptimizer):
     r"""Gradient-normalized-smoothness regularized Newton method (full-batch, deterministic).
 
     All parameters are treated as one flat vector ``x`` of length ``d`` (a single parameter group;
@@ -541,7 +541,7 @@ class GNSNewton(Optimizer):
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
             raise ValueError(f"the saved gamma must be a positive finite number, got {gamma!r}")
         group = state_dict["param_groups"][0]
-        missing = set(self.defaults) - set(group)
+        missing = set(self.defaults) - set(group) - TORCH_MANAGED_DEFAULTS
         if missing:
             raise ValueError(f"the saved parameter group lacks {sorted(missing)}")
         window = None

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from curvopt import distributed as D
 from curvopt.mfac import SlidingWindowMFAC
 from curvopt.mfac._validation import finite_flag
+from curvopt.optim._copying import WholeCopyOptimizer
 from curvopt.optim._state_checks import check_optimizer_state
 from curvopt.optim.mfac_shards import ParamShards
 from curvopt.utils.params import trainable
@@ -83,7 +83,7 @@ def _check_group_hyperparameters(group: dict[str, Any]) -> None:
         raise TypeError("decoupled_weight_decay must be a bool")
 
 
-class MFAC(Optimizer):
+class MFAC(WholeCopyOptimizer):
     r"""M-FAC: SGD on the gradient preconditioned by a sliding-window empirical Fisher inverse.
 
     **Defaults for a drop-in** (only ``lr`` given, ``graft="adam"``): a window of
@@ -305,11 +305,17 @@ class MFAC(Optimizer):
         itemsize = torch.empty((), dtype=dtype).element_size()
         m = _resolve_window_size(m, self._shards.local_dim, itemsize, max_window_bytes)
         self._m = m
+        # relative damping: the rows are unit vectors, each adds eigenvalue 1/m to F
+        window_damp = self._damp / m if graft is not None else self._damp
+        if window_damp == 0.0:
+            raise ValueError(
+                f"damp={damp!r} is too small: with graft={graft!r} the window's damping "
+                f"damp / m = {damp!r} / {m} underflows to 0; use a damp of at least 1e-150"
+            )
         self._window = SlidingWindowMFAC(
             self._shards.local_dim,
             m,
-            # relative damping: the rows are unit vectors, each adds eigenvalue 1/m to F
-            self._damp / m if graft is not None else self._damp,
+            window_damp,
             device=ps[0].device,
             dtype=dtype,
             process_group=self._shards.group,

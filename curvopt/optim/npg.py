@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from curvopt.optim._copying import WholeCopyOptimizer
 from curvopt.optim._state_checks import check_optimizer_state
 from curvopt.optim.linear_solve import fixed_iteration_cg
 from curvopt.optim.pg_common import check_count, check_number
@@ -87,7 +87,7 @@ def _checked_hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class NPG(Optimizer):
+class NPG(WholeCopyOptimizer):
     """Natural policy gradient with a KL trust region (ascent on the expected return).
 
     Args:

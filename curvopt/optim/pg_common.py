@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from curvopt.optim._copying import WholeCopyOptimizer
 from curvopt.optim._state_checks import check_optimizer_state
 from curvopt.rl.sampler import EstimateSampler
 from curvopt.utils.params import flatten, unflatten
@@ -109,7 +109,7 @@ def checked_group_hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-class MomentumPolicyGradient(Optimizer):
+class MomentumPolicyGradient(WholeCopyOptimizer):
     """Base class: hyperparameter validation, schedules, flat views, the normalized ascent step.
 
     Subclasses implement :meth:`_direction` which returns the new ``d_t`` (flat) given the sampler.

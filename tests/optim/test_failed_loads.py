@@ -298,3 +298,68 @@ def test_mfac_graft_state_is_checked_and_a_failed_load_changes_nothing(corrupt, 
     assert_same(before, opt.state_dict())
     opt.load_state_dict(copy.deepcopy(before))  # the intact state still loads
     assert_same(before, opt.state_dict())
+
+
+def _mfac_and_steps():
+    params, opt = mfac_after_steps([(3, 4), (4,)], m=4, lr=0.01)
+
+    def step(o, ps):
+        for k, p in enumerate(ps):
+            p.grad = torch.full_like(p, 0.1 * (k + 1))
+        o.step()
+
+    return params, opt, step
+
+
+def _momentum_pg(cls):
+    def build():
+        module = nn.Linear(3, 2).double()
+        kwargs = {"generator": torch.Generator().manual_seed(0)} if cls is NHARPG else {}
+        opt = cls(module.parameters(), lr=0.1, **kwargs)
+        opt.step(ScriptedSampler(module))
+
+        def step(o, ps):
+            o.step(ScriptedSampler(None))  # g(θ) = θ + 1 of the parameters o holds
+
+        return list(module.parameters()), opt, step
+
+    return build
+
+
+def _gns():
+    w, opt, closure = quadratic_gns(4, curvature="dense")
+    opt.step(closure)
+
+    def step(o, ps):
+        (v,) = ps
+
+        def loss():
+            o.zero_grad()
+            value = (v**2).sum() + v.sum()
+            value.backward()
+            return value
+
+        o.step(loss)
+
+    return [w], opt, step
+
+
+@pytest.mark.parametrize(
+    "build",
+    [_mfac_and_steps, _momentum_pg(NHARPG), _momentum_pg(NPGIGT), _gns],
+    ids=["mfac", "nharpg", "npgigt", "gns_newton"],
+)
+def test_a_deep_copy_is_whole_and_loads_its_own_state(build):
+    # torch's Optimizer.__getstate__ keeps only defaults/state/param_groups: a copy (deepcopy,
+    # pickle; Hugging Face's Trainer) lost M-FAC's window and the samplers' generator. Its
+    # __setstate__ also adds defaults["differentiable"], absent from saved groups: still valid.
+    params, opt, step = build()
+    clone = copy.deepcopy(opt)
+    assert "differentiable" in clone.defaults
+    clone.load_state_dict(copy.deepcopy(opt.state_dict()))
+    # copied together with its parameters, the copy steps exactly as the original
+    clone = copy.deepcopy({"o": opt, "p": params})
+    step(opt, params)
+    step(clone["o"], clone["p"])
+    for a, b in zip(params, clone["p"]):
+        assert torch.equal(a, b)
