@@ -52,6 +52,14 @@ rollout function's ``env_mask`` cannot be known before it runs). ``dapo`` and
 ``cispo`` keep TRL's normalizer, the number of completion tokens of the global batch counted
 before masking.
 
+**LoRA / peft.** CAPO models the update of the output layer, so it needs a trained head. With
+LoRA on the body and the full head trained (peft's ``modules_to_save=['lm_head']``) the head
+CAPO models is the adapter's trained copy (the module whose weight the logits use): the same
+exact last-layer model as for a plain model. A frozen head (adapters on the body only) is
+refused when the trainer is built (the last-layer model would predict no change; the
+whole-model JVP predictor of :mod:`curvopt.capo.whole_model` predicts a step's KL, not CAPO's
+per-token rule), and TRL 1.16 itself refuses a LoRA adapter on ``lm_head``.
+
 **Penalties** (``capo_penalty``, off in the CAPO recipe): ``lambda sum_t w_t q_t`` with ``q_t``
 the token's ``Delta KL_t``, ``Delta J_t`` or ``|Delta J_t|`` rebuilt with autograd from the
 recorded final hidden states (kept with their graph) and the head, ``w_t`` the loss type's token
@@ -196,6 +204,26 @@ def _refuse_masks_at_construction(given: dict[str, Any]) -> None:
                 "functions bring tool/environment masks (tool_mask, env_mask), which CAPO's "
                 "model of the token weights does not cover; use trl.GRPOTrainer for them"
             )
+
+
+def _trained_head(head: nn.Module) -> nn.Module:
+    """The module whose weight the policy's logits use.
+
+    A peft ``ModulesToSaveWrapper`` (``modules_to_save=['lm_head']``) trains and uses its active
+    adapter's copy; any other module is returned as is.
+    """
+    copies = getattr(head, "modules_to_save", None)
+    if copies is None or not hasattr(head, "original_module"):
+        return head
+    active = head.active_adapter
+    active = active if isinstance(active, str) else active[0]
+    trained = copies[active]
+    if head.weight is not trained.weight:
+        raise TypeError(
+            "peft's lm_head wrapper does not use its active adapter's copy; CAPO cannot tell "
+            "which weight the logits use"
+        )
+    return trained
 
 
 @dataclass
@@ -356,11 +384,21 @@ class CAPOGRPOTrainer(GRPOTrainer):
             )
         if getattr(self.args, "use_liger_kernel", False):
             raise ValueError("CAPOGRPOTrainer does not support use_liger_kernel (fused loss)")
-        head = self.model.get_output_embeddings()
+        head = _trained_head(self.model.get_output_embeddings())
         if not isinstance(head, nn.Linear):
             raise TypeError(
                 "CAPO needs a causal LM whose output layer (get_output_embeddings()) is an "
                 f"nn.Linear; got {type(head).__name__}"
+            )
+        if not head.weight.requires_grad:
+            raise ValueError(
+                "CAPO models the update of the output layer (lm_head), and this model's output "
+                "layer is frozen (requires_grad=False; e.g. a peft/LoRA model with adapters on "
+                "the body only), so CAPO's last-layer model would predict no change and keep "
+                "every token. Train the head as well: peft's LoraConfig(..., "
+                "modules_to_save=['lm_head']) (LoRA on the body, the full head trained; CAPO's "
+                "model of the head is then exact), or use trl.GRPOTrainer. (TRL itself refuses "
+                "a LoRA adapter on lm_head.)"
             )
         self.capo_head = head
         if self.capo_masker.top_k is not None:
