@@ -52,6 +52,8 @@ def main():
     ap.add_argument("--penalty", default="none", help="none, delta_kl, delta_j or abs_delta_j")
     ap.add_argument("--penalty-coef", type=float, default=0.0, help="lambda >= 0")
     args = ap.parse_args()
+    if args.penalty != "none" and args.penalty_coef <= 0:
+        ap.error(f"--penalty {args.penalty} needs --penalty-coef > 0 (with 0 it would be off)")
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
             output_dir=out,
