@@ -67,6 +67,18 @@ weights on the kept tokens (normalized over TRL's mask, or over the kept tokens 
 ``"all"``), is added to TRL's loss (:mod:`curvopt.capo.penalty`); it is
 logged as ``capo/penalty`` (the term added to each micro-batch's loss).
 
+**KL budget** (``capo_kl_budget=delta``, off by default). A trust region on the step, not a
+token mask: at each optimizer step (after accumulation and clipping) the coming step
+``Delta theta`` of every trainable parameter is read off a trial step of the real optimizer (the
+parameters and its state are then put back), its whole-model KL over the window's completion
+tokens is predicted with one forward-mode pass per micro-batch
+(:func:`~curvopt.capo.whole_model.predict_step_kl`; eager attention, activation checkpointing
+off for that pass), and every param group's lr is multiplied by
+``s = min(1, sqrt(delta / KL_hat))`` for this step (SGD's and Adam's steps are linear in the lr,
+their KL quadratic). Logged as ``capo/predicted_whole_kl`` (before scaling) and
+``capo/kl_budget_scale``. Cost per step: one optimizer step, one forward-mode pass per
+micro-batch, a copy of the parameters and the optimizer state. It combines with the mask.
+
 **Settings** come as trainer keywords or as the fields of :class:`CAPOConfig` (a
 ``GRPOConfig``, so TRL's YAML files, ``TrlParser`` and ``from_dict`` reach them); a keyword
 wins. They are checked strictly when the trainer (or the config) is built, before any generation:
@@ -90,6 +102,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -103,6 +116,7 @@ from trl import GRPOConfig, GRPOTrainer
 from curvopt.capo.direction import direction_for, find_param_group
 from curvopt.capo.masker import CAPOMasker
 from curvopt.capo.penalty import CAPOPenalty
+from curvopt.capo.whole_model import predict_step_kl
 
 __all__ = ["CAPOConfig", "CAPOGRPOTrainer", "capo_settings"]
 
@@ -124,6 +138,7 @@ _SETTINGS: dict[str, tuple[Any, str]] = {
     "capo_penalty": ("none", "str"),
     "capo_penalty_coef": (0.0, "number"),
     "capo_mask_scope": ("policy_gradient", "str"),
+    "capo_kl_budget": (None, "budget"),
 }
 
 
@@ -144,6 +159,18 @@ def _check_setting(name: str, value: Any, kind: str) -> Any:
         if math.isnan(value) or value < 0:
             raise ValueError(
                 f"{name} must be a number >= 0 (math.inf switches a threshold off), got {value}"
+            )
+        return value
+    if kind == "budget":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} must be a number or None, got {value!r}")
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"{name} must be a finite number > 0 (the predicted KL one step may cause) or "
+                f"None (off), got {value}"
             )
         return value
     if kind == "int_or_none":
@@ -269,6 +296,11 @@ class CAPOConfig(GRPOConfig):
         metadata={"help": "What CAPO's mask gates: policy_gradient (default) or all."},
     )
 
+    capo_kl_budget: float | None = field(
+        default=None,
+        metadata={"help": "Scale each step so its predicted whole-model KL fits (None: off)."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         capo_settings(self)
@@ -300,6 +332,8 @@ class CAPOGRPOTrainer(GRPOTrainer):
         capo_penalty_coef: ``lambda >= 0``; 0 switches the penalty off (TRL's loss bit for bit).
         capo_mask_scope: ``"policy_gradient"`` (default: the mask gates the advantage term only)
             or ``"all"`` (it multiplies TRL's completion mask: every term of a rejected token).
+        capo_kl_budget: ``delta > 0``: scale each step's lr so that the step's predicted
+            whole-model KL is at most ``delta`` (see the module's "KL budget"); None: off.
         **kwargs: Passed to ``trl.GRPOTrainer``.
 
     Every ``capo_*`` keyword not given is read from ``args`` when it is a :class:`CAPOConfig`.
@@ -328,6 +362,7 @@ class CAPOGRPOTrainer(GRPOTrainer):
         capo_penalty: str = _UNSET,
         capo_penalty_coef: float = _UNSET,
         capo_mask_scope: str = _UNSET,
+        capo_kl_budget: float | None = _UNSET,
         **kwargs: Any,
     ):
         given = {
@@ -341,6 +376,7 @@ class CAPOGRPOTrainer(GRPOTrainer):
             "capo_penalty": capo_penalty,
             "capo_penalty_coef": capo_penalty_coef,
             "capo_mask_scope": capo_mask_scope,
+            "capo_kl_budget": capo_kl_budget,
         }
         parent_args = _trainer_arguments(args, kwargs)
         given = {k: v for k, v in given.items() if v is not _UNSET}
@@ -359,6 +395,13 @@ class CAPOGRPOTrainer(GRPOTrainer):
         )
         self.capo_penalty = CAPOPenalty(settings["capo_penalty"], settings["capo_penalty_coef"])
         self.capo_mask_scope = settings["capo_mask_scope"]
+        #: ``delta``: the coming step is scaled so that its predicted whole-model KL is at most
+        #: ``delta`` (None: off). See :meth:`_capo_fit_budget`.
+        self.capo_kl_budget = settings["capo_kl_budget"]
+        self._capo_budget_window: list[dict] = []
+        self._capo_budget_hooks: list = []
+        self._capo_lr_restore: list[float] | None = None
+        self._capo_in_trial = False
         masking = math.isfinite(settings["capo_tau_h"]) or math.isfinite(settings["capo_tau_f"])
         predict = settings["capo_predict_step"]
         on = masking or self.capo_penalty.active
@@ -449,16 +492,29 @@ class CAPOGRPOTrainer(GRPOTrainer):
             self._capo_hook.remove()
         self.capo_masker.direction = direction
         self._capo_bound = direction.optimizer
+        for hook in self._capo_budget_hooks:
+            hook.remove()
+        self._capo_budget_hooks = []
+        if self.capo_kl_budget is not None:  # first: the step predictions see the scaled lr
+            opt = direction.optimizer
+            self._capo_budget_hooks = [
+                opt.register_step_pre_hook(self._capo_fit_budget),
+                opt.register_step_post_hook(self._capo_restore_lr),
+            ]
         if self.capo_predict_step:
             self._capo_hook = direction.optimizer.register_step_pre_hook(self._capo_before_step)
 
     @property
     def capo_active(self) -> bool:
-        """Whether CAPO changes anything: a finite threshold or an active penalty.
+        """Whether CAPO changes anything: a finite threshold, an active penalty or a KL budget.
 
         When off, the loss is ``trl.GRPOTrainer``'s with no extra pass (unless step predictions
         were asked for with ``capo_predict_step=True``).
         """
+        return self._capo_masking or self.capo_kl_budget is not None
+
+    @property
+    def _capo_masking(self) -> bool:
         m = self.capo_masker
         return math.isfinite(m.tau_h) or math.isfinite(m.tau_f) or self.capo_penalty.active
 
@@ -466,7 +522,7 @@ class CAPOGRPOTrainer(GRPOTrainer):
         """Whether this micro-batch's loss needs CAPO (training, an optimizer, and CAPO on)."""
         if self._capo_bound is None or not self.model.training:
             return False
-        return self.capo_active or self.capo_predict_step
+        return self._capo_masking or self.capo_predict_step
 
     def _capo_lr(self) -> float:
         return float(find_param_group(self._capo_bound, self.capo_head.weight)["lr"])
@@ -474,8 +530,13 @@ class CAPOGRPOTrainer(GRPOTrainer):
     # --- the mask ----------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
+        if self.capo_kl_budget is not None and self.model.training and not self._capo_in_trial:
+            self._capo_budget_window.append(
+                {k: inputs[k] for k in ("prompt_ids", "prompt_mask", "completion_ids")}
+                | {"completion_mask": inputs["completion_mask"]}
+            )
         if not self._capo_needs_pass():
-            if self._capo_bound is not None and self.model.training:  # CAPO off: rejects nothing
+            if self._capo_bound is not None and self.model.training:  # no mask: rejects nothing
                 self._metrics["train"]["capo/rejected_fraction"].append(0.0)
             return super()._compute_loss(model, inputs)
         if "tool_mask" in inputs:
@@ -625,6 +686,8 @@ class CAPOGRPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _capo_before_step(self, optimizer, args, kwargs) -> None:
+        if self._capo_in_trial:  # the KL budget's trial step
+            return
         window, self._capo_window = self._capo_window, []
         head = self.capo_head
         if not window or head.weight.grad is None:
@@ -658,3 +721,139 @@ class CAPOGRPOTrainer(GRPOTrainer):
         self.capo_last_step = {"kl": kl, "delta_j": delta_j, "lr": lr, "batches": window}
         self._metrics["train"]["capo/predicted_step_kl"].append(kl.item())
         self._metrics["train"]["capo/predicted_delta_j"].append(delta_j.item())
+
+    # --- the KL budget --------------------------------------------------------------------------
+
+    def _capo_trial_step(self, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+        """The coming step ``Delta theta`` of every trainable parameter, from a trial step.
+
+        The optimizer steps once on the real gradients and state, the step is read off, and the
+        parameters and the optimizer state are put back exactly as they were.
+        """
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in params]
+        state = {
+            p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in optimizer.state[p].items()}
+            for p in params
+            if p in optimizer.state
+        }
+        self._capo_in_trial = True
+        try:
+            optimizer.step()
+        finally:
+            self._capo_in_trial = False
+        step = {p: p.detach() - b for p, b in zip(params, before)}
+        with torch.no_grad():
+            for p, b in zip(params, before):
+                p.copy_(b)
+        for p in params:
+            if p in state:
+                optimizer.state[p] = state[p]
+            else:
+                optimizer.state.pop(p, None)
+        return [step.get(p, torch.zeros_like(p)) for p in self._capo_trainable()]
+
+    def _capo_trainable(self) -> list[Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def _capo_forward_mode(self):
+        """Eager attention, no activation checkpointing, no input-grad hooks; restored after.
+
+        Forward-mode AD supports none of the three.
+        """
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        attn = base.config._attn_implementation
+        checkpointing = bool(base.is_activation_checkpointing)
+        if checkpointing:
+            base.activation_checkpointing_disable()
+        # transformers' enable_input_require_grads hooks (TRL and Trainer may each add one, and
+        # only the last one's handle is kept): requires_grad_ inside a functorch transform fails
+        removed = []
+        for module in base.modules():
+            for key, fn in list(module._forward_hooks.items()):
+                if getattr(fn, "__name__", "") == "make_inputs_require_grads":
+                    removed.append((module, key, fn))
+                    del module._forward_hooks[key]
+        if attn != "eager":
+            base.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            if attn != "eager":
+                base.set_attn_implementation(attn)
+            for module, key, fn in removed:
+                module._forward_hooks[key] = fn
+            if checkpointing:
+                base.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+                )
+
+    @torch.no_grad()
+    def _capo_predicted_whole_kl(self, step: list[Tensor]) -> Tensor:
+        """Mean predicted ``KL(pi_old || pi_new)`` over the window's completion tokens (JVP)."""
+        with self._capo_forward_mode():
+            return self._capo_jvp_kl(step)
+
+    def _capo_jvp_kl(self, step: list[Tensor]) -> Tensor:
+        call = _LogitsOf(self.model, self.temperature)
+        kl_sum = torch.zeros((), dtype=torch.float64)
+        n_sum = 0
+        for mb in self._capo_budget_window:
+            ids = torch.cat([mb["prompt_ids"], mb["completion_ids"]], 1)
+            att = torch.cat([mb["prompt_mask"], mb["completion_mask"]], 1)
+            valid = mb["completion_mask"].bool()
+            T = valid.shape[1]
+            kl = predict_step_kl(
+                call, step, ids, att, mask=valid, output_fn=lambda z, T=T: z[:, -T - 1 : -1]
+            )
+            n = int(valid.sum())
+            kl_sum += kl.double().cpu() * n
+            n_sum += n
+        return kl_sum / max(n_sum, 1)
+
+    def _capo_fit_budget(self, optimizer, args, kwargs) -> None:
+        """Scale the coming step's learning rates so its predicted whole-model KL fits the budget.
+
+        With ``Delta theta`` the step the optimizer is about to take (a trial step on the real
+        gradients and state) and ``KL_hat = mean_t 1/2 u_t^T (Diag(p_t) - p_t p_t^T) u_t``,
+        ``u_t = J_t Delta theta`` (one forward-mode pass per micro-batch,
+        :func:`~curvopt.capo.whole_model.predict_step_kl`, over the window's completion tokens),
+        every param group's lr is multiplied by ``s = min(1, sqrt(delta / KL_hat))`` for this step
+        (SGD's and Adam's steps are linear in the lr, their KL quadratic) and restored after it.
+        """
+        if self._capo_in_trial:  # its own trial step
+            return
+        if not self._capo_budget_window:
+            return
+        try:
+            kl = float(self._capo_predicted_whole_kl(self._capo_trial_step(optimizer)))
+        finally:
+            self._capo_budget_window = []
+        scale = min(1.0, math.sqrt(self.capo_kl_budget / kl)) if kl > 0 else 1.0
+        self._capo_lr_restore = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * scale
+        metrics = self._metrics["train"]
+        metrics["capo/predicted_whole_kl"].append(kl)
+        metrics["capo/kl_budget_scale"].append(scale)
+
+    def _capo_restore_lr(self, optimizer, args, kwargs) -> None:
+        if self._capo_in_trial or self._capo_lr_restore is None:
+            return
+        for g, lr in zip(optimizer.param_groups, self._capo_lr_restore):
+            g["lr"] = lr
+        self._capo_lr_restore = None
+
+
+class _LogitsOf(nn.Module):
+    """``(input_ids, attention_mask) -> logits / temperature`` of a causal LM (for the JVP)."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits / self.temperature
