@@ -116,7 +116,7 @@ from trl import GRPOConfig, GRPOTrainer
 from curvopt.capo.direction import direction_for, find_param_group
 from curvopt.capo.masker import CAPOMasker
 from curvopt.capo.penalty import CAPOPenalty
-from curvopt.capo.whole_model import predict_step_kl
+from curvopt.capo.whole_model import budget_scale, check_budget, predict_step_kl, trial_step
 
 __all__ = ["CAPOConfig", "CAPOGRPOTrainer", "capo_settings"]
 
@@ -162,17 +162,7 @@ def _check_setting(name: str, value: Any, kind: str) -> Any:
             )
         return value
     if kind == "budget":
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"{name} must be a number or None, got {value!r}")
-        value = float(value)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(
-                f"{name} must be a finite number > 0 (the predicted KL one step may cause) or "
-                f"None (off), got {value}"
-            )
-        return value
+        return check_budget(value, name)
     if kind == "int_or_none":
         if value is None:
             return None
@@ -725,33 +715,15 @@ class CAPOGRPOTrainer(GRPOTrainer):
     # --- the KL budget --------------------------------------------------------------------------
 
     def _capo_trial_step(self, optimizer: torch.optim.Optimizer) -> list[Tensor]:
-        """The coming step ``Delta theta`` of every trainable parameter, from a trial step.
+        """The coming step of every trainable parameter, nothing changed.
 
-        The optimizer steps once on the real gradients and state, the step is read off, and the
-        parameters and the optimizer state are put back exactly as they were.
+        See :func:`~curvopt.capo.whole_model.trial_step` (parameters and state are put back).
         """
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        before = [p.detach().clone() for p in params]
-        state = {
-            p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in optimizer.state[p].items()}
-            for p in params
-            if p in optimizer.state
-        }
         self._capo_in_trial = True
         try:
-            optimizer.step()
+            return trial_step(optimizer, self._capo_trainable())
         finally:
             self._capo_in_trial = False
-        step = {p: p.detach() - b for p, b in zip(params, before)}
-        with torch.no_grad():
-            for p, b in zip(params, before):
-                p.copy_(b)
-        for p in params:
-            if p in state:
-                optimizer.state[p] = state[p]
-            else:
-                optimizer.state.pop(p, None)
-        return [step.get(p, torch.zeros_like(p)) for p in self._capo_trainable()]
 
     def _capo_trainable(self) -> list[Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -830,7 +802,7 @@ class CAPOGRPOTrainer(GRPOTrainer):
             kl = float(self._capo_predicted_whole_kl(self._capo_trial_step(optimizer)))
         finally:
             self._capo_budget_window = []
-        scale = min(1.0, math.sqrt(self.capo_kl_budget / kl)) if kl > 0 else 1.0
+        scale = budget_scale(kl, self.capo_kl_budget)
         self._capo_lr_restore = [g["lr"] for g in optimizer.param_groups]
         for g in optimizer.param_groups:
             g["lr"] = g["lr"] * scale
