@@ -578,12 +578,15 @@ class CAPOGRPOTrainer(GRPOTrainer):
                 f"captured hidden states {tuple(hidden.shape)} do not match the completion mask "
                 f"{tuple(mask.shape)}"
             )
+        advantages = pending["advantages"]  # TRL's, before the mask scope gates them
         keep = self._capo_apply(pending, hidden.detach())
         if with_graph:
-            self._capo_penalty_term = self._capo_penalty(pending, hidden, keep)
+            self._capo_penalty_term = self._capo_penalty(pending, hidden, keep, advantages)
         return out
 
-    def _capo_penalty(self, inputs: dict, hidden: Tensor, keep: Tensor) -> Tensor:
+    def _capo_penalty(
+        self, inputs: dict, hidden: Tensor, keep: Tensor, advantages: Tensor
+    ) -> Tensor:
         """``lambda sum_t w_t q_t`` of one micro-batch, the loss type's weights over ``keep``."""
         head = self.capo_head
         return self.capo_penalty(
@@ -591,7 +594,7 @@ class CAPOGRPOTrainer(GRPOTrainer):
             head.weight,
             hidden.to(head.weight.dtype),
             inputs["completion_ids"],
-            inputs["advantages"],
+            advantages,
             self._capo_lr(),
             self._capo_token_weights(inputs, keep),
             head.bias,

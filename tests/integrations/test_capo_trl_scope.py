@@ -171,3 +171,29 @@ def test_every_token_rejected_keeps_the_kl_penalty_and_the_entropy_bonus(tmp_pat
 def test_bad_mask_scope_is_refused(tmp_path):
     with pytest.raises(ValueError, match="capo_mask_scope must be one of policy_gradient, all"):
         th.trainer(CAPOGRPOTrainer, tmp_path, capo_mask_scope="tokens")
+
+
+@pytest.mark.parametrize("scope", ["policy_gradient", "all"])
+def test_penalty_with_a_mask_uses_trls_advantages_and_the_kept_tokens(tmp_path, scope):
+    """Mask and penalty together: the penalty is lambda sum_t w_t q_t with TRL's own advantages
+    (not the gated ones) and the weights over the kept tokens."""
+    lam = 3.0
+    trainer, inputs = _setup(tmp_path, "grpo", scope, seed=3)
+    trainer.capo_penalty.kind, trainer.capo_penalty.coef = "delta_kl", lam
+    trainer.compute_loss(trainer.model, inputs)
+    seen = trainer._capo_window[-1]
+    keep = seen["keep"]
+    assert 0 < int(keep.sum()) < int(seen["valid"].sum())
+    pen = trainer._metrics["train"]["capo/penalty"][-1]
+    head = trainer.capo_head
+    _, dkl = trainer.capo_masker.predict(
+        head.weight,
+        seen["hidden"],
+        inputs["completion_ids"],
+        inputs["advantages"],
+        trainer._capo_lr(),
+        head.bias,
+        seen["valid"],
+    )
+    assert pen == pytest.approx(lam * float((seen["weights"] * dkl).sum()), rel=1e-9)
+    assert float((seen["weights"][~keep]).abs().sum()) == 0
