@@ -78,6 +78,8 @@ off for that pass), and every param group's lr is multiplied by
 their KL quadratic). Logged as ``capo/predicted_whole_kl`` (before scaling) and
 ``capo/kl_budget_scale``. Cost per step: one optimizer step, one forward-mode pass per
 micro-batch, a copy of the parameters and the optimizer state. It combines with the mask.
+Under data parallelism the prediction averages over every process's tokens (one scale for all);
+sharded models and optimizers (FSDP, DeepSpeed ZeRO) are not covered (untested).
 
 **Settings** come as trainer keywords or as the fields of :class:`CAPOConfig` (a
 ``GRPOConfig``, so TRL's YAML files, ``TrlParser`` and ``from_dict`` reach them); a keyword
@@ -772,8 +774,9 @@ class CAPOGRPOTrainer(GRPOTrainer):
 
     def _capo_jvp_kl(self, step: list[Tensor]) -> Tensor:
         call = _LogitsOf(self.model, self.temperature)
-        kl_sum = torch.zeros((), dtype=torch.float64)
-        n_sum = 0
+        device = self.capo_head.weight.device
+        kl_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n_sum = torch.zeros((), dtype=torch.float64, device=device)
         for mb in self._capo_budget_window:
             ids = torch.cat([mb["prompt_ids"], mb["completion_ids"]], 1)
             att = torch.cat([mb["prompt_mask"], mb["completion_mask"]], 1)
@@ -782,10 +785,13 @@ class CAPOGRPOTrainer(GRPOTrainer):
             kl = predict_step_kl(
                 call, step, ids, att, mask=valid, output_fn=lambda z, T=T: z[:, -T - 1 : -1]
             )
-            n = int(valid.sum())
-            kl_sum += kl.double().cpu() * n
+            n = valid.sum().double()
+            kl_sum += kl.double() * n
             n_sum += n
-        return kl_sum / max(n_sum, 1)
+        if self.accelerator.num_processes > 1:  # one scale for all processes (same step)
+            both = self.accelerator.reduce(torch.stack([kl_sum, n_sum]), reduction="sum")
+            kl_sum, n_sum = both[0], both[1]
+        return kl_sum / n_sum.clamp(min=1)
 
     def _capo_fit_budget(self, optimizer, args, kwargs) -> None:
         """Scale the coming step's learning rates so its predicted whole-model KL fits the budget.
