@@ -91,7 +91,9 @@ def run(arm: str, args, out_dir: str) -> tuple[list[float], list[float], tuple, 
     if arm == "GRPO":
         trainer = GRPOTrainer(**common)
     elif arm == "CAPO":
-        trainer = CAPOGRPOTrainer(**common, capo_tau_h=math.inf, capo_tau_f=math.inf)
+        trainer = CAPOGRPOTrainer(
+            **common, capo_tau_h=math.inf, capo_tau_f=math.inf, capo_predict_step=True
+        )
     else:
         trainer = CAPOGRPOTrainer(
             **common,

@@ -15,6 +15,10 @@ head moves by about lr), which the model predicts as a large KL change.
 ``--penalty delta_kl --penalty-coef 10`` adds CAPO's penalty variant (lambda times the predicted
 per-token KL change, averaged like the loss, with its gradient) to TRL's loss; it combines with
 the mask (``--tau-f inf --tau-h inf``: the penalty alone).
+
+``--kl-budget 1e-2`` scales each step's lr so that its predicted whole-model KL fits the budget
+(a trust region on the step; with ``--tau-f inf --tau-h inf`` alone). ``--mask-scope all`` lets
+the mask gate every term of a rejected token instead of its policy-gradient term only.
 """
 
 import argparse
@@ -40,6 +44,11 @@ class PrintProgress(TrainerCallback):
                 f"rejected {logs['capo/rejected_fraction']:.3f}  "
                 f"predicted step KL {logs.get('capo/predicted_step_kl', float('nan')):.2e}"
                 + (f"  penalty {logs['capo/penalty']:.2e}" if "capo/penalty" in logs else "")
+                + (
+                    f"  lr scale {logs['capo/kl_budget_scale']:.3f}"
+                    if "capo/kl_budget_scale" in logs
+                    else ""
+                )
             )
 
 
@@ -51,7 +60,11 @@ def main():
     ap.add_argument("--tau-f", type=float, default=2e-2, help="threshold on dKL_t (inf: off)")
     ap.add_argument("--penalty", default="none", help="none, delta_kl, delta_j or abs_delta_j")
     ap.add_argument("--penalty-coef", type=float, default=0.0, help="lambda >= 0")
+    ap.add_argument("--kl-budget", type=float, default=None, help="whole-model KL per step")
+    ap.add_argument("--mask-scope", default="policy_gradient", help="policy_gradient or all")
     args = ap.parse_args()
+    if args.penalty != "none" and args.penalty_coef <= 0:
+        ap.error(f"--penalty {args.penalty} needs --penalty-coef > 0 (with 0 it would be off)")
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
             output_dir=out,
@@ -77,6 +90,8 @@ def main():
             capo_tau_f=args.tau_f,
             capo_penalty=args.penalty,
             capo_penalty_coef=args.penalty_coef,
+            capo_kl_budget=args.kl_budget,
+            capo_mask_scope=args.mask_scope,
         )
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(PrintProgress())

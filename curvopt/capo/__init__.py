@@ -9,7 +9,9 @@ One module per idea:
   models of a real ``torch.optim`` optimizer's state).
 * :mod:`~curvopt.capo.penalty`: ``lambda * Delta KL`` / ``lambda * Delta J`` added to the loss.
 * :mod:`~curvopt.capo.token_losses`: GRPO, Dr. GRPO and REINFORCE token losses.
-* :mod:`~curvopt.capo.whole_model`: the KL of a planned step through the whole network.
+* :mod:`~curvopt.capo.whole_model`: the KL of a planned step through the whole network, and the
+  KL budget, a whole-model trust region on the step
+  (:func:`~curvopt.capo.whole_model.fit_kl_budget`).
 * :mod:`~curvopt.capo.grpo` and :mod:`~curvopt.capo.sequence_policy`: a small GRPO loop and the
   policy interface it needs.
 
@@ -42,7 +44,14 @@ from .token_losses import (
     token_weights,
     token_weights_fn,
 )
-from .whole_model import logit_change, predict_step_kl, token_kl, token_kl_attributions
+from .whole_model import (
+    fit_kl_budget,
+    logit_change,
+    predict_step_kl,
+    token_kl,
+    token_kl_attributions,
+    trial_step,
+)
 
 __all__ = [
     "PENALTIES",
@@ -61,6 +70,7 @@ __all__ = [
     "clipped_surrogate",
     "direction_for",
     "dr_grpo_loss",
+    "fit_kl_budget",
     "group_advantages",
     "grpo_loss",
     "logit_change",
@@ -71,4 +81,5 @@ __all__ = [
     "token_kl_attributions",
     "token_weights",
     "token_weights_fn",
+    "trial_step",
 ]

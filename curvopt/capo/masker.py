@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +64,7 @@ from .direction import (
 )
 from .penalty import CAPOPenalty
 from .token_losses import token_weights_fn
+from .whole_model import check_budget, fit_kl_budget
 
 Direction = SGDDirection | AdamDirection | SGDOptimizerDirection | AdamOptimizerDirection
 
@@ -716,6 +718,16 @@ class CAPOLoss:
         token_weights: ``mask -> (B, T)`` token weights of ``loss_fn``, the mask given as 0/1
             in the head's dtype (needed for a penalty with a loss other than
             :mod:`curvopt.capo.token_losses`' ones).
+        kl_budget: ``delta > 0``: :meth:`fit_kl_budget` scales the coming step so that its
+            predicted whole-model KL fits ``delta`` (a trust region on the step, independent of
+            the mask; infinite thresholds give it alone); None: off.
+
+    With a KL budget, call :meth:`fit_kl_budget` between ``backward`` and
+    ``optimizer.step()``::
+
+        loss.backward()
+        capo.fit_kl_budget(policy, inputs, mask=completion_mask, output_fn=to_logits)
+        optimizer.step()                   # the lr is scaled for this step only
     """
 
     def __init__(
@@ -734,7 +746,9 @@ class CAPOLoss:
         penalty: str = "none",
         penalty_coef: float = 0.0,
         token_weights: Callable[[Tensor], Tensor] | None = None,
+        kl_budget: float | None = None,
     ):
+        self.kl_budget = check_budget(kl_budget)
         self.penalty = CAPOPenalty(penalty, penalty_coef)
         if token_weights is None and self.penalty.active:
             token_weights = token_weights_fn(loss_fn)
@@ -858,6 +872,42 @@ class CAPOLoss:
             actions=actions,
             advantages=advantages,
             token_weights=token_weights,
+        )
+
+    def fit_kl_budget(
+        self,
+        model: nn.Module,
+        *inputs: Any,
+        mask: Tensor | None = None,
+        output_fn: Callable | None = None,
+    ) -> dict[str, float]:
+        """Scale the coming step so that its predicted whole-model KL fits ``kl_budget``.
+
+        Call after ``backward`` (and clipping), right before ``optimizer.step()``: the step of
+        every trainable parameter of ``model`` is read off a trial step of the optimizer,
+        its mean KL over ``mask`` predicted with one forward-mode pass, and the next step's lr
+        multiplied by ``min(1, sqrt(kl_budget / KL_hat))``
+        (:func:`~curvopt.capo.whole_model.fit_kl_budget`). Needs eager attention (no SDPA) and
+        no activation checkpointing in ``model`` (forward-mode AD).
+
+        Args:
+            model: The whole policy (every trainable parameter held by the optimizer).
+            *inputs: Its inputs for the prediction.
+            mask: Tokens the KL averages over (``logits.shape[:-1]``).
+            output_fn: Map from the model's output to the logits.
+
+        Returns:
+            ``{"kl": predicted KL before scaling, "scale": the lr factor}``.
+
+        Raises:
+            ValueError: Without a ``kl_budget`` or an optimizer.
+        """
+        if self.kl_budget is None:
+            raise ValueError("no kl_budget: pass CAPOLoss(..., kl_budget=delta)")
+        if self.optimizer is None:
+            raise ValueError("fit_kl_budget needs the optimizer: pass CAPOLoss(..., optimizer)")
+        return fit_kl_budget(
+            model, self.optimizer, self.kl_budget, *inputs, mask=mask, output_fn=output_fn
         )
 
     def predict_step_kl(self, hidden: Tensor, lr: float | None = None, mask: Tensor | None = None):

@@ -31,6 +31,7 @@ about 1-2 forwards per step; the attributions add one backward and one forward-m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -215,3 +216,147 @@ def token_kl_attributions(
     # ⟨∇ℓ_s, D F Δθ⟩ for every token s at once: one forward-mode pass of the token objective
     _, dots = jvp(lambda *f: token_objective(logits(*f)), primals, direction)
     return 0.5 * lr * dots.detach(), kl
+
+
+# --- the KL budget: a whole-model trust region on the step ------------------------------------
+
+
+def trial_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor]:
+    """The step ``Δθ`` the optimizer is about to take, read off a trial step, nothing changed.
+
+    ``optimizer.step()`` runs once on the current gradients and state; the step of each of
+    ``params`` is read off, then every parameter of the optimizer and its state are put back
+    exactly (a parameter the optimizer does not hold gets a zero step). Hooks registered on the
+    optimizer's ``step`` fire during the trial too.
+
+    Args:
+        optimizer: Any ``torch.optim`` optimizer, gradients already in place.
+        params: The parameters to report the step of (e.g. the model's trainable ones).
+
+    Returns:
+        One tensor per ``params`` entry, its shape.
+
+    Example:
+        >>> w = nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.SGD([w], lr=0.5)
+        >>> w.grad = torch.tensor([1.0, -2.0])
+        >>> trial_step(opt, [w]), w.data
+        ([tensor([-0.5000,  1.0000])], tensor([1., 1.]))
+    """
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in held]
+    state = {
+        p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in optimizer.state[p].items()}
+        for p in held
+        if p in optimizer.state
+    }
+    try:
+        optimizer.step()
+        steps = {p: p.detach() - b for p, b in zip(held, before)}
+    finally:
+        with torch.no_grad():
+            for p, b in zip(held, before):
+                p.copy_(b)
+        for p in held:
+            if p in state:
+                optimizer.state[p] = state[p]
+            else:
+                optimizer.state.pop(p, None)
+    return [steps[p] if p in steps else torch.zeros_like(p) for p in params]
+
+
+def budget_scale(predicted_kl: float, budget: float) -> float:
+    """``min(1, sqrt(budget / KL̂))``: the lr factor that brings a step's KL within the budget.
+
+    The step of SGD and Adam is linear in the lr, its second-order KL quadratic.
+
+    Example:
+        >>> budget_scale(4e-2, 1e-2), budget_scale(1e-3, 1e-2), budget_scale(0.0, 1e-2)
+        (0.5, 1.0, 1.0)
+    """
+    return min(1.0, math.sqrt(budget / predicted_kl)) if predicted_kl > 0 else 1.0
+
+
+def check_budget(budget: Any, name: str = "kl_budget") -> float | None:
+    """``budget`` as a float (finite, > 0) or None (off); ``TypeError``/``ValueError`` otherwise."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise TypeError(f"{name} must be a number or None, got {budget!r}")
+    budget = float(budget)
+    if not (math.isfinite(budget) and budget > 0):
+        raise ValueError(
+            f"{name} must be a finite number > 0 (the predicted KL one step may cause) or None "
+            f"(off), got {budget}"
+        )
+    return budget
+
+
+def scale_next_step(optimizer: torch.optim.Optimizer, scale: float) -> None:
+    """Multiply every param group's lr by ``scale`` for the next ``optimizer.step()`` only.
+
+    The lrs are restored by a one-shot step post-hook (schedulers then see their own values).
+    """
+    if scale == 1.0:
+        return
+    saved = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = g["lr"] * scale
+    handle = None
+
+    def restore(opt, args, kwargs):
+        for g, lr in zip(opt.param_groups, saved):
+            g["lr"] = lr
+        handle.remove()
+
+    handle = optimizer.register_step_post_hook(restore)
+
+
+def fit_kl_budget(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    budget: float,
+    *inputs: Any,
+    mask: Tensor | None = None,
+    output_fn: Callable | None = None,
+) -> dict[str, float]:
+    """Scale the coming step so that its predicted whole-model KL fits ``budget``.
+
+    Call after ``backward`` (and clipping) and right before ``optimizer.step()``: the planned
+    step ``Δθ`` is read off a trial step (:func:`trial_step`), its mean KL over ``mask``
+    predicted with one forward-mode pass (:func:`predict_step_kl`), and the next step's lr
+    multiplied by ``s = min(1, sqrt(budget / KL̂))`` (:func:`scale_next_step`).
+
+    Args:
+        model: The policy; its trainable parameters must be held by ``optimizer``.
+        optimizer: SGD- or Adam-like optimizer (a step linear in the lr).
+        budget: ``δ > 0``.
+        *inputs: The model's inputs for the prediction.
+        mask: Tokens the KL averages over (``logits.shape[:-1]``).
+        output_fn: Map from the model output to the logits.
+
+    Returns:
+        ``{"kl": KL̂ before scaling, "scale": s}``.
+
+    Example:
+        >>> net = nn.Linear(3, 5).double()
+        >>> opt = torch.optim.SGD(net.parameters(), lr=10.0)
+        >>> x = torch.randn(16, 3, dtype=torch.float64)
+        >>> torch.log_softmax(net(x), -1)[:, 0].mean().backward()
+        >>> with torch.no_grad():
+        ...     old = torch.log_softmax(net(x), -1)
+        >>> out = fit_kl_budget(net, opt, 1e-4, x)
+        >>> opt.step()
+        >>> with torch.no_grad():
+        ...     new = torch.log_softmax(net(x), -1)
+        >>> realized = float((old.exp() * (old - new)).sum(-1).mean())
+        >>> out["scale"] < 1, abs(realized / 1e-4 - 1) < 0.05, opt.param_groups[0]["lr"]
+        (True, True, 10.0)
+    """
+    budget = check_budget(budget)
+    _, params = _named(model)
+    step = trial_step(optimizer, params)
+    kl = float(predict_step_kl(model, step, *inputs, mask=mask, output_fn=output_fn))
+    scale = budget_scale(kl, budget)
+    scale_next_step(optimizer, scale)
+    return {"kl": kl, "scale": scale}

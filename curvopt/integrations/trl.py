@@ -4,9 +4,24 @@ CAPO (:mod:`curvopt.capo.masker`) only selects data: per token it predicts, from
 hidden state ``h_t``, its output layer ``W`` (``model.get_output_embeddings()``, any
 ``nn.Linear``, tied or not) and the trainer's real optimizer, the change ``Delta J_t`` of the
 objective and ``Delta KL_t`` of the policy that the token's gradient would cause, and keeps the
-token iff ``|Delta J_t| < tau_H`` and ``Delta KL_t < tau_F``. The keep mask multiplies TRL's
-completion mask before TRL's own loss, so the loss form, its normalization and all of TRL's
-options stay TRL's.
+token iff ``|Delta J_t| < tau_H`` and ``Delta KL_t < tau_F``. The loss form, its normalization
+and all of TRL's options stay TRL's.
+
+**Mask scope** (``capo_mask_scope``). ``"policy_gradient"`` (the default): the keep mask gates
+only the policy-gradient (advantage) term. TRL's per-token loss is
+``l_t = pg_t(A) + beta kl_t`` and its loss ``agg_m(l) - c H_m`` with ``m`` TRL's completion mask;
+CAPO hands TRL the advantages ``A_{b,t} = A_b keep_{b,t}`` (shape ``(B, T)``, which TRL
+accepts), and every supported loss type's ``pg_t`` is exactly zero, value and gradient, at a zero
+advantage. So a rejected token keeps its KL penalty and entropy bonus, the normalizers are TRL's
+(over ``m``), and TRL's ``entropy``/``kl`` metrics, the top-entropy filter, the off-policy mask
+and the adaptive entropy controller see ``m``. (TRL's ``clip_ratio/*`` metrics count a rejected
+token as unclipped: its advantage term is gone.) ``"all"``: the keep mask multiplies TRL's
+completion mask before TRL's loss (the CAPO recipe, whose ``beta = 0`` and no entropy bonus make
+the two scopes differ only in the normalizer): a rejected token loses every term.
+
+**Off means off.** With both thresholds infinite and no active penalty the loss is computed by
+``trl.GRPOTrainer`` alone (no hook, no extra pass, no step prediction unless
+``capo_predict_step=True``); ``capo/rejected_fraction`` is logged as 0.
 
 **How it hooks in.** ``_compute_loss`` hands TRL a private copy of the completion mask (TRL's
 buffered batch is never changed). During TRL's own forward pass a forward hook on the backbone
@@ -14,9 +29,10 @@ buffered batch is never changed). During TRL's own forward pass a forward hook o
 weight directly; there is no extra forward of the transformer), and right
 after the forward, before TRL forms the loss, the CAPO mask is computed in one no-grad pass over
 last-layer quantities, chunked over tokens (memory ``O(chunk K H)``; no extra backward), and
-multiplied into that mask in place. TRL divides the logits by its ``temperature``; the model does
-the same (:meth:`~curvopt.capo.masker.CAPOMasker.predict`). With both thresholds infinite the mask
-is all ones and the loss and gradients equal ``trl.GRPOTrainer``'s bit for bit.
+applied to the advantages (or, scope ``"all"``, multiplied into that mask in place). TRL
+divides the logits by its ``temperature``; the model does the same
+(:meth:`~curvopt.capo.masker.CAPOMasker.predict`). With both thresholds infinite the loss and
+gradients equal ``trl.GRPOTrainer``'s bit for bit.
 
 **Optimizer.** The update is modeled from the trainer's real optimizer
 (:func:`~curvopt.capo.direction.direction_for`: ``torch.optim.SGD`` with momentum, dampening,
@@ -30,15 +46,45 @@ with ``importance_sampling_level="token"``: all are token-level and their gradie
 the token's ``A grad log pi`` times its token weight ``w_t`` (``cispo``: times
 ``min(1, epsilon_high)``, its clamp of the detached ratio), which is what CAPO models. ``luspo``,
 ``vespo`` and sequence-level importance sampling are refused (their weights couple the tokens of a
-completion), as are Liger's fused loss and tool/environment masks (``tool_mask``). ``dapo`` and
+completion), as are Liger's fused loss and tool/environment masks: ``tools=``,
+``environment_factory=`` and ``rollout_func=`` are refused when the trainer is built (a
+rollout function's ``env_mask`` cannot be known before it runs). ``dapo`` and
 ``cispo`` keep TRL's normalizer, the number of completion tokens of the global batch counted
 before masking.
+
+**LoRA / peft.** CAPO models the update of the output layer, so it needs a trained head. With
+LoRA on the body and the full head trained (peft's ``modules_to_save=['lm_head']``) the head
+CAPO models is the adapter's trained copy (the module whose weight the logits use): the same
+exact last-layer model as for a plain model. A frozen head (adapters on the body only) is
+refused when the trainer is built (the last-layer model would predict no change; the
+whole-model JVP predictor of :mod:`curvopt.capo.whole_model` predicts a step's KL, not CAPO's
+per-token rule), and TRL 1.16 itself refuses a LoRA adapter on ``lm_head``.
 
 **Penalties** (``capo_penalty``, off in the CAPO recipe): ``lambda sum_t w_t q_t`` with ``q_t``
 the token's ``Delta KL_t``, ``Delta J_t`` or ``|Delta J_t|`` rebuilt with autograd from the
 recorded final hidden states (kept with their graph) and the head, ``w_t`` the loss type's token
-weights over the kept tokens, is added to TRL's loss (:mod:`curvopt.capo.penalty`); it is
+weights on the kept tokens (normalized over TRL's mask, or over the kept tokens in scope
+``"all"``), is added to TRL's loss (:mod:`curvopt.capo.penalty`); it is
 logged as ``capo/penalty`` (the term added to each micro-batch's loss).
+
+**KL budget** (``capo_kl_budget=delta``, off by default). A trust region on the step, not a
+token mask: at each optimizer step (after accumulation and clipping) the coming step
+``Delta theta`` of every trainable parameter is read off a trial step of the real optimizer (the
+parameters and its state are then put back), its whole-model KL over the window's completion
+tokens is predicted with one forward-mode pass per micro-batch
+(:func:`~curvopt.capo.whole_model.predict_step_kl`; eager attention, activation checkpointing
+off for that pass), and every param group's lr is multiplied by
+``s = min(1, sqrt(delta / KL_hat))`` for this step (SGD's and Adam's steps are linear in the lr,
+their KL quadratic). Logged as ``capo/predicted_whole_kl`` (before scaling) and
+``capo/kl_budget_scale``. Cost per step: one optimizer step, one forward-mode pass per
+micro-batch, a copy of the parameters and the optimizer state. It combines with the mask.
+Under data parallelism the prediction averages over every process's tokens (one scale for all);
+sharded models and optimizers (FSDP, DeepSpeed ZeRO) are not covered (untested).
+
+**Settings** come as trainer keywords or as the fields of :class:`CAPOConfig` (a
+``GRPOConfig``, so TRL's YAML files, ``TrlParser`` and ``from_dict`` reach them); a keyword
+wins. They are checked strictly when the trainer (or the config) is built, before any generation:
+a bool must be a bool (not ``"False"``), a number a number, thresholds ``>= 0`` and not NaN.
 
 **Logged metrics** (through the trainer's metrics, averaged per logging step):
 ``capo/rejected_fraction`` (of the valid completion tokens, across processes),
@@ -58,19 +104,198 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
 from torch import Tensor, nn
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
 from curvopt.capo.direction import direction_for, find_param_group
 from curvopt.capo.masker import CAPOMasker
 from curvopt.capo.penalty import CAPOPenalty
+from curvopt.capo.whole_model import budget_scale, check_budget, predict_step_kl, trial_step
 
-__all__ = ["CAPOGRPOTrainer"]
+__all__ = ["CAPOConfig", "CAPOGRPOTrainer", "capo_settings"]
+
+
+_UNSET: Any = object()  # a keyword not given (the CAPOConfig field or the default applies)
+
+MASK_SCOPES = ("policy_gradient", "all")
+
+#: Every CAPO setting, its default, and its kind (checked strictly: a bool must be a bool, a
+#: number a number; YAML / ``TrlParser`` already turn ``"false"`` into ``False`` for bool fields).
+_SETTINGS: dict[str, tuple[Any, str]] = {
+    "capo_tau_h": (math.inf, "threshold"),
+    "capo_tau_f": (math.inf, "threshold"),
+    "capo_symmetric": (True, "bool"),
+    "capo_top_k": (200, "int_or_none"),
+    "capo_level": ("token", "str"),
+    "capo_chunk_size": (None, "int_or_none"),
+    "capo_predict_step": (None, "bool_or_none"),
+    "capo_penalty": ("none", "str"),
+    "capo_penalty_coef": (0.0, "number"),
+    "capo_mask_scope": ("policy_gradient", "str"),
+    "capo_kl_budget": (None, "budget"),
+}
+
+
+def _check_setting(name: str, value: Any, kind: str) -> Any:
+    hint = f"pass {name}= as a Python value (or set the field of CAPOConfig)"
+    if kind in ("bool", "bool_or_none"):
+        if value is None and kind == "bool_or_none":
+            return None
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool (True or False), got {value!r}; {hint}")
+        return value
+    if kind in ("threshold", "number"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        value = float(value)
+        if kind == "number" and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if math.isnan(value) or value < 0:
+            raise ValueError(
+                f"{name} must be a number >= 0 (math.inf switches a threshold off), got {value}"
+            )
+        return value
+    if kind == "budget":
+        return check_budget(value, name)
+    if kind == "int_or_none":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TypeError(f"{name} must be a positive int or None, got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
+    if name == "capo_mask_scope" and value not in MASK_SCOPES:
+        raise ValueError(f"capo_mask_scope must be one of {', '.join(MASK_SCOPES)}; got {value!r}")
+    return value
+
+
+def capo_settings(args: Any = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """CAPO's validated settings: keyword ``overrides`` > the fields of ``args`` > the defaults.
+
+    Args:
+        args: The trainer's config; a :class:`CAPOConfig` (or anything with ``capo_*``
+            attributes) provides the fields, anything else (a plain ``GRPOConfig``) none.
+        overrides: ``capo_*`` keywords given to the trainer.
+
+    Returns:
+        A dict with every ``capo_*`` setting, types checked (bools are bools, numbers are
+        numbers, ``>= 0`` and not NaN, scopes known).
+
+    Raises:
+        TypeError: For an unknown setting or a value of the wrong type.
+        ValueError: For a negative or NaN number or an unknown mask scope.
+
+    Example:
+        >>> capo_settings(overrides={"capo_tau_f": 1e-4})["capo_mask_scope"]
+        'policy_gradient'
+    """
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - set(_SETTINGS)
+    if unknown:
+        raise TypeError(f"unknown CAPO settings {sorted(unknown)}; known: {sorted(_SETTINGS)}")
+    out = {}
+    for name, (default, kind) in _SETTINGS.items():
+        value = overrides.get(name, getattr(args, name, default))
+        out[name] = _check_setting(name, value, kind)
+    return out
+
+
+def _trainer_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``trl.GRPOTrainer``'s arguments by name, however they were passed."""
+    signature = inspect.signature(GRPOTrainer.__init__)
+    return dict(signature.bind_partial(None, *args, **kwargs).arguments)
+
+
+def _refuse_masks_at_construction(given: dict[str, Any]) -> None:
+    for name in ("tools", "rollout_func", "environment_factory"):
+        if given.get(name):
+            raise ValueError(
+                f"CAPOGRPOTrainer does not support {name}=: tools, environments and rollout "
+                "functions bring tool/environment masks (tool_mask, env_mask), which CAPO's "
+                "model of the token weights does not cover; use trl.GRPOTrainer for them"
+            )
+
+
+def _trained_head(head: nn.Module) -> nn.Module:
+    """The module whose weight the policy's logits use.
+
+    A peft ``ModulesToSaveWrapper`` (``modules_to_save=['lm_head']``) trains and uses its active
+    adapter's copy; any other module is returned as is.
+    """
+    copies = getattr(head, "modules_to_save", None)
+    if copies is None or not hasattr(head, "original_module"):
+        return head
+    active = head.active_adapter
+    active = active if isinstance(active, str) else active[0]
+    trained = copies[active]
+    if head.weight is not trained.weight:
+        raise TypeError(
+            "peft's lm_head wrapper does not use its active adapter's copy; CAPO cannot tell "
+            "which weight the logits use"
+        )
+    return trained
+
+
+@dataclass
+class CAPOConfig(GRPOConfig):
+    """``trl.GRPOConfig`` with CAPO's settings, read by :class:`CAPOGRPOTrainer`.
+
+    Every ``capo_*`` keyword of the trainer is a field here, so the settings can come from
+    TRL's YAML files, ``TrlParser`` command lines or ``from_dict``; a keyword given to the
+    trainer wins over the field. Types are checked strictly when the config is built.
+
+    Example:
+        >>> cfg = CAPOConfig("/tmp/capo-doc", use_cpu=True, bf16=False, capo_tau_f=1e-4)
+        >>> cfg.capo_tau_f, cfg.capo_mask_scope
+        (0.0001, 'policy_gradient')
+    """
+
+    capo_tau_h: float = field(
+        default=math.inf, metadata={"help": "Threshold on |Delta J_t| (inf: off)."}
+    )
+    capo_tau_f: float = field(default=math.inf, metadata={"help": "Threshold on Delta KL_t."})
+    capo_symmetric: bool = field(
+        default=True, metadata={"help": "Keep iff |Delta J| < tau_h (else 0 <= Delta J < tau_h)."}
+    )
+    capo_top_k: int | None = field(
+        default=200, metadata={"help": "Softmax support size K of the model (None: all)."}
+    )
+    capo_level: str = field(
+        default="token", metadata={"help": "Mask level: token, sequence or global."}
+    )
+    capo_chunk_size: int | None = field(
+        default=None, metadata={"help": "Tokens per chunk of the no-grad pass (None: auto)."}
+    )
+    capo_predict_step: bool | None = field(
+        default=None,
+        metadata={"help": "Log each step's predicted KL / Delta J (None: iff CAPO is on)."},
+    )
+    capo_penalty: str = field(
+        default="none", metadata={"help": "none, delta_kl, delta_j or abs_delta_j."}
+    )
+    capo_penalty_coef: float = field(default=0.0, metadata={"help": "Penalty coefficient."})
+    capo_mask_scope: str = field(
+        default="policy_gradient",
+        metadata={"help": "What CAPO's mask gates: policy_gradient (default) or all."},
+    )
+
+    capo_kl_budget: float | None = field(
+        default=None,
+        metadata={"help": "Scale each step so its predicted whole-model KL fits (None: off)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        capo_settings(self)
 
 
 class CAPOGRPOTrainer(GRPOTrainer):
@@ -89,20 +314,29 @@ class CAPOGRPOTrainer(GRPOTrainer):
             (:class:`~curvopt.capo.masker.CAPOMasker`).
         capo_chunk_size: Tokens per chunk of the no-grad pass (``None``: automatic).
         capo_predict_step: Log the predicted KL and ``Delta J`` of every optimizer step (one more
-            no-grad pass over the step's hidden states, at the step).
+            no-grad pass over the step's hidden states, at the step). ``None`` (the default): on
+            iff CAPO is on (a finite threshold or an active penalty).
         capo_penalty: ``"none"`` (the CAPO recipe), ``"delta_kl"``, ``"delta_j"`` or
             ``"abs_delta_j"``: add ``capo_penalty_coef * sum_t w_t q_t`` to TRL's loss, ``q_t``
             the token's prediction rebuilt with autograd from the policy's final hidden state and
             the head (:mod:`curvopt.capo.penalty`), ``w_t`` the loss type's token weights
             over the kept tokens. Combines with the mask (infinite thresholds: penalty only).
         capo_penalty_coef: ``lambda >= 0``; 0 switches the penalty off (TRL's loss bit for bit).
+        capo_mask_scope: ``"policy_gradient"`` (default: the mask gates the advantage term only)
+            or ``"all"`` (it multiplies TRL's completion mask: every term of a rejected token).
+        capo_kl_budget: ``delta > 0``: scale each step's lr so that the step's predicted
+            whole-model KL is at most ``delta`` (see the module's "KL budget"); None: off.
         **kwargs: Passed to ``trl.GRPOTrainer``.
+
+    Every ``capo_*`` keyword not given is read from ``args`` when it is a :class:`CAPOConfig`.
 
     Raises:
         ValueError: For an unsupported loss type, sequence-level importance sampling, Liger's
-            fused loss, invalid thresholds.
-        TypeError: For a model whose output embeddings are not an ``nn.Linear``, or an optimizer
-            CAPO has no model of.
+            fused loss, negative or NaN thresholds, an unknown mask scope, tools,
+            environments or a rollout function, scaled logits (a scale other than 1).
+        TypeError: For a setting of the wrong type (a string where a bool belongs), a model
+            whose output embeddings are not an ``nn.Linear``, or an optimizer CAPO has no
+            model of.
     """
 
     SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
@@ -110,28 +344,60 @@ class CAPOGRPOTrainer(GRPOTrainer):
     def __init__(
         self,
         *args: Any,
-        capo_tau_h: float = math.inf,
-        capo_tau_f: float = math.inf,
-        capo_symmetric: bool = True,
-        capo_top_k: int | None = 200,
-        capo_level: str = "token",
-        capo_chunk_size: int | None = None,
-        capo_predict_step: bool = True,
-        capo_penalty: str = "none",
-        capo_penalty_coef: float = 0.0,
+        capo_tau_h: float = _UNSET,
+        capo_tau_f: float = _UNSET,
+        capo_symmetric: bool = _UNSET,
+        capo_top_k: int | None = _UNSET,
+        capo_level: str = _UNSET,
+        capo_chunk_size: int | None = _UNSET,
+        capo_predict_step: bool | None = _UNSET,
+        capo_penalty: str = _UNSET,
+        capo_penalty_coef: float = _UNSET,
+        capo_mask_scope: str = _UNSET,
+        capo_kl_budget: float | None = _UNSET,
         **kwargs: Any,
     ):
+        given = {
+            "capo_tau_h": capo_tau_h,
+            "capo_tau_f": capo_tau_f,
+            "capo_symmetric": capo_symmetric,
+            "capo_top_k": capo_top_k,
+            "capo_level": capo_level,
+            "capo_chunk_size": capo_chunk_size,
+            "capo_predict_step": capo_predict_step,
+            "capo_penalty": capo_penalty,
+            "capo_penalty_coef": capo_penalty_coef,
+            "capo_mask_scope": capo_mask_scope,
+            "capo_kl_budget": capo_kl_budget,
+        }
+        parent_args = _trainer_arguments(args, kwargs)
+        given = {k: v for k, v in given.items() if v is not _UNSET}
+        settings = capo_settings(parent_args.get("args"), given)
+        #: The validated CAPO settings (keyword > :class:`CAPOConfig` field > default).
+        self.capo_options = settings
+        _refuse_masks_at_construction(parent_args)
         # validates the thresholds, top_k, level and chunk size before the (slow) parent init
         self.capo_masker = CAPOMasker(
-            capo_tau_h,
-            capo_tau_f,
-            top_k=capo_top_k,
-            symmetric=capo_symmetric,
-            chunk_size=capo_chunk_size,
-            level=capo_level,
+            settings["capo_tau_h"],
+            settings["capo_tau_f"],
+            top_k=settings["capo_top_k"],
+            symmetric=settings["capo_symmetric"],
+            chunk_size=settings["capo_chunk_size"],
+            level=settings["capo_level"],
         )
-        self.capo_predict_step = bool(capo_predict_step)
-        self.capo_penalty = CAPOPenalty(capo_penalty, capo_penalty_coef)
+        self.capo_penalty = CAPOPenalty(settings["capo_penalty"], settings["capo_penalty_coef"])
+        self.capo_mask_scope = settings["capo_mask_scope"]
+        #: ``delta``: the coming step is scaled so that its predicted whole-model KL is at most
+        #: ``delta`` (None: off). See :meth:`_capo_fit_budget`.
+        self.capo_kl_budget = settings["capo_kl_budget"]
+        self._capo_budget_window: list[dict] = []
+        self._capo_budget_hooks: list = []
+        self._capo_lr_restore: list[float] | None = None
+        self._capo_in_trial = False
+        masking = math.isfinite(settings["capo_tau_h"]) or math.isfinite(settings["capo_tau_f"])
+        predict = settings["capo_predict_step"]
+        on = masking or self.capo_penalty.active
+        self.capo_predict_step = on if predict is None else predict
         self._capo_penalty_term: Tensor | None = None
         self._capo_pending: dict | None = None
         self._capo_window: list[dict] = []
@@ -153,11 +419,21 @@ class CAPOGRPOTrainer(GRPOTrainer):
             )
         if getattr(self.args, "use_liger_kernel", False):
             raise ValueError("CAPOGRPOTrainer does not support use_liger_kernel (fused loss)")
-        head = self.model.get_output_embeddings()
+        head = _trained_head(self.model.get_output_embeddings())
         if not isinstance(head, nn.Linear):
             raise TypeError(
                 "CAPO needs a causal LM whose output layer (get_output_embeddings()) is an "
                 f"nn.Linear; got {type(head).__name__}"
+            )
+        if not head.weight.requires_grad:
+            raise ValueError(
+                "CAPO models the update of the output layer (lm_head), and this model's output "
+                "layer is frozen (requires_grad=False; e.g. a peft/LoRA model with adapters on "
+                "the body only), so CAPO's last-layer model would predict no change and keep "
+                "every token. Train the head as well: peft's LoraConfig(..., "
+                "modules_to_save=['lm_head']) (LoRA on the body, the full head trained; CAPO's "
+                "model of the head is then exact), or use trl.GRPOTrainer. (TRL itself refuses "
+                "a LoRA adapter on lm_head.)"
             )
         self.capo_head = head
         if self.capo_masker.top_k is not None:
@@ -179,8 +455,14 @@ class CAPOGRPOTrainer(GRPOTrainer):
             ),
             None,
         )
-        if scale is not None or getattr(text_config, "logits_scaling", None) is not None:
-            raise ValueError("CAPO's linear-logit model does not cover scaled logits (logit_scale)")
+        divisor = getattr(text_config, "logits_scaling", None)
+        if (scale is not None and float(scale) != 1.0) or (
+            divisor is not None and float(divisor) != 1.0
+        ):
+            raise ValueError(
+                "CAPO's linear-logit model does not cover scaled logits (logit_scale="
+                f"{scale}, logits_scaling={divisor}); only a scale of 1 is supported"
+            )
         if self.optimizer is not None:
             self._capo_bind(self.optimizer)
 
@@ -202,8 +484,37 @@ class CAPOGRPOTrainer(GRPOTrainer):
             self._capo_hook.remove()
         self.capo_masker.direction = direction
         self._capo_bound = direction.optimizer
+        for hook in self._capo_budget_hooks:
+            hook.remove()
+        self._capo_budget_hooks = []
+        if self.capo_kl_budget is not None:  # first: the step predictions see the scaled lr
+            opt = direction.optimizer
+            self._capo_budget_hooks = [
+                opt.register_step_pre_hook(self._capo_fit_budget),
+                opt.register_step_post_hook(self._capo_restore_lr),
+            ]
         if self.capo_predict_step:
             self._capo_hook = direction.optimizer.register_step_pre_hook(self._capo_before_step)
+
+    @property
+    def capo_active(self) -> bool:
+        """Whether CAPO changes anything: a finite threshold, an active penalty or a KL budget.
+
+        When off, the loss is ``trl.GRPOTrainer``'s with no extra pass (unless step predictions
+        were asked for with ``capo_predict_step=True``).
+        """
+        return self._capo_masking or self.capo_kl_budget is not None
+
+    @property
+    def _capo_masking(self) -> bool:
+        m = self.capo_masker
+        return math.isfinite(m.tau_h) or math.isfinite(m.tau_f) or self.capo_penalty.active
+
+    def _capo_needs_pass(self) -> bool:
+        """Whether this micro-batch's loss needs CAPO (training, an optimizer, and CAPO on)."""
+        if self._capo_bound is None or not self.model.training:
+            return False
+        return self._capo_masking or self.capo_predict_step
 
     def _capo_lr(self) -> float:
         return float(find_param_group(self._capo_bound, self.capo_head.weight)["lr"])
@@ -211,7 +522,14 @@ class CAPOGRPOTrainer(GRPOTrainer):
     # --- the mask ----------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
-        if self._capo_bound is None or not self.model.training:
+        if self.capo_kl_budget is not None and self.model.training and not self._capo_in_trial:
+            self._capo_budget_window.append(
+                {k: inputs[k] for k in ("prompt_ids", "prompt_mask", "completion_ids")}
+                | {"completion_mask": inputs["completion_mask"]}
+            )
+        if not self._capo_needs_pass():
+            if self._capo_bound is not None and self.model.training:  # no mask: rejects nothing
+                self._metrics["train"]["capo/rejected_fraction"].append(0.0)
             return super()._compute_loss(model, inputs)
         if "tool_mask" in inputs:
             raise ValueError(
@@ -262,12 +580,15 @@ class CAPOGRPOTrainer(GRPOTrainer):
                 f"captured hidden states {tuple(hidden.shape)} do not match the completion mask "
                 f"{tuple(mask.shape)}"
             )
+        advantages = pending["advantages"]  # TRL's, before the mask scope gates them
         keep = self._capo_apply(pending, hidden.detach())
         if with_graph:
-            self._capo_penalty_term = self._capo_penalty(pending, hidden, keep)
+            self._capo_penalty_term = self._capo_penalty(pending, hidden, keep, advantages)
         return out
 
-    def _capo_penalty(self, inputs: dict, hidden: Tensor, keep: Tensor) -> Tensor:
+    def _capo_penalty(
+        self, inputs: dict, hidden: Tensor, keep: Tensor, advantages: Tensor
+    ) -> Tensor:
         """``lambda sum_t w_t q_t`` of one micro-batch, the loss type's weights over ``keep``."""
         head = self.capo_head
         return self.capo_penalty(
@@ -275,7 +596,7 @@ class CAPOGRPOTrainer(GRPOTrainer):
             head.weight,
             hidden.to(head.weight.dtype),
             inputs["completion_ids"],
-            inputs["advantages"],
+            advantages,
             self._capo_lr(),
             self._capo_token_weights(inputs, keep),
             head.bias,
@@ -304,7 +625,14 @@ class CAPOGRPOTrainer(GRPOTrainer):
             valid,
             temperature=self.temperature,
         )
-        mask.mul_(out.keep.to(mask.dtype))
+        if self.capo_mask_scope == "all":
+            mask.mul_(out.keep.to(mask.dtype))
+        elif not bool(out.keep[valid].all()):
+            # gate the advantage only: TRL reads inputs["advantages"] after this forward, and a
+            # zero advantage zeroes every supported loss type's policy-gradient term (value and
+            # gradient) while the KL penalty, the entropy bonus and the metrics keep the mask
+            adv = advantages[:, None] if advantages.dim() == 1 else advantages
+            inputs["advantages"] = adv * out.keep.to(adv.dtype)
         stats = out.stats()
         keys = ("mean_delta_kl_all", "mean_delta_kl_kept", "mean_abs_delta_j_all")
         keys += ("mean_abs_delta_j_kept",)
@@ -332,11 +660,13 @@ class CAPOGRPOTrainer(GRPOTrainer):
     def _capo_token_weights(self, inputs: dict, keep: Tensor) -> Tensor:
         """Weights ``w_t`` with TRL's loss ``~ -sum_t w_t A_t r_t`` for this micro-batch."""
         k = keep.float()
+        # the normalizer's tokens: the kept ones when the mask gates everything, else TRL's own
+        n = k if self.capo_mask_scope == "all" else inputs["completion_mask"].float()
         accum = self.current_gradient_accumulation_steps
         if self.loss_type in ("grpo", "sapo"):
-            return k / k.sum(-1, keepdim=True).clamp(min=1) / (k.shape[0] * accum)
+            return k / n.sum(-1, keepdim=True).clamp(min=1) / (k.shape[0] * accum)
         if self.loss_type == "bnpo":
-            return k / k.sum().clamp(min=1) / accum
+            return k / n.sum().clamp(min=1) / accum
         if self.loss_type == "dr_grpo":
             return k / (k.shape[0] * self.max_completion_length * accum)
         # dapo, cispo: TRL's normalizer, rescaled from the generation batch to one accumulation
@@ -351,6 +681,8 @@ class CAPOGRPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _capo_before_step(self, optimizer, args, kwargs) -> None:
+        if self._capo_in_trial:  # the KL budget's trial step
+            return
         window, self._capo_window = self._capo_window, []
         head = self.capo_head
         if not window or head.weight.grad is None:
@@ -384,3 +716,125 @@ class CAPOGRPOTrainer(GRPOTrainer):
         self.capo_last_step = {"kl": kl, "delta_j": delta_j, "lr": lr, "batches": window}
         self._metrics["train"]["capo/predicted_step_kl"].append(kl.item())
         self._metrics["train"]["capo/predicted_delta_j"].append(delta_j.item())
+
+    # --- the KL budget --------------------------------------------------------------------------
+
+    def _capo_trial_step(self, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+        """The coming step of every trainable parameter, nothing changed.
+
+        See :func:`~curvopt.capo.whole_model.trial_step` (parameters and state are put back).
+        """
+        self._capo_in_trial = True
+        try:
+            return trial_step(optimizer, self._capo_trainable())
+        finally:
+            self._capo_in_trial = False
+
+    def _capo_trainable(self) -> list[Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def _capo_forward_mode(self):
+        """Eager attention, no activation checkpointing, no input-grad hooks; restored after.
+
+        Forward-mode AD supports none of the three.
+        """
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        attn = base.config._attn_implementation
+        checkpointing = bool(base.is_activation_checkpointing)
+        if checkpointing:
+            base.activation_checkpointing_disable()
+        # transformers' enable_input_require_grads hooks (TRL and Trainer may each add one, and
+        # only the last one's handle is kept): requires_grad_ inside a functorch transform fails
+        removed = []
+        for module in base.modules():
+            for key, fn in list(module._forward_hooks.items()):
+                if getattr(fn, "__name__", "") == "make_inputs_require_grads":
+                    removed.append((module, key, fn))
+                    del module._forward_hooks[key]
+        if attn != "eager":
+            base.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            if attn != "eager":
+                base.set_attn_implementation(attn)
+            for module, key, fn in removed:
+                module._forward_hooks[key] = fn
+            if checkpointing:
+                base.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+                )
+
+    @torch.no_grad()
+    def _capo_predicted_whole_kl(self, step: list[Tensor]) -> Tensor:
+        """Mean predicted ``KL(pi_old || pi_new)`` over the window's completion tokens (JVP)."""
+        with self._capo_forward_mode():
+            return self._capo_jvp_kl(step)
+
+    def _capo_jvp_kl(self, step: list[Tensor]) -> Tensor:
+        call = _LogitsOf(self.model, self.temperature)
+        device = self.capo_head.weight.device
+        kl_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for mb in self._capo_budget_window:
+            ids = torch.cat([mb["prompt_ids"], mb["completion_ids"]], 1)
+            att = torch.cat([mb["prompt_mask"], mb["completion_mask"]], 1)
+            valid = mb["completion_mask"].bool()
+            T = valid.shape[1]
+            kl = predict_step_kl(
+                call, step, ids, att, mask=valid, output_fn=lambda z, T=T: z[:, -T - 1 : -1]
+            )
+            n = valid.sum().double()
+            kl_sum += kl.double() * n
+            n_sum += n
+        if self.accelerator.num_processes > 1:  # one scale for all processes (same step)
+            both = self.accelerator.reduce(torch.stack([kl_sum, n_sum]), reduction="sum")
+            kl_sum, n_sum = both[0], both[1]
+        return kl_sum / n_sum.clamp(min=1)
+
+    def _capo_fit_budget(self, optimizer, args, kwargs) -> None:
+        """Scale the coming step's learning rates so its predicted whole-model KL fits the budget.
+
+        With ``Delta theta`` the step the optimizer is about to take (a trial step on the real
+        gradients and state) and ``KL_hat = mean_t 1/2 u_t^T (Diag(p_t) - p_t p_t^T) u_t``,
+        ``u_t = J_t Delta theta`` (one forward-mode pass per micro-batch,
+        :func:`~curvopt.capo.whole_model.predict_step_kl`, over the window's completion tokens),
+        every param group's lr is multiplied by ``s = min(1, sqrt(delta / KL_hat))`` for this step
+        (SGD's and Adam's steps are linear in the lr, their KL quadratic) and restored after it.
+        """
+        if self._capo_in_trial:  # its own trial step
+            return
+        if not self._capo_budget_window:
+            return
+        try:
+            kl = float(self._capo_predicted_whole_kl(self._capo_trial_step(optimizer)))
+        finally:
+            self._capo_budget_window = []
+        scale = budget_scale(kl, self.capo_kl_budget)
+        self._capo_lr_restore = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * scale
+        metrics = self._metrics["train"]
+        metrics["capo/predicted_whole_kl"].append(kl)
+        metrics["capo/kl_budget_scale"].append(scale)
+
+    def _capo_restore_lr(self, optimizer, args, kwargs) -> None:
+        if self._capo_in_trial or self._capo_lr_restore is None:
+            return
+        for g, lr in zip(optimizer.param_groups, self._capo_lr_restore):
+            g["lr"] = lr
+        self._capo_lr_restore = None
+
+
+class _LogitsOf(nn.Module):
+    """``(input_ids, attention_mask) -> logits / temperature`` of a causal LM (for the JVP)."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits / self.temperature

@@ -48,7 +48,13 @@ _batch = th.batch
 
 
 def test_masked_tokens_get_zero_gradient_and_the_loss_is_trls_on_the_kept_tokens(tmp_path):
-    trainer = _trainer(_LogpsProbe, tmp_path, cfg={"loss_type": "grpo"})
+    trainer = _trainer(
+        _LogpsProbe,
+        tmp_path,
+        cfg={"loss_type": "grpo"},
+        capo_mask_scope="all",
+        capo_predict_step=True,
+    )
     torch.manual_seed(0)
     inputs = _batch(trainer)
     valid = inputs["completion_mask"].bool()
@@ -156,7 +162,14 @@ def test_predicted_step_kl_tracks_the_realized_head_kl(tmp_path, name, cls, kw):
     model = th.model(tied=name != "adamw")
     opt = cls(model.parameters(), **kw)
     cfg = {"max_steps": 5, "lr_scheduler_type": "constant", "loss_type": "grpo"}
-    trainer = _trainer(CAPOGRPOTrainer, tmp_path, model=model, optimizers=(opt, None), cfg=cfg)
+    trainer = _trainer(
+        CAPOGRPOTrainer,
+        tmp_path,
+        model=model,
+        optimizers=(opt, None),
+        cfg=cfg,
+        capo_predict_step=True,
+    )
     probe = _RealizedHeadKL(trainer)
     trainer.add_callback(probe)
     trainer.train()
@@ -177,7 +190,7 @@ def test_default_optimizer_small_lr_within_one_percent(tmp_path, accumulation):
     also when a step accumulates two micro-batches (both enter the step's prediction)."""
     cfg = {"max_steps": 2, "learning_rate": 1e-4, "lr_scheduler_type": "constant"}
     cfg["gradient_accumulation_steps"] = accumulation
-    trainer = _trainer(CAPOGRPOTrainer, tmp_path, cfg=cfg)
+    trainer = _trainer(CAPOGRPOTrainer, tmp_path, cfg=cfg, capo_predict_step=True)
     probe = _RealizedHeadKL(trainer)
     trainer.add_callback(probe)
     trainer.train()
@@ -221,7 +234,13 @@ def test_unsupported_settings_are_refused(tmp_path):
 
 
 def test_sequence_level_mask_keeps_or_drops_whole_completions(tmp_path):
-    trainer = _trainer(CAPOGRPOTrainer, tmp_path, cfg={"loss_type": "grpo"}, capo_level="sequence")
+    trainer = _trainer(
+        CAPOGRPOTrainer,
+        tmp_path,
+        cfg={"loss_type": "grpo"},
+        capo_level="sequence",
+        capo_predict_step=True,
+    )
     torch.manual_seed(1)
     inputs = _batch(trainer)
     valid = inputs["completion_mask"].bool()

@@ -109,11 +109,13 @@ def test_penalty_is_added_to_trls_loss_with_its_gradient(tmp_path, loss_type, ki
     assert moved == len(params)  # through h_t the penalty reaches every parameter
 
 
+@pytest.mark.parametrize("scope", [None, "policy_gradient", "all"])
 @pytest.mark.parametrize("loss_type", CAPOGRPOTrainer.SUPPORTED_LOSS_TYPES)
-def test_token_weights_are_trls(tmp_path, loss_type):
+def test_token_weights_are_trls(tmp_path, loss_type, scope):
     """The weights the penalty (and the step prediction) average with: at ratio 1 the gradient of
     TRL's loss in the per-token log-probabilities is -w_t A_t (steps_per_generation = 2 makes
-    dapo/cispo's normalizer differ from the accumulation window)."""
+    dapo/cispo's normalizer differ from the accumulation window). ``scope``: a finite threshold
+    rejecting about half of the informative tokens, the mask gating that scope (None: no mask)."""
     captured = {}
 
     class Probe(CAPOGRPOTrainer):
@@ -125,10 +127,28 @@ def test_token_weights_are_trls(tmp_path, loss_type):
             return out
 
     cfg = {"loss_type": loss_type, "steps_per_generation": 2}
-    trainer = th.trainer(Probe, tmp_path, cfg=cfg, **INF)
+    extra = {"capo_mask_scope": scope} if scope else {}
+    trainer = th.trainer(Probe, tmp_path, cfg=cfg, capo_predict_step=True, **INF, **extra)
     torch.manual_seed(1)
     inputs = th.batch(trainer)
+    if scope:
+        trainer.compute_loss(trainer.model, inputs)
+        seen = trainer._capo_window.pop()
+        _, dkl = trainer.capo_masker.predict(
+            trainer.capo_head.weight,
+            seen["hidden"],
+            inputs["completion_ids"],
+            inputs["advantages"],
+            trainer._capo_lr(),
+            mask=seen["valid"],
+        )
+        informative = seen["valid"] & (inputs["advantages"][:, None] != 0)
+        trainer.capo_masker.tau_f = float(dkl[informative].median())
+        trainer.model.zero_grad()
     trainer.compute_loss(trainer.model, inputs).backward()
+    keep = trainer._capo_window[-1]["keep"]
+    if scope:
+        assert 0 < int(keep.sum()) < int(inputs["completion_mask"].sum())
     w = trainer._capo_window[-1]["weights"]
     adv = inputs["advantages"][:, None]
     g = captured["logps"].grad

@@ -15,7 +15,8 @@ dataset = addition_prompts
 reward = addition_reward
 
 
-def config(tmp_path, **kw) -> GRPOConfig:
+def config(tmp_path, cls=GRPOConfig, **kw) -> GRPOConfig:
+    """The tiny setup's config as a ``cls`` (``GRPOConfig`` or a subclass), ``kw`` updating it."""
     base = dict(
         output_dir=str(tmp_path),
         use_cpu=True,
@@ -31,15 +32,16 @@ def config(tmp_path, **kw) -> GRPOConfig:
         disable_tqdm=True,
     )
     base.update(kw)
-    return GRPOConfig(**base)
+    return cls(**base)
 
 
-def trainer(cls, tmp_path, model=None, optimizers=(None, None), cfg=None, **kw):
-    """A ``cls`` (GRPOTrainer or a subclass) on the tiny setup; ``cfg`` updates the config."""
+def trainer(cls, tmp_path, model=None, optimizers=(None, None), cfg=None, args=None, **kw):
+    """A ``cls`` (GRPOTrainer or a subclass) on the tiny setup; ``cfg`` updates the config
+    (``args``: a ready config instead)."""
     return cls(
         model=tiny_gpt2() if model is None else model,
         reward_funcs=addition_reward,
-        args=config(tmp_path, **(cfg or {})),
+        args=config(tmp_path, **(cfg or {})) if args is None else args,
         train_dataset=addition_prompts(),
         processing_class=char_tokenizer(),
         optimizers=optimizers,
