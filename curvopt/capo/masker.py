@@ -249,7 +249,9 @@ class CAPOMasker:
         if not hasattr(direction, "forms_token_matrices"):
             direction.forms_token_matrices = True  # the memory-safe assumption for chunking
         self.direction = direction
-        self.symmetric = bool(symmetric)
+        if not isinstance(symmetric, bool):  # bool("False") is True: refuse, never convert
+            raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+        self.symmetric = symmetric
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
         self.chunk_size = chunk_size

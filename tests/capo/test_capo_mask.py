@@ -357,3 +357,14 @@ def test_sequence_and_global_masks_gate_whole_groups(level):
             assert torch.equal(out.keep, mask if kept else torch.zeros_like(mask))
     with pytest.raises(ValueError, match="level"):
         CAPOMasker(1.0, 1.0, level="batch")
+
+
+def test_symmetric_must_be_a_bool_not_a_string():
+    from curvopt.capo import CAPOLoss
+
+    for value in ("False", "True", 0, 1, None):
+        with pytest.raises(TypeError, match="symmetric must be a bool"):
+            CAPOMasker(0.1, 0.1, symmetric=value)
+    assert CAPOMasker(0.1, 0.1, symmetric=False).symmetric is False
+    with pytest.raises(TypeError, match="symmetric must be a bool"):
+        CAPOLoss(lambda *a: None, torch.nn.Linear(2, 3), tau_h=0.1, tau_f=0.1, symmetric="False")
