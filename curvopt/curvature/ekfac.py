@@ -54,7 +54,8 @@ class EKFACOperator(KFACOperator):
         >>> x = E.inverse(damping=1e-2) @ v
         >>> torch.allclose(E @ x + 1e-2 * x, v, atol=1e-4)
         True
-        >>> E.corrected_eigenvalues["0"]["weight"].shape
+        >>> layer = E.corrected_eigenvalues["0"]  # the eigenvalues of module "0", per parameter
+        >>> layer["weight"].shape
         torch.Size([4, 3])
     """
 

@@ -217,7 +217,7 @@ class MFAC(WholeCopyOptimizer):
     Example:
         >>> model = torch.nn.Linear(4, 2)
         >>> opt = MFAC(model.parameters(), lr=1e-2)  # drop-in for AdamW's lr range
-        >>> opt.window.m, opt.param_groups[0]["momentum"]
+        >>> opt.window.m, opt.defaults["momentum"]
         (32, 0.9)
         >>> authors = MFAC(model.parameters(), lr=1e-2, m=8, damp=1e-3, graft=None)
         >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
