@@ -6,10 +6,11 @@ import numbers
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from curvopt.mfac._validation import check_damp, check_positive_int
+from curvopt.mfac._validation import check_damp, check_positive_int, check_storage_dtype
 
 from .layerwise import check_layerwise_targets
 from .masks import PrunableWeight, WeightMask, prunable_weights
@@ -38,6 +39,7 @@ def prune(
     steps: int = 16,
     *,
     pattern: str | None = None,
+    grad_dtype: torch.dtype | None = None,
     damp_mode: str = "relative",
     update: str = "auto",
     grad_batch_size: int | None = None,
@@ -141,6 +143,9 @@ def prune(
         multi_budget: Largest ``removed * d`` for which auto uses the multi-weight update.
         callback: Called as ``callback(step, steps, sparsity)`` after each step.
         pattern: ``"n:m"`` for N:M sparsity (e.g. ``"2:4"``), or ``None`` (unstructured).
+        grad_dtype: Storage dtype of the gradients ``G`` for M-FAC (``torch.bfloat16`` halves
+            the ``m x d`` buffer of a large model; products accumulate in float32), or ``None``
+            (the weights' dtype).
 
     Returns:
         A :class:`PruneReport` (``.sparsity`` overall, ``.layers`` per layer).
@@ -166,6 +171,8 @@ def prune(
     if damp is None:
         damp = 0.01 if method == "layerwise" else 1.0
     nm = parse_pattern(pattern, sparsity) if pattern is not None else None
+    if grad_dtype is not None:
+        check_storage_dtype(grad_dtype, "grad_dtype")
     _check_arguments(
         model, loss_func, data, method, scope, num_grads, block_size, damp, steps, damp_mode,
         update, grad_batch_size, normalize, max_multi, multi_budget, callback,
@@ -191,7 +198,7 @@ def prune(
         _prune_steps(
             view, report, model, loss_func, data, layer_targets, method, scope, num_grads,
             block_size, damp, steps, damp_mode, update, grad_batch_size, normalize, max_multi,
-            multi_budget, callback, nm, groups,
+            multi_budget, callback, nm, groups, grad_dtype,
         )  # fmt: skip
     except BaseException:
         snapshot.restore()  # all or nothing: a failed prune leaves the model as it was
@@ -203,7 +210,7 @@ def prune(
 def _prune_steps(
     view: WeightsView, report: PruneReport, model, loss_func, data, layer_targets, method, scope,
     num_grads, block_size, damp, steps, damp_mode, update, grad_batch_size, normalize, max_multi,
-    multi_budget, callback, nm=None, groups=None,
+    multi_budget, callback, nm=None, groups=None, grad_dtype=None,
 ) -> None:  # fmt: skip
     """The one pruning loop of :func:`prune`, after its checks, on either view of the weights.
 
@@ -225,7 +232,7 @@ def _prune_steps(
             inv_diag = inverse.inverse_diagonal().to(w.dtype)
             scores = obs_scores(w, inv_diag)
         else:
-            G = view.gradients(model, loss_func, data, num_grads, grad_batch_size)
+            G = view.gradients(model, loss_func, data, num_grads, grad_batch_size, grad_dtype)
             lam = float(damp)
             if damp_mode == "relative":
                 scale = view.relative_damping(G)

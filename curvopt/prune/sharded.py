@@ -200,6 +200,7 @@ class ShardedWeights:
         data: Iterable,
         num_grads: int,
         grad_batch_size: int | None,
+        dtype: torch.dtype | None = None,
     ) -> Tensor:
         """``G_r``: the local rows of ``num_grads`` gradients, ``(m, d_r)`` (see the module doc).
 
@@ -231,7 +232,7 @@ class ShardedWeights:
                     g = t.param.grad
                     g = torch.zeros_like(x) if g is None else local_tensor(g)
                     parts.append((g * m).reshape(-1))
-                rows.append(torch.cat(parts))
+                rows.append(torch.cat(parts).to(dtype or parts[0].dtype))
                 for p in params:
                     p.grad = None
         finally:

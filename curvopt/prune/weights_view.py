@@ -88,6 +88,7 @@ class WeightsView(Protocol):
         data: Iterable,
         num_grads: int,
         grad_batch_size: int | None,
+        dtype: torch.dtype | None = None,
     ) -> Tensor:
         """``num_grads`` flat gradients of the held entries, ``(m, d)`` or ``(m, d_r)``."""
 
@@ -188,8 +189,10 @@ class LocalWeights:
     def count(self, flags: Tensor) -> int:  # noqa: D102
         return int(flags.sum())
 
-    def gradients(self, model, loss_func, data, num_grads, grad_batch_size) -> Tensor:  # noqa: D102
-        return collect_gradients(model, loss_func, data, self.targets, num_grads, grad_batch_size)
+    def gradients(self, model, loss_func, data, num_grads, grad_batch_size, dtype=None) -> Tensor:  # noqa: D102
+        return collect_gradients(
+            model, loss_func, data, self.targets, num_grads, grad_batch_size, dtype=dtype
+        )
 
     def relative_damping(self, G: Tensor) -> float:  # noqa: D102
         return float(G.double().pow(2).sum(0).mean() / G.shape[0])

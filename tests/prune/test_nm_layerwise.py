@@ -289,3 +289,16 @@ def test_calibration_data_without_valid_tokens_is_an_error_and_the_model_unchang
         prune(model, lm_loss, calib, 0.5, method=method, scope="layer", pattern="2:4",
               num_grads=2, steps=2)  # fmt: skip
     assert same_state(before, state(model))
+
+
+def test_bf16_gradients_prune_a_float32_model_and_a_bad_dtype_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    calib = [(X.float(), y) for X, y in data()]
+    before = state(model)
+    with pytest.raises(TypeError, match="grad_dtype"):
+        prune(model, nn.CrossEntropyLoss(), calib, 0.5, grad_dtype=torch.int8)
+    assert same_state(before, state(model))
+    report = prune(model, nn.CrossEntropyLoss(), calib, 0.5, pattern="2:4", num_grads=8,
+                   grad_batch_size=4, steps=2, grad_dtype=torch.bfloat16)  # fmt: skip
+    assert report.sparsity == 0.5 and all(torch.isfinite(p).all() for p in model.parameters())
