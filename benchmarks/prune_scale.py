@@ -7,10 +7,11 @@ Run from the repository root::
 
 A transformers GPT-2 (local config, 14 layers, ``n_embd=256``, context 128, byte vocabulary:
 11.1M parameters, 11.0M of them in the blocks' ``Conv1D`` weights, all pruned) at its random
-initialisation (the point is the cost, not the quality), pruned to 2:4
-by ``curvopt.prune.prune(method="mfac")``: one global threshold, M-FAC blocks of 128, ``m = 16``
-per-sequence gradients per step, 2 steps; gradients stored in bfloat16 (``grad_dtype``; with
-``--all`` also float32, and 50 % unstructured). Memory is the peak resident set size above the
+initialisation (the point is the cost, not the quality), pruned to 2:4 by
+``curvopt.prune.prune(method="mfac")``: M-FAC blocks of 128, ``m = 8`` per-sequence gradients,
+1 step (few, to fit the time of a shared 2-core machine), gradients stored in bfloat16
+(``grad_dtype``; with ``--all`` also float32, and 50 % unstructured with one global threshold).
+Memory is the peak resident set size above the
 start of the run (sampled), which includes the model's own activations for the gradients. Writes
 ``results/prune_lm/prune_scale.json`` and prints a markdown table.
 """
@@ -46,8 +47,8 @@ def main(argv=None) -> int:
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
     )  # fmt: skip
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 256, (16, 129), generator=gen)
-    calib = [(tokens[i : i + 4, :-1], tokens[i : i + 4, 1:]) for i in range(0, 16, 4)]
+    tokens = torch.randint(0, 256, (8, 129), generator=gen)
+    calib = [(tokens[i : i + 4, :-1], tokens[i : i + 4, 1:]) for i in range(0, 8, 4)]
     header = ["setting", "grad dtype", "parameters", "pruned weights", "sparsity", "time [s]",
               "peak RSS [MiB]", "update"]  # fmt: skip
     print("\n".join(harness.table_lines(header, [])), flush=True)
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             report = prune(model, lm_loss, calib, 0.5, method="mfac", scope="global",
-                           num_grads=16, block_size=128, steps=2, grad_batch_size=1,
+                           num_grads=8, block_size=128, steps=1, grad_batch_size=1,
                            pattern=pattern, layer_types=(Conv1D,), grad_dtype=dtype)  # fmt: skip
             seconds = time.perf_counter() - t0
         d = sum(layer.numel for layer in report.layers)
