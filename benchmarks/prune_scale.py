@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 layers instead of 14")
     parser.add_argument("--all", action="store_true", help="also float32 gradients and 50 %%")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # 2 threads stalled on the busy shared cores (see prune_lm.py)
     cfg = GPT2Config(
         vocab_size=256, n_positions=128, n_embd=256, n_layer=2 if args.quick else 14, n_head=8,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
