@@ -3,6 +3,7 @@
 Example::
 
     curvopt prune --model mlp --dataset digits --sparsity 0.8 0.9 0.95 --method mfac --steps 16
+    curvopt prune --model mlp --dataset digits --pattern 2:4 --method layerwise
 
 prints a per-layer table for each sparsity and a summary (accuracy before/after), and writes
 ``prune_result.json`` and ``prune_accuracy.png`` (accuracy against sparsity) to ``--out``.
@@ -27,6 +28,7 @@ from ..cli_types import (
     positive_int,
     seed,
 )
+from .patterns import parse_nm, parse_pattern
 from .pruner import METHODS, SCOPES, prune
 from .zoo import DATASETS, MODELS, accuracy, batches, build_model, load_dataset, train
 
@@ -36,7 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODELS, default="mlp", help="built-in model")
     parser.add_argument("--dataset", choices=DATASETS, default="digits", help="sklearn dataset")
     parser.add_argument(
-        "--sparsity", type=fraction, nargs="+", default=[0.9], help="target sparsities in [0, 1)"
+        "--sparsity",
+        type=fraction,
+        nargs="+",
+        default=None,
+        help="target sparsities in [0, 1) (default: 0.9, or 1 - n/m with --pattern)",
+    )
+    parser.add_argument(
+        "--pattern",
+        default=None,
+        help="N:M pattern, e.g. 2:4: at most n non-zero weights in every m consecutive inputs "
+        "(default: none, unstructured)",
     )
     parser.add_argument("--method", choices=METHODS, default="mfac", help="pruning method")
     parser.add_argument(
@@ -49,7 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-grads", type=positive_int, default=64, help="gradients m")
     parser.add_argument("--block-size", type=positive_int, default=128, help="M-FAC block size")
     parser.add_argument(
-        "--damp", type=positive_float, default=1.0, help="damping relative to mean(diag(G^T G/m))"
+        "--damp",
+        type=positive_float,
+        default=None,
+        help="damping relative to mean(diag(G^T G/m)), for layerwise to mean(diag H) "
+        "(default: 1.0) (layerwise: 0.01)",
     )
     parser.add_argument(
         "--grad-batch-size", type=positive_int, default=8, help="samples per gradient"
@@ -83,6 +99,16 @@ def run(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args._parser
     if args.model == "cnn" and args.dataset != "digits":
         parser.error(f"--model cnn needs an image dataset (--dataset digits), not {args.dataset}")
+    if args.sparsity is None:
+        args.sparsity = [0.9]
+        if args.pattern is not None:
+            n, m = parse_pattern_arg(parser, args.pattern, None)
+            args.sparsity = [1 - n / m]
+    if args.pattern is not None:
+        for s in args.sparsity:
+            parse_pattern_arg(parser, args.pattern, s)
+    if args.method == "layerwise" and args.scope == "global" and args.pattern is None:
+        parser.error("--method layerwise needs --scope layer (or --pattern)")
     check_output_dir(parser, "--out", args.out)
     console = Console()
     torch.manual_seed(args.seed)
@@ -119,11 +145,13 @@ def run(args: argparse.Namespace) -> int:
                 grad_batch_size=args.grad_batch_size,
                 update=args.update,
                 callback=advance,
+                pattern=args.pattern,
             )
             acc_after = accuracy(model, split.X_test, split.y_test)
             results.append({"target": target, "accuracy_after": acc_after, **report.to_dict()})
     for r in results:
-        table = Table(title=f"{args.method} pruning to {r['target']:g} ({args.scope})")
+        kind = f"pattern {args.pattern}" if args.pattern else args.scope
+        table = Table(title=f"{args.method} pruning to {r['target']:g} ({kind})")
         for col in ("layer", "shape", "params", "sparsity"):
             table.add_column(col, justify="left" if col == "layer" else "right")
         for layer in r["layers"]:
@@ -176,6 +204,15 @@ def run(args: argparse.Namespace) -> int:
     )
     console.print(f"wrote {png}")
     return 0
+
+
+def parse_pattern_arg(parser: argparse.ArgumentParser, pattern: str, sparsity) -> tuple[int, int]:
+    """``(n, m)`` of ``--pattern``, or a parser error (checked against ``sparsity`` if given)."""
+    try:
+        return parse_nm(pattern) if sparsity is None else parse_pattern(pattern, sparsity)
+    except (TypeError, ValueError) as err:
+        parser.error(f"--pattern: {err}")
+        raise  # unreachable: parser.error exits
 
 
 def plot_accuracy(curves: dict, dense_acc: float, path: pathlib.Path, title: str = "") -> None:

@@ -70,6 +70,12 @@ def collect_gradients(
                     f"batch {i} of data (X {_shape(Xs)}, y {_shape(ys)}, samples {s}:{s + len(Xs)})"
                     f" failed in the model or loss_func: {err}"
                 ) from err
+            if not bool(torch.isfinite(loss.detach()).all()):
+                raise ValueError(
+                    f"the loss of batch {i} (samples {s}:{s + len(Xs)}) is {float(loss)} (not "
+                    "finite): does the calibration data have any valid target (e.g. a language-"
+                    "model batch whose labels are all ignore_index)?"
+                )
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             parts = []
             for p, g, mk in zip(params, grads, masks):

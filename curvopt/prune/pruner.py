@@ -1,4 +1,4 @@
-"""One-shot pruning: :func:`prune` with M-FAC OBS, exact dense OBS or magnitude scores."""
+"""One-shot pruning: :func:`prune` with M-FAC OBS, layer-wise OBS, exact dense OBS or magnitude."""
 
 from __future__ import annotations
 
@@ -6,18 +6,21 @@ import numbers
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from curvopt.mfac._validation import check_damp, check_positive_int
+from curvopt.mfac._validation import check_damp, check_positive_int, check_storage_dtype
 
+from .layerwise import check_layerwise_targets
 from .masks import PrunableWeight, WeightMask, prunable_weights
 from .obs import obs_scores, obs_update_diagonal
+from .patterns import nm_select, parse_pattern
 from .report import PruneReport
 from .schedule import _check_sparsity, one_shot_step
 from .weights_view import WeightsView, weights_view
 
-METHODS = ("mfac", "obs", "magnitude")
+METHODS = ("mfac", "layerwise", "obs", "magnitude")
 SCOPES = ("global", "layer")
 UPDATES = ("auto", "multi", "diagonal", "none")
 DAMP_MODES = ("relative", "absolute")
@@ -32,9 +35,11 @@ def prune(
     scope: str = "global",
     num_grads: int = 64,
     block_size: int | None = 128,
-    damp: float = 1.0,
+    damp: float | None = None,
     steps: int = 16,
     *,
+    pattern: str | None = None,
+    grad_dtype: torch.dtype | None = None,
     damp_mode: str = "relative",
     update: str = "auto",
     grad_batch_size: int | None = None,
@@ -57,6 +62,20 @@ def prune(
     3. score every weight by ``rho_q = w_q^2 / (2 [F^{-1}]_qq)`` (``|w_q|`` for magnitude) and
        remove the lowest-scoring ones (global threshold, or per layer);
     4. move the remaining weights by the OBS update (see :mod:`curvopt.prune.obs`).
+
+    Layer-wise OBS (``method="layerwise"``) replaces steps 1-2 by the Hessian of each layer's
+    reconstruction error, ``H_l = 2 X_l X_l^T / N`` from the layer's inputs on ``data`` (the
+    objective SparseGPT solves), damped by ``damp * mean(diag H_l)``, and step 4 by the exact
+    per-row multi-weight update (:mod:`curvopt.prune.layerwise`). Its scores are comparable only
+    within a layer, so it needs ``scope="layer"`` (or a ``pattern``); 2-D weights only (Linear,
+    transformers' ``Conv1D``); single process only.
+
+    N:M patterns (``pattern="2:4"``): in every group of ``m`` consecutive weights along a row's
+    input dimension (dimension 1 of Linear/Conv weights, dimension 0 of transformers'
+    ``Conv1D``; :mod:`curvopt.prune.patterns`) the ``m - n`` lowest scores are removed (``|w|``
+    for magnitude: the ``n`` largest stay), spread over the steps (``round((m - n) j / k)`` per
+    group after step ``j``), and the removed weights get the multi-weight OBS update as above.
+    ``sparsity`` must be ``1 - n/m``; ``scope`` and ``normalize`` play no part.
 
     Which update (``update="auto"``): the exact multi-weight update per block when every block
     loses at most ``max_multi`` weights in this step and fetching the rows of ``F^{-1}`` is
@@ -97,17 +116,20 @@ def prune(
 
     Args:
         model: The network, changed in place (put it in eval mode for BatchNorm/Dropout).
-        loss_func: ``loss_func(model(X), y) -> scalar``; unused for magnitude.
+        loss_func: ``loss_func(model(X), y) -> scalar``; unused for magnitude; for layerwise
+            optional, only checked to be finite on every batch.
         data: Iterable of ``(X, y)`` batches (calibration data; unused for magnitude). Read
             from the start at every step, so it must be re-iterable (list, DataLoader) when
             ``steps > 1``.
         sparsity: Target fraction of zeros in ``[0, 1)``; with ``scope="layer"`` either one value
             for every layer or a dict ``{layer name: sparsity}``.
-        method: ``"mfac"``, ``"obs"`` (exact dense empirical Fisher) or ``"magnitude"``.
+        method: ``"mfac"``, ``"layerwise"`` (layer-input Hessians), ``"obs"`` (exact dense
+            empirical Fisher) or ``"magnitude"``.
         scope: ``"global"`` (one threshold over all prunable weights) or ``"layer"``.
         num_grads: ``m``, gradients per step.
         block_size: M-FAC block size (``None``: one block over all prunable weights).
-        damp: Damping (relative or absolute, see above), ``> 0``.
+        damp: Damping (relative or absolute, see above), ``> 0``; ``None``: 1 (0.01 for
+            ``"layerwise"``: ``0.01 * mean(diag H_l)``, SparseGPT's default).
         steps: Recomputation steps ``k >= 1``.
         damp_mode: ``"relative"`` or ``"absolute"``.
         update: ``"auto"``, ``"multi"``, ``"diagonal"`` or ``"none"``.
@@ -120,14 +142,21 @@ def prune(
         max_multi: Largest per-block removal handled by the exact multi-weight update in auto.
         multi_budget: Largest ``removed * d`` for which auto uses the multi-weight update.
         callback: Called as ``callback(step, steps, sparsity)`` after each step.
+        pattern: ``"n:m"`` for N:M sparsity (e.g. ``"2:4"``), or ``None`` (unstructured).
+        grad_dtype: Storage dtype of the gradients ``G`` for M-FAC (``torch.bfloat16`` halves
+            the ``m x d`` buffer of a large model; products accumulate in float32), or ``None``
+            (the weights' dtype).
 
     Returns:
         A :class:`PruneReport` (``.sparsity`` overall, ``.layers`` per layer).
 
     Raises:
-        ValueError: Bad sparsity, method, scope, damping or counts, no prunable layers, a
+        ValueError: Bad sparsity, method, scope, damping or counts, a pattern that does not
+            parse, has ``n >= m``, disagrees with ``sparsity`` or cannot tile a layer (a row
+            length that ``m`` does not divide), no prunable layers, a
             prunable weight with ``requires_grad=False``, empty data or an empty batch, a batch
-            the model or loss cannot take, or non-finite gradients.
+            the model or loss cannot take, non-finite gradients or loss (e.g. calibration data
+            with no valid tokens).
         TypeError: Arguments of the wrong type (e.g. ``block_size=1.5``).
 
     Example:
@@ -139,6 +168,11 @@ def prune(
         0.5
     """
     t0 = time.perf_counter()
+    if damp is None:
+        damp = 0.01 if method == "layerwise" else 1.0
+    nm = parse_pattern(pattern, sparsity) if pattern is not None else None
+    if grad_dtype is not None:
+        check_storage_dtype(grad_dtype, "grad_dtype")
     _check_arguments(
         model, loss_func, data, method, scope, num_grads, block_size, damp, steps, damp_mode,
         update, grad_batch_size, normalize, max_multi, multi_budget, callback,
@@ -146,14 +180,25 @@ def prune(
     targets = prunable_weights(model, layer_types, names)
     layer_targets = _layer_targets(sparsity, scope, targets)
     _check_targets(targets, method)
+    if method == "layerwise":
+        check_layerwise_targets(targets)
+        if scope == "global" and nm is None:
+            raise ValueError(
+                "method='layerwise' scores each weight by its own layer's reconstruction error, "
+                "which is not comparable across layers: pass scope='layer' (the same sparsity in "
+                "every layer, as SparseGPT) or a pattern"
+            )
     view = weights_view(model, targets, method, block_size)
-    report = PruneReport(method=method, scope=scope, target=_plain(sparsity), layers=[])
+    groups = view.groups(*nm) if nm is not None else None  # checks that the pattern tiles
+    report = PruneReport(
+        method=method, scope=scope, target=_plain(sparsity), layers=[], pattern=pattern
+    )
     snapshot = view.snapshot()
     try:
         _prune_steps(
             view, report, model, loss_func, data, layer_targets, method, scope, num_grads,
             block_size, damp, steps, damp_mode, update, grad_batch_size, normalize, max_multi,
-            multi_budget, callback,
+            multi_budget, callback, nm, groups, grad_dtype,
         )  # fmt: skip
     except BaseException:
         snapshot.restore()  # all or nothing: a failed prune leaves the model as it was
@@ -165,7 +210,7 @@ def prune(
 def _prune_steps(
     view: WeightsView, report: PruneReport, model, loss_func, data, layer_targets, method, scope,
     num_grads, block_size, damp, steps, damp_mode, update, grad_batch_size, normalize, max_multi,
-    multi_budget, callback,
+    multi_budget, callback, nm=None, groups=None, grad_dtype=None,
 ) -> None:  # fmt: skip
     """The one pruning loop of :func:`prune`, after its checks, on either view of the weights.
 
@@ -181,8 +226,13 @@ def _prune_steps(
         inverse = None
         if method == "magnitude":
             scores = w.abs()
+        elif method == "layerwise":
+            inverse = view.layer_inverse(model, loss_func, data, damp, damp_mode == "relative")
+            report.damp.append(sum(inverse.damps) / len(inverse.damps))
+            inv_diag = inverse.inverse_diagonal().to(w.dtype)
+            scores = obs_scores(w, inv_diag)
         else:
-            G = view.gradients(model, loss_func, data, num_grads, grad_batch_size)
+            G = view.gradients(model, loss_func, data, num_grads, grad_batch_size, grad_dtype)
             lam = float(damp)
             if damp_mode == "relative":
                 scale = view.relative_damping(G)
@@ -191,11 +241,18 @@ def _prune_steps(
             inverse = view.inverse(G, lam, method, block_size)
             inv_diag = inverse.inverse_diagonal().to(w.dtype)
             scores = obs_scores(w, inv_diag)
-        prune_now = view.select(scores, alive, layer_targets, scope, normalize, frac, start)
+        if nm is not None:  # k lowest of every group of m; already pruned entries count first
+            prune_now = nm_select(scores, alive, groups, int(round((nm[1] - nm[0]) * frac)))
+        else:
+            prune_now = view.select(scores, alive, layer_targets, scope, normalize, frac, start)
         idx = (prune_now & alive).nonzero().squeeze(1)
         removed = view.count(prune_now & alive)
         kind = "none"
-        if inverse is not None and update != "none" and removed > 0:
+        if method == "layerwise" and update != "none" and removed > 0:
+            # exact per row; the earlier removals are constraints too (they must stay zero)
+            kind = "multi"
+            w = w + inverse.update_multi(w, (prune_now | ~alive).nonzero().squeeze(1))
+        elif inverse is not None and update != "none" and removed > 0:
             kind = update
             if update == "auto":
                 most = view.most_per_block(idx, bsize, removed)
@@ -247,9 +304,12 @@ def _check_arguments(
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     if method == "magnitude":
         return
-    if loss_func is None or data is None:
+    if method == "layerwise":
+        if data is None:
+            raise ValueError("method 'layerwise' needs data (the layers' calibration inputs)")
+    elif loss_func is None or data is None:
         raise ValueError(f"method {method!r} needs loss_func and data for the gradients")
-    if not callable(loss_func):
+    if loss_func is not None and not callable(loss_func):
         raise TypeError(f"loss_func must be callable, got {type(loss_func).__name__}")
     try:
         once = iter(data) is data

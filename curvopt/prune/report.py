@@ -37,6 +37,7 @@ class PruneReport:
         damp: The absolute damping used per step (empty for magnitude).
         layers: One :class:`LayerReport` per prunable weight.
         seconds: Wall time of the whole run.
+        pattern: The N:M pattern (``"2:4"``) or ``None`` for unstructured sparsity.
     """
 
     method: str
@@ -47,6 +48,7 @@ class PruneReport:
     update: list[str] = field(default_factory=list)
     damp: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    pattern: str | None = None
 
     @property
     def sparsity(self) -> float:

@@ -57,6 +57,7 @@ from curvopt.distributed import (
 
 from .kselect import smallest_k
 from .masks import PrunableWeight
+from .patterns import flat_groups, group_index, input_dim
 from .report import LayerReport
 from .schedule import one_shot_step
 from .snapshot import ModelSnapshot
@@ -199,6 +200,7 @@ class ShardedWeights:
         data: Iterable,
         num_grads: int,
         grad_batch_size: int | None,
+        dtype: torch.dtype | None = None,
     ) -> Tensor:
         """``G_r``: the local rows of ``num_grads`` gradients, ``(m, d_r)`` (see the module doc).
 
@@ -217,13 +219,20 @@ class ShardedWeights:
                 if bool(all_reduce_any(torch.tensor(chunk is None, device=device), self.group)):
                     break  # some rank has no data left: every rank stops here
                 X, y = chunk
-                loss_func(model(X), y).backward()
+                loss = loss_func(model(X), y)
+                bad = torch.tensor(not bool(torch.isfinite(loss.detach()).all()), device=device)
+                if bool(all_reduce_any(bad, self.group)):  # every rank raises, none hangs
+                    raise ValueError(
+                        f"the loss of gradient {len(rows)} is not finite on some rank: does the "
+                        "calibration data have any valid target (e.g. labels all ignore_index)?"
+                    )
+                loss.backward()
                 parts = []
                 for t, x, m in zip(self.targets, self.local, self.masks):
                     g = t.param.grad
                     g = torch.zeros_like(x) if g is None else local_tensor(g)
                     parts.append((g * m).reshape(-1))
-                rows.append(torch.cat(parts))
+                rows.append(torch.cat(parts).to(dtype or parts[0].dtype))
                 for p in params:
                     p.grad = None
         finally:
@@ -288,6 +297,35 @@ class ShardedWeights:
             segment = self.layer
         return smallest_k(scores, self.index, segment, k, self.group) | ~alive
 
+    def groups(self, n: int, m: int) -> Tensor:
+        """N:M groups of the local rows: local, because a group never crosses a shard boundary.
+
+        FSDP2 shards dimension 0. For Linear/Conv weights that is the output dimension, so every
+        group lies in one rank's rows; for a ``Conv1D`` (weight ``(in, out)``) it is the input
+        dimension, and each rank's row count must then be a multiple of ``m``.
+
+        Raises:
+            ValueError: A layer the pattern cannot tile, or a ``Conv1D`` shard boundary inside a
+                group.
+        """
+        for t, rows in zip(self.targets, zip(*self._rows_by_rank)):
+            if input_dim(t.module) == 0 and any(r % m for r in rows):
+                raise ValueError(
+                    f"{t.qualified_name} is sharded by its input dimension into {list(rows)} "
+                    f"rows per rank, which splits groups of m={m}: shard it so that every rank "
+                    "holds a multiple of m rows, or leave it out with names="
+                )
+        for t in self.targets:  # the whole layer must be tileable (same message as locally)
+            group_index(tuple(t.param.shape), input_dim(t.module), m, t.qualified_name)
+        layers = [
+            (t.module, t.qualified_name, tuple(x.shape)) for t, x in zip(self.targets, self.local)
+        ]
+        return flat_groups(layers, m, self.local[0].device)
+
+    def layer_inverse(self, model, loss_func, data, damp, relative):
+        """Not available on sharded weights (refused by :func:`check_sharded_arguments`)."""
+        raise ValueError("method='layerwise' needs every weight on one process")
+
     def most_per_block(self, idx: Tensor, block_size: int | None, total: int) -> int:
         """``total``, the removals over all ranks: the sharded M-FAC is one block."""
         return total
@@ -330,6 +368,11 @@ def _chunks(data: Iterable, grad_batch_size: int | None) -> Iterator[tuple[Tenso
 
 def check_sharded_arguments(method: str, block_size: int | None) -> None:
     """What the sharded path does not support, checked before the model is touched."""
+    if method == "layerwise":
+        raise ValueError(
+            "method='layerwise' (per-layer input Hessians) needs every weight on one process; for "
+            "an FSDP2-sharded model use method='mfac' or 'magnitude'"
+        )
     if method == "obs":
         raise ValueError(
             "method='obs' (the dense exact inverse) needs every weight on one process; for an "

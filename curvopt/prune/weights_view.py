@@ -14,6 +14,9 @@ about it, on the entries this process holds (all ``d`` locally; ``d_r`` on rank 
 * ``relative_damping(G)``: ``mean(diag(G^T G / m))`` over all ``d`` coordinates;
 * ``inverse(G, lam, ...)``: the inverse-Fisher provider for ``F = lam I + G^T G / m`` (M-FAC
   blocks or dense OBS; sharded M-FAC);
+* ``groups(n, m)``: the flat indices of the held entries' N:M groups (a layer the pattern cannot
+  tile is an error, raised before anything changes);
+* ``layer_inverse(...)``: the per-layer inverse Hessians of layer-wise OBS (local only);
 * ``select(...)``: which entries are pruned after this step (global or per-layer threshold);
 * ``most_per_block(...)``: the largest number of removals in one M-FAC block (``update="auto"``);
 * ``update_multi(...)``: the exact multi-weight OBS update;
@@ -42,8 +45,10 @@ from torch import Tensor, nn
 
 from .dense import DenseFisherInverse
 from .gradients import collect_gradients
+from .layerwise import LayerwiseInverse, layer_hessians
 from .masks import PrunableWeight, set_mask
 from .obs import obs_update_multi
+from .patterns import flat_groups
 from .report import LayerReport, layer_reports
 from .schedule import one_shot_step
 from .sharded import ShardedWeights, check_sharded_arguments, is_sharded
@@ -83,6 +88,7 @@ class WeightsView(Protocol):
         data: Iterable,
         num_grads: int,
         grad_batch_size: int | None,
+        dtype: torch.dtype | None = None,
     ) -> Tensor:
         """``num_grads`` flat gradients of the held entries, ``(m, d)`` or ``(m, d_r)``."""
 
@@ -91,6 +97,19 @@ class WeightsView(Protocol):
 
     def inverse(self, G: Tensor, lam: float, method: str, block_size: int | None) -> Any:
         """The inverse-Fisher provider for ``F = lam I + G^T G / m``."""
+
+    def groups(self, n: int, m: int) -> Tensor:
+        """Flat indices ``(G, m)`` of the N:M groups of the held entries (module docs)."""
+
+    def layer_inverse(
+        self,
+        model: nn.Module,
+        loss_func: Callable[[Tensor, Tensor], Tensor] | None,
+        data: Iterable,
+        damp: float,
+        relative: bool,
+    ) -> LayerwiseInverse:
+        """Per-layer ``(2 X X^T / N + lambda I)^{-1}`` from the calibration inputs."""
 
     def select(
         self,
@@ -170,8 +189,10 @@ class LocalWeights:
     def count(self, flags: Tensor) -> int:  # noqa: D102
         return int(flags.sum())
 
-    def gradients(self, model, loss_func, data, num_grads, grad_batch_size) -> Tensor:  # noqa: D102
-        return collect_gradients(model, loss_func, data, self.targets, num_grads, grad_batch_size)
+    def gradients(self, model, loss_func, data, num_grads, grad_batch_size, dtype=None) -> Tensor:  # noqa: D102
+        return collect_gradients(
+            model, loss_func, data, self.targets, num_grads, grad_batch_size, dtype=dtype
+        )
 
     def relative_damping(self, G: Tensor) -> float:  # noqa: D102
         return float(G.double().pow(2).sum(0).mean() / G.shape[0])
@@ -182,6 +203,13 @@ class LocalWeights:
 
             return StaticMFAC(G, lam, block_size=block_size)
         return DenseFisherInverse(G, lam, block_size=None)
+
+    def groups(self, n: int, m: int) -> Tensor:  # noqa: D102
+        layers = [(t.module, t.qualified_name, tuple(t.param.shape)) for t in self.targets]
+        return flat_groups(layers, m, self.targets[0].param.device)
+
+    def layer_inverse(self, model, loss_func, data, damp, relative) -> LayerwiseInverse:  # noqa: D102
+        return layer_hessians(model, self.targets, data, loss_func, damp, relative)
 
     def select(self, scores, alive, layer_targets, scope, normalize, frac, start) -> Tensor:  # noqa: D102
         scores = scores.clone().to(torch.float64)

@@ -6,7 +6,7 @@ from dist_ops_cases import NUM_GRADS, PRUNE_CASES, masks_and_weights, prune_kwar
 from dist_ops_cases import spawned as spawned_ranks
 from torch import nn
 
-from curvopt.prune import attach_masks, prune
+from curvopt.prune import attach_masks, prunable_weights, prune
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -52,6 +52,8 @@ def test_sharded_prune_rejects_what_it_cannot_do():
         check_sharded_arguments("mfac", 128)
     with pytest.raises(ValueError, match="method='obs'"):
         check_sharded_arguments("obs", None)
+    with pytest.raises(ValueError, match="method='layerwise'"):
+        check_sharded_arguments("layerwise", None)
     check_sharded_arguments("magnitude", 128)  # no blocks involved: fine
 
 
@@ -69,3 +71,113 @@ def test_failed_fsdp2_prune_is_rolled_back_on_every_rank(world):
         fresh = got["mfac-global-multi"]["state"]
         for name, (mask, w) in got["rollback-then-prune"].items():
             assert torch.equal(mask, fresh[name][0]) and torch.equal(w, fresh[name][1]), name
+
+
+# ------------------------------------------------------------------------------ N:M patterns
+class Conv1D(nn.Module):
+    """transformers' GPT-2 ``Conv1D`` in miniature: weight ``(in, out)``, sharded by inputs."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+NM_TYPES = (nn.Linear, Conv1D)
+NM_CASES = {  # name: (model with a Conv1D?, prune arguments)
+    "mfac-2:4": (False, dict(method="mfac", steps=2, update="auto")),
+    "mfac-1:4-diagonal": (False, dict(method="mfac", steps=1, update="diagonal")),
+    "magnitude-2:4-conv1d": (True, dict(method="magnitude", steps=2)),
+}
+
+
+def nm_model(conv1d: bool) -> nn.Module:
+    """Rows 12 and 2 (uneven shards; at 3 ranks one without rows); or a Conv1D with 8 inputs."""
+    torch.manual_seed(5)
+    last = Conv1D(2, 8) if conv1d else nn.Linear(12, 2)
+    return nn.Sequential(nn.Linear(8, 8 if conv1d else 12), nn.Tanh(), last).double()
+
+
+def nm_kwargs(case: str) -> dict:
+    kw = NM_CASES[case][1]
+    pattern = "1:4" if "1:4" in case else "2:4"
+    sparsity = 0.75 if pattern == "1:4" else 0.5
+    return dict(sparsity=sparsity, pattern=pattern, num_grads=NUM_GRADS, block_size=None, **kw)
+
+
+def nm_shards(world: int):
+    gen = torch.Generator().manual_seed(20 + world)
+    return [
+        [
+            (torch.randn(3, 8, dtype=torch.float64, generator=gen),
+             torch.randint(0, 2, (3,), generator=gen))
+            for _ in range(NUM_GRADS)
+        ]
+        for _ in range(world)
+    ]  # fmt: skip
+
+
+def nm_state(model):
+    out = {}
+    for t in prunable_weights(model, layer_types=NM_TYPES):
+        w = t.param.detach()
+        w = w.full_tensor() if hasattr(w, "full_tensor") else w
+        out[t.qualified_name] = (t.mask.detach().clone(), (w * t.mask).clone())
+    return out
+
+
+def _nm_worker(rank, world, shards):
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    for case in NM_CASES:
+        model = nm_model(NM_CASES[case][0])
+        attach_masks(model, layer_types=NM_TYPES)
+        fully_shard(model)
+        before = nm_state(model)
+        kw = nm_kwargs(case)
+        try:
+            report = prune(model, nn.CrossEntropyLoss(), shards[rank], layer_types=NM_TYPES, **kw)
+            out[case] = {"report": report.to_dict(), "state": nm_state(model)}
+        except ValueError as err:
+            out[case] = {"error": str(err), "before": before, "state": nm_state(model)}
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_nm_prune_equals_single_process(world):
+    from dist_helpers import run_workers
+
+    shards = nm_shards(world)
+    results = run_workers(_nm_worker, world, shards, timeout=240)
+    data = [
+        (torch.cat([s[i][0] for s in shards]), torch.cat([s[i][1] for s in shards]))
+        for i in range(NUM_GRADS)
+    ]
+    for case in NM_CASES:
+        model = nm_model(NM_CASES[case][0])
+        attach_masks(model, layer_types=NM_TYPES)
+        kw = nm_kwargs(case)
+        ref = prune(model, nn.CrossEntropyLoss(), data, layer_types=NM_TYPES, **kw)
+        expected = nm_state(model)
+        for t in prunable_weights(model, layer_types=NM_TYPES):  # the pattern holds
+            w = expected[t.qualified_name][1]
+            rows = w.T if isinstance(t.module, Conv1D) else w
+            assert int((rows.reshape(-1, 4) != 0).sum(1).max()) <= (1 if "1:4" in case else 2)
+        for res in results:
+            got = res[case]
+            if case.endswith("conv1d") and world == 3:  # 8 input rows over 3 ranks: 3, 3, 2
+                assert "splits groups of m=4" in got["error"]
+                for name, (mask, w) in got["before"].items():
+                    assert torch.equal(got["state"][name][0], mask)
+                    assert torch.equal(got["state"][name][1], w)
+                continue
+            assert got["report"]["steps"] == ref.steps and got["report"]["update"] == ref.update
+            assert got["report"]["pattern"] == kw["pattern"]
+            for name, (mask, w) in expected.items():
+                assert torch.equal(got["state"][name][0], mask), f"{case}: mask of {name}"
+                err = (got["state"][name][1] - w).abs().max() / w.abs().max()
+                assert err <= 1e-10, f"{case}: weights of {name}, relative error {err:.1e}"

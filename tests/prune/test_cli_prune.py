@@ -103,3 +103,29 @@ def test_prune_cli_rejects_bad_numbers_with_a_usage_error(tmp_path, capsys):
             main(["prune", option, value, "--out", str(tmp_path)])
         assert exc.value.code == 2
         assert option in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["magnitude", "mfac", "layerwise"])
+def test_prune_cli_with_a_2_4_pattern(tmp_path, capsys, method):
+    argv = ["prune", "--dataset", "iris", "--pattern", "2:4", "--method", method, "--steps", "2"]
+    argv += ["--hidden", "8", "--epochs", "3", "--num-grads", "8", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "pattern 2:4" in capsys.readouterr().out
+    result = json.loads((tmp_path / "prune_result.json").read_text())["results"][0]
+    assert result["target"] == 0.5 and result["pattern"] == "2:4" and result["sparsity"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--pattern", "2-4"], "look like 'n:m'"),
+        (["--pattern", "4:4"], "1 <= n < m"),
+        (["--pattern", "2:4", "--sparsity", "0.7"], "disagrees"),
+        (["--method", "layerwise"], "--scope layer"),
+    ],
+)
+def test_prune_cli_rejects_bad_patterns(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--dataset", "iris", "--out", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
