@@ -33,52 +33,17 @@ except ImportError:  # the optional extra curvopt[trl]
     print("benchmarks/capo_trl_budget.py: skipped, trl is not installed")
     sys.exit(0)
 from harness import clock, median, print_table, write_json  # noqa: E402
-from transformers import PrinterCallback, TrainerCallback  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from transformers import PrinterCallback  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
+from trl_task import StepTimer, addition_trainer_kwargs  # noqa: E402
 
-from curvopt.bench.tasks.trl_addition import (  # noqa: E402
-    addition_prompts,
-    addition_reward,
-    char_tokenizer,
-    tiny_gpt2,
-)
 from curvopt.integrations.trl import CAPOGRPOTrainer  # noqa: E402
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.t0 = clock()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(clock() - self.t0)
 
 
 def run(arm: str, seed: int, args, out_dir: str) -> dict:
     lr = args.small_lr if arm == "GRPO small lr" else args.large_lr
-    cfg = GRPOConfig(
-        output_dir=out_dir,
-        use_cpu=True,
-        max_steps=args.steps,
-        num_generations=args.generations,
-        per_device_train_batch_size=args.batch,
-        max_completion_length=args.completion_len,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        seed=seed,
-        disable_tqdm=True,
-    )
-    common = dict(
-        model=tiny_gpt2(seed=seed, n_embd=args.n_embd, n_layer=args.n_layer),
-        reward_funcs=addition_reward,
-        args=cfg,
-        train_dataset=addition_prompts(n=args.steps * args.batch, seed=seed),
-        processing_class=char_tokenizer(),
+    common = addition_trainer_kwargs(
+        args, out_dir, seed, learning_rate=lr, lr_scheduler_type="constant"
     )
     if arm == "KL budget large lr":
         trainer = CAPOGRPOTrainer(**common, capo_kl_budget=args.budget)
