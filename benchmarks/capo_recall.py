@@ -113,6 +113,23 @@ def run_whole_model(seed, task, state, args):
     )
 
 
+def record_step(hist, policy, logits, h, seq, lp, rewards, scale, rejected=0.0):
+    """Append one step's entropy, realized KLs (whole model, head only), reward and lr scale."""
+    with torch.no_grad():
+        old = logits.detach()
+        p = torch.softmax(old, -1)
+        hist["entropy"].append(float(-(p * torch.log_softmax(old, -1)).sum(-1).mean()))
+        hist["realized_kl"].append(
+            float(capo_compare._kl_rows(old, policy(seq)[:, lp - 1 :]).mean())
+        )
+        hist["realized_head_kl"].append(
+            float(capo_compare._kl_rows(old, policy.head(h.detach())).mean())
+        )
+    hist["reward"].append(float(rewards.mean()))
+    hist["rejected_fraction"].append(rejected)
+    hist["lr_scale"].append(scale)
+
+
 def run_trust_region(seed, task, state, args):
     """Large-lr GRPO whose step is scaled down so that its predicted whole-model KL fits δ.
 
@@ -159,19 +176,7 @@ def run_trust_region(seed, task, state, args):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            with torch.no_grad():
-                old = logits.detach()
-                p = torch.softmax(old, -1)
-                hist["entropy"].append(float(-(p * torch.log_softmax(old, -1)).sum(-1).mean()))
-                hist["realized_kl"].append(
-                    float(capo_compare._kl_rows(old, policy(seq)[:, lp - 1 :]).mean())
-                )
-                hist["realized_head_kl"].append(
-                    float(capo_compare._kl_rows(old, policy.head(h.detach())).mean())
-                )
-            hist["reward"].append(float(rewards.mean()))
-            hist["rejected_fraction"].append(0.0)
-            hist["lr_scale"].append(scale)
+            record_step(hist, policy, logits, h, seq, lp, rewards, scale)
     hist["seconds"] = watch.seconds
     hist["budget"] = budget
     return hist

@@ -85,19 +85,7 @@ def run_budget(seed, task, state, args):
                 )
                 scale, kl = fit["scale"], fit["kl"]
             opt.step()
-            with torch.no_grad():
-                old = logits.detach()
-                p = torch.softmax(old, -1)
-                hist["entropy"].append(float(-(p * torch.log_softmax(old, -1)).sum(-1).mean()))
-                hist["realized_kl"].append(
-                    float(capo_compare._kl_rows(old, policy(seq)[:, lp - 1 :]).mean())
-                )
-                hist["realized_head_kl"].append(
-                    float(capo_compare._kl_rows(old, policy.head(h.detach())).mean())
-                )
-            hist["reward"].append(float(rewards.mean()))
-            hist["rejected_fraction"].append(0.0)
-            hist["lr_scale"].append(scale)
+            capo_recall.record_step(hist, policy, logits, h, seq, lp, rewards, scale)
             hist["predicted_kl"].append(kl)
     hist["seconds"] = watch.seconds
     hist["budget"] = budget
