@@ -44,7 +44,7 @@ except ImportError:  # the optional extra curvopt[trl]
 from harness import Stopwatch, clock, median, print_table  # noqa: E402
 from transformers import PrinterCallback  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
-from trl_task import StepTimer, addition_trainer_kwargs  # noqa: E402
+from trl_task import StepTimer, add_task_arguments, addition_trainer_kwargs  # noqa: E402
 
 from curvopt.bench.tasks.trl_addition import tiny_gpt2  # noqa: E402
 from curvopt.integrations.trl import CAPOGRPOTrainer  # noqa: E402
@@ -140,13 +140,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 rounds per arm of 6 steps")
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--generations", type=int, default=4)
-    p.add_argument("--completion-len", type=int, default=8)
-    p.add_argument("--n-embd", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=2)
+    add_task_arguments(p, steps=12)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--penalty-coef", type=float, default=1e-30)
     args = p.parse_args()

@@ -35,7 +35,7 @@ except ImportError:  # the optional extra curvopt[trl]
 from harness import clock, median, print_table, write_json  # noqa: E402
 from transformers import PrinterCallback  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
-from trl_task import StepTimer, addition_trainer_kwargs  # noqa: E402
+from trl_task import StepTimer, add_task_arguments, addition_trainer_kwargs  # noqa: E402
 
 from curvopt.integrations.trl import CAPOGRPOTrainer  # noqa: E402
 
@@ -86,12 +86,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 seeds, 30 steps")
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--generations", type=int, default=4)
-    p.add_argument("--completion-len", type=int, default=6)
-    p.add_argument("--n-embd", type=int, default=32)
-    p.add_argument("--n-layer", type=int, default=2)
+    add_task_arguments(p, steps=60, completion_len=6, n_embd=32, n_head=False)
     p.add_argument("--small-lr", type=float, default=1e-3)
     p.add_argument("--large-lr", type=float, default=5e-2)
     p.add_argument("--budget", type=float, default=2e-2)

@@ -36,6 +36,20 @@ class StepTimer(TrainerCallback):
         self.times.append(clock() - self.t0)
 
 
+def add_task_arguments(
+    parser: Any, *, steps: int, completion_len: int = 8, n_embd: int = 64, n_head: bool = True
+) -> None:
+    """The options that :func:`addition_trainer_kwargs` reads, with this script's defaults."""
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--completion-len", type=int, default=completion_len)
+    parser.add_argument("--n-embd", type=int, default=n_embd)
+    parser.add_argument("--n-layer", type=int, default=2)
+    if n_head:
+        parser.add_argument("--n-head", type=int, default=2)
+
+
 def addition_trainer_kwargs(args: Any, out_dir: str, seed: int = 0, **config: Any) -> dict:
     """``model``, ``reward_funcs``, ``args``, ``train_dataset`` and ``processing_class``.
 
