@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from curvopt.optim._copying import WholeCopyOptimizer
-from curvopt.optim._state_checks import TORCH_MANAGED_DEFAULTS, check_optimizer_state
+from curvopt.optim._state_checks import check_optimizer_state
 from curvopt.optim.linear_solve import conjugate_gradient, damped_cholesky_solve
 from curvopt.utils.params import flat_grad, flatten, unflatten
 
@@ -540,10 +540,7 @@ class GNSNewton(WholeCopyOptimizer):
         gamma = gns["gamma"]
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
             raise ValueError(f"the saved gamma must be a positive finite number, got {gamma!r}")
-        group = state_dict["param_groups"][0]
-        missing = set(self.defaults) - set(group) - TORCH_MANAGED_DEFAULTS
-        if missing:
-            raise ValueError(f"the saved parameter group lacks {sorted(missing)}")
+        group = state_dict["param_groups"][0]  # has every hyperparameter: checked above
         window = None
         if window_state is not None:
             g = flatten([p.detach() for p in self._params])
