@@ -33,28 +33,19 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
 ):
     _sys.meta_path.insert(0, _SourceKernelsFinder(_kernels_src))
 
-#: subpackages loaded on first attribute access (``curvopt.kernels``), so that ``import curvopt``
-#: (and ``curvopt --help``) stays free of torch
-_SUBPACKAGES = frozenset(
-    {
-        "bench",
-        "capo",
-        "curvature",
-        "distributed",
-        "integrations",
-        "kernels",
-        "mfac",
-        "optim",
-        "prune",
-        "rl",
-        "utils",
-    }
-)
-
 
 def __getattr__(name: str):
-    if name in _SUBPACKAGES:
+    """Load a submodule on first attribute access (``curvopt.kernels``, ``curvopt.optim``, ...).
+
+    So ``import curvopt`` (and ``curvopt --help``) stays free of torch, and no list of
+    subpackages has to be kept in step with the tree.
+    """
+    if not name.startswith("_"):
         import importlib
 
-        return importlib.import_module(f"{__name__}.{name}")
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":  # the submodule exists but lacks a dependency
+                raise
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
