@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -151,6 +153,7 @@ if triton is not None:
         tl.store(S + cols, s, mask=col_ok)
 
 
+@functools.cache
 def _fp64_dot_lowers() -> bool:
     """Whether this Triton lowers a float64 ``tl.dot`` on sm_90.
 
