@@ -72,12 +72,15 @@ def normalize(name: str) -> str:
 
 def installed(python: str) -> dict[str, str]:
     """Every distribution installed in the environment of ``python`` (editable ones excluded)."""
-    code = (
+    code = (  # direct_url.json's dir_info.editable marks `pip install -e` (PEP 610)
         "import json, importlib.metadata as m;"
+        "url = lambda d: json.loads(d.read_text('direct_url.json') or '{}');"
         "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()"
-        " if not (d.read_text('direct_url.json') or '').count('editable')}))"
+        " if not url(d).get('dir_info', {}).get('editable')}))"
     )
-    out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout
+    # -I: the environment alone, not the current folder (a build leaves curvopt.egg-info there)
+    cmd = [python, "-I", "-c", code]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
 
