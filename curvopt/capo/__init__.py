@@ -33,7 +33,7 @@ from .direction import (
     direction_for,
 )
 from .grpo import GRPOTrainer, group_advantages
-from .masker import CAPOLoss, CAPOMask, CAPOMasker, calibrate_thresholds
+from .loss import CAPOLoss
 from .penalty import PENALTIES, CAPOPenalty, TokenPredictor
 from .sequence_policy import GRUPolicy, sample_tokens
 from .token_losses import (
@@ -44,6 +44,7 @@ from .token_losses import (
     token_weights,
     token_weights_fn,
 )
+from .token_mask import CAPOMask, CAPOMasker, calibrate_thresholds
 from .whole_model import (
     fit_kl_budget,
     logit_change,

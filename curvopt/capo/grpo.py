@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .masker import CAPOLoss
+from .loss import CAPOLoss
 from .sequence_policy import sample_tokens
 from .token_losses import grpo_loss
 
