@@ -263,6 +263,7 @@ class CAPOLoss:
         *inputs: Any,
         mask: Tensor | None = None,
         output_fn: Callable | None = None,
+        process_group: object = None,
     ) -> dict[str, float]:
         """Scale the coming step so that its predicted whole-model KL fits ``kl_budget``.
 
@@ -278,6 +279,9 @@ class CAPOLoss:
             *inputs: Its inputs for the prediction.
             mask: Tokens the KL averages over (``logits.shape[:-1]``).
             output_fn: Map from the model's output to the logits.
+            process_group: Under data parallelism, the group whose ranks hold the rest of the
+                batch: the KL is averaged over every rank's tokens, one scale for all (see
+                :func:`~curvopt.capo.whole_model.fit_kl_budget`).
 
         Returns:
             ``{"kl": predicted KL before scaling, "scale": the lr factor}``.
@@ -290,7 +294,13 @@ class CAPOLoss:
         if self.optimizer is None:
             raise ValueError("fit_kl_budget needs the optimizer: pass CAPOLoss(..., optimizer)")
         return fit_kl_budget(
-            model, self.optimizer, self.kl_budget, *inputs, mask=mask, output_fn=output_fn
+            model,
+            self.optimizer,
+            self.kl_budget,
+            *inputs,
+            mask=mask,
+            output_fn=output_fn,
+            process_group=process_group,
         )
 
     def predict_step_kl(self, hidden: Tensor, lr: float | None = None, mask: Tensor | None = None):

@@ -85,7 +85,8 @@ their KL quadratic). Logged as ``capo/predicted_whole_kl`` (before scaling) and
 ``capo/kl_budget_scale``. Cost per step: one optimizer step, one forward-mode pass per
 micro-batch, a copy of the parameters and the optimizer state. It combines with the mask.
 Under data parallelism the prediction averages over every process's tokens (one scale for all);
-sharded models and optimizers (FSDP, DeepSpeed ZeRO) are not covered (untested).
+FSDP and DeepSpeed (sharded parameters, which forward-mode AD does not support) are refused
+when the trainer is built.
 
 **Settings** come as trainer keywords or as the fields of :class:`CAPOConfig` (a
 ``GRPOConfig``, so TRL's YAML files, ``TrlParser`` and ``from_dict`` reach them); a keyword
@@ -488,6 +489,14 @@ class CAPOGRPOTrainer(GRPOTrainer):
             )
         if getattr(self.args, "use_liger_kernel", False):
             raise ValueError("CAPOGRPOTrainer does not support use_liger_kernel (fused loss)")
+        sharded = [n for n in ("fsdp", "deepspeed") if getattr(self, f"is_{n}_enabled", False)]
+        if self.capo_kl_budget is not None and sharded:
+            raise ValueError(
+                f"capo_kl_budget does not support {sharded[0]} (sharded parameters): torch's "
+                "forward-mode AD, which predicts the step's KL, has no rule for sharded "
+                "parameters; use data parallelism (DDP), where the prediction averages over "
+                "every process's tokens"
+            )
         head = _trained_head(self.model.get_output_embeddings())
         if not isinstance(head, nn.Linear):
             raise TypeError(
