@@ -11,9 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from curvopt.bench.tasks.addition import AdditionTask
+from curvopt.capo.grpo import GRPOTrainer
 from curvopt.capo.lora_head import LoRAHead
 from curvopt.capo.loss import CAPOLoss
 from curvopt.capo.masker import CAPOMasker
+from curvopt.capo.sequence_policy import GRUPolicy
 from curvopt.capo.token_losses import grpo_loss
 
 peft = pytest.importorskip("peft")
@@ -210,3 +213,60 @@ def test_lora_refusals():
     ).base_model.model[0]
     with pytest.raises(ValueError, match="lora_dropout=0.0"):
         CAPOLoss(grpo_loss, dropped, None, **kw)
+
+
+def _lora_policy(seed):
+    """A GRU policy whose head carries a LoRA adapter (the body and the base head frozen)."""
+    torch.manual_seed(seed)
+    pol = GRUPolicy(AdditionTask(max_operand=9).vocab_size, 16).double()
+    cfg = peft.LoraConfig(r=R, lora_alpha=4, lora_dropout=0.0, target_modules=["head"])
+    pol = peft.get_peft_model(pol, cfg).base_model.model
+    nn.init.normal_(pol.head.lora_B["default"].weight, std=0.3)
+    return pol
+
+
+def _parity(completions):
+    return (completions[:, 0] % 2).double()
+
+
+@pytest.mark.parametrize("opt_name", ["sgd_momentum_wd", "adamw"])
+def test_grpo_loop_with_lora_head_equals_plain_grpo_at_infinite_thresholds(opt_name):
+    task = AdditionTask(max_operand=9)
+    runs = []
+    for with_capo in (False, True):
+        pol = _lora_policy(0)
+        params = [p for p in pol.parameters() if p.requires_grad]
+        assert len(params) == 2  # A and B only
+        opt = OPTIMIZERS[opt_name](params, 1e-2)
+        capo = CAPOLoss(grpo_loss, pol.head, opt, tau_h=math.inf, tau_f=math.inf)
+        trainer = GRPOTrainer(
+            pol, opt, capo=capo if with_capo else None, generator=torch.Generator().manual_seed(1)
+        )
+        g = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            prompts, _ = task.sample(4, g)
+            out = trainer.step(prompts, task.answer_len, _parity)
+        runs.append([p.detach().clone() for p in params])
+        assert float(out["realized_kl"]) > 0
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_grpo_loop_with_lora_head_masks():
+    """tau_f at the mean prediction of the same step (a probe run) rejects part of the tokens."""
+    task = AdditionTask(max_operand=9)
+    outs = []
+    for tau_f in (math.inf, None):
+        pol = _lora_policy(3)
+        params = [p for p in pol.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=1e-2)
+        tau = outs[0]["mean_delta_kl_all"] if tau_f is None else tau_f
+        capo = CAPOLoss(grpo_loss, pol.head, opt, tau_h=math.inf, tau_f=float(tau), top_k=6)
+        trainer = GRPOTrainer(pol, opt, capo=capo, generator=torch.Generator().manual_seed(1))
+        prompts, _ = task.sample(4, torch.Generator().manual_seed(2))
+        outs.append(trainer.step(prompts, task.answer_len, _parity))
+    probe, out = outs
+    assert float(probe["rejected_fraction"]) == 0
+    assert 0 < float(out["rejected_fraction"]) < 1
+    assert float(out["mean_delta_kl_kept"]) < float(probe["mean_delta_kl_all"])
+    assert math.isnan(float(out["predicted_kl"]))  # not modelled for a LoRA head
