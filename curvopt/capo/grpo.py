@@ -85,8 +85,7 @@ class GRPOTrainer:
 
     Args:
         policy: Module with ``hidden_states(tokens)`` and ``head`` (an ``nn.Linear``, or a peft
-            LoRA adapter on one: :mod:`curvopt.capo.lora_head`; CAPO's ``predicted_kl`` is then
-            NaN, the step-level prediction being modelled for a plain head only).
+            LoRA adapter on one: :mod:`curvopt.capo.lora_head`).
         optimizer: Any :mod:`torch.optim` optimizer over the policy's parameters.
         loss_fn: Token-level loss ``(logprobs, old_logprobs, advantages, mask) -> scalar``.
         group_size: Completions per prompt ``G``.
@@ -198,7 +197,7 @@ class GRPOTrainer:
             self.optimizer.zero_grad()
             loss.backward()
             if self.capo is not None:
-                if it == 0 and self.track_kl and self.capo.lora is None:  # (not for LoRA)
+                if it == 0 and self.track_kl:
                     pred = self.capo.predict_step(old_h, completions, adv)
                     out["predicted_kl"], out["predicted_delta_j"] = pred["kl"], pred["delta_j"]
                 self.capo.update_direction()

@@ -23,7 +23,10 @@ real optimizer's state of ``A`` and ``B``) map them to the steps ``eta Delta B_t
 (a plain head's change ``eta Delta_t h_t`` is exact too). The masker
 (:class:`~curvopt.capo.masker.CAPOMasker`) expands ``Delta J_t`` and ``Delta KL_t`` to second
 order in ``eta`` as for a plain head, with the extra ``eta^2 A_t s_t . v_t`` in ``Delta J_t``
-(``v_t`` enters ``Delta KL_t`` only at third order); ``<G_t, Delta_t> = A_t s_t . u_t``.
+(``v_t`` enters ``Delta KL_t`` only at third order); ``<G_t, Delta_t> = A_t s_t . u_t``. A whole
+step (:meth:`~curvopt.capo.token_mask.CAPOMasker.predict_update`, the sequence/global levels)
+is modelled the same way from the factors' gradients
+(:meth:`LoRAHeadDirection.preview_with_second_order`).
 
 The adapter must be a single active LoRA adapter without dropout and DoRA, not merged, with
 ``W_0`` and ``b`` frozen (a peft ``lora.Linear``, or anything with its attributes).
@@ -210,12 +213,49 @@ class LoRAHeadDirection:
         gd = (G_b * d_b).sum((1, 2)) + (G_a * d_a).sum((1, 2))
         return gd, u, v
 
-    def preview(self, grad: Tensor) -> Tensor:
-        """Not modelled: the whole-step predictions need the plain head's gradient."""
-        raise ValueError(
-            "CAPO's step-level predictions (predict_update, level='sequence'/'global', "
-            "penalties) are not modelled for a LoRA head; use the token-level mask"
-        )
+    def preview_with_second_order(
+        self, grad: Tensor | tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """The effective head's step for a whole ascent gradient: ``(D_1, D_2)``.
+
+        With the factors' modeled steps ``Delta A = P_A(g_A)`` and ``Delta B = P_B(g_B)`` the
+        head moves by ``eta D_1 + eta^2 D_2``, ``D_1 = s(Delta B A + B Delta A)`` and
+        ``D_2 = s Delta B Delta A`` (exactly). A frozen bias gets a zero last column when the
+        head has one.
+
+        Args:
+            grad: The factors' ascent gradients ``(g_A, g_B)`` (``(r, H)``, ``(V, r)``), or the
+                ascent gradient ``G`` of the effective head (``(V, H [+ 1])``), whose factor
+                gradients are ``g_A = s B^T G``, ``g_B = s G A^T``.
+
+        Returns:
+            Two ``(V, H [+ 1])`` matrices.
+        """
+        head = self.head
+        A, B = head.lora_a.detach(), head.lora_b.detach()
+        if isinstance(grad, tuple):
+            g_a, g_b = grad
+            if g_a.shape != A.shape or g_b.shape != B.shape:
+                raise ValueError(
+                    f"the factors' gradients must have shapes {tuple(A.shape)} and "
+                    f"{tuple(B.shape)}, got {tuple(g_a.shape)} and {tuple(g_b.shape)}"
+                )
+        else:
+            G = grad[:, : A.shape[1]]
+            g_a, g_b = head.scaling * B.to(G.dtype).T @ G, head.scaling * G @ A.to(G.dtype).T
+        d_a = self.direction_a.preview(g_a)
+        d_b = self.direction_b.preview(g_b)
+        A, B = A.to(d_a.dtype), B.to(d_a.dtype)
+        first = head.scaling * (d_b @ A + B @ d_a)
+        second = head.scaling * d_b @ d_a
+        if head.bias is not None:
+            zero = first.new_zeros(first.shape[0], 1)
+            first, second = torch.cat([first, zero], 1), torch.cat([second, zero], 1)
+        return first, second
+
+    def preview(self, grad: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        """The first-order step ``D_1`` (see :meth:`preview_with_second_order`)."""
+        return self.preview_with_second_order(grad)[0]
 
     def update(self, grad: Tensor) -> None:
         """Nothing to do: the real optimizer holds the state."""

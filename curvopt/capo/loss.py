@@ -58,8 +58,8 @@ class CAPOLoss:
         head: The policy's last layer: an ``nn.Linear`` (``logits = head(hidden)``), or a LoRA
             adapter on it with the base layer frozen (a peft ``lora.Linear``, or a
             :class:`~curvopt.capo.lora_head.LoRAHead`), whose low-rank update CAPO models
-            exactly (:mod:`curvopt.capo.lora_head`; token-level mask only, no penalty or
-            step predictions).
+            exactly (:mod:`curvopt.capo.lora_head`; every mask level and the step
+            predictions; no penalty).
         optimizer: The optimizer training ``head``: gives ``lr`` and the direction model,
             which reads the optimizer's hyperparameters and state
             (:func:`~curvopt.capo.direction.direction_for`: SGD, Adam, AdamW; others are
@@ -124,7 +124,7 @@ class CAPOLoss:
         if self.lora is None and is_lora_head(head):
             self.lora = lora_head_of(head)
         if self.lora is not None:
-            _check_lora_options(self.penalty, level, direction)
+            _check_lora_options(self.penalty, direction)
             direction = self.lora.direction(optimizer)
         elif not isinstance(head, nn.Linear):
             raise TypeError(f"head must be an nn.Linear or a LoRA head, got {type(head).__name__}")
@@ -209,13 +209,16 @@ class CAPOLoss:
             m.penalty = pen.detach()
         return loss, m
 
-    def ascent_grad(self) -> Tensor:
-        """``-d loss / d[W, b]`` of the head from its ``.grad`` (after ``backward``)."""
+    def ascent_grad(self) -> Tensor | tuple[Tensor, Tensor]:
+        """``-d loss / d[W, b]`` of the head from its ``.grad`` (after ``backward``).
+
+        For a LoRA head: the factors' ``(-A.grad, -B.grad)``.
+        """
         if self.lora is not None:
-            raise ValueError(
-                "a LoRA head has no full-head gradient: step-level predictions are not modelled "
-                "for it (the token-level mask is)"
-            )
+            a, b = self.lora.params()
+            if a.grad is None or b.grad is None:
+                raise ValueError("the LoRA factors have no gradient yet: call loss.backward()")
+            return -a.grad, -b.grad
         if self.head.weight.grad is None:
             raise ValueError("the head has no gradient yet: call loss.backward() first")
         g = self.head.weight.grad
@@ -245,12 +248,13 @@ class CAPOLoss:
         :meth:`update_direction`); see :meth:`CAPOMasker.predict_update`.
         """
         lr = self.lr() if lr is None else lr
+        weight, bias = self.weight_and_bias()
         return self.masker.predict_update(
-            self.head.weight,
+            weight,
             hidden,
             self.ascent_grad(),
             lr,
-            self.head.bias,
+            bias,
             mask,
             actions=actions,
             advantages=advantages,
@@ -308,12 +312,10 @@ class CAPOLoss:
         return self.predict_step(hidden, lr=lr, mask=mask)["kl"]
 
 
-def _check_lora_options(penalty: CAPOPenalty, level: str, direction: Any) -> None:
+def _check_lora_options(penalty: CAPOPenalty, direction: Any) -> None:
     """Refuse what CAPO does not model for a LoRA head (before anything is built)."""
     if penalty.active:
         raise ValueError("CAPO's penalties are not modelled for a LoRA head: use the mask alone")
-    if level != "token":
-        raise ValueError(f"a LoRA head supports level='token' only, got {level!r}")
     if direction is not None:
         raise ValueError(
             "direction= is not used with a LoRA head: the model of A's and B's steps is read "

@@ -460,13 +460,27 @@ class CAPOMasker:
                 sl = slice(lo, lo + step)
                 src = (wa[sl, None, None] * sc[sl, :, None]) * hg[sl, None, :]
                 grad.index_add_(0, rows[sl].reshape(-1), src.reshape(-1, Hp))
-            delta = self.direction.preview(grad)
+            delta, second = self._preview(grad)
             u = (hg @ delta.T).gather(1, rows)
             su = (sc * u).sum(-1)
             curv = (u * softmax_curvature(zk, u)).sum(-1)
-            dj[gi] = (wa * (lr * su + 0.5 * lr**2 * (su.square() - curv))).sum()
+            if second is not None:  # the eta^2 logit change of a LoRA head
+                su2 = (sc * (hg @ second.T).gather(1, rows)).sum(-1)
+                su_j = su + lr * su2
+            else:
+                su_j = su
+            dj[gi] = (wa * (lr * su_j + 0.5 * lr**2 * (su.square() - curv))).sum()
             dkl[gi] = 0.5 * lr**2 * (w[idx][sel] * su.square()).sum() / w[idx][sel].sum()
         return (dj[0], dkl[0]) if level == "global" else (dj, dkl)
+
+    def _preview(self, grad) -> tuple[Tensor, Tensor | None]:
+        """The modeled step ``Delta`` of a whole gradient, and its ``eta^2`` part (or None).
+
+        A plain head's logit change is ``eta Delta h``; a LoRA head's
+        (:class:`~curvopt.capo.lora_head.LoRAHeadDirection`) is ``eta Delta h + eta^2 D_2 h``.
+        """
+        both = getattr(self.direction, "preview_with_second_order", None)
+        return both(grad) if both is not None else (self.direction.preview(grad), None)
 
     def keep(self, delta_j: Tensor, delta_kl: Tensor) -> Tensor:
         """The keep rule on given predictions (any shape): see :class:`CAPOMasker`.
@@ -549,7 +563,8 @@ class CAPOMasker:
         Args:
             weight: ``(V, H)`` last-layer weight.
             hidden: ``(B, T, H)`` final hidden states.
-            ascent_grad: The step's ascent gradient of the head (``-grad`` of the loss).
+            ascent_grad: The step's ascent gradient of the head (``-grad`` of the loss); for
+                a LoRA head the factors' ``(-A.grad, -B.grad)``.
             lr: Learning rate ``eta``.
             actions: ``(B, T)`` sampled ids (needed for ``delta_j``).
             advantages: ``(B,)`` or ``(B, T)`` (needed for ``delta_j``).
@@ -575,11 +590,15 @@ class CAPOMasker:
         W, h = _augment(
             weight.detach(), None if bias is None else bias.detach(), hidden.detach(), temperature
         )
-        if ascent_grad.shape != W.shape:
+        if isinstance(ascent_grad, tuple):  # the factors' gradients (a LoRA head)
+            ascent_grad = tuple(g.to(W.dtype) for g in ascent_grad)
+        elif ascent_grad.shape != W.shape:
             raise ValueError(
                 f"ascent_grad must have shape {tuple(W.shape)}, got {ascent_grad.shape}"
             )
-        delta = self.direction.preview(ascent_grad.to(W.dtype))
+        else:
+            ascent_grad = ascent_grad.to(W.dtype)
+        delta, second = self._preview(ascent_grad)
         B, T, Hp = h.shape
         h = h.reshape(B * T, Hp)
         valid = (
@@ -606,8 +625,13 @@ class CAPOMasker:
             curv = (u * softmax_curvature(z, u)).sum(-1)
             kl[sl] = 0.5 * lr**2 * curv
             if with_j:
-                su = u.gather(1, a[sl, None]).squeeze(1) - (torch.softmax(z, -1) * u).sum(-1)
-                dj[sl] = adv[sl] * (lr * su + 0.5 * lr**2 * (su.square() - curv))
+                p = torch.softmax(z, -1)
+                su = u.gather(1, a[sl, None]).squeeze(1) - (p * u).sum(-1)
+                su_j = su
+                if second is not None:  # the eta^2 logit change of a LoRA head
+                    v = h[sl] @ second.T
+                    su_j = su + lr * (v.gather(1, a[sl, None]).squeeze(1) - (p * v).sum(-1))
+                dj[sl] = adv[sl] * (lr * su_j + 0.5 * lr**2 * (su.square() - curv))
         nan = W.new_full((), float("nan"))
         return {
             "kl": (kl * valid).sum() / valid.sum().clamp_min(1),
