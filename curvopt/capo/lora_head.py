@@ -26,7 +26,8 @@ order in ``eta`` as for a plain head, with the extra ``eta^2 A_t s_t . v_t`` in 
 (``v_t`` enters ``Delta KL_t`` only at third order); ``<G_t, Delta_t> = A_t s_t . u_t``. A whole
 step (:meth:`~curvopt.capo.token_mask.CAPOMasker.predict_update`, the sequence/global levels)
 is modelled the same way from the factors' gradients
-(:meth:`LoRAHeadDirection.preview_with_second_order`).
+(:meth:`LoRAHeadDirection.preview_with_second_order`). Under autograd (the penalties of
+:mod:`curvopt.capo.penalty`) the per-token terms are functions of ``A``, ``B`` and ``h_t``.
 
 The adapter must be a single active LoRA adapter without dropout and DoRA, not merged, with
 ``W_0`` and ``b`` frozen (a peft ``lora.Linear``, or anything with its attributes).
@@ -94,9 +95,13 @@ class LoRAHead:
         self.scaling = float(scaling)
         self.bias = bias
 
-    def weight(self) -> Tensor:
-        """The effective ``(V, H)`` weight ``W_0 + s B A`` (detached)."""
-        return (self.base_weight + self.scaling * self.lora_b @ self.lora_a).detach()
+    def weight(self, detach: bool = True) -> Tensor:
+        """The effective ``(V, H)`` weight ``W_0 + s B A``.
+
+        With ``detach=False`` a function of ``A`` and ``B`` for autograd (the penalties).
+        """
+        w = self.base_weight + self.scaling * self.lora_b @ self.lora_a
+        return w.detach() if detach else w
 
     def params(self) -> tuple[Tensor, Tensor]:
         """The trained parameters ``(A, B)``."""
@@ -196,9 +201,10 @@ class LoRAHeadDirection:
             ``(c,)``, ``(c, K)``, ``(c, K)``.
         """
         head = self.head
-        A = head.lora_a.detach().to(h.dtype)
+        # not detached: under autograd (a penalty) the terms are functions of A and B too
+        A = head.lora_a.to(h.dtype)
         x = h[:, : A.shape[1]]
-        B_rows = head.lora_b.detach().to(h.dtype)[rows]  # (c, K, r)
+        B_rows = head.lora_b.to(h.dtype)[rows]  # (c, K, r)
         xa = x @ A.T  # (c, r)
         gs = head.scaling * adv[:, None] * s  # (c, K): s A_t s_t
         G_b = gs[:, :, None] * xa[:, None, :]

@@ -58,8 +58,8 @@ class CAPOLoss:
         head: The policy's last layer: an ``nn.Linear`` (``logits = head(hidden)``), or a LoRA
             adapter on it with the base layer frozen (a peft ``lora.Linear``, or a
             :class:`~curvopt.capo.lora_head.LoRAHead`), whose low-rank update CAPO models
-            exactly (:mod:`curvopt.capo.lora_head`; every mask level and the step
-            predictions; no penalty).
+            exactly (:mod:`curvopt.capo.lora_head`; every mask level, the step predictions
+            and the penalties, differentiated through ``A``, ``B`` and the hidden states).
         optimizer: The optimizer training ``head``: gives ``lr`` and the direction model,
             which reads the optimizer's hyperparameters and state
             (:func:`~curvopt.capo.direction.direction_for`: SGD, Adam, AdamW; others are
@@ -124,7 +124,7 @@ class CAPOLoss:
         if self.lora is None and is_lora_head(head):
             self.lora = lora_head_of(head)
         if self.lora is not None:
-            _check_lora_options(self.penalty, direction)
+            _check_lora_options(direction)
             direction = self.lora.direction(optimizer)
         elif not isinstance(head, nn.Linear):
             raise TypeError(f"head must be an nn.Linear or a LoRA head, got {type(head).__name__}")
@@ -146,11 +146,14 @@ class CAPOLoss:
         param = self.head.weight if self.lora is None else self.lora.lora_a
         return float(find_param_group(self.optimizer, param)["lr"])
 
-    def weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
-        """The head's effective ``(V, H)`` weight (LoRA: ``W_0 + s B A``) and its bias."""
+    def weight_and_bias(self, differentiable: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The head's effective ``(V, H)`` weight and its bias.
+
+        LoRA: ``W_0 + s B A``, a function of ``A`` and ``B`` when ``differentiable``.
+        """
         if self.lora is None:
             return self.head.weight, self.head.bias
-        return self.lora.weight(), self.lora.bias
+        return self.lora.weight(detach=not differentiable), self.lora.bias
 
     def __call__(
         self,
@@ -189,7 +192,8 @@ class CAPOLoss:
         m = self.masker(weight, hidden, actions, advantages, lr, bias, completion_mask)
         loss = self.loss_fn(logprobs, old_logprobs, advantages, m.keep)
         if self.penalty.active:
-            weights = self.token_weights(m.keep.to(self.head.weight.dtype))
+            weight, bias = self.weight_and_bias(differentiable=True)
+            weights = self.token_weights(m.keep.to(weight.dtype))
             if weights.shape != m.keep.shape:
                 raise ValueError(
                     f"token_weights returned shape {tuple(weights.shape)}, expected "
@@ -197,13 +201,13 @@ class CAPOLoss:
                 )
             pen = self.penalty(
                 self.masker,
-                self.head.weight,
+                weight,
                 hidden,
                 actions,
                 advantages,
                 lr,
                 weights * m.keep,
-                self.head.bias,
+                bias,
             )
             loss = loss + pen
             m.penalty = pen.detach()
@@ -312,10 +316,8 @@ class CAPOLoss:
         return self.predict_step(hidden, lr=lr, mask=mask)["kl"]
 
 
-def _check_lora_options(penalty: CAPOPenalty, direction: Any) -> None:
+def _check_lora_options(direction: Any) -> None:
     """Refuse what CAPO does not model for a LoRA head (before anything is built)."""
-    if penalty.active:
-        raise ValueError("CAPO's penalties are not modelled for a LoRA head: use the mask alone")
     if direction is not None:
         raise ValueError(
             "direction= is not used with a LoRA head: the model of A's and B's steps is read "

@@ -191,8 +191,6 @@ def test_lora_refusals():
     params = [lora.lora_A["default"].weight, lora.lora_B["default"].weight]
     opt = torch.optim.SGD(params, lr=0.1)
     kw = {"tau_h": 1.0, "tau_f": 1.0}
-    with pytest.raises(ValueError, match="penalties are not modelled"):
-        CAPOLoss(grpo_loss, lora, opt, penalty="delta_kl", penalty_coef=1.0, **kw)
     with pytest.raises(ValueError, match="direction= is not used"):
         CAPOLoss(grpo_loss, lora, opt, direction="adam", **kw)
     with pytest.raises(ValueError, match="not in any param group"):
@@ -347,3 +345,49 @@ def test_grpo_loop_predicted_kl_matches_realized_kl_with_lora_head(opt_name):
         assert float(out["realized_kl"]) > 1e-14
         assert float(out["realized_kl"]) == float(out["realized_head_kl"])
         assert float(out["predicted_kl"]) == pytest.approx(float(out["realized_kl"]), rel=2e-2)
+
+
+def test_penalty_on_a_lora_head_against_double_autograd():
+    """Plain SGD moves (A, B) by eta A_t g_t, g_t = grad_(A,B) log pi(a_t) (full vocabulary), so
+    Delta KL_t = eta^2 A_t^2 |g_t|^4 / 2 exactly as a function of A, B and h_t: the penalty's
+    value and its gradients in A, B and the hidden states must equal that built with autograd."""
+    lora = _head(13)
+    A, B = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+    lr, coef = 0.3, 2.0
+    opt = torch.optim.SGD([A, B], lr=lr)
+    hidden, actions, adv = _batch(14, n=2, T=3)
+    hidden.requires_grad_(True)
+
+    def weights(mask):
+        return mask / mask.sum()
+
+    def no_loss(logprobs, old, advantages, mask):
+        return 0.0 * logprobs.sum()
+
+    capo = CAPOLoss(
+        no_loss,
+        lora,
+        opt,
+        tau_h=math.inf,
+        tau_f=math.inf,
+        penalty="delta_kl",
+        penalty_coef=coef,
+        token_weights=weights,
+    )
+    logp = torch.log_softmax(lora(hidden), -1).gather(-1, actions[..., None])[..., 0]
+    loss, m = capo(logp, logp.detach(), adv, torch.ones(2, 3, dtype=torch.bool), hidden, actions)
+    got = torch.autograd.grad(loss, (A, B, hidden))
+
+    ref = 0.0
+    for i in range(2):
+        for t in range(3):
+            lp = torch.log_softmax(lora(hidden[i, t]), -1)[actions[i, t]]
+            g = torch.autograd.grad(lp, (A, B), create_graph=True)
+            sq = sum((gi * gi).sum() for gi in g)
+            ref = ref + (1 / 6) * 0.5 * lr**2 * adv[i] ** 2 * sq**2
+    ref = coef * ref
+    want = torch.autograd.grad(ref, (A, B, hidden))
+    assert torch.allclose(m.penalty, ref.detach(), rtol=1e-10)
+    for a, b in zip(got, want):
+        assert b.abs().max() > 0
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-14)
