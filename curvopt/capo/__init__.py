@@ -2,11 +2,14 @@
 
 One module per idea:
 
-* :mod:`~curvopt.capo.masker`: :class:`CAPOMasker` predicts each token's ``Delta J_t`` and
-  ``Delta KL_t`` from a last-layer curvature model and masks the unstable tokens;
-  :class:`CAPOLoss` wraps a token loss with it.
+* :mod:`~curvopt.capo.token_mask`: :class:`CAPOMasker` predicts each token's ``Delta J_t`` and
+  ``Delta KL_t`` from a last-layer curvature model and masks the unstable tokens.
+* :mod:`~curvopt.capo.loss`: :class:`CAPOLoss` wraps a token loss with it (both names are also
+  importable from :mod:`~curvopt.capo.masker`, their long-standing path).
 * :mod:`~curvopt.capo.direction`: models of the optimizer's step on the head (SGD, Adam, and
   models of a real ``torch.optim`` optimizer's state).
+* :mod:`~curvopt.capo.lora_head`: the exact model of a LoRA adapter's low-rank update of the
+  head.
 * :mod:`~curvopt.capo.penalty`: ``lambda * Delta KL`` / ``lambda * Delta J`` added to the loss.
 * :mod:`~curvopt.capo.token_losses`: GRPO, Dr. GRPO and REINFORCE token losses.
 * :mod:`~curvopt.capo.whole_model`: the KL of a planned step through the whole network, and the
@@ -33,7 +36,7 @@ from .direction import (
     direction_for,
 )
 from .grpo import GRPOTrainer, group_advantages
-from .masker import CAPOLoss, CAPOMask, CAPOMasker, calibrate_thresholds
+from .loss import CAPOLoss
 from .penalty import PENALTIES, CAPOPenalty, TokenPredictor
 from .sequence_policy import GRUPolicy, sample_tokens
 from .token_losses import (
@@ -44,6 +47,7 @@ from .token_losses import (
     token_weights,
     token_weights_fn,
 )
+from .token_mask import CAPOMask, CAPOMasker, calibrate_thresholds
 from .whole_model import (
     fit_kl_budget,
     logit_change,

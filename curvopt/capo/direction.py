@@ -79,6 +79,10 @@ class SGDDirection:
         """The modeled step direction for a full ``(V, H)`` ascent gradient: the gradient."""
         return grad
 
+    def _delta(self, G: Tensor, pick=None) -> Tensor:
+        """``Delta(G) = G`` for any batch of gradients (no state to read)."""
+        return G
+
     def update(self, grad: Tensor) -> None:
         """SGD keeps no state; nothing to do."""
 
@@ -438,13 +442,17 @@ class SGDOptimizerDirection(_OptimizerDirection):
             u = u + d_rows
         return gd, u
 
+    def _delta(self, G: Tensor, pick) -> Tensor:
+        """``Delta(G)`` with the state read through ``pick(pair) -> tensor like G``."""
+        alpha, beta, buf = self._coefficients(G)
+        out = alpha * (G - self._hyper("weight_decay", G) * pick(self._theta()).to(G.dtype))
+        if buf is not None:
+            out = out - beta * pick(buf).to(G.dtype)
+        return out
+
     def preview(self, grad: Tensor) -> Tensor:
         """The full step direction ``Delta(grad)`` for an ascent gradient ``(V, H [+ 1])``."""
-        alpha, beta, buf = self._coefficients(grad)
-        out = alpha * (grad - self._hyper("weight_decay", grad) * self.parts.full(self._theta()))
-        if buf is not None:
-            out = out - beta * self.parts.full(buf).to(grad.dtype)
-        return out
+        return self._delta(grad, self.parts.full)
 
 
 class AdamOptimizerDirection(_OptimizerDirection):
@@ -538,9 +546,7 @@ def direction_for(
             ``AdamW`` (a subclass may step differently, so it is not guessed).
         ValueError: For ``maximize=True`` or a head not in the optimizer.
     """
-    seen = 0
-    while type(optimizer) not in _MODELS and hasattr(optimizer, "optimizer") and seen < 8:
-        optimizer, seen = optimizer.optimizer, seen + 1
+    optimizer = unwrap_optimizer(optimizer)
     model = _MODELS.get(type(optimizer))
     if model is None:
         raise TypeError(
@@ -548,6 +554,14 @@ def direction_for(
             f"{_SUPPORTED}. Pass direction= explicitly to use another model knowingly."
         )
     return model(optimizer, param, bias)
+
+
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The real optimizer inside wrappers that hold it in ``.optimizer`` (accelerate's)."""
+    seen = 0
+    while type(optimizer) not in _MODELS and hasattr(optimizer, "optimizer") and seen < 8:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    return optimizer
 
 
 _MODELS = {

@@ -35,7 +35,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .masker import CAPOLoss
+from .lora_head import is_lora_head
+from .loss import CAPOLoss
 from .sequence_policy import sample_tokens
 from .token_losses import grpo_loss
 
@@ -83,7 +84,8 @@ class GRPOTrainer:
     """GRPO on a small token policy; CAPO masking when ``capo`` is given.
 
     Args:
-        policy: Module with ``hidden_states(tokens)`` and ``head``.
+        policy: Module with ``hidden_states(tokens)`` and ``head`` (an ``nn.Linear``, or a peft
+            LoRA adapter on one: :mod:`curvopt.capo.lora_head`).
         optimizer: Any :mod:`torch.optim` optimizer over the policy's parameters.
         loss_fn: Token-level loss ``(logprobs, old_logprobs, advantages, mask) -> scalar``.
         group_size: Completions per prompt ``G``.
@@ -109,11 +111,14 @@ class GRPOTrainer:
         track_kl: bool = True,
         generator: torch.Generator | None = None,
     ):
+        head = getattr(policy, "head", None)
         if not (
-            hasattr(policy, "hidden_states")
-            and isinstance(getattr(policy, "head", None), nn.Linear)
+            hasattr(policy, "hidden_states") and (isinstance(head, nn.Linear) or is_lora_head(head))
         ):
-            raise TypeError("policy must have hidden_states(tokens) and an nn.Linear head")
+            raise TypeError(
+                "policy must have hidden_states(tokens) and an nn.Linear head (or a LoRA "
+                "adapter on one)"
+            )
         if group_size < 2:
             raise ValueError(f"group_size must be at least 2, got {group_size}")
         if num_iterations < 1:

@@ -63,7 +63,7 @@ class TokenPredictor(Protocol):
     """What the penalty needs from a masker: per-token ``Delta J_t`` and ``Delta KL_t``.
 
     :class:`~curvopt.capo.masker.CAPOMasker` is one. The penalty depends on this protocol, not on
-    the masker's module, so :mod:`curvopt.capo.masker` can import the penalty without a cycle.
+    the masker's module, so :mod:`curvopt.capo.token_mask` can import the penalty without a cycle.
     """
 
     def predict(

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+from curvopt.distributed import all_reduce_sum_, check_process_group, is_dtensor
 from curvopt.kernels import softmax_curvature
 
 
@@ -319,6 +320,7 @@ def fit_kl_budget(
     *inputs: Any,
     mask: Tensor | None = None,
     output_fn: Callable | None = None,
+    process_group: object = None,
 ) -> dict[str, float]:
     """Scale the coming step so that its predicted whole-model KL fits ``budget``.
 
@@ -334,9 +336,19 @@ def fit_kl_budget(
         *inputs: The model's inputs for the prediction.
         mask: Tokens the KL averages over (``logits.shape[:-1]``).
         output_fn: Map from the model output to the logits.
+        process_group: Under data parallelism (replicated parameters, gradients averaged as
+            DDP does, so every rank plans the same step), the ``torch.distributed`` group whose
+            ranks hold the rest of the batch: the per-token KLs and token counts are summed over
+            it (one all-reduce of 2 numbers), so ``KL̂`` is the mean over every rank's tokens
+            and every rank gets the same scale. None: this process's tokens only.
 
     Returns:
         ``{"kl": KL̂ before scaling, "scale": s}``.
+
+    Raises:
+        ValueError: For FSDP2-sharded (DTensor) parameters: torch's forward-mode AD has no
+            sharding rule for them (``aten._has_same_storage_numel``), so the JVP cannot run
+            on a sharded model.
 
     Example:
         >>> net = nn.Linear(3, 5).double()
@@ -354,9 +366,23 @@ def fit_kl_budget(
         (True, True, 10.0)
     """
     budget = check_budget(budget)
+    group = check_process_group(process_group)
     _, params = _named(model)
+    if any(is_dtensor(p) for p in params):
+        raise ValueError(
+            "the KL budget does not support FSDP2-sharded (DTensor) parameters: torch's "
+            "forward-mode AD has no sharding rule for them, so the step's JVP cannot run on a "
+            "sharded model (use data parallelism with replicated parameters and process_group=)"
+        )
     step = trial_step(optimizer, params)
-    kl = float(predict_step_kl(model, step, *inputs, mask=mask, output_fn=output_fn))
+    z, u = logit_change(model, step, *inputs, output_fn=output_fn)
+    per_token = token_kl(z, u)
+    if mask is not None and mask.shape != per_token.shape:
+        raise ValueError(f"mask must have shape {tuple(per_token.shape)}, got {tuple(mask.shape)}")
+    w = torch.ones_like(per_token) if mask is None else mask.to(per_token.dtype)
+    totals = torch.stack([(per_token * w).sum(), w.sum()]).double()
+    all_reduce_sum_(totals, group)
+    kl = float(totals[0] / totals[1].clamp_min(1))
     scale = budget_scale(kl, budget)
     scale_next_step(optimizer, scale)
     return {"kl": kl, "scale": scale}

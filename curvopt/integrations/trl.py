@@ -46,19 +46,25 @@ with ``importance_sampling_level="token"``: all are token-level and their gradie
 the token's ``A grad log pi`` times its token weight ``w_t`` (``cispo``: times
 ``min(1, epsilon_high)``, its clamp of the detached ratio), which is what CAPO models. ``luspo``,
 ``vespo`` and sequence-level importance sampling are refused (their weights couple the tokens of a
-completion), as are Liger's fused loss and tool/environment masks: ``tools=``,
-``environment_factory=`` and ``rollout_func=`` are refused when the trainer is built (a
-rollout function's ``env_mask`` cannot be known before it runs). ``dapo`` and
+completion), as are Liger's fused loss and tool/environment masks: ``tools=`` and
+``environment_factory=`` are refused when the trainer is built. A ``rollout_func=`` is accepted;
+its ``env_mask`` (TRL's ``tool_mask``) can only be seen once it ran, so the first generation
+whose output carries one raises a ``ValueError``, before any training on it. ``dapo`` and
 ``cispo`` keep TRL's normalizer, the number of completion tokens of the global batch counted
 before masking.
 
-**LoRA / peft.** CAPO models the update of the output layer, so it needs a trained head. With
-LoRA on the body and the full head trained (peft's ``modules_to_save=['lm_head']``) the head
-CAPO models is the adapter's trained copy (the module whose weight the logits use): the same
-exact last-layer model as for a plain model. A frozen head (adapters on the body only) is
-refused when the trainer is built (the last-layer model would predict no change; the
-whole-model JVP predictor of :mod:`curvopt.capo.whole_model` predicts a step's KL, not CAPO's
-per-token rule), and TRL 1.16 itself refuses a LoRA adapter on ``lm_head``.
+**LoRA / peft.** CAPO's per-token rule models the update of the output layer, so it needs a
+trained head. With LoRA on the body and the full head trained (peft's
+``modules_to_save=['lm_head']``) the head CAPO models is the adapter's trained copy (the module
+whose weight the logits use): the same exact last-layer model as for a plain model. With a
+frozen head (adapters on the body only) the KL budget works (its predictor is the whole-model
+JVP of :mod:`curvopt.capo.whole_model`; for such a step it is within 2 % of the realized KL up
+to Adam lr 1e-3 on the tiny GPT-2, ``benchmarks/capo_frozen_head.py``); thresholds, penalties
+and ``capo_predict_step=True`` are refused when the trainer is built (each token's own
+``Delta KL_t`` through the body would take one forward-mode pass per token). TRL 1.16 refuses a
+LoRA adapter on ``lm_head`` (it reads ``lm_head.weight`` directly); the trainer says so first,
+pointing to :class:`~curvopt.capo.loss.CAPOLoss`, which models such a head exactly
+(:mod:`curvopt.capo.lora_head`).
 
 **Penalties** (``capo_penalty``, off in the CAPO recipe): ``lambda sum_t w_t q_t`` with ``q_t``
 the token's ``Delta KL_t``, ``Delta J_t`` or ``|Delta J_t|`` rebuilt with autograd from the
@@ -79,7 +85,8 @@ their KL quadratic). Logged as ``capo/predicted_whole_kl`` (before scaling) and
 ``capo/kl_budget_scale``. Cost per step: one optimizer step, one forward-mode pass per
 micro-batch, a copy of the parameters and the optimizer state. It combines with the mask.
 Under data parallelism the prediction averages over every process's tokens (one scale for all);
-sharded models and optimizers (FSDP, DeepSpeed ZeRO) are not covered (untested).
+FSDP and DeepSpeed (sharded parameters, which forward-mode AD does not support) are refused
+when the trainer is built.
 
 **Settings** come as trainer keywords or as the fields of :class:`CAPOConfig` (a
 ``GRPOConfig``, so TRL's YAML files, ``TrlParser`` and ``from_dict`` reach them); a keyword
@@ -107,6 +114,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +123,8 @@ from accelerate.utils import is_peft_model
 from torch import Tensor, nn
 from trl import GRPOConfig, GRPOTrainer
 
-from curvopt.capo.direction import direction_for, find_param_group
+from curvopt.capo.direction import direction_for, find_param_group, unwrap_optimizer
+from curvopt.capo.lora_head import is_lora_head
 from curvopt.capo.masker import CAPOMasker
 from curvopt.capo.penalty import CAPOPenalty
 from curvopt.capo.whole_model import budget_scale, check_budget, predict_step_kl, trial_step
@@ -216,13 +225,45 @@ def _trainer_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
 
 
 def _refuse_masks_at_construction(given: dict[str, Any]) -> None:
-    for name in ("tools", "rollout_func", "environment_factory"):
+    for name in ("tools", "environment_factory"):
         if given.get(name):
             raise ValueError(
-                f"CAPOGRPOTrainer does not support {name}=: tools, environments and rollout "
-                "functions bring tool/environment masks (tool_mask, env_mask), which CAPO's "
-                "model of the token weights does not cover; use trl.GRPOTrainer for them"
+                f"CAPOGRPOTrainer does not support {name}=: tools and environments bring "
+                "tool/environment masks (tool_mask), which CAPO's model of the token weights "
+                "does not cover; use trl.GRPOTrainer for them"
             )
+
+
+_MASKED_ROLLOUT = (
+    "CAPOGRPOTrainer does not support tool/environment masks: this rollout_func returned an "
+    "env_mask (TRL's tool_mask), which CAPO's model of the token weights does not cover. "
+    "Nothing was trained on it. Return no env_mask, or use trl.GRPOTrainer"
+)
+
+
+def _targets_lm_head(target_modules: Any) -> bool:
+    """Whether a peft ``target_modules`` (a name list, or a regex string) selects ``lm_head``."""
+    if target_modules is None:
+        return False
+    if isinstance(target_modules, str):
+        return target_modules == "lm_head" or re.fullmatch(target_modules, "lm_head") is not None
+    return any(str(t) == "lm_head" or str(t).endswith(".lm_head") for t in target_modules)
+
+
+def _refuse_lora_head_at_construction(given: dict[str, Any]) -> None:
+    """TRL refuses an adapter on ``lm_head``; say so, and where CAPO models it, before TRL."""
+    model = given.get("model")
+    on_head = isinstance(model, nn.Module) and is_lora_head(model.get_output_embeddings())
+    on_head = on_head or _targets_lm_head(getattr(given.get("peft_config"), "target_modules", None))
+    if on_head:
+        raise ValueError(
+            "a LoRA adapter on lm_head cannot be trained by TRL: trl.GRPOTrainer (1.16) refuses "
+            "it, because it computes the log-probabilities from lm_head.weight directly and the "
+            "adapter would never be trained. CAPO models a LoRA head exactly in curvopt's own "
+            "loop: curvopt.capo.CAPOLoss(loss_fn, <the peft lora.Linear head>, optimizer, ...) "
+            "(see curvopt.capo.lora_head). With TRL, put LoRA on the body and train the whole "
+            "head: LoraConfig(..., modules_to_save=['lm_head'])"
+        )
 
 
 def _trained_head(head: nn.Module) -> nn.Module:
@@ -243,6 +284,32 @@ def _trained_head(head: nn.Module) -> nn.Module:
             "which weight the logits use"
         )
     return trained
+
+
+def _check_frozen_head(settings: dict[str, Any], penalty_on: bool) -> None:
+    """A frozen head supports the KL budget only; refuse the per-token rule, saying why."""
+    wants = [
+        name
+        for name, on in (
+            (
+                "a finite capo_tau_h/capo_tau_f",
+                any(math.isfinite(settings[k]) for k in ("capo_tau_h", "capo_tau_f")),
+            ),
+            ("capo_penalty", penalty_on),
+            ("capo_predict_step=True", settings["capo_predict_step"] is True),
+        )
+        if on
+    ]
+    if wants:
+        raise ValueError(
+            f"this model's output layer (lm_head) is frozen (requires_grad=False; e.g. LoRA on "
+            f"the body only), and {' and '.join(wants)} needs CAPO's per-token model of the "
+            "head's update: with a frozen head every token moves the policy through the body "
+            "only, and predicting each token's own Delta KL_t there would take one forward-mode "
+            "pass per token. With a frozen head CAPOGRPOTrainer offers capo_kl_budget= (the "
+            "whole-model JVP predictor of the step's KL, curvopt.capo.whole_model). For the "
+            "per-token rule, train the head: LoraConfig(..., modules_to_save=['lm_head'])"
+        )
 
 
 @dataclass
@@ -332,8 +399,10 @@ class CAPOGRPOTrainer(GRPOTrainer):
 
     Raises:
         ValueError: For an unsupported loss type, sequence-level importance sampling, Liger's
-            fused loss, negative or NaN thresholds, an unknown mask scope, tools,
-            environments or a rollout function, scaled logits (a scale other than 1).
+            fused loss, negative or NaN thresholds, an unknown mask scope, tools or
+            environments, scaled logits (a scale other than 1), a LoRA adapter on ``lm_head``
+            (TRL cannot train it), thresholds or a penalty with a frozen head; at the first
+            generation whose ``rollout_func`` output carries an ``env_mask``.
         TypeError: For a setting of the wrong type (a string where a bool belongs), a model
             whose output embeddings are not an ``nn.Linear``, or an optimizer CAPO has no
             model of.
@@ -376,6 +445,7 @@ class CAPOGRPOTrainer(GRPOTrainer):
         #: The validated CAPO settings (keyword > :class:`CAPOConfig` field > default).
         self.capo_options = settings
         _refuse_masks_at_construction(parent_args)
+        _refuse_lora_head_at_construction(parent_args)
         # validates the thresholds, top_k, level and chunk size before the (slow) parent init
         self.capo_masker = CAPOMasker(
             settings["capo_tau_h"],
@@ -419,22 +489,25 @@ class CAPOGRPOTrainer(GRPOTrainer):
             )
         if getattr(self.args, "use_liger_kernel", False):
             raise ValueError("CAPOGRPOTrainer does not support use_liger_kernel (fused loss)")
+        sharded = [n for n in ("fsdp", "deepspeed") if getattr(self, f"is_{n}_enabled", False)]
+        if self.capo_kl_budget is not None and sharded:
+            raise ValueError(
+                f"capo_kl_budget does not support {sharded[0]} (sharded parameters): torch's "
+                "forward-mode AD, which predicts the step's KL, has no rule for sharded "
+                "parameters; use data parallelism (DDP), where the prediction averages over "
+                "every process's tokens"
+            )
         head = _trained_head(self.model.get_output_embeddings())
         if not isinstance(head, nn.Linear):
             raise TypeError(
                 "CAPO needs a causal LM whose output layer (get_output_embeddings()) is an "
                 f"nn.Linear; got {type(head).__name__}"
             )
-        if not head.weight.requires_grad:
-            raise ValueError(
-                "CAPO models the update of the output layer (lm_head), and this model's output "
-                "layer is frozen (requires_grad=False; e.g. a peft/LoRA model with adapters on "
-                "the body only), so CAPO's last-layer model would predict no change and keep "
-                "every token. Train the head as well: peft's LoraConfig(..., "
-                "modules_to_save=['lm_head']) (LoRA on the body, the full head trained; CAPO's "
-                "model of the head is then exact), or use trl.GRPOTrainer. (TRL itself refuses "
-                "a LoRA adapter on lm_head.)"
-            )
+        #: False for a frozen head (e.g. LoRA on the body only): only the KL budget applies.
+        self.capo_head_trained = bool(head.weight.requires_grad)
+        if not self.capo_head_trained:
+            _check_frozen_head(settings, self.capo_penalty.active)
+            self.capo_predict_step = False
         self.capo_head = head
         if self.capo_masker.top_k is not None:
             self.capo_masker.top_k = min(self.capo_masker.top_k, head.weight.shape[0])
@@ -477,24 +550,25 @@ class CAPOGRPOTrainer(GRPOTrainer):
         return optimizer
 
     def _capo_bind(self, optimizer: torch.optim.Optimizer) -> None:
-        direction = direction_for(optimizer, self.capo_head.weight, self.capo_head.bias)
-        if direction.optimizer is self._capo_bound:
+        opt = unwrap_optimizer(optimizer)
+        if opt is self._capo_bound:
             return
+        if self.capo_head_trained:  # a frozen head has no update to model (KL budget only)
+            direction = direction_for(opt, self.capo_head.weight, self.capo_head.bias)
+            self.capo_masker.direction = direction
         if self._capo_hook is not None:
             self._capo_hook.remove()
-        self.capo_masker.direction = direction
-        self._capo_bound = direction.optimizer
+        self._capo_bound = opt
         for hook in self._capo_budget_hooks:
             hook.remove()
         self._capo_budget_hooks = []
         if self.capo_kl_budget is not None:  # first: the step predictions see the scaled lr
-            opt = direction.optimizer
             self._capo_budget_hooks = [
                 opt.register_step_pre_hook(self._capo_fit_budget),
                 opt.register_step_post_hook(self._capo_restore_lr),
             ]
         if self.capo_predict_step:
-            self._capo_hook = direction.optimizer.register_step_pre_hook(self._capo_before_step)
+            self._capo_hook = opt.register_step_pre_hook(self._capo_before_step)
 
     @property
     def capo_active(self) -> bool:
@@ -519,6 +593,17 @@ class CAPOGRPOTrainer(GRPOTrainer):
     def _capo_lr(self) -> float:
         return float(find_param_group(self._capo_bound, self.capo_head.weight)["lr"])
 
+    def _generate_and_score_completions(self, inputs):
+        """TRL's generation, refusing a rollout function's ``env_mask`` before any training.
+
+        A ``rollout_func`` may return an ``env_mask`` (TRL's ``tool_mask``) that can only be
+        seen once it has run; the first generation that carries one raises a ``ValueError``.
+        """
+        output = super()._generate_and_score_completions(inputs)
+        if "tool_mask" in output:
+            raise ValueError(_MASKED_ROLLOUT)
+        return output
+
     # --- the mask ----------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
@@ -531,11 +616,6 @@ class CAPOGRPOTrainer(GRPOTrainer):
             if self._capo_bound is not None and self.model.training:  # no mask: rejects nothing
                 self._metrics["train"]["capo/rejected_fraction"].append(0.0)
             return super()._compute_loss(model, inputs)
-        if "tool_mask" in inputs:
-            raise ValueError(
-                "CAPOGRPOTrainer does not support tool/environment masks (tool_mask): the CAPO "
-                "mask is applied through TRL's completion mask"
-            )
         inputs = dict(inputs)
         inputs["completion_mask"] = inputs["completion_mask"].clone()
         self._capo_pending = inputs

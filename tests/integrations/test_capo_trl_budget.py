@@ -95,3 +95,20 @@ def test_trial_step_leaves_parameters_and_optimizer_state_alone(tmp_path):
 def test_bad_budgets_are_refused(tmp_path, value, error):
     with pytest.raises(error, match="capo_kl_budget must be"):
         th.trainer(CAPOGRPOTrainer, tmp_path, capo_kl_budget=value)
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_budget_with_sharded_parameters_is_refused_when_built(tmp_path, monkeypatch, backend):
+    """FSDP/DeepSpeed shard the parameters, which forward-mode AD cannot differentiate through;
+    the trainer refuses the budget when built (the flags are set as accelerate would)."""
+    from transformers import Trainer
+
+    create = Trainer.create_accelerator_and_postprocess
+
+    def sharded(self):
+        create(self)
+        setattr(self, f"is_{backend}_enabled", True)
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", sharded)
+    with pytest.raises(ValueError, match=f"capo_kl_budget does not support {backend}"):
+        th.trainer(CAPOGRPOTrainer, tmp_path, capo_kl_budget=1e-3)

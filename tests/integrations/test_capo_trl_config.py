@@ -92,7 +92,9 @@ def test_bad_settings_are_refused_when_built(tmp_path, monkeypatch, setting, val
         th.config(tmp_path, cls=CAPOConfig, **{setting: value})
 
 
-def test_tools_environments_and_rollout_functions_are_refused_when_built(tmp_path, monkeypatch):
+def test_tools_and_environments_are_refused_when_built(tmp_path, monkeypatch):
+    """They always bring tool masks. (A rollout function may not: tests/integrations/
+    test_capo_trl_rollout.py.)"""
     _no_generation(monkeypatch)
 
     def add(a: int, b: int) -> int:
@@ -111,7 +113,6 @@ def test_tools_environments_and_rollout_functions_are_refused_when_built(tmp_pat
     for kw in (
         {"tools": [add]},
         {"environment_factory": Env},
-        {"rollout_func": lambda prompts, trainer: {}},
     ):
         name = next(iter(kw))
         with pytest.raises(ValueError, match=f"does not support {name}="):

@@ -1,8 +1,10 @@
 """CAPOGRPOTrainer on peft (LoRA) models.
 
 LoRA on the body with the full head trained (``modules_to_save=['lm_head']``) is supported:
-CAPO models the trained copy of the head exactly as it models a plain head. A frozen head (LoRA
-on the body only) is refused when the trainer is built; TRL itself refuses LoRA on ``lm_head``.
+CAPO models the trained copy of the head exactly as it models a plain head. With a frozen head
+(LoRA on the body only) the KL budget (whole-model JVP) works and the per-token rule is refused
+when the trainer is built. TRL 1.16 refuses LoRA on ``lm_head``; CAPOGRPOTrainer says so first
+(CAPO models such a head in curvopt's own loop: tests/capo/test_capo_lora_head.py).
 """
 
 import math
@@ -116,19 +118,79 @@ def test_lora_mask_gates_the_trained_heads_tokens(tmp_path, scope):
     assert torch.all(g[~keep] == 0)
 
 
-def test_frozen_head_is_refused_when_built(tmp_path, monkeypatch):
+def test_frozen_head_refuses_the_per_token_rule_when_built(tmp_path, monkeypatch):
     _no_generation(monkeypatch)
-    with pytest.raises(ValueError, match="modules_to_save=\\['lm_head'\\]"):
-        th.trainer(CAPOGRPOTrainer, tmp_path, model=_peft_model(), capo_tau_f=1e-4)
+    for kw in ({"capo_tau_f": 1e-4}, {"capo_penalty": "delta_kl", "capo_penalty_coef": 1.0}):
+        with pytest.raises(ValueError, match="modules_to_save=\\['lm_head'\\]"):
+            th.trainer(CAPOGRPOTrainer, tmp_path, model=_peft_model(), **kw)
     # the same through TRL's peft_config= (TRL wraps the model)
-    with pytest.raises(ValueError, match="output layer is frozen"):
-        th.trainer(CAPOGRPOTrainer, tmp_path, peft_config=_lora(), capo_tau_f=1e-4)
+    with pytest.raises(ValueError, match="is frozen.*capo_predict_step=True"):
+        th.trainer(CAPOGRPOTrainer, tmp_path, peft_config=_lora(), capo_predict_step=True)
 
 
-def test_lora_on_the_head_is_refused_when_built(tmp_path, monkeypatch):
-    _no_generation(monkeypatch)
-    model = peft.get_peft_model(
-        th.model(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "lm_head"])
+class _BudgetRecorder(CAPOGRPOTrainer):
+    """Keeps the window's log-probabilities before the step and the step's scale."""
+
+    def _capo_fit_budget(self, optimizer, args, kwargs):
+        if not self._capo_in_trial and self._capo_budget_window:
+            self.rec_window = list(self._capo_budget_window)
+            self.rec_old = _window_logps(self.model, self.rec_window)
+        super()._capo_fit_budget(optimizer, args, kwargs)
+
+
+def _window_logps(model, window):
+    out = []
+    with torch.no_grad():
+        for mb in window:
+            ids = torch.cat([mb["prompt_ids"], mb["completion_ids"]], 1)
+            att = torch.cat([mb["prompt_mask"], mb["completion_mask"]], 1)
+            T = mb["completion_ids"].shape[1]
+            logits = model(input_ids=ids, attention_mask=att).logits[:, -T - 1 : -1]
+            out.append(torch.log_softmax(logits, -1))
+    return out
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+def test_frozen_head_with_kl_budget_realizes_the_budget(tmp_path, optim):
+    """LoRA on the body, the head frozen: the whole-model JVP predictor scales the step."""
+    budget = 1e-5
+    torch.manual_seed(0)
+    model = peft.get_peft_model(th.model().double(), _lora())
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter (peft starts B at 0)
+            torch.nn.init.normal_(p, std=0.1)
+    assert not model.get_output_embeddings().weight.requires_grad
+    trainer = th.trainer(
+        _BudgetRecorder,
+        tmp_path,
+        model=model,
+        cfg={
+            "max_steps": 1,
+            "learning_rate": 0.05 if optim == "adamw_torch" else 5.0,
+            "optim": optim,
+        },
+        capo_kl_budget=budget,
     )
-    with pytest.raises(ValueError, match="lm_head"):
-        th.trainer(CAPOGRPOTrainer, tmp_path, model=model, capo_tau_f=1e-4)
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["capo/kl_budget_scale"] < 0.5  # the budget binds at this lr
+    assert "capo/rejected_fraction" in log and log["capo/rejected_fraction"] == 0.0
+    new = _window_logps(trainer.model, trainer.rec_window)
+    kl, n = 0.0, 0
+    for mb, old, nw in zip(trainer.rec_window, trainer.rec_old, new):
+        valid = mb["completion_mask"].bool()
+        per = (old.exp() * (old - nw)).sum(-1)
+        kl += float(per[valid].sum())
+        n += int(valid.sum())
+    assert kl / n == pytest.approx(budget, rel=0.1)
+
+
+def test_lora_on_the_head_is_refused_when_built_naming_trl(tmp_path, monkeypatch):
+    _no_generation(monkeypatch)
+    lora_head = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "lm_head"])
+    with pytest.raises(ValueError, match="cannot be trained by TRL.*CAPOLoss"):
+        th.trainer(CAPOGRPOTrainer, tmp_path, model=peft.get_peft_model(th.model(), lora_head))
+    for target in (["c_attn", "lm_head"], "lm_head", ".*head"):
+        cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=target)
+        with pytest.raises(ValueError, match="cannot be trained by TRL"):
+            th.trainer(CAPOGRPOTrainer, tmp_path, peft_config=cfg, capo_tau_f=1e-4)
