@@ -28,12 +28,14 @@ NONFINITE_MODES = ("raise", "skip", "ignore")
 #: Largest ``eps64 * cond(A) * R`` (upper estimates) at which steps use the explicit inverse.
 EXPLICIT_INVERSE_LIMIT = 1e-4
 #: Largest number of filled rows ``n`` at which a step factors ``A`` afresh (Cholesky and two
-#: triangular solves) instead of updating ``A^{-1}`` by a rank-2 change. The update is
-#: ``O(n^2)`` but about 25 small tensor operations; the fresh factor is ``O(n^3)`` in about 5.
-#: On the CPU the fresh factor was faster up to n = 64..96 and the update from n = 128 on
-#: (``benchmarks/mfac.py``, table "m x m algebra"); the choice depends on ``n`` alone, so every
-#: rank of a sharded window and a resumed run take the same path.
-FRESH_FACTOR_MAX = 64
+#: triangular solves) instead of updating ``A^{-1}`` by a rank-2 change: the cost model
+#: ``a_f + b_f n^3`` against ``a_u + b_u n^2``, where the update's fixed cost ``a_u`` (about 25
+#: small tensor calls) is five times the fresh factor's (about 5) and the cubic term wins past
+#: the crossover. Measured per window step at d = 1e4 on the CPU (one thread): fresh faster by
+#: 0.07 / 0.17 / 0.07 / 0.02 ms at n = 16 / 32 / 64 / 96, slower by 0.07 / 0.04 / 0.27 ms at
+#: n = 128 / 192 / 256. The choice depends on ``n`` alone, so every rank of a sharded window
+#: and a resumed run take the same path.
+FRESH_FACTOR_MAX = 96
 
 
 class SlidingWindowMFAC:
@@ -49,16 +51,20 @@ class SlidingWindowMFAC:
     size while the buffer fills (empty rows are zero, so the first IHVP is ``x / lam``).
 
     Per step (``add_and_ihvp``) the cost is two passes over ``G`` (one computes ``G g`` and ``G x``
-    together, one forms ``x / lam - G^T c``) plus ``O(m^2)`` float64 work: replacing one row of
-    ``G`` changes one row and column of ``K``, a symmetric rank-2 change of ``A``, and ``A^{-1}``
-    is updated by Woodbury's identity. Every ``refresh_every`` insertions ``A^{-1}`` is recomputed
-    from ``K`` by a Cholesky factorization (``O(m^3)``, amortized ``O(m^2)``); the relative
-    difference between the updated and the fresh inverse is kept in :attr:`last_drift`.
+    together, one forms ``x / lam - G^T c``; for ``x = g``, the default, the push-through identity
+    ``F^{-1} G^T = (m / lam) G^T A^{-1}`` makes them ``G g`` and ``(m / lam) G^T A^{-1} e_r``,
+    with ``g`` in row ``r``: no pass over ``x`` and no cancellation) plus ``O(m^2)`` float64
+    work: replacing one row of ``G`` changes one row and column of ``K``, a symmetric rank-2
+    change of ``A``, and ``A^{-1}`` is updated by Woodbury's identity. Every ``refresh_every``
+    insertions ``A^{-1}`` is recomputed from ``K`` by a Cholesky factorization (``O(m^3)``,
+    amortized ``O(m^2)``); the relative difference between the updated and the fresh inverse is
+    kept in :attr:`last_drift`.
     ``K`` itself never drifts: each of its rows is a fresh dot product.
 
-    **Small windows** (at most ``FRESH_FACTOR_MAX`` = 64 rows filled): a step factors ``A``
+    **Small windows** (at most ``FRESH_FACTOR_MAX`` = 96 rows filled): a step factors ``A``
     afresh and solves with the factor instead (``O(n^3)`` in a few calls, cheaper there than
-    the ``O(n^2)`` update's many small ones, and backward stable). ``A^{-1}`` is then formed
+    the ``O(n^2)`` update's many small ones, and backward stable, so such windows need no
+    refinement and are accurate before their first refresh too). ``A^{-1}`` is then formed
     only when it is read (:attr:`Ainv`, :meth:`state_dict`, a refresh, a window grown past
     the limit), and :attr:`last_drift` is 0.
 
@@ -72,7 +78,8 @@ class SlidingWindowMFAC:
     The estimate is read at refreshes only: until the first refresh, and between refreshes of
     a window that was well conditioned at its last one, the explicit path is used.
 
-    Memory: ``m * d * bytes(dtype)`` for ``G`` plus three ``m x m`` float64 matrices.
+    Memory: ``m * d * bytes(dtype)`` for ``G`` plus up to three ``m x m`` float64 matrices
+    (:meth:`memory_bytes`).
 
     **Sharded over ranks** (``process_group`` given): ``dim`` is the number of coordinates of this
     rank's shard (0 allowed) and ``G`` holds only those columns. The coordinate sums of a call
@@ -184,7 +191,7 @@ class SlidingWindowMFAC:
         self.K = torch.zeros(self.m, self.m, dtype=torch.float64, device=device)
         self._Ainv = torch.eye(self.m, dtype=torch.float64, device=device) / self.m
         self._stale = False  # whether steps solved with fresh factors since _Ainv was exact
-        self._eye: Tensor | None = None  # m I, for the fresh factors (at most 64 x 64)
+        self._eye: Tensor | None = None  # m I, for the fresh factors (at most 96 x 96)
         self.last_drift = torch.zeros((), dtype=torch.float64, device=device)
         self.conditioning = torch.ones((), dtype=torch.float64, device=device)
         self.inverse_conditioning = torch.ones((), dtype=torch.float64, device=device)
@@ -259,7 +266,7 @@ class SlidingWindowMFAC:
         """Bytes held: ``G``, ``K``, ``A^{-1}``, the factor and the fresh factors' ``m I``.
 
         ``m d`` entries of ``G`` in its dtype, two float64 ``m x m`` (three when factored), and,
-        once a step factored ``A`` afresh, a float64 ``m I`` of size ``min(m, 64)``.
+        once a step factored ``A`` afresh, a float64 ``m I`` of size ``min(m, 96)``.
         """
         small = self.K.numel() + self._Ainv.numel() + (0 if self._L is None else self._L.numel())
         small += 0 if self._eye is None else self._eye.numel()
@@ -510,8 +517,8 @@ class SlidingWindowMFAC:
         group = self.process_group
         if on_nonfinite == "ignore":
             return stored
-        # One reduction: the sum is NaN or Inf iff g holds a NaN or Inf, or an entry so large
-        # (above max / d) that its square overflows the accumulation dtype and K with it.
+        # One reduction: the sum is NaN or Inf iff g holds a NaN or Inf, or entries so large
+        # (some above max / d) that their squares overflow the accumulation dtype, and K too.
         total = stored.sum(dtype=self._acc)
         if on_nonfinite == "raise":
             if group is None:
@@ -520,8 +527,8 @@ class SlidingWindowMFAC:
                 bad = bool(D.all_reduce_any(~torch.isfinite(total), group))
             if bad:
                 raise ValueError(
-                    f"g contains NaN or Inf values (after conversion to {self.dtype}), or entries "
-                    f"too large to square in {self._acc}; the window was left unchanged"
+                    f"g contains NaN or Inf values (after conversion to {self.dtype}), or its sum "
+                    f"overflows {self._acc}; the window was left unchanged"
                 )
         else:  # "skip": no host synchronization, mask the write instead
             ok = ~D.all_reduce_any(~torch.isfinite(total), group)
