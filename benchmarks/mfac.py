@@ -166,8 +166,8 @@ def window_ratios(ds, ms, repeats):
     interleaved call by call (thread CPU time, :func:`cpu_interleaved`), for a full window over
     random unit-scale float32 rows.
 
-    The window's Gram comes from a column subsample (rescaled) where the full one would take
-    minutes: the step's cost does not depend on the values.
+    The window's Gram comes from a column subsample (at most ``2^24 / m`` columns, rescaled):
+    the step's cost does not depend on the values.
     """
     import curvopt.mfac.window as window_module
 
@@ -182,7 +182,7 @@ def window_ratios(ds, ms, repeats):
         for m in m_ok:
             print(f"(running d={d:.0e}, m={m})", file=sys.stderr, flush=True)
             G = G_all[:m]
-            s = d if m * m * d <= 1e11 else max(m, d // 16)
+            s = min(d, max(m, 2**24 // m))  # at most 2^24 entries in float64
             K = (G[:, :s].double() @ G[:, :s].double().T) * (d / s)
             ours = window_state(G, K, DAMP)
             g = torch.randn(d, generator=gen) / d**0.5
