@@ -13,7 +13,10 @@ Tables (markdown):
 5. Cancellation: relative error of the IHVP of a vector in the span of G at damp 1e-4 with G in
    float32 (float32 products, float64 products, published algorithm) against float64.
 
-Usage: ``python benchmarks/mfac.py [--quick] [--threads N] [--big]``.
+6. ``--window``: only the window step against the floor, for the ``d`` and ``m`` given (default
+   d in {1e5, 1e6}, m in {16, 32, 64, 128, 256, 1024}), with the m x m path each step took.
+
+Usage: ``python benchmarks/mfac.py [--quick] [--threads N] [--big] [--window]``.
 """
 # ruff: noqa: B023  (the closures below are timed right where they are defined)
 
@@ -33,7 +36,7 @@ from baselines.mfac_published import (  # noqa: E402
     PublishedWindowMFAC,
     sequential_coefficients,
 )
-from harness import fmt_ms, interleaved, print_table, timed  # noqa: E402
+from harness import Stopwatch, fmt_ms, interleaved, print_table, timed  # noqa: E402
 
 from curvopt.mfac import SlidingWindowMFAC, StaticMFAC  # noqa: E402
 from curvopt.mfac._linalg import cholesky, replace_row_inverse  # noqa: E402
@@ -141,6 +144,93 @@ def bench_window(G, K, repeats, gen, rows, scale_rows):
         ]
     )
     scale_rows.setdefault(d, []).append((m, t_ours, t_floor, t_base))
+
+
+def cpu_interleaved(fns, repeats):
+    """Median thread CPU seconds of each function, called in turn ``repeats`` times.
+
+    CPU time of this thread (one torch thread) rather than wall time: on a loaded machine the
+    time slices that other jobs take would otherwise land on whichever call they interrupt.
+    """
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            with Stopwatch() as watch:
+                fn()
+            times[k].append(watch.cpu_seconds)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def window_ratios(ds, ms, repeats):
+    """Table 6: one window step (``add_and_ihvp``, x = g and x != g) against the two-pass floor,
+    interleaved call by call (thread CPU time, :func:`cpu_interleaved`), for a full window over
+    random unit-scale float32 rows.
+
+    The window's Gram comes from a column subsample (at most ``2^24 / m`` columns, rescaled):
+    the step's cost does not depend on the values.
+    """
+    import curvopt.mfac.window as window_module
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for d in ds:
+        m_ok = [m for m in ms if m * d * 4 * 1.5 / 2**30 < mem_available_gb() * 0.6]
+        if not m_ok:
+            print(f"(d={d:.0e} skipped: not enough free memory)")
+            continue
+        G_all = random_rows(max(m_ok), d, gen)
+        for m in m_ok:
+            print(f"(running d={d:.0e}, m={m})", file=sys.stderr, flush=True)
+            G = G_all[:m]
+            s = min(d, max(m, 2**24 // m))  # at most 2^24 entries in float64
+            K = (G[:, :s].double() @ G[:, :s].double().T) * (d / s)
+            ours = window_state(G, K, DAMP)
+            g = torch.randn(d, generator=gen) / d**0.5
+            x = torch.randn(d, generator=gen)
+            v, c = torch.randn(d, generator=gen), torch.randn(m, generator=gen)
+            ours.add_and_ihvp(g)  # warm-up
+            # small cells take many rounds: their medians must see past the time slices that
+            # other jobs take on a loaded machine
+            reps = max(repeats, min(201, int(4e8 / (m * d))))
+            (t_floor, t_ours, t_ours_x) = cpu_interleaved(
+                [
+                    lambda: two_pass_floor(G, v, c),
+                    lambda: ours.add_and_ihvp(g),
+                    lambda: ours.add_and_ihvp(g, x),
+                ],
+                reps,
+            )
+            fresh_max = getattr(window_module, "FRESH_FACTOR_MAX", 0)
+            path = "fresh Cholesky" if m <= fresh_max else "rank-2 update"
+            rows.append(
+                [
+                    f"{d:.0e}",
+                    m,
+                    fmt_ms(t_floor),
+                    fmt_ms(t_ours),
+                    fmt_ms(t_ours_x),
+                    f"{t_ours / t_floor:.2f}",
+                    f"{t_ours_x / t_floor:.2f}",
+                    path,
+                ]
+            )
+        del G_all
+        gc.collect()
+    print_table(
+        [
+            "d",
+            "m",
+            "floor: G@v + G.T@c",
+            "curvopt (x = g)",
+            "curvopt (x != g)",
+            "curvopt / floor",
+            "curvopt (x != g) / floor",
+            "m x m step",
+        ],
+        rows,
+        title="Sliding window: time per step (ms) of add_and_ihvp against the two-pass floor, "
+        "G float32",
+    )
 
 
 def bench_small_algebra(ms, repeats):
@@ -433,9 +523,20 @@ def main(argv=None):
     parser.add_argument("--ds", type=str, default=None, help="comma-separated d values")
     parser.add_argument("--ms", type=str, default=None, help="comma-separated m values")
     parser.add_argument("--accuracy", action="store_true", help="only the accuracy tables (s)")
+    parser.add_argument("--window", action="store_true", help="only the window step vs the floor")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.window:
+        ds = [int(float(v)) for v in (args.ds or "1e5,1e6").split(",")]
+        ms = [int(v) for v in (args.ms or "16,32,64,128,256,1024").split(",")]
+        print(
+            f"# M-FAC window step: torch {torch.__version__}, {torch.get_num_threads()} "
+            f"thread(s), G float32, damp {DAMP:g}; thread CPU time, medians of at least "
+            f"{args.repeats} interleaved rounds (more for small m d)"
+        )
+        window_ratios(ds, ms, args.repeats)
+        return
     if args.accuracy:
         bench_cancellation()
         bench_small_block_diagonal()

@@ -29,6 +29,11 @@ def needs_chunks(G: Tensor, acc: torch.dtype) -> bool:
     return G.dtype != acc and not kernels.use_triton(G)
 
 
+def plain(G: Tensor, acc: torch.dtype) -> bool:
+    """Whether a product over ``G`` in ``acc`` is one BLAS call (no conversion, no Triton)."""
+    return G.dtype == acc and not kernels.use_triton(G)
+
+
 def column_chunks(G: Tensor, acc: torch.dtype, align: int = 1) -> Iterator[slice]:
     """Column slices of ``G`` covering ``[0, d)``; one slice unless a conversion is needed."""
     m, d = G.shape
@@ -42,6 +47,8 @@ def column_chunks(G: Tensor, acc: torch.dtype, align: int = 1) -> Iterator[slice
 
 def dots(G: Tensor, X: Tensor, acc: torch.dtype) -> Tensor:
     """``G @ X`` for ``X`` ``(d, k)``, one pass over ``G``; returns ``(m, k)`` in ``acc``."""
+    if X.shape[1] == 1 and X.dtype == acc and plain(G, acc):  # one matrix-vector product
+        return torch.mv(G, X[:, 0])[:, None]
     out = None
     for sl in column_chunks(G, acc):
         # (k, d) rows, contiguous: on the CPU, G @ V.T with V row-major is ~7x faster than

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -19,7 +20,6 @@ from ._validation import (
     check_positive_int,
     check_storage_dtype,
     conditioning_estimate,
-    finite_flag,
     resolve_accumulate_dtype,
     warn_if_ill_conditioned,
 )
@@ -27,6 +27,15 @@ from ._validation import (
 NONFINITE_MODES = ("raise", "skip", "ignore")
 #: Largest ``eps64 * cond(A) * R`` (upper estimates) at which steps use the explicit inverse.
 EXPLICIT_INVERSE_LIMIT = 1e-4
+#: Largest number of filled rows ``n`` at which a step factors ``A`` afresh (Cholesky and two
+#: triangular solves) instead of updating ``A^{-1}`` by a rank-2 change: the cost model
+#: ``a_f + b_f n^3`` against ``a_u + b_u n^2``, where the update's fixed cost ``a_u`` (about 25
+#: small tensor calls) is five times the fresh factor's (about 5) and the cubic term wins past
+#: the crossover. Measured per window step at d = 1e4 on the CPU (one thread): fresh faster by
+#: 0.07 / 0.17 / 0.07 / 0.02 ms at n = 16 / 32 / 64 / 96, slower by 0.07 / 0.04 / 0.27 ms at
+#: n = 128 / 192 / 256. The choice depends on ``n`` alone, so every rank of a sharded window
+#: and a resumed run take the same path.
+FRESH_FACTOR_MAX = 96
 
 
 class SlidingWindowMFAC:
@@ -42,12 +51,22 @@ class SlidingWindowMFAC:
     size while the buffer fills (empty rows are zero, so the first IHVP is ``x / lam``).
 
     Per step (``add_and_ihvp``) the cost is two passes over ``G`` (one computes ``G g`` and ``G x``
-    together, one forms ``x / lam - G^T c``) plus ``O(m^2)`` float64 work: replacing one row of
-    ``G`` changes one row and column of ``K``, a symmetric rank-2 change of ``A``, and ``A^{-1}``
-    is updated by Woodbury's identity. Every ``refresh_every`` insertions ``A^{-1}`` is recomputed
-    from ``K`` by a Cholesky factorization (``O(m^3)``, amortized ``O(m^2)``); the relative
-    difference between the updated and the fresh inverse is kept in :attr:`last_drift`.
+    together, one forms ``x / lam - G^T c``; for ``x = g``, the default, the push-through identity
+    ``F^{-1} G^T = (m / lam) G^T A^{-1}`` makes them ``G g`` and ``(m / lam) G^T A^{-1} e_r``,
+    with ``g`` in row ``r``: no pass over ``x`` and no cancellation) plus ``O(m^2)`` float64
+    work: replacing one row of ``G`` changes one row and column of ``K``, a symmetric rank-2
+    change of ``A``, and ``A^{-1}`` is updated by Woodbury's identity. Every ``refresh_every``
+    insertions ``A^{-1}`` is recomputed from ``K`` by a Cholesky factorization (``O(m^3)``,
+    amortized ``O(m^2)``); the relative difference between the updated and the fresh inverse is
+    kept in :attr:`last_drift`.
     ``K`` itself never drifts: each of its rows is a fresh dot product.
+
+    **Small windows** (at most ``FRESH_FACTOR_MAX`` = 96 rows filled): a step factors ``A``
+    afresh and solves with the factor instead (``O(n^3)`` in a few calls, cheaper there than
+    the ``O(n^2)`` update's many small ones, and backward stable, so such windows need no
+    refinement and are accurate before their first refresh too). ``A^{-1}`` is then formed
+    only when it is read (:attr:`Ainv`, :meth:`state_dict`, a refresh, a window grown past
+    the limit), and :attr:`last_drift` is 0.
 
     **Nearly dependent gradients** (``d < m``, repeated gradients): ``cond(A)`` then grows like
     ``R = lambda_max(F)/damp`` and the explicit inverse loses about ``log10(R)`` more digits than
@@ -59,7 +78,8 @@ class SlidingWindowMFAC:
     The estimate is read at refreshes only: until the first refresh, and between refreshes of
     a window that was well conditioned at its last one, the explicit path is used.
 
-    Memory: ``m * d * bytes(dtype)`` for ``G`` plus three ``m x m`` float64 matrices.
+    Memory: ``m * d * bytes(dtype)`` for ``G`` plus up to three ``m x m`` float64 matrices
+    (:meth:`memory_bytes`).
 
     **Sharded over ranks** (``process_group`` given): ``dim`` is the number of coordinates of this
     rank's shard (0 allowed) and ``G`` holds only those columns. The coordinate sums of a call
@@ -104,7 +124,8 @@ class SlidingWindowMFAC:
     Attributes:
         G: The ``(m, d)`` ring buffer.
         K: ``(m, m)`` float64 Gram matrix of the buffer.
-        Ainv: ``(m, m)`` float64 inverse of ``A``.
+        Ainv: ``(m, m)`` float64 inverse of ``A`` (formed from ``K`` when read after steps that
+            solved with a fresh factor).
         count: Number of gradients added since construction or :meth:`reset`.
         last_finite: 0-dim bool tensor, whether the last gradient added with
             ``on_nonfinite="skip"`` was finite (and stored).
@@ -168,7 +189,9 @@ class SlidingWindowMFAC:
                 "device='cpu' or the gradients' device"
             ) from None
         self.K = torch.zeros(self.m, self.m, dtype=torch.float64, device=device)
-        self.Ainv = torch.eye(self.m, dtype=torch.float64, device=device) / self.m
+        self._Ainv = torch.eye(self.m, dtype=torch.float64, device=device) / self.m
+        self._stale = False  # whether steps solved with fresh factors since _Ainv was exact
+        self._eye: Tensor | None = None  # m I, for the fresh factors (at most 96 x 96)
         self.last_drift = torch.zeros((), dtype=torch.float64, device=device)
         self.conditioning = torch.ones((), dtype=torch.float64, device=device)
         self.inverse_conditioning = torch.ones((), dtype=torch.float64, device=device)
@@ -222,9 +245,31 @@ class SlidingWindowMFAC:
         """Dtype of the products over ``G``."""
         return self._acc
 
+    @property
+    def Ainv(self) -> Tensor:
+        """``(m, m)`` float64 ``A^{-1}`` (formed from ``K`` if steps solved with fresh factors)."""
+        self._form_inverse()
+        return self._Ainv
+
+    def _form_inverse(self) -> None:
+        """Make ``A^{-1}`` exact for the current ``K`` if fresh-factor steps left it behind."""
+        if self._stale:
+            n = self.filled
+            self._Ainv[:n, :n] = torch.cholesky_inverse(self._factor(n))
+            self._stale = False
+
+    def _fresh(self, n: int) -> bool:
+        """Whether a step over ``n`` filled rows factors ``A`` afresh (see FRESH_FACTOR_MAX)."""
+        return n <= FRESH_FACTOR_MAX and not self.factored
+
     def memory_bytes(self) -> int:
-        """Bytes: ``m d`` for ``G`` in its dtype, two float64 ``m x m`` (three when factored)."""
-        small = self.K.numel() + self.Ainv.numel() + (0 if self._L is None else self._L.numel())
+        """Bytes held: ``G``, ``K``, ``A^{-1}``, the factor and the fresh factors' ``m I``.
+
+        ``m d`` entries of ``G`` in its dtype, two float64 ``m x m`` (three when factored), and,
+        once a step factored ``A`` afresh, a float64 ``m I`` of size ``min(m, 96)``.
+        """
+        small = self.K.numel() + self._Ainv.numel() + (0 if self._L is None else self._L.numel())
+        small += 0 if self._eye is None else self._eye.numel()
         return self.G.numel() * self.G.element_size() + small * 8
 
     # ------------------------------------------------------------------ state
@@ -232,7 +277,8 @@ class SlidingWindowMFAC:
         """Empty the window (zero buffer, ``A^{-1} = I / m``)."""
         self.G.zero_()
         self.K.zero_()
-        self.Ainv.copy_(torch.eye(self.m, dtype=torch.float64, device=self.device) / self.m)
+        self._Ainv.copy_(torch.eye(self.m, dtype=torch.float64, device=self.device) / self.m)
+        self._stale = False
         self.last_drift.zero_()
         self.conditioning.fill_(1.0)
         self.inverse_conditioning.fill_(1.0)
@@ -247,10 +293,14 @@ class SlidingWindowMFAC:
     def refresh(self) -> None:
         """Recompute ``A = L L^T`` and ``A^{-1}`` from ``K`` in float64 (no host synchronization).
 
-        Records the drift of the updated inverse (:attr:`last_drift`), the estimates
-        :attr:`conditioning`, :attr:`inverse_conditioning` and :attr:`inverse_error`, and keeps
-        the factor ``L`` for the steps in factored mode.
+        Records the drift of the updated inverse (:attr:`last_drift`; 0 after steps that solved
+        with fresh factors), the estimates :attr:`conditioning`, :attr:`inverse_conditioning`
+        and :attr:`inverse_error`, and keeps the factor ``L`` for the steps in factored mode.
         """
+        self._refresh(None)
+
+    def _refresh(self, L: Tensor | None) -> None:
+        """:meth:`refresh`, with ``L`` the Cholesky factor of the current ``A`` if known."""
         n = self.filled
         self._since_refresh = 0
         if n == 0:
@@ -258,7 +308,8 @@ class SlidingWindowMFAC:
         k_norm = self.K[:n, :n].abs().sum(-1).max()
         ratio = conditioning_estimate(k_norm, self.m, self._damp)
         self.conditioning.copy_(ratio)
-        L = cholesky(self.K[:n, :n], self.m, self._damp, check=False)
+        if L is None:
+            L = cholesky(self.K[:n, :n], self.m, self._damp, check=False)
         if self._L is not None:
             self._L[:n, :n] = L
         diag = L.diagonal()
@@ -267,10 +318,13 @@ class SlidingWindowMFAC:
         # cond(A) <= lambda_max(A) ||A^{-1}||_inf with lambda_max(A) = m R <= m * ratio
         cond_a = self.m * ratio * fresh.abs().sum(-1).max()
         self.inverse_error.copy_(torch.finfo(torch.float64).eps * cond_a * ratio)
-        sub = self.Ainv[:n, :n]
-        drift = (sub - fresh).abs().max() / fresh.abs().max()
-        self.last_drift.copy_(drift)
+        sub = self._Ainv[:n, :n]
+        if self._stale:  # nothing was updated since A^{-1} was last exact
+            self.last_drift.zero_()
+        else:
+            self.last_drift.copy_((sub - fresh).abs().max() / fresh.abs().max())
         sub.copy_(fresh)
+        self._stale = False
 
     @property
     def refreshed(self) -> bool:
@@ -433,7 +487,8 @@ class SlidingWindowMFAC:
         self._since_refresh = int(state.get("since_refresh", 0))
         self.G.copy_(state["G"])
         self.K.copy_(state["K"])
-        self.Ainv.copy_(state["Ainv"])
+        self._Ainv.copy_(state["Ainv"])
+        self._stale = False
         optional = ("last_drift", "last_finite", "nonfinite_count", "conditioning")
         for key in (*optional, "inverse_conditioning", "inverse_error"):
             if key in state:
@@ -458,52 +513,99 @@ class SlidingWindowMFAC:
             )
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
-        stored = g.detach().to(self.dtype)
+        stored = g if g.dtype == self.dtype and not g.requires_grad else g.detach().to(self.dtype)
         group = self.process_group
+        if on_nonfinite == "ignore":
+            return stored
+        # One reduction: the sum is NaN or Inf iff g holds a NaN or Inf, or entries so large
+        # (some above max / d) that their squares overflow the accumulation dtype, and K too.
+        total = stored.sum(dtype=self._acc)
         if on_nonfinite == "raise":
-            if bool(D.all_reduce_any(~finite_flag(stored), group)):
+            if group is None:
+                bad = not math.isfinite(float(total))
+            else:
+                bad = bool(D.all_reduce_any(~torch.isfinite(total), group))
+            if bad:
                 raise ValueError(
-                    f"g contains NaN or Inf values (after conversion to {self.dtype}); "
-                    "the window was left unchanged"
+                    f"g contains NaN or Inf values (after conversion to {self.dtype}), or its sum "
+                    f"overflows {self._acc}; the window was left unchanged"
                 )
-        elif on_nonfinite == "skip":  # no host synchronization: mask the write instead
-            ok = ~D.all_reduce_any(~finite_flag(stored), group)
+        else:  # "skip": no host synchronization, mask the write instead
+            ok = ~D.all_reduce_any(~torch.isfinite(total), group)
             self.last_finite.copy_(ok)
             self.nonfinite_count.add_((~ok).long())
             stored = torch.where(ok, stored, self.G[self.count % self.m])
         return stored
 
     def _insert(
-        self, g: Tensor, X: Tensor | None, on_nonfinite: str, x_is_g: bool = False
+        self,
+        g: Tensor,
+        X: Tensor | None,
+        on_nonfinite: str,
+        x_is_g: bool = False,
+        plain: bool = False,
     ) -> Tensor | None:
-        """Write ``g`` into the ring, update ``K``, ``A^{-1}``; return ``A^{-1} G X`` if asked.
+        """Write ``g`` into the ring and update ``K`` and the solve with ``A``.
 
-        With ``x_is_g`` (``X`` is ``g`` exactly as stored), ``G x`` is the new row of ``K``: one
-        matrix-vector product over ``G`` serves both.
+        Returns ``A^{-1} G X`` (``None`` without ``X``). With ``x_is_g`` (``x`` is ``g`` exactly
+        as stored, now row ``r`` of ``G``) it returns ``m A^{-1} e_r`` instead: by the
+        push-through identity ``F^{-1} G^T = (m / lam) G^T A^{-1}``, so
+        ``F^{-1} g = G^T (m A^{-1} e_r) / lam`` needs no ``G x`` (the one pass over ``G`` computes
+        only the new row of ``K``) and, unlike ``x / lam - G^T c / lam^2``, cancels nothing.
+        With ``plain`` (:func:`~curvopt.mfac._products.plain`) that pass is one ``torch.mv``.
         """
         stored = self._stored(g, on_nonfinite)
         r = self.count % self.m
         n = max(self.filled, r + 1)
+        fresh = self._fresh(n)
+        if not fresh:
+            self._form_inverse()  # from the old K, if fresh-factor steps left it behind
         self.G[r].copy_(stored)
-        Gn = self.G[:n]
-        if X is None or x_is_g:
-            V = stored[:, None]
-        else:  # both in the wider dtype, so neither g nor x loses bits before the products;
-            # built as contiguous (k + 1, d) rows, the layout the skinny product wants
+        full = n == self.m  # no slicing: each view is one more call
+        Gn = self.G if full else self.G[:n]
+        one = X is None or x_is_g
+        if one and plain:  # one pass: G g
+            prods = torch.mv(Gn, stored)
+        elif one:
+            prods = P.dots(Gn, stored[:, None], self._acc)
+        else:  # one pass: G g and G x, both in the wider dtype so that neither loses bits
+            # before the products; built as contiguous (k + 1, d) rows (the skinny layout)
             wide = torch.promote_types(stored.dtype, X.dtype)
             V = torch.cat([stored[None].to(wide), X.T.to(wide)], 0).T
-        prods = P.dots(Gn, V, self._acc).to(torch.float64)  # one pass: G g and G x
-        D.all_reduce_sum_(prods, self.process_group)  # every coordinate sum, one all-reduce
-        k_new = prods[:, 0]
-        self.K[r, :n] = k_new
-        self.K[:n, r] = k_new
+            prods = P.dots(Gn, V, self._acc)
+        if self.process_group is not None:  # every coordinate sum, one all-reduce, in float64
+            prods = D.all_reduce_sum_(prods.to(torch.float64), self.process_group)
+        k_new = prods if prods.ndim == 1 else prods[:, 0]
+        if full:
+            self.K[r] = k_new
+            self.K[:, r] = k_new
+        else:
+            self.K[r, :n] = k_new
+            self.K[:n, r] = k_new
         self.count += 1
         self._since_refresh += 1
-        sub = self.Ainv[:n, :n]
-        rhs = None if X is None else (prods[:, :1] if x_is_g else prods[:, 1:])
+        due = self._since_refresh >= self.refresh_every
+        rhs = None if X is None or x_is_g else prods[:, 1:].to(torch.float64)
+        if fresh:  # factor A afresh: cheaper than the update's many small calls at small n
+            L = self._factor(n)
+            self._stale = True
+            if due:
+                self._refresh(L)
+                if on_nonfinite == "raise":
+                    self.check_conditioning()
+            if x_is_g:
+                rhs = self._scaled_eye(n)[:, r : r + 1]  # m e_r
+            return None if rhs is None else torch.cholesky_solve(rhs, L)
+        sub = self._Ainv[:n, :n]
+        k_row = self.K[r, :n]
         lam = self._damp
-        coef = replace_row_inverse(sub, r, k_new / lam, self.m + k_new[r] / lam, rhs)
-        if self.factored or self._since_refresh >= self.refresh_every:
+        coef = replace_row_inverse(sub, r, k_row / lam, self.m + k_row[r] / lam, rhs)
+        if x_is_g:  # m A^{-1} e_r is a column of the updated inverse
+            coef = sub[:, r : r + 1] * float(self.m)
+            if due or self.factored or self.refine:
+                rhs = torch.zeros(n, 1, dtype=torch.float64, device=self.device)
+                rhs[r] = float(self.m)
+        if self.factored or due:
             self.refresh()
             if on_nonfinite == "raise":
                 self.check_conditioning()
@@ -512,10 +614,29 @@ class SlidingWindowMFAC:
             coef = self._refine(coef, rhs, n)
         return coef
 
+    def _scaled_eye(self, n: int) -> Tensor:
+        """``m I`` of size ``n`` (a buffer kept for the fresh factors, or a view of it)."""
+        if self._eye is None or self._eye.shape[0] < n:
+            size = max(n, min(self.m, FRESH_FACTOR_MAX))
+            self._eye = torch.eye(size, dtype=torch.float64, device=self.device).mul_(self.m)
+        return self._eye if self._eye.shape[0] == n else self._eye[:n, :n]
+
+    def _factor(self, n: int) -> Tensor:
+        """Lower Cholesky factor of ``A = m I + K / lam`` over the first ``n`` rows (two calls)."""
+        K = self.K if n == self.m else self.K[:n, :n]
+        A = torch.add(self._scaled_eye(n), K, alpha=1.0 / self._damp)
+        return torch.linalg.cholesky_ex(A)[0]
+
     def _solve(self, rhs: Tensor, n: int) -> Tensor:
-        """``A^{-1} rhs``: from the factor in factored mode, else the explicit inverse (refined)."""
+        """``A^{-1} rhs`` for the first ``n`` rows.
+
+        From the factor in factored mode, a fresh factor for ``n`` at most ``FRESH_FACTOR_MAX``,
+        else the explicit inverse (refined).
+        """
         if self._L is not None:  # factored mode
             return torch.cholesky_solve(rhs, self._L[:n, :n])
+        if self._fresh(n):
+            return torch.cholesky_solve(rhs, self._factor(n))
         coef = symmetric_matmul(self.Ainv[:n, :n], rhs)
         return self._refine(coef, rhs, n) if self.refine else coef
 
@@ -548,13 +669,33 @@ class SlidingWindowMFAC:
                 * ``"ignore"``: no check; a non-finite ``g`` corrupts the window until
                   :meth:`reset` (for callers that validated ``g`` already).
         """
-        self._insert(g, None, on_nonfinite)
+        self._insert(g, None, on_nonfinite, plain=P.plain(self.G, self._acc))
 
-    def _finish(self, x: Tensor, X: Tensor, coef: Tensor, n: int, lam: float) -> Tensor:
-        """``X / lam - G^T coef / lam^2`` shaped like ``x``."""
-        C = coef.mul_(-1.0 / lam**2).to(self._acc).contiguous()
-        Y = P.combine(1.0 / lam, X, self.G[:n], C)
-        return Y if x.ndim == 2 else Y[:, 0]
+    def _finish(
+        self,
+        x: Tensor,
+        X: Tensor | None,
+        coef: Tensor,
+        n: int,
+        lam: float,
+        unit: bool = False,
+        plain: bool = False,
+    ) -> Tensor:
+        """``X / lam - G^T coef / lam^2`` shaped like ``x``.
+
+        With ``unit`` (``x`` is the stored gradient, ``coef = m A^{-1} e_r``; see
+        :meth:`_insert`) it is ``G^T coef / lam``: with ``plain`` one ``torch.mv`` that reads no
+        ``x``, else the fused ``0 x + G^T c``.
+        """
+        Gn = self.G if n == self.m else self.G[:n]
+        if not unit:
+            C = coef.mul_(-1.0 / lam**2).to(self._acc).contiguous()
+            Y = P.combine(1.0 / lam, X, Gn, C)
+            return Y if x.ndim == 2 else Y[:, 0]
+        c = coef[:, 0].mul_(1.0 / lam).to(self._acc)
+        if plain:
+            return torch.mv(Gn.T, c)
+        return P.combine(0.0, x, Gn, c)
 
     def add_and_ihvp(
         self, g: Tensor, x: Tensor | None = None, *, on_nonfinite: str = "raise"
@@ -572,13 +713,20 @@ class SlidingWindowMFAC:
         Returns:
             ``F^{-1} x`` shaped and typed like ``x``.
         """
-        # G x is the new row of K when x is g as stored (not when "skip" may mask the row)
-        x_is_g = (x is None or x is g) and g.dtype == self.dtype and on_nonfinite != "skip"
+        # x is then row r of G: F^{-1} x = G^T (m A^{-1} e_r) / lam (not when "skip" may mask
+        # the row); g itself is checked when it is stored
+        x_is_g = (
+            (x is None or x is g)
+            and isinstance(g, Tensor)
+            and g.dtype == self.dtype
+            and on_nonfinite != "skip"
+        )
         if x is None:
             x = g
-        X = check_operand(x, self.dim, self.device)
-        coef = self._insert(g, X, on_nonfinite, x_is_g)
-        return self._finish(x, X, coef, self.filled, self._damp)
+        X = None if x_is_g else check_operand(x, self.dim, self.device)
+        plain = P.plain(self.G, self._acc)
+        coef = self._insert(g, X, on_nonfinite, x_is_g, plain)
+        return self._finish(x, X, coef, self.filled, self._damp, x_is_g, plain)
 
     def ihvp(self, x: Tensor, damp: float | None = None) -> Tensor:
         """``F^{-1} x`` for the current window.

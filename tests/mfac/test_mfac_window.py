@@ -5,6 +5,16 @@ import torch
 from mfac_dense import dense_fisher, rel_err, woodbury_rtol
 
 from curvopt.mfac import SlidingWindowMFAC
+from curvopt.mfac import window as window_module
+
+
+@pytest.fixture(params=["fresh", "update"])
+def solve_path(request, monkeypatch):
+    """Run a test with every step solving by a fresh Cholesky factor of ``A``, or by the rank-2
+    updates of the explicit inverse (the window picks by the number of filled rows)."""
+    limit = 10**9 if request.param == "fresh" else 0
+    monkeypatch.setattr(window_module, "FRESH_FACTOR_MAX", limit)
+    return request.param
 
 
 def _window_matrix(history, m, d):
@@ -34,7 +44,7 @@ CASES = (
 
 
 @pytest.mark.parametrize("m,d,damp,refresh_every", CASES)
-def test_window_matches_dense_after_every_step(m, d, damp, refresh_every):
+def test_window_matches_dense_after_every_step(m, d, damp, refresh_every, solve_path):
     """Empty, partial, exactly full and wrapped 3m+1 times; rank-2 updates with the default
     refresh, a refresh after every step, and no refresh at all within the run."""
     gen = torch.Generator().manual_seed(100 * m + d)
@@ -63,10 +73,13 @@ def test_window_matches_dense_after_every_step(m, d, damp, refresh_every):
             assert torch.allclose(w.K, w.G.double() @ w.G.double().T, rtol=1e-12, atol=1e-12)
     ev = torch.linalg.eigvalsh(m * torch.eye(m, dtype=torch.float64) + w.K / damp)
     assert float(w.last_drift) < 1e-11 * (ev[-1] / ev[0]).item()  # round-off of the updates
+    A = m * torch.eye(m, dtype=torch.float64) + w.K / damp
+    n = w.filled
+    assert rel_err(w.Ainv[:n, :n], torch.linalg.inv(A[:n, :n])) < 1e-9 * (ev[-1] / ev[0]).item()
 
 
 @pytest.mark.parametrize("m", [1, 4, 9])
-def test_window_add_then_ihvp_and_damp_override(m):
+def test_window_add_then_ihvp_and_damp_override(m, solve_path):
     d = 25
     gen = torch.Generator().manual_seed(m)
     w = SlidingWindowMFAC(d, m, 1e-2, dtype=torch.float64)
@@ -90,7 +103,7 @@ def test_window_add_then_ihvp_and_damp_override(m):
 @pytest.mark.parametrize(
     "dtype,floor", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)]
 )
-def test_window_low_precision_storage(dtype, floor):
+def test_window_low_precision_storage(dtype, floor, solve_path):
     """Against the dense F of the stored (rounded) gradients: float32 accumulation error; against
     the exact float64 gradients: the storage dtype's rounding, amplified by the conditioning."""
     m, d, damp = 6, 120, 1e-1
@@ -119,7 +132,7 @@ def test_window_low_precision_storage(dtype, floor):
     assert w.G.dtype == dtype
 
 
-def test_state_dict_round_trip_is_exact():
+def test_state_dict_round_trip_is_exact(solve_path):
     d, m = 30, 5
     gen = torch.Generator().manual_seed(0)
     a = SlidingWindowMFAC(d, m, 1e-3, refresh_every=4)
@@ -175,7 +188,7 @@ def test_window_float64_accumulation_in_span():
 
 
 @pytest.mark.parametrize("m,d,damp", [(5, 3, 1e-4), (12, 60, 1e-3)])
-def test_window_without_refinement(m, d, damp):
+def test_window_without_refinement(m, d, damp, solve_path):
     """Without refinement the explicit inverse costs about eps * R^2 (R = lambda_max(F)/damp);
     with it, about eps * R like a Cholesky solve."""
     gen = torch.Generator().manual_seed(21)
@@ -195,11 +208,12 @@ def test_window_without_refinement(m, d, damp):
 
 
 @pytest.mark.parametrize("every", [1, 3, 4])
-def test_refresh_happens_exactly_every_refresh_every_insertions(every):
+def test_refresh_happens_exactly_every_refresh_every_insertions(every, monkeypatch):
     """Right after insertion k * refresh_every, A^{-1} is the fresh inverse from K (bitwise), and
     only then; a refresh one insertion late would leave the updated inverse in place."""
     from curvopt.mfac._linalg import cholesky
 
+    monkeypatch.setattr(window_module, "FRESH_FACTOR_MAX", 0)  # the rank-2 updates
     d, m, damp = 9, 4, 1e-2
     w = SlidingWindowMFAC(d, m, damp, dtype=torch.float64, refresh_every=every)
     for i in range(1, 3 * every + 2):
