@@ -55,3 +55,32 @@ def test_return_panel_states_the_horizon_and_names_the_threshold_line():
         assert labels == ["REINFORCE", "NPG", f"threshold {cfg[5]:g}"]  # every line is named
     finally:
         plt.close(fig)
+
+
+def test_capo_plots_have_titles(monkeypatch):
+    import argparse
+
+    import capo
+
+    figures = {}
+    monkeypatch.setattr(capo, "save_figure", lambda fig, path: figures.setdefault(path.name, fig))
+    rng = np.random.default_rng(1)
+
+    def history(n=30):
+        keys = ("reward", "rejected_fraction", "realized_head_kl", "realized_kl", "predicted_kl")
+        return {k: list(rng.uniform(1e-4, 1, n)) for k in keys}
+
+    arms = [("GRPO", 1e-3, None), ("CAPO", 1e-3, 0.5)]
+    results = {name: [history(), history()] for name, _, _ in arms}
+    args = argparse.Namespace(quick=True, prompts=2, seeds=2)
+    try:
+        capo.plot(results, arms, args)
+        assert set(figures) == {"capo_reward.png", "capo_rejected.png", "capo_kl.png"}
+        for name, fig in figures.items():
+            titles = [ax.get_title() for ax in fig.axes]
+            suptitle = fig._suptitle.get_text() if fig._suptitle else ""
+            assert all(titles), name  # every panel says what it shows
+            assert "2 seeds" in " ".join(titles) + suptitle, name
+    finally:
+        for fig in figures.values():
+            pyplot().close(fig)
