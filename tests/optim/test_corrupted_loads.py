@@ -116,6 +116,17 @@ def test_window_refuses_nonfinite_and_inconsistent_buffers():
     with pytest.raises(ValueError, match="since_refresh"):
         w.load_state_dict(bad)
     w.load_state_dict(good)
+    # a partly filled window: rows of G and of K past the count must be zero, each checked
+    part = SlidingWindowMFAC(6, 3, 1e-2, dtype=DT)
+    for _ in range(2):
+        part.add(torch.randn(6, generator=gen, dtype=DT))
+    good = copy.deepcopy(part.state_dict())
+    for key, index, value in [("G", (2, 4), 0.5), ("K", (2, 2), 0.5)]:  # K stays symmetric
+        bad = copy.deepcopy(good)
+        bad[key][index] = value
+        with pytest.raises(ValueError, match="past row 2 are not zero"):
+            part.load_state_dict(bad)
+        assert_same(good, part.state_dict())
 
 
 def test_npg_refuses_hyperparameters_its_constructor_refuses():
