@@ -7,6 +7,7 @@ inconsistent window counters, missing hyperparameters.
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from test_failed_loads import (
@@ -50,6 +51,10 @@ def test_mfac_refuses_nonfinite_and_transposed_momentum_buffers():
     bad = copy.deepcopy(good)
     bad["state"][0]["momentum_buffer"] = good["state"][0]["momentum_buffer"].T.contiguous()
     refused(opt, bad, r"shape \(4, 3\).*needs shape \(3, 4\)")
+    for not_a_tensor in (good["state"][0]["momentum_buffer"].tolist(), np.zeros((3, 4))):
+        bad = copy.deepcopy(good)  # a list, or an array of the right shape: not a tensor
+        bad["state"][0]["momentum_buffer"] = not_a_tensor
+        refused(opt, bad, f"has shape {type(not_a_tensor).__name__} but parameter 0")
     bad = copy.deepcopy(good)
     bad["state"]["mfac_window"]["skipped"] = torch.tensor(-1)
     refused(opt, bad, "skipped-step counter")
@@ -101,6 +106,11 @@ def test_window_refuses_nonfinite_and_inconsistent_buffers():
         (
             "K",
             lambda t: t.index_put_((torch.tensor(0), torch.tensor(1)), torch.tensor(5.0, dtype=DT)),
+            "symmetric",
+        ),
+        (  # exactly symmetric, as the window keeps it: not merely close
+            "K",
+            lambda t: t.index_put_((torch.tensor(0), torch.tensor(1)), t[0, 1] * (1 + 1e-12)),
             "symmetric",
         ),
     ]:
