@@ -570,6 +570,113 @@ def bench_api_cases() -> list[Case]:
     ]
 
 
+def round3_cases() -> list[Case]:
+    """Issue #27's cases: non-bool flags, complex matrices, a parameter twice, corrupted states,
+    wrong-typed BCE targets, an optimizer without momentum for CAPO, a device this machine lacks."""
+    from curvopt.capo.direction import direction_for
+    from curvopt.capo.masker import CAPOMasker
+    from curvopt.curvature import GGNOperator
+    from curvopt.mfac import SlidingWindowMFAC, StaticMFAC
+    from curvopt.optim import MFAC, NHARPG, NPG, GNSNewton
+    from curvopt.rl.lqr import LinearQuadraticRegulator
+
+    out = [
+        Case("CAPOMasker()", "symmetric='False'", lambda: CAPOMasker(1.0, 1.0, symmetric="False")),
+    ]
+    eye = torch.eye(2, dtype=torch.float64)
+    out.append(
+        Case(
+            "LinearQuadraticRegulator()",
+            "complex A",
+            lambda: LinearQuadraticRegulator(eye * (1 + 1j), eye, eye, eye, eye, discount=0.9),
+        )
+    )
+    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    out.append(Case("MFAC()", "the same parameter twice", lambda: MFAC([p, p], lr=0.1, m=4)))
+    head = nn.Linear(3, 2)
+    sgd = torch.optim.SGD(head.parameters(), lr=0.1)
+    out.append(Case("direction_for", "lr instead of a parameter", lambda: direction_for(sgd, 1.0)))
+    if not torch.cuda.is_available():
+        out.append(
+            Case("SlidingWindowMFAC()", "device='cuda' without CUDA",
+                 lambda: SlidingWindowMFAC(4, 2, 0.1, device="cuda"))
+        )  # fmt: skip
+
+    def warnings_of(fn):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+        return [str(w.message) for w in caught]
+
+    out.append(
+        Case("StaticMFAC()", "transposed (d, m) grads",
+             lambda: warnings_of(lambda: StaticMFAC(torch.randn(64, 2), 0.1)),
+             check=lambda msgs: any("grads.T" in m for m in msgs))
+    )  # fmt: skip
+
+    def trained(opt_cls, **kw):
+        w = nn.Linear(3, 2).double()
+        opt = opt_cls(w.parameters(), **kw)
+        return w, opt
+
+    def corrupt(entry, opt, edit):
+        def call():
+            bad = copy.deepcopy(opt.state_dict())
+            edit(bad)
+            opt.load_state_dict(bad)
+
+        out.append(Case(entry, call.__qualname__, call, state=lambda: opt.state_dict()))
+
+    _, npg = trained(NPG, delta=0.01)
+    for name, edit in [
+        ("delta -1", lambda s: s["param_groups"][0].update(delta=-1.0)),
+        ("delta NaN", lambda s: s["param_groups"][0].update(delta=math.nan)),
+        ("solver 'lbfgs'", lambda s: s["param_groups"][0].update(solver="lbfgs")),
+        ("group without delta", lambda s: s["param_groups"][0].pop("delta")),
+    ]:
+        corrupt("NPG.load_state_dict", npg, edit)
+        out[-1].name = name
+    _, nh = trained(NHARPG, lr=0.1)
+    for name, edit in [
+        ("momentum 2", lambda s: s["param_groups"][0].update(momentum=2.0)),
+        ("group without lr", lambda s: s["param_groups"][0].pop("lr")),
+    ]:
+        corrupt("NHARPG.load_state_dict", nh, edit)
+        out[-1].name = name
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    gns = GNSNewton([w], curvature=torch.eye(3, dtype=torch.float64))
+    corrupt("GNSNewton.load_state_dict", gns,
+            lambda s: s["param_groups"][0].update(max_trials=0))  # fmt: skip
+    out[-1].name = "max_trials 0"
+    lin, mf = trained(MFAC, lr=0.1, m=2)
+    lin(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    mf.step()
+
+    def nan_momentum(s):
+        buf = next(v for v in s["state"].values() if "momentum_buffer" in v)["momentum_buffer"]
+        buf.view(-1)[0] = math.nan
+
+    corrupt("MFAC.load_state_dict", mf, nan_momentum)
+    out[-1].name = "NaN momentum buffer"
+    win = SlidingWindowMFAC(4, 3, 0.1, dtype=torch.float64)
+    win.add(torch.randn(4, dtype=torch.float64))
+    out.append(
+        Case("SlidingWindowMFAC.load_state_dict", "count 10**6",
+             lambda: win.load_state_dict(dict(copy.deepcopy(win.state_dict()), count=10**6)),
+             state=win.state_dict)
+    )  # fmt: skip
+    model = nn.Linear(3, 1).double()
+    X = torch.randn(5, 3, dtype=torch.float64)
+    for dtype in (torch.int64, torch.bool):
+        y = torch.ones(5, 1, dtype=dtype)
+        out.append(
+            Case("GGNOperator()", f"BCE with {dtype} targets",
+                 lambda y=y: GGNOperator(model, nn.BCEWithLogitsLoss(), list(model.parameters()),
+                                         [(X, y)]) @ torch.ones(4, dtype=torch.float64))
+        )  # fmt: skip
+    return out
+
+
 def main() -> int:
     torch.set_num_threads(1)
     cases = (
@@ -579,6 +686,7 @@ def main() -> int:
         + prune_cases()
         + cli_cases()
         + bench_api_cases()
+        + round3_cases()
     )
     per_entry: dict[str, Counter] = defaultdict(Counter)
     problems = []

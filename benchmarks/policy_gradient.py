@@ -122,6 +122,28 @@ def curves_on_grid(results, env_id, method, grid):
     return np.array(rows)
 
 
+def draw_returns(ax, env_id: str, cfg: tuple, grid, curves: dict) -> None:
+    """One panel: mean evaluated return per method with 95% bands, and the table's threshold.
+
+    ``curves`` maps a method to its ``(seeds, len(grid))`` returns. The title says the horizon
+    ``H``, which caps the return (CartPole-v1: at most ``H``, not the registered 500); the dashed
+    line is the threshold of the "trajectories to threshold" table, named in the legend.
+    """
+    for method, ys in curves.items():
+        mean = ys.mean(0)
+        half = 1.96 * ys.std(0, ddof=1) / math.sqrt(len(ys)) if len(ys) > 1 else 0 * mean
+        ax.plot(grid, mean, label=method)
+        ax.fill_between(grid, mean - half, mean + half, alpha=0.2)
+    horizon, threshold = cfg[2], cfg[5]
+    ax.axhline(threshold, color="gray", lw=0.8, ls="--", label=f"threshold {threshold:g}")
+    seeds = len(next(iter(curves.values())))
+    cap = f", return ≤ {horizon}" if env_id.startswith("CartPole") else ""
+    ax.set_title(f"{env_id}, episodes cut at H = {horizon}{cap} ({seeds} seeds, 95% CI)")
+    ax.set_xlabel("trajectories sampled (incl. Hessian batches)")
+    ax.set_ylabel("mean return")
+    ax.legend(fontsize=8)
+
+
 def trajectories_to_threshold(results, env_id, method, threshold):
     """Per seed: trajectories sampled when the evaluated return first reached the threshold.
 
@@ -188,17 +210,8 @@ def main(argv=None):
         fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4))
         for ax, (env_id, cfg) in zip(np.atleast_1d(axes), envs.items()):
             grid = np.arange(0, cfg[3] + 1, cfg[4])
-            for method in methods:
-                ys = curves_on_grid(results, env_id, method, grid)
-                mean = ys.mean(0)
-                half = 1.96 * ys.std(0, ddof=1) / math.sqrt(len(ys)) if len(ys) > 1 else 0 * mean
-                ax.plot(grid, mean, label=method)
-                ax.fill_between(grid, mean - half, mean + half, alpha=0.2)
-            ax.axhline(cfg[5], color="gray", lw=0.8, ls="--")
-            ax.set_title(f"{env_id} ({len(ys)} seeds, 95% CI)")
-            ax.set_xlabel("trajectories sampled (incl. Hessian batches)")
-            ax.set_ylabel("mean return")
-            ax.legend()
+            curves = {m: curves_on_grid(results, env_id, m, grid) for m in methods}
+            draw_returns(ax, env_id, cfg, grid, curves)
         fig.tight_layout()
         out = save_figure(fig, args.plot, dpi=110)
         print(f"\nplot: {out}")

@@ -388,9 +388,35 @@ def sharded_columns(local: Tensor, total: int, offset: int, group: object) -> Te
         where = f"rank:{rank(group)}/{local.device}"
         meta = ShardMetadata([0] * len(lead) + [offset], lead + [n], where)
         shards.append(Shard(local.contiguous().clone(), meta))
+    hide_sharded_tensor_deprecation()
     with warnings.catch_warnings():  # ShardedTensor is deprecated for DTensor, which cannot
         warnings.simplefilter("ignore", FutureWarning)  # express floor/ceil or FSDP2 splits
         return init_from_local_shards(shards, lead + [total], process_group=group)
+
+
+# The deprecation notice torch.distributed.checkpoint prints (about 16 times) when a state dict
+# holds ShardedTensors. DTensor, its replacement, only expresses torch.chunk's split of one
+# dimension, not M-FAC's: ZeRO-1's floor/ceil split of the flat coordinates cuts parameters at
+# arbitrary places, and under FSDP2 a parameter's flat columns follow its row split.
+_SHARDED_TENSOR_NOTICE = "Please use DTensor instead and we are deprecating ShardedTensor"
+
+
+def hide_sharded_tensor_deprecation() -> None:
+    """Silence DCP's ShardedTensor ``FutureWarning`` for the checkpoints of :func:`sharded_columns`.
+
+    The user calls ``dcp.save``/``dcp.load`` on the state dict, so the notice cannot be caught
+    around a call of ours; instead one process-wide filter is installed (once; repeated calls do
+    not stack) that matches only this message and only from ``torch.distributed.checkpoint``'s
+    modules. Every other warning, and this one from elsewhere, still shows.
+    """
+    import warnings
+
+    warnings.filterwarnings(
+        "ignore",
+        message=_SHARDED_TENSOR_NOTICE,
+        category=FutureWarning,
+        module=r"torch\.distributed\.checkpoint(\.|$)",
+    )
 
 
 def local_columns(t: Tensor) -> Tensor | None:

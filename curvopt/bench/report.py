@@ -190,12 +190,12 @@ def plot_figure(document: Mapping[str, Any]) -> Any:
     mfac = sorted((r for r in inexact if r["m"] is not None), key=lambda r: r["m"])
     others = [r for r in inexact if r["m"] is None]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    style = {}  # method -> (color, marker), the same in every panel
-    for i, r in enumerate(others + exact):
-        style[r["method"]] = (colors[i % len(colors)], _MARKERS[i % len(_MARKERS)])
+    style = {}  # method -> (color, marker), the same in every panel; one marker per method
     shades = plt.get_cmap("Greys")
-    for i, r in enumerate(mfac):
-        style[r["method"]] = (shades(0.45 + 0.55 * (i + 1) / len(mfac)), _MARKERS[i % 4])
+    for i, r in enumerate(others + exact + mfac):
+        j = i - len(others) - len(exact)  # index among the M-FAC sizes (grey shades)
+        color = colors[i % len(colors)] if j < 0 else shades(0.45 + 0.55 * (j + 1) / len(mfac))
+        style[r["method"]] = (color, _MARKERS[i % len(_MARKERS)])
 
     fig = plt.figure(figsize=(13, 5.2))
     rows = 2 if exact else 1

@@ -546,6 +546,13 @@ def direction_for(
             ``AdamW`` (a subclass may step differently, so it is not guessed).
         ValueError: For ``maximize=True`` or a head not in the optimizer.
     """
+    for name, value in (("param", param), ("bias", bias)):
+        if not (isinstance(value, Tensor) or (name == "bias" and value is None)):
+            raise TypeError(
+                f"direction_for({name}=...) takes a tensor of the head (e.g. "
+                f"head.{'weight' if name == 'param' else 'bias'}), "
+                f"got {type(value).__name__}; the learning rate is read from the optimizer"
+            )
     optimizer = unwrap_optimizer(optimizer)
     model = _MODELS.get(type(optimizer))
     if model is None:

@@ -6,7 +6,8 @@ Example::
     curvopt prune --model mlp --dataset digits --pattern 2:4 --method layerwise
 
 prints a per-layer table for each sparsity and a summary (accuracy before/after), and writes
-``prune_result.json`` and ``prune_accuracy.png`` (accuracy against sparsity) to ``--out``.
+``prune_result.json`` and ``prune_accuracy.png`` (accuracy against sparsity, beside magnitude
+pruning to the same targets as the baseline) to ``--out``.
 """
 
 from __future__ import annotations
@@ -148,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
                 pattern=args.pattern,
             )
             acc_after = accuracy(model, split.X_test, split.y_test)
-            results.append({"target": target, "accuracy_after": acc_after, **report.to_dict()})
+            entry = {"target": target, "accuracy_after": acc_after, **report.to_dict()}
+            if args.method != "magnitude":  # the plot's baseline: same target and pattern
+                entry["magnitude"] = magnitude_baseline(base, calib, target, args, split)
+            results.append(entry)
     for r in results:
         kind = f"pattern {args.pattern}" if args.pattern else args.scope
         table = Table(title=f"{args.method} pruning to {r['target']:g} ({kind})")
@@ -166,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
         )
         console.print(table)
     summary = Table(title=f"{args.model} on {args.dataset}: test accuracy")
-    for col in ("target", "sparsity", "acc. before", "acc. after", "time [s]", "update"):
+    baseline = args.method != "magnitude"
+    columns = ["target", "sparsity", "acc. before", "acc. after", "time [s]", "update"]
+    for col in columns + ["acc. magnitude"] * baseline:
         summary.add_column(escape(col), justify="right")  # plain text, not rich markup
     for r in results:
         summary.add_row(
@@ -176,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
             f"{r['accuracy_after']:.4f}",
             f"{r['seconds']:.2f}",
             ",".join(sorted(set(r["update"]))),
+            *([f"{r['magnitude']['accuracy_after']:.4f}"] if baseline else []),
         )
     console.print(summary)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -196,14 +203,41 @@ def run(args: argparse.Namespace) -> int:
     json_path.write_text(json.dumps(out, indent=2))
     console.print(f"wrote {json_path}")
     png = args.out / "prune_accuracy.png"
+    curves = {args.method: [(r["sparsity"], r["accuracy_after"]) for r in results]}
+    if args.method != "magnitude":
+        curves["magnitude"] = [
+            (r["magnitude"]["sparsity"], r["magnitude"]["accuracy_after"]) for r in results
+        ]
     plot_accuracy(
-        {args.method: [(r["sparsity"], r["accuracy_after"]) for r in results]},
+        curves,
         acc_before,
         png,
         title=f"{args.model} on {args.dataset}",
     )
     console.print(f"wrote {png}")
     return 0
+
+
+def magnitude_baseline(base: nn.Module, calib, target: float, args, split) -> dict:
+    """``{"sparsity", "accuracy_after"}`` of magnitude pruning a copy of ``base`` to ``target``.
+
+    Same scope and ``--pattern`` as the main method, in one step (magnitude pruning does not
+    depend on the number of steps); ``base`` is left unchanged.
+    """
+    model = copy.deepcopy(base)
+    report = prune(
+        model,
+        nn.CrossEntropyLoss(),
+        calib,
+        target,
+        method="magnitude",
+        scope=args.scope,
+        pattern=args.pattern,
+    )
+    return {
+        "sparsity": report.sparsity,
+        "accuracy_after": accuracy(model, split.X_test, split.y_test),
+    }
 
 
 def parse_pattern_arg(parser: argparse.ArgumentParser, pattern: str, sparsity) -> tuple[int, int]:

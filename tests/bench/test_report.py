@@ -75,6 +75,11 @@ def test_plot_keeps_exact_methods_apart_and_merges_coinciding_lines():
         assert not right.texts and not left.texts  # names in legends, no overlapping labels
         shape = {c.get_label(): c.get_paths()[0].vertices.tobytes() for c in right.collections}
         assert shape["fisher"] != shape["empirical_fisher"]  # coinciding points differ in shape
+        # one marker per method across both panels: no M-FAC size reuses another method's
+        shapes = [
+            c.get_paths()[0].vertices.tobytes() for c in right.collections + strip.collections
+        ]
+        assert len(shapes) == 7 and len(set(shapes)) == len(shapes)
     finally:
         plt.close(fig)
 

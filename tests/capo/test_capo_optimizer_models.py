@@ -129,6 +129,11 @@ def test_refusals_name_what_is_supported():
         direction_for(opt, head.weight, head.bias)
     with pytest.raises(ValueError, match="param group"):
         direction_for(torch.optim.SGD([head.bias], 0.1), head.weight)
+    sgd = torch.optim.SGD(head.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"a tensor of the head \(e.g. head.weight\), got float"):
+        direction_for(sgd, 1.0, None)  # the learning rate where the weight goes
+    with pytest.raises(TypeError, match=r"head.bias\), got str"):
+        direction_for(sgd, head.weight, "bias")
 
     class Wrapper:  # like accelerate's AcceleratedOptimizer
         def __init__(self, optimizer):

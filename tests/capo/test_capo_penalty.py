@@ -231,6 +231,13 @@ def test_masked_tokens_get_no_penalty_gradient():
     assert rejected.any() and m.keep.any()
     assert torch.all(g[rejected] == 0) and torch.all(g[~valid] == 0)
     assert g[m.keep].abs().sum(-1).min() > 0
+    # the value: grpo's weights renormalized over the KEPT tokens of each completion (a row with
+    # rejected tokens weighs its kept ones more), not over the completion mask
+    keep = m.keep.double()
+    assert bool(((keep.sum(1) > 0) & (keep.sum(1) < valid.sum(1))).any())
+    w = keep / keep.sum(1, keepdim=True).clamp_min(1) / B
+    dj, _ = capo.masker.predict(head.weight, hidden, actions, adv, LR, head.bias, valid)
+    assert torch.allclose(m.penalty, (w * dj.abs()).sum(), rtol=1e-12, atol=0)
 
 
 def test_bad_settings_are_refused():

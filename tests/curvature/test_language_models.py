@@ -232,3 +232,15 @@ def test_unshifted_labels_warn(setup):
         warnings.simplefilter("error", UserWarning)
         op = GGNOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data)
         op @ torch.randn(op.shape[1], dtype=torch.float64)
+
+
+def test_labels_dict_maps_transformers_ignored_label_to_the_losss_ignore_index():
+    """-100 is transformers' "ignored" label; a loss with another ignore_index must see its own."""
+    from curvopt.curvature.batches import split_batch
+
+    ids = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
+    labels = torch.tensor([[5, 6, -100, 8], [1, -100, 3, -100]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    X, y = split_batch(batch, 0, nn.CrossEntropyLoss(ignore_index=-1))
+    assert "labels" not in X and torch.equal(X["input_ids"], ids)
+    assert y.tolist() == [[6, -1, 8, -1], [-1, 3, -1, -1]]  # next token; the last position ignored

@@ -9,6 +9,7 @@ single-process reference.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -120,6 +121,7 @@ def _operator_checks(rank, world, model, shards, V, v0):
 
 # ------------------------------------------------------------------------------ pruning
 NUM_GRADS, BATCH = 6, 3
+SHORT_DATA = 2  # batches on rank 0 in the out-of-data check
 PRUNE_CASES = {  # name: prune arguments (block_size=None: one M-FAC block, as sharded uses)
     "mfac-global-multi": dict(sparsity=0.6, method="mfac", steps=2, update="auto"),
     "mfac-layer-diagonal": dict(
@@ -218,6 +220,20 @@ def _prune_checks(rank, world, shards):
     out["rollback-after"] = full_state(model)
     prune(model, nn.CrossEntropyLoss(), shards[rank], **prune_kwargs("mfac-global-multi"))
     out["rollback-then-prune"] = masks_and_weights(model)
+    # rank 0 runs out of data after SHORT_DATA batches, the others have NUM_GRADS: every rank
+    # stops with rank 0 (an unagreed stop would leave the others in collectives of their own)
+    model = prune_model(ties=False)
+    attach_masks(model)
+    fully_shard(model)
+    data = shards[rank][:SHORT_DATA] if rank == 0 else shards[rank]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = prune(model, nn.CrossEntropyLoss(), data, **prune_kwargs("mfac-global-multi"))
+    out["short-data"] = {
+        "report": report.to_dict(),
+        "state": masks_and_weights(model),
+        "warnings": [str(w.message) for w in caught],
+    }
     # the global selection all-reduces counts only: no gather, payload independent of d
     model = prune_model(ties=False)
     attach_masks(model)

@@ -43,6 +43,7 @@ def _misuse_checks(rank, world):
         "refresh_every": lambda: SlidingWindowMFAC(
             3, 4, 0.1, refresh_every=2 + last, process_group=group
         ),
+        "refine": lambda: SlidingWindowMFAC(3, 4, 0.1, refine=last, process_group=group),
     }
     out = {}
     for key, build in cases.items():
@@ -67,7 +68,7 @@ def _misuse_checks(rank, world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_that_disagree_are_refused_at_construction(world):
     for res in (r["misuse"] for r in results(world)):
-        for key in ("m", "damp", "dtype", "d (coordinates", "nonfinite", "refresh_every"):
+        for key in ("m", "damp", "dtype", "d (coordinates", "nonfinite", "refresh_every", "refine"):
             assert "disagree on " + key in res[key], (key, res[key])
         assert any("fully_shard" in w for w in res["no_grad_warning"]), res["no_grad_warning"]
 

@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from dist_ops_cases import NUM_GRADS, PRUNE_CASES, masks_and_weights, prune_kwargs, prune_model
+from dist_ops_cases import (
+    NUM_GRADS,
+    PRUNE_CASES,
+    SHORT_DATA,
+    masks_and_weights,
+    prune_kwargs,
+    prune_model,
+)
 from dist_ops_cases import spawned as spawned_ranks
 from torch import nn
 
@@ -43,6 +50,30 @@ def test_fsdp2_prune_equals_single_process_masks(world):
         if world > 1:
             assert set(calls) == {"all_reduce"} and calls["all_reduce"] <= 20
             assert nbytes["all_reduce"] == calls["all_reduce"] * 255 * 8  # 255 counts a round
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rank_out_of_data_stops_every_rank_with_it(world):
+    """Rank 0 has 2 batches, the others 6: all ranks use 2 gradients (the single-process masks
+    on the first 2 concatenated batches) and warn."""
+    _, shards, results = spawned_ranks(world)
+    data = [
+        (torch.cat([s[i][0] for s in shards]), torch.cat([s[i][1] for s in shards]))
+        for i in range(SHORT_DATA)
+    ]
+    model = prune_model(ties=False)
+    attach_masks(model)
+    with pytest.warns(UserWarning, match=f"only {SHORT_DATA} of the {NUM_GRADS} gradients"):
+        ref_report = prune(model, nn.CrossEntropyLoss(), data, **prune_kwargs("mfac-global-multi"))
+    expected = masks_and_weights(model)
+    for res in results:
+        got = res["prune"]["short-data"]
+        assert any(f"only {SHORT_DATA} of the {NUM_GRADS}" in w for w in got["warnings"])
+        assert got["report"]["damp"] == pytest.approx(ref_report.damp, rel=1e-12)
+        for name, (mask, w) in expected.items():
+            assert torch.equal(got["state"][name][0], mask), f"mask of {name}"
+            err = (got["state"][name][1] - w).abs().max() / w.abs().max()
+            assert err <= 1e-10, f"weights of {name}, relative error {err:.1e}"
 
 
 def test_sharded_prune_rejects_what_it_cannot_do():

@@ -115,7 +115,11 @@ def test_token_weights_are_trls(tmp_path, loss_type, scope):
     """The weights the penalty (and the step prediction) average with: at ratio 1 the gradient of
     TRL's loss in the per-token log-probabilities is -w_t A_t (steps_per_generation = 2 makes
     dapo/cispo's normalizer differ from the accumulation window). ``scope``: a finite threshold
-    rejecting about half of the informative tokens, the mask gating that scope (None: no mask)."""
+    rejecting about half of the informative tokens, the mask gating that scope (None: no mask).
+
+    Three micro-batches per step (every loss type divides by the accumulation), and completions
+    cut to 4 of the 6 allowed tokens (dr_grpo divides by ``max_completion_length``, not by the
+    padded length)."""
     captured = {}
 
     class Probe(CAPOGRPOTrainer):
@@ -131,6 +135,13 @@ def test_token_weights_are_trls(tmp_path, loss_type, scope):
     trainer = th.trainer(Probe, tmp_path, cfg=cfg, capo_predict_step=True, **INF, **extra)
     torch.manual_seed(1)
     inputs = th.batch(trainer)
+    trainer.current_gradient_accumulation_steps = 3
+    short = 4  # as if no completion of this micro-batch were longer: TRL pads to the longest
+    assert trainer.max_completion_length == inputs["completion_ids"].shape[1] > short
+    for key in ("completion_ids", "completion_mask", "old_per_token_logps"):
+        if inputs.get(key) is not None:
+            inputs[key] = inputs[key][:, :short]
+    inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
     if scope:
         trainer.compute_loss(trainer.model, inputs)
         seen = trainer._capo_window.pop()

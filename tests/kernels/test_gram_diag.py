@@ -119,3 +119,19 @@ def test_gram_diag_bad_input(device, fn):
         fn(G, torch.randn(1, 3, 3, device=device), 0)
     with pytest.raises(ValueError, match="3-D"):
         fn(G, torch.randn(3, 3, device=device))
+
+
+@pytest.mark.parametrize("chunk", [5 * 3, 4 * 7, 4 * 1000])  # columns per chunk: 3, 7, 1000
+@pytest.mark.parametrize("B", [None, 4, 9])
+def test_gram_diag_reference_chunking(monkeypatch, chunk, B):
+    """The reference's two chunked paths (a large block in column ranges, a batch of small
+    blocks per bmm) on small sizes, the last block shorter: against float64 dense."""
+    # the module's globals (``curvopt.kernels.gram_diag`` itself names the dispatching function)
+    monkeypatch.setitem(gram_diag_reference.__globals__, "_CHUNK_ELEMENTS", chunk)
+    gen = torch.Generator().manual_seed(3)
+    m, d = 5, 23
+    G = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    nb = 1 if B is None else -(-d // B)
+    T = _lower_inverse(m, nb, gen)
+    dense, _ = _dense(G, T, B)
+    torch.testing.assert_close(gram_diag_reference(G, T, B), dense, rtol=1e-12, atol=0)

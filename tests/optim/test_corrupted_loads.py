@@ -7,6 +7,7 @@ inconsistent window counters, missing hyperparameters.
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from test_failed_loads import (
@@ -50,6 +51,10 @@ def test_mfac_refuses_nonfinite_and_transposed_momentum_buffers():
     bad = copy.deepcopy(good)
     bad["state"][0]["momentum_buffer"] = good["state"][0]["momentum_buffer"].T.contiguous()
     refused(opt, bad, r"shape \(4, 3\).*needs shape \(3, 4\)")
+    for not_a_tensor in (good["state"][0]["momentum_buffer"].tolist(), np.zeros((3, 4))):
+        bad = copy.deepcopy(good)  # a list, or an array of the right shape: not a tensor
+        bad["state"][0]["momentum_buffer"] = not_a_tensor
+        refused(opt, bad, f"has shape {type(not_a_tensor).__name__} but parameter 0")
     bad = copy.deepcopy(good)
     bad["state"]["mfac_window"]["skipped"] = torch.tensor(-1)
     refused(opt, bad, "skipped-step counter")
@@ -103,6 +108,11 @@ def test_window_refuses_nonfinite_and_inconsistent_buffers():
             lambda t: t.index_put_((torch.tensor(0), torch.tensor(1)), torch.tensor(5.0, dtype=DT)),
             "symmetric",
         ),
+        (  # exactly symmetric, as the window keeps it: not merely close
+            "K",
+            lambda t: t.index_put_((torch.tensor(0), torch.tensor(1)), t[0, 1] * (1 + 1e-12)),
+            "symmetric",
+        ),
     ]:
         bad = copy.deepcopy(good)
         edit(bad[key])
@@ -116,6 +126,17 @@ def test_window_refuses_nonfinite_and_inconsistent_buffers():
     with pytest.raises(ValueError, match="since_refresh"):
         w.load_state_dict(bad)
     w.load_state_dict(good)
+    # a partly filled window: rows of G and of K past the count must be zero, each checked
+    part = SlidingWindowMFAC(6, 3, 1e-2, dtype=DT)
+    for _ in range(2):
+        part.add(torch.randn(6, generator=gen, dtype=DT))
+    good = copy.deepcopy(part.state_dict())
+    for key, index, value in [("G", (2, 4), 0.5), ("K", (2, 2), 0.5)]:  # K stays symmetric
+        bad = copy.deepcopy(good)
+        bad[key][index] = value
+        with pytest.raises(ValueError, match="past row 2 are not zero"):
+            part.load_state_dict(bad)
+        assert_same(good, part.state_dict())
 
 
 def test_npg_refuses_hyperparameters_its_constructor_refuses():

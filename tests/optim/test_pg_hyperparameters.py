@@ -126,3 +126,29 @@ def test_the_first_direction_is_the_first_gradient_whatever_eta0(cls, momentum):
     torch.testing.assert_close(d0, theta0 + 1.0, rtol=0, atol=0)  # g_0, not η_0 g_0
     step = 0.1 * d0 / d0.norm() if cls is not HARPG else 0.1 * d0
     torch.testing.assert_close(w.detach(), theta0 + step, rtol=1e-15, atol=0)
+
+
+def test_momentum_schedule_must_stay_in_the_half_open_unit_interval():
+    group = {"momentum": 1.0, "momentum_power": 0.0, "momentum_schedule": None}
+    assert MomentumPolicyGradient.momentum_weight(group, 0) == 1.0  # η = 1 is allowed
+    for bad in (0.0, 1.5, math.nan):
+        group["momentum_schedule"] = lambda t, v=bad: v
+        with pytest.raises(ValueError, match="must lie in \\(0, 1\\]"):
+            MomentumPolicyGradient.momentum_weight(group, 3)
+
+
+@pytest.mark.parametrize("cls", MOMENTUM_CLASSES)
+@pytest.mark.parametrize("key", ["prev", "momentum"])
+def test_a_state_after_one_step_without_its_buffers_is_refused(cls, key):
+    import copy
+
+    w = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    opt = cls([w], lr=0.1, momentum=0.5)
+    opt.step(_AffineSampler())
+    good = copy.deepcopy(opt.state_dict())
+    assert good["state"][0]["step"] == 1
+    bad = copy.deepcopy(good)
+    del bad["state"][0][key]
+    with pytest.raises(ValueError, match="at step 1 but lacks"):
+        opt.load_state_dict(bad)
+    opt.load_state_dict(good)

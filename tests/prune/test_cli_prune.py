@@ -5,7 +5,16 @@ import pytest
 from curvopt.cli import main
 
 
-def test_prune_cli_writes_json_and_plot(tmp_path, capsys):
+def test_prune_cli_writes_json_and_plot(tmp_path, capsys, monkeypatch):
+    import curvopt.prune.cli as prune_cli
+
+    plotted = {}
+    plot = prune_cli.plot_accuracy
+    monkeypatch.setattr(
+        prune_cli,
+        "plot_accuracy",
+        lambda curves, *a, **k: plotted.update(curves) or plot(curves, *a, **k),
+    )
     args = [
         "prune",
         "--model",
@@ -39,6 +48,12 @@ def test_prune_cli_writes_json_and_plot(tmp_path, capsys):
         assert abs(r["sparsity"] - round(r["target"] * total) / total) < 1e-12
         assert 0 <= r["accuracy_after"] <= 1 and len(r["steps"]) == 2
     assert (tmp_path / "prune_accuracy.png").stat().st_size > 1000
+    # the plot has the magnitude baseline at the same targets beside the method
+    assert list(plotted) == ["mfac", "magnitude"]
+    assert plotted["mfac"] == [(r["sparsity"], r["accuracy_after"]) for r in result["results"]]
+    base = [r["magnitude"] for r in result["results"]]
+    assert plotted["magnitude"] == [(b["sparsity"], b["accuracy_after"]) for b in base]
+    assert [b["sparsity"] for b in base] == [r["sparsity"] for r in result["results"]]
 
 
 def test_prune_cli_single_sparsity_writes_the_plot_too(tmp_path, capsys):

@@ -302,3 +302,38 @@ def test_bf16_gradients_prune_a_float32_model_and_a_bad_dtype_is_refused():
     report = prune(model, nn.CrossEntropyLoss(), calib, 0.5, pattern="2:4", num_grads=8,
                    grad_batch_size=4, steps=2, grad_dtype=torch.bfloat16)  # fmt: skip
     assert report.sparsity == 0.5 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nm_select_prunes_the_lowest_earlier_on_ties_and_keeps_pruned_entries_pruned():
+    from curvopt.prune.patterns import nm_select
+
+    groups = torch.arange(8).reshape(2, 4)
+    alive = torch.ones(8, dtype=torch.bool)
+    ties = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 0.5, 0.5, 3.0])
+    got = nm_select(ties, alive, groups, 2)  # ties: the earlier entries of the group
+    assert got.tolist() == [True, True, False, False, False, True, True, False]
+    # three entries of the first group already pruned, k = 2: all three stay pruned
+    alive = torch.tensor([False, True, False, False, True, True, True, True])
+    got = nm_select(torch.arange(8.0), alive, groups, 2)
+    assert got.tolist() == [True, False, True, True, True, True, False, False]
+
+
+def test_layer_hessians_are_2_x_xt_over_n_plus_the_damping():
+    from curvopt.prune.layerwise import layer_hessians
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3, bias=False).double()
+    X = torch.randn(10, 4, dtype=torch.float64)
+    data = [(X[:6], torch.zeros(6)), (X[6:], torch.zeros(4))]
+    for relative, damp in ((False, 0.3), (True, 0.01)):
+        inv = layer_hessians(lin, prunable_weights(lin), data, None, damp=damp, relative=relative)
+        H = 2 * X.T @ X / 10
+        lam = damp * float(H.diagonal().mean()) if relative else damp
+        assert inv.damps == [pytest.approx(lam, rel=1e-12)]
+        want = torch.linalg.inv(H + lam * torch.eye(4, dtype=torch.float64))
+        torch.testing.assert_close(inv.inverses[0], want, rtol=1e-10, atol=1e-12)
+    # inputs that are all zero: mean(diag H) = 0, so the damping is damp itself (invertible)
+    zero = [(torch.zeros(5, 4, dtype=torch.float64), torch.zeros(5))]
+    inv = layer_hessians(lin, prunable_weights(lin), zero, None, damp=0.5)
+    assert inv.damps == [0.5]
+    torch.testing.assert_close(inv.inverses[0], 2 * torch.eye(4, dtype=torch.float64))

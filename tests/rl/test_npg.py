@@ -172,6 +172,19 @@ def test_backtracking_keeps_realized_kl_within_tolerance():
     assert frac < 1.0 and frac in [0.5**j for j in range(10)]
     torch.testing.assert_close(flat_params(policy), theta + step)
 
+    # the FIRST fraction within tol·δ is taken: the one before it (twice as long) overshoots
+    def log_probs_at(x):  # log π_x(·|s) at the batch states
+        with torch.no_grad():
+            for p, v in zip(policy.parameters(), unflatten(x, list(policy.parameters()))):
+                p.copy_(v)
+            logp = torch.log_softmax(policy.distribution_params(batch.obs), -1)
+        return logp
+
+    old, longer = log_probs_at(theta), log_probs_at(theta + 2 * step)
+    kl = (old.exp() * (old - longer)).sum(-1)
+    kl = float((kl * batch.mask).sum() / batch.mask.sum())
+    assert kl > tol * delta
+
 
 @pytest.mark.skipif(not hasattr(curvopt.mfac, "StaticMFAC"), reason="needs curvopt.mfac.StaticMFAC")
 def test_npg_mfac_step_equals_dense_woodbury_solve():
