@@ -224,11 +224,27 @@ def main(argv=None) -> int:
     )  # fmt: skip
     parser.add_argument("--json", default="prune_lm.json", help="file name under results/prune_lm")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--summarize", nargs="+", metavar="JSON", default=None,
+        help="only merge these result files (names under results/prune_lm): print the mean ± sd "
+        "table and draw docs/img/prune_lm.png",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="300 training steps, 50 %% only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see the docs)")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_steps, args.finetune, args.settings = 300, 20, ["0.5"]
+    if args.summarize:
+        import json
+
+        runs = [json.loads((OUT / name).read_text()) for name in args.summarize]
+        results = [r for run in runs for r in run["results"]]
+        finetune = min(run["settings"]["finetune"] for run in runs)
+        print_summary(results, finetune)
+        plot(
+            results, runs[0]["dense_bpc"], finetune, harness.ROOT / "docs" / "img" / "prune_lm.png"
+        )
+        return 0
     if args.llmcompressor_python is None and any(m in LLMC_METHODS for m in args.methods):
         print("no --llmcompressor-python: skipping " + ", ".join(LLMC_METHODS), flush=True)
         args.methods = [m for m in args.methods if m not in LLMC_METHODS]
@@ -314,11 +330,13 @@ def plot(results: list[dict], dense_bpc: float, finetune: int, path: pathlib.Pat
     plt = harness.pyplot()
     settings = list(dict.fromkeys(r["setting"] for r in results))
     methods = list(dict.fromkeys(r["method"] for r in results))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    panels = [("bpc", "one-shot")] + ([("bpc_finetuned", f"+{finetune} steps")] if finetune else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1, 3.8), squeeze=False)
+    axes = axes[0]
     width = 0.8 / len(methods)
     summary = summarize(results)
     nan = (float("nan"), 0.0, 0)
-    for ax, key, title in zip(axes, ["bpc", "bpc_finetuned"], ["one-shot", f"+{finetune} steps"]):
+    for ax, (key, title) in zip(axes, panels):
         for j, method in enumerate(methods):
             stats = [summary.get((s, method), {}).get(key, nan) for s in settings]
             ax.bar([i + j * width for i in range(len(settings))], [m for m, _, _ in stats], width,
@@ -328,7 +346,7 @@ def plot(results: list[dict], dense_bpc: float, finetune: int, path: pathlib.Pat
         ax.set_title(f"validation bits/char, {title}")
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylim(bottom=max(0.0, dense_bpc - 0.5))
-    axes[1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8)
     fig.tight_layout()
     harness.save_figure(fig, path)
 
