@@ -70,7 +70,7 @@ def linear_to_conv1d(model: nn.Module, names: list[str]) -> None:
     for name in names:
         parent, _, attr = name.rpartition(".")
         lin = model.get_submodule(name)
-        conv = Conv1D(lin.out_features, lin.in_features)
+        conv = Conv1D(lin.out_features, lin.in_features).to(lin.weight.dtype)
         with torch.no_grad():
             conv.weight.copy_(lin.weight.T)
             conv.bias.copy_(lin.bias)
