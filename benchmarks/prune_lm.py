@@ -35,6 +35,7 @@ import argparse
 import copy
 import math
 import pathlib
+import statistics
 import sys
 import sysconfig
 import threading
@@ -58,6 +59,8 @@ TRAIN_FILES = [
 VAL_FILES = ["pprint.py", "glob.py", "fnmatch.py", "copy.py"]
 CTX = 64
 OUT = harness.ROOT / "results" / "prune_lm"
+METHODS = ["magnitude", "wanda", "sparsegpt", "mfac", "layerwise"]
+LLMC_METHODS = ["llmc-sparsegpt", "llmc-wanda"]
 
 
 def read_files(names: list[str]) -> torch.Tensor:
@@ -162,11 +165,28 @@ def dense_model(train_text, steps: int) -> nn.Module:
     return model
 
 
-def run_method(model, method: str, sparsity: float, pattern: str | None, calib) -> dict:
+def run_method(
+    model, method: str, sparsity: float, pattern: str | None, calib, llmc_python: str | None = None
+) -> dict:
     from transformers.pytorch_utils import Conv1D
 
     types = (Conv1D,)
     nm = tuple(int(x) for x in pattern.split(":")) if pattern else None
+    if method in LLMC_METHODS:  # llmcompressor's own implementation, in its own venv
+        from baselines.llmcompressor_client import prune_with_llmcompressor
+
+        info = prune_with_llmcompressor(
+            llmc_python, model, calib, method.removeprefix("llmc-"), sparsity, pattern
+        )
+        from curvopt.prune import set_mask
+
+        with torch.no_grad():  # keep llmcompressor's zeros through the fine-tune
+            for t in prunable_weights(model, types):
+                w = getattr(t.module, t.attr).detach()
+                set_mask(t, (w != 0).to(w.dtype))
+        ws = [getattr(t.module, "weight").detach() for t in prunable_weights(model, types)]  # noqa: B009
+        zeros = sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+        return {**info, "sparsity": zeros}
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         if method == "magnitude":
@@ -191,21 +211,46 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--finetune", type=int, default=20, help="fine-tune steps after pruning")
-    parser.add_argument(
-        "--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "mfac", "layerwise"]
-    )
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + LLMC_METHODS)
     parser.add_argument("--settings", nargs="+", default=["0.5", "0.7", "2:4"])
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[123],
+        help="calibration-sample seeds (the trained model and the fine-tune batches stay fixed)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--llmcompressor-python", default=None, metavar="PYTHON",
+        help="python of a venv with llmcompressor: adds the llmc-sparsegpt and llmc-wanda methods "
+        "(run through benchmarks/baselines/llmcompressor_run.py); without it they are skipped",
+    )  # fmt: skip
+    parser.add_argument("--json", default="prune_lm.json", help="file name under results/prune_lm")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--summarize", nargs="+", metavar="JSON", default=None,
+        help="only merge these result files (names under results/prune_lm): print the mean ± sd "
+        "table and draw docs/img/prune_lm.png",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="300 training steps, 50 %% only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see the docs)")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_steps, args.finetune, args.settings = 300, 20, ["0.5"]
+    if args.summarize:
+        import json
+
+        runs = [json.loads((OUT / name).read_text()) for name in args.summarize]
+        results = [r for run in runs for r in run["results"]]
+        finetune = min(run["settings"]["finetune"] for run in runs)
+        print_summary(results, finetune)
+        plot(
+            results, runs[0]["dense_bpc"], finetune, harness.ROOT / "docs" / "img" / "prune_lm.png"
+        )
+        return 0
+    if args.llmcompressor_python is None and any(m in LLMC_METHODS for m in args.methods):
+        print("no --llmcompressor-python: skipping " + ", ".join(LLMC_METHODS), flush=True)
+        args.methods = [m for m in args.methods if m not in LLMC_METHODS]
     torch.set_num_threads(args.threads)  # 2 threads on 2 busy shared cores stalled for minutes
     train_text, val_text = read_files(TRAIN_FILES), read_files(VAL_FILES)
     val = windows(val_text, 64, None)
-    gen = torch.Generator().manual_seed(123)
-    Xc, Yc = windows(train_text, 64, gen)
-    calib = [(Xc[i : i + 8], Yc[i : i + 8]) for i in range(0, 64, 8)]
     base = dense_model(train_text, args.train_steps)
     dense_bpc = bpc(base, val)
     n_params = sum(p.numel() for p in base.parameters())
@@ -213,9 +258,9 @@ def main(argv=None) -> int:
     dense_ft = copy.deepcopy(base)  # the dense model fine-tuned the same way: the fair reference
     train(dense_ft, train_text, args.finetune, 1e-3, seed=1)
     dense_ft_bpc = bpc(dense_ft, val)
-    rows, results = [], []
-    header = ["setting", "method", "bpc one-shot", f"bpc +{args.finetune} steps", "time [s]",
-              "peak RSS [MiB]"]  # fmt: skip
+    results = []
+    header = ["setting", "seed", "method", "bpc one-shot", f"bpc +{args.finetune} steps",
+              "time [s]", "peak RSS [MiB]"]  # fmt: skip
     print("\n".join(harness.table_lines(header, [])), flush=True)
     for setting in args.settings:
         pattern = setting if ":" in setting else None
@@ -224,46 +269,84 @@ def main(argv=None) -> int:
             if pattern
             else float(setting)
         )
-        for method in args.methods:
-            model = copy.deepcopy(base)
-            torch.manual_seed(0)
-            info = run_method(model, method, sparsity, pattern, calib)
-            one_shot = bpc(model, val)
-            train(model, train_text, args.finetune, 1e-3, seed=1)
-            tuned = bpc(model, val)
-            results.append({"setting": setting, "method": method, "bpc": one_shot,
-                            "bpc_finetuned": tuned, **info})  # fmt: skip
-            row = [setting, method, f"{one_shot:.4f}", f"{tuned:.4f}", f"{info['seconds']:.1f}",
-                   f"{info['peak_mib']:.0f}"]  # fmt: skip
-            rows.append(row)
-            harness.print_row(row)
-            harness.write_json(OUT / "prune_lm.json", {
-                "dense_bpc": dense_bpc, "dense_finetuned_bpc": dense_ft_bpc,
-                "parameters": n_params, "settings": vars(args), "results": results,
-            })  # fmt: skip
+        for seed in args.seeds:
+            Xc, Yc = windows(train_text, 64, torch.Generator().manual_seed(seed))
+            calib = [(Xc[i : i + 8], Yc[i : i + 8]) for i in range(0, 64, 8)]
+            for method in args.methods:
+                model = copy.deepcopy(base)
+                torch.manual_seed(0)
+                info = run_method(
+                    model, method, sparsity, pattern, calib, args.llmcompressor_python
+                )
+                one_shot = bpc(model, val)
+                train(model, train_text, args.finetune, 1e-3, seed=1)
+                tuned = bpc(model, val)
+                results.append({"setting": setting, "seed": seed, "method": method,
+                                "bpc": one_shot, "bpc_finetuned": tuned, **info})  # fmt: skip
+                secs, mib = f"{info['seconds']:.1f}", f"{info['peak_mib']:.0f}"
+                harness.print_row(
+                    [setting, seed, method, f"{one_shot:.4f}", f"{tuned:.4f}", secs, mib]
+                )
+                harness.write_json(OUT / args.json, {
+                    "dense_bpc": dense_bpc, "dense_finetuned_bpc": dense_ft_bpc,
+                    "parameters": n_params, "settings": vars(args), "results": results,
+                })  # fmt: skip
     print(f"dense {dense_bpc:.4f} bpc; dense fine-tuned the same way {dense_ft_bpc:.4f} bpc")
-    folder = OUT if args.quick else harness.ROOT / "docs" / "img"
-    plot(results, dense_bpc, args.finetune, folder / "prune_lm.png")
+    print_summary(results, args.finetune)
+    if not args.no_plot:
+        folder = OUT if args.quick else harness.ROOT / "docs" / "img"
+        plot(results, dense_bpc, args.finetune, folder / "prune_lm.png")
     return 0
+
+
+def summarize(results: list[dict]) -> dict[tuple[str, str], dict[str, tuple[float, float, int]]]:
+    """Mean, sample standard deviation and count over the seeds, per (setting, method) and key."""
+    out: dict = {}
+    for r in results:
+        out.setdefault((r["setting"], r["method"]), []).append(r)
+    summary = {}
+    for key, rows in out.items():
+        summary[key] = {}
+        for field in ("bpc", "bpc_finetuned", "seconds", "peak_mib"):
+            xs = [r[field] for r in rows]
+            sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+            summary[key][field] = (statistics.fmean(xs), sd, len(xs))
+    return summary
+
+
+def print_summary(results: list[dict], finetune: int) -> None:
+    """Markdown table of mean +- sd over the calibration seeds."""
+    rows = []
+    for (setting, method), s in summarize(results).items():
+        rows.append([setting, method, s["bpc"][2]] + [
+            f"{s[k][0]:.4f} ± {s[k][1]:.4f}" for k in ("bpc", "bpc_finetuned")
+        ] + [f"{s['seconds'][0]:.1f}", f"{s['peak_mib'][0]:.0f}"])  # fmt: skip
+    header = ["setting", "method", "seeds", "bpc one-shot", f"bpc +{finetune} steps",
+              "time [s]", "peak RSS [MiB]"]  # fmt: skip
+    print("\n".join(harness.table_lines(header, rows)), flush=True)
 
 
 def plot(results: list[dict], dense_bpc: float, finetune: int, path: pathlib.Path) -> None:
     plt = harness.pyplot()
     settings = list(dict.fromkeys(r["setting"] for r in results))
     methods = list(dict.fromkeys(r["method"] for r in results))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    panels = [("bpc", "one-shot")] + ([("bpc_finetuned", f"+{finetune} steps")] if finetune else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1, 3.8), squeeze=False)
+    axes = axes[0]
     width = 0.8 / len(methods)
-    for ax, key, title in zip(axes, ["bpc", "bpc_finetuned"], ["one-shot", f"+{finetune} steps"]):
+    summary = summarize(results)
+    nan = (float("nan"), 0.0, 0)
+    for ax, (key, title) in zip(axes, panels):
         for j, method in enumerate(methods):
-            ys = [next((r[key] for r in results if r["setting"] == s and r["method"] == method),
-                       float("nan")) for s in settings]  # fmt: skip
-            ax.bar([i + j * width for i in range(len(settings))], ys, width, label=method)
+            stats = [summary.get((s, method), {}).get(key, nan) for s in settings]
+            ax.bar([i + j * width for i in range(len(settings))], [m for m, _, _ in stats], width,
+                   yerr=[sd for _, sd, _ in stats], capsize=2, label=method)  # fmt: skip
         ax.axhline(dense_bpc, color="gray", ls="--", lw=1, label="dense")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(settings))], settings)
         ax.set_title(f"validation bits/char, {title}")
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylim(bottom=max(0.0, dense_bpc - 0.5))
-    axes[1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8)
     fig.tight_layout()
     harness.save_figure(fig, path)
 

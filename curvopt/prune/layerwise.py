@@ -34,6 +34,8 @@ Example:
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -57,31 +59,61 @@ def check_layerwise_targets(targets: list[PrunableWeight]) -> None:
 class LayerwiseInverse:
     """Per-layer ``(H_l + lambda_l I)^{-1}`` over the flat vector of prunable weights.
 
+    On FSDP2-sharded weights (:mod:`curvopt.prune.sharded`) each rank holds rows
+    ``first_rows[l] : first_rows[l] + shapes[l][0]`` of dimension 0 of every weight and the whole
+    (all-reduced) ``H_l``. For Linear weights dimension 0 is the output, so every weight row's
+    problem is local. For a ``Conv1D`` (weight ``(in, out)``) it is the input: a row's removed
+    set spans the ranks, so :meth:`update_multi` all-gathers that layer (``gather``) and keeps
+    its own rows of the update.
+
     Args:
         targets: The prunable weights (2-D), in flat order.
         inverses: One ``(in_l, in_l)`` float64 inverse per layer.
         damps: The absolute damping ``lambda_l`` used per layer.
+        shapes: The shapes of the held part of each weight (default: the whole weights).
+        first_rows: Index of the first held row of dimension 0 of each weight (default 0).
+        gather: ``gather(l, x)``: the whole ``l``-th weight's tensor from every rank's
+            ``shapes[l]``-shaped piece ``x`` (needed only for a sharded ``Conv1D``).
     """
 
-    def __init__(self, targets: list[PrunableWeight], inverses: list[Tensor], damps: list[float]):
+    def __init__(
+        self,
+        targets: list[PrunableWeight],
+        inverses: list[Tensor],
+        damps: list[float],
+        shapes: list[tuple[int, ...]] | None = None,
+        first_rows: list[int] | None = None,
+        gather: Callable[[int, Tensor], Tensor] | None = None,
+    ):
         self.targets = targets
         self.inverses = inverses
         self.damps = damps
         self.dims = [input_dim(t.module) for t in targets]
-        self.sizes = [t.param.numel() for t in targets]
+        self.shapes = shapes or [tuple(t.param.shape) for t in targets]
+        self.first_rows = first_rows or [0] * len(targets)
+        self.gather = gather
+        self.sizes = [math.prod(s) for s in self.shapes]
 
-    def _rows(self, flat: Tensor, i: int) -> Tensor:
+    def _rows(self, flat: Tensor, i: int, shape: tuple[int, ...] | None = None) -> Tensor:
         """The layer's entries of ``flat`` as ``(out, in)`` rows (a transposed view for Conv1D)."""
-        x = flat.reshape(self.targets[i].param.shape)
+        x = flat.reshape(shape or self.shapes[i])
         return x.T if self.dims[i] == 0 else x
 
+    def _split(self, i: int) -> bool:
+        """Whether layer ``i``'s input dimension is split over ranks (a sharded Conv1D)."""
+        return self.dims[i] == 0 and tuple(self.shapes[i]) != tuple(self.targets[i].param.shape)
+
     def inverse_diagonal(self) -> Tensor:
-        """``diag(H_l^{-1})`` broadcast to every row, flat ``(d,)``."""
+        """``diag(H_l^{-1})`` broadcast to every held row, flat ``(d,)`` (``d_r`` when sharded)."""
         parts = []
-        for i, (t, inv) in enumerate(zip(self.targets, self.inverses)):
+        for i, inv in enumerate(self.inverses):
             diag = torch.diagonal(inv)
-            shape = t.param.shape
-            full = diag[:, None].expand(shape) if self.dims[i] == 0 else diag.expand(shape)
+            shape = self.shapes[i]
+            if self.dims[i] == 0:  # rows of the weight are inputs: this rank's inputs
+                r0 = self.first_rows[i]
+                full = diag[r0 : r0 + shape[0], None].expand(shape)
+            else:
+                full = diag.expand(shape)
             parts.append(full.reshape(-1))
         return torch.cat(parts)
 
@@ -97,8 +129,16 @@ class LayerwiseInverse:
         out = []
         offset = 0
         for i, (n, inv) in enumerate(zip(self.sizes, self.inverses)):
-            W = self._rows(w[offset : offset + n].to(torch.float64), i)  # (out, in)
-            R = self._rows(removed[offset : offset + n], i)
+            W = w[offset : offset + n].to(torch.float64)
+            R = removed[offset : offset + n]
+            split = self._split(i)
+            if split:  # a sharded Conv1D: each row's problem spans the ranks' inputs
+                shape = tuple(self.targets[i].param.shape)
+                both = self.gather(i, torch.stack([W, R.to(torch.float64)]).reshape(2, -1))
+                W, R = both[0].reshape(shape), both[1].reshape(shape) != 0
+                W, R = W.T, R.T
+            else:
+                W, R = self._rows(W, i), self._rows(R, i)  # (out, in)
             delta = torch.zeros_like(W)
             counts = R.sum(1)
             rows = (counts > 0).nonzero().squeeze(1)
@@ -116,7 +156,10 @@ class LayerwiseInverse:
                 coef = torch.linalg.solve(S, rhs)  # (r, k), zero on the filler
                 cols = inv[order]  # (r, k, in): rows of H^{-1} (symmetric: its columns)
                 delta[rows] = -(coef[:, :, None] * cols).sum(1)
-            out.append((delta.T if self.dims[i] == 0 else delta).reshape(-1))
+            delta = delta.T if self.dims[i] == 0 else delta
+            if split:  # this rank's input rows of the whole update
+                delta = delta[self.first_rows[i] : self.first_rows[i] + self.shapes[i][0]]
+            out.append(delta.reshape(-1))
             offset += n
         return torch.cat(out).to(w.dtype)
 
@@ -148,6 +191,30 @@ def layer_hessians(
         ValueError: No batches, a batch that is not an ``(X, y)`` pair, an empty batch, or a
             non-finite loss or input.
     """
+    hs, counts = input_moments(model, targets, data, loss_func)
+    inverses, damps = damped_inverses(targets, hs, counts, damp, relative)
+    return LayerwiseInverse(targets, inverses, damps)
+
+
+def input_moments(
+    model: nn.Module,
+    targets: list[PrunableWeight],
+    data: Iterable,
+    loss_func: Callable[[Tensor, Tensor], Tensor] | None,
+    group: object = None,
+) -> tuple[list[Tensor | None], list[int]]:
+    """``sum X^T X`` (float64, ``(in, in)``) and the row count ``N`` of every layer's inputs.
+
+    With a process ``group`` (FSDP2: every rank runs its own ``data`` through the sharded model)
+    every rank stops when any rank runs out of batches (the forward passes are collective), a
+    bad batch or loss on any rank raises on every rank, and the sums and counts are all-reduced:
+    the result is that of one process on the concatenation of the ranks' batches.
+
+    Raises:
+        ValueError: As :func:`layer_hessians`.
+    """
+    from curvopt.distributed import all_reduce_any, all_reduce_sum_
+
     hs: list[Tensor | None] = [None] * len(targets)
     counts = [0] * len(targets)
 
@@ -160,32 +227,63 @@ def layer_hessians(
 
         return fn
 
+    def agree(problem: str | None, device) -> None:  # raise on every rank, or on none
+        flag = torch.tensor(problem is not None, device=device)
+        if bool(all_reduce_any(flag, group)):
+            raise ValueError(problem or "a calibration batch failed on another rank (see there)")
+
+    device = targets[0].param.device
     handles = [t.module.register_forward_hook(hook(i)) for i, t in enumerate(targets)]
     seen = 0
+    batches = iter(data)
     try:
         with torch.no_grad():
-            for j, batch in enumerate(data):
+            for j in itertools.count():
+                batch = next(batches, None)
+                if bool(all_reduce_any(torch.tensor(batch is None, device=device), group)):
+                    break  # some rank has no data left: every rank stops here
+                problem = None
                 if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                    raise ValueError(
-                        f"data must yield (X, y) pairs; batch {j} is {type(batch).__name__}"
-                    )
+                    problem = f"data must yield (X, y) pairs; batch {j} is {type(batch).__name__}"
+                elif len(batch[0]) == 0:
+                    problem = f"batch {j} of data has 0 samples: leave empty batches out"
+                agree(problem, device)
                 X, y = batch
-                if len(X) == 0:
-                    raise ValueError(f"batch {j} of data has 0 samples: leave empty batches out")
                 out = model(X)
                 if loss_func is not None:
                     loss = loss_func(out, y)
+                    problem = None
                     if not bool(torch.isfinite(loss).all()):
-                        raise ValueError(
+                        problem = (
                             f"the loss of calibration batch {j} is {float(loss)} (not finite): "
                             "does the batch have any valid target (e.g. every label ignored)?"
                         )
+                    agree(problem, device)
                 seen += 1
     finally:
         for h in handles:
             h.remove()
     if seen == 0:
         raise ValueError("the data loader yielded no batches: cannot build layer Hessians")
+    if group is not None:
+        for i, h in enumerate(hs):
+            hs[i] = None if h is None else all_reduce_sum_(h, group)
+        counts = [int(c) for c in all_reduce_sum_(torch.tensor(counts, device=device), group)]
+    return hs, counts
+
+
+def damped_inverses(
+    targets: list[PrunableWeight],
+    hs: list[Tensor | None],
+    counts: list[int],
+    damp: float,
+    relative: bool,
+) -> tuple[list[Tensor], list[float]]:
+    """``(2 h / N + lambda I)^{-1}`` per layer (Cholesky) and the ``lambda`` used (module docs).
+
+    Raises:
+        ValueError: A layer never called, or non-finite inputs.
+    """
     inverses, damps = [], []
     for t, h, c in zip(targets, hs, counts):
         if h is None:
@@ -198,7 +296,13 @@ def layer_hessians(
         H.diagonal().add_(lam)
         inverses.append(torch.cholesky_inverse(torch.linalg.cholesky(H)))
         damps.append(lam)
-    return LayerwiseInverse(targets, inverses, damps)
+    return inverses, damps
 
 
-__all__ = ["LayerwiseInverse", "check_layerwise_targets", "layer_hessians"]
+__all__ = [
+    "LayerwiseInverse",
+    "check_layerwise_targets",
+    "damped_inverses",
+    "input_moments",
+    "layer_hessians",
+]

@@ -68,7 +68,8 @@ def prune(
     objective SparseGPT solves), damped by ``damp * mean(diag H_l)``, and step 4 by the exact
     per-row multi-weight update (:mod:`curvopt.prune.layerwise`). Its scores are comparable only
     within a layer, so it needs ``scope="layer"`` (or a ``pattern``); 2-D weights only (Linear,
-    transformers' ``Conv1D``); single process only.
+    transformers' ``Conv1D``); FSDP2-sharded weights too (each rank's rows, with ``H_l``
+    all-reduced over the ranks' data).
 
     N:M patterns (``pattern="2:4"``): in every group of ``m`` consecutive weights along a row's
     input dimension (dimension 1 of Linear/Conv weights, dimension 0 of transformers'
@@ -102,7 +103,8 @@ def prune(
     together with its own data and prunes its local shards (:mod:`curvopt.prune.sharded`): the
     same masks as the single-process run on the same gradients, without gathering weights or
     scores. Attach the masks before sharding (:func:`curvopt.prune.attach_masks`), and use
-    ``block_size=None`` with ``method="mfac"`` (``"obs"`` is single-process only).
+    ``block_size=None`` with ``method="mfac"`` (``"obs"`` is single-process only;
+    ``"layerwise"`` all-reduces each layer's ``X X^T``).
 
     All or nothing: every argument is checked before the model is touched, and if anything
     fails later (the data, the loss, the callback, an interrupt) the model is restored exactly -

@@ -30,6 +30,13 @@ be attached BEFORE ``fully_shard`` (:func:`curvopt.prune.attach_masks`). FSDP2 t
 ``parametrizations.weight.original`` and keeps the mask buffer whole on every rank; pruning
 writes the local rows and all-gathers the new masks (one byte per weight per step).
 
+Layer-wise OBS (``method="layerwise"``) replaces steps 1-2 by each layer's ``H_l = 2 X X^T / N``:
+every rank runs its own data, ``X X^T`` and ``N`` are all-reduced and each rank inverts ``H_l``
+(replicated, ``in x in``). The rows of a Linear weight are its outputs, each an independent
+OBS problem, so scores and the exact update need only the local rows; a ``Conv1D`` is sharded by
+its inputs, so its update all-gathers that layer's weights and removal flags and keeps the local
+rows (:meth:`ShardedWeights.layer_inverse`).
+
 Same masks as the single-process run with ``block_size=None`` on the same gradients, up to
 ties decided by round-off (scores are computed with sums in another order). A failed prune is
 undone on every rank, as on one process (:meth:`ShardedWeights.snapshot`).
@@ -56,6 +63,7 @@ from curvopt.distributed import (
 )
 
 from .kselect import smallest_k
+from .layerwise import LayerwiseInverse, damped_inverses, input_moments
 from .masks import PrunableWeight
 from .patterns import flat_groups, group_index, input_dim
 from .report import LayerReport
@@ -322,9 +330,37 @@ class ShardedWeights:
         ]
         return flat_groups(layers, m, self.local[0].device)
 
-    def layer_inverse(self, model, loss_func, data, damp, relative):
-        """Not available on sharded weights (refused by :func:`check_sharded_arguments`)."""
-        raise ValueError("method='layerwise' needs every weight on one process")
+    def layer_inverse(self, model, loss_func, data, damp, relative) -> LayerwiseInverse:
+        """Layer-wise OBS on the local rows: every rank holds the whole ``(H_l + lambda I)^{-1}``.
+
+        Each rank runs its own ``data``; ``sum X^T X`` and the counts are all-reduced (``in^2``
+        numbers per layer), so ``H_l = 2 X X^T / N`` is that of the concatenated data on every
+        rank, and the inverse is computed, replicated, on each. A Linear's rows are its outputs,
+        whose OBS problems are independent: scores and updates need only the local rows. A
+        ``Conv1D`` is sharded by inputs; its update all-gathers the layer's weights and removal
+        flags (:class:`~curvopt.prune.layerwise.LayerwiseInverse`).
+        """
+        try:
+            hs, counts = input_moments(model, self.targets, data, loss_func, self.group)
+        finally:
+            _reshard(model)
+        inverses, damps = damped_inverses(self.targets, hs, counts, damp, relative)
+        me = rank(self.group)
+        first = [sum(rows[i] for rows in self._rows_by_rank[:me]) for i in range(len(self.targets))]
+        return LayerwiseInverse(
+            self.targets, inverses, damps, shapes=[tuple(x.shape) for x in self.local],
+            first_rows=first, gather=self._gather_layer,
+        )  # fmt: skip
+
+    def _gather_layer(self, i: int, x: Tensor) -> Tensor:
+        """The whole ``i``-th weight from every rank's rows: ``x`` is ``(k, rows_r * row)``.
+
+        Returns ``(k, numel)``: each of the ``k`` stacked fields in the global row-major order.
+        """
+        k = x.shape[0]
+        sizes = [k * rows[i] * self._row_numel(i) for rows in self._rows_by_rank]
+        parts = all_gather_flat(x.reshape(-1), sizes, self.group).split(sizes)
+        return torch.cat([p.reshape(k, -1) for p in parts], dim=1)
 
     def most_per_block(self, idx: Tensor, block_size: int | None, total: int) -> int:
         """``total``, the removals over all ranks: the sharded M-FAC is one block."""
@@ -355,6 +391,20 @@ class ShardedWeights:
         return -(R.T @ coef.to(R.dtype)).to(w.dtype)
 
 
+def _reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module back on its shards after forward passes without a backward.
+
+    FSDP2 keeps the root's parameters unsharded after a forward (the backward would need them);
+    after ``no_grad`` forwards nothing reshards them, so the module would go on computing with,
+    and report, the unsharded copies while pruning writes the shards.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _chunks(data: Iterable, grad_batch_size: int | None) -> Iterator[tuple[Tensor, Tensor]]:
     """The ``(X, y)`` pieces that give one gradient each (see ``collect_gradients``)."""
     for i, batch in enumerate(data):
@@ -368,11 +418,6 @@ def _chunks(data: Iterable, grad_batch_size: int | None) -> Iterator[tuple[Tenso
 
 def check_sharded_arguments(method: str, block_size: int | None) -> None:
     """What the sharded path does not support, checked before the model is touched."""
-    if method == "layerwise":
-        raise ValueError(
-            "method='layerwise' (per-layer input Hessians) needs every weight on one process; for "
-            "an FSDP2-sharded model use method='mfac' or 'magnitude'"
-        )
     if method == "obs":
         raise ValueError(
             "method='obs' (the dense exact inverse) needs every weight on one process; for an "

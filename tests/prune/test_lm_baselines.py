@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
 from baselines.sparsegpt_wanda import sparsegpt_prune, wanda_prune  # noqa: E402
@@ -92,3 +93,25 @@ def test_wanda_keeps_the_largest_weight_times_input_norm(nm):
             drop = set(scores[: len(grp) // 2])
             for j in grp:
                 assert float(got[r, j]) == (0.0 if j in drop else float(W[r, j]))
+
+
+def test_llmcompressor_runner_turns_conv1d_into_the_same_linear_and_back():
+    """llmcompressor skips transformers' Conv1D, so its runner swaps in nn.Linear: same function."""
+    transformers = pytest.importorskip("transformers")
+    from baselines.llmcompressor_run import conv1d_to_linear, linear_to_conv1d
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=32, n_positions=8, n_embd=16, n_layer=2, n_head=2, attn_implementation="eager"
+    )
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    ids = torch.randint(0, 32, (3, 8))
+    before = model(ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = conv1d_to_linear(model)
+    assert len(names) == 8 and all(isinstance(model.get_submodule(n), nn.Linear) for n in names)
+    assert torch.allclose(model(ids).logits, before, rtol=1e-12, atol=1e-12)
+    linear_to_conv1d(model, names)
+    assert all(type(model.get_submodule(n)).__name__ == "Conv1D" for n in names)
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in state.items())
