@@ -118,14 +118,19 @@ class EKFACOperator(KFACOperator):
         hooks = [(b, self._cache_hook(b, cache), self._correction_hook(b, cache)) for b in blocks]
         self._per_term = True
         try:
-            scale = self._data_pass(hooks)
+            weight = self._data_pass(hooks)
         finally:
             self._per_term = False
+        sums = []
         for b in self._blocks:
             for key, shape in self._correction_shapes(b).items():
-                if key not in b.eig:  # no backward pass reached the layer
+                if key not in b.eig:  # no backward pass reached the layer (on this rank)
                     b.eig[key] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                b.eig[key].mul_(scale)
+                sums.append(b.eig[key])
+        _, weight = self._sum_over_group(sums, [], weight)
+        scale = self._scale(weight)
+        for t in sums:
+            t.mul_(scale)
 
     def _correction_shapes(self, b: _Block) -> dict[str, tuple[int, ...]]:
         n_out = b.eig["QB"].shape[0]
