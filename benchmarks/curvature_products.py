@@ -332,7 +332,6 @@ def build_kfac_methods(
 
     damping = 1e-3
     fisher_types = ("mc", "type-2") if type2 else ("mc",)
-    v = torch.randn(sum(p.numel() for p in params))
     methods: dict[str, tuple[str, Callable[[], object]]] = {}
 
     def ours(cls, fisher_type):
@@ -380,10 +379,11 @@ def build_kfac_methods(
                     inv = curvlinops.KFACInverseLinearOperator(
                         op, damping=damping, use_exact_damping=True
                     )
-                methods[f"{label} product {name}"] = ("kfac", lambda op=op: op @ v)
+                v = torch.randn(op.shape[0])  # without the parameters K-FAC leaves out
+                methods[f"{label} product {name}"] = ("kfac", lambda op=op, v=v: op @ v)
                 methods[f"{label} inverse product {name} (exact damping)"] = (
                     "kfac",
-                    lambda inv=inv: inv @ v,
+                    lambda inv=inv, v=v: inv @ v,
                 )
     return methods
 
