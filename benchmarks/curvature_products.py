@@ -19,7 +19,17 @@ width 32, vocabulary 64, eager attention) on padded dict batches (``input_ids``,
 ``attention_mask``, labels -100 at padding), cross-entropy averaged over the valid tokens; ours
 takes the transformers model and the dict batches as they are, curvlinops a wrapper returning
 ``(N, V, S)`` logits with ``batch_size_fn`` (it weights batches by sequences, not tokens, so its
-numbers differ; only the time is compared here). Rows: gradient, HVP, GGN-vp and EF-vp.
+numbers differ; only the time is compared here). Rows: gradient, HVP, GGN-vp and EF-vp, and
+two floors of the GGN-vp without the operators' checks: torch.func's ``jvp`` + ``vjp`` (eager),
+and one dual forward pass + one backward pass as the operators run them.
+
+K-FAC rows (every model): the setup of a fresh `KFACOperator` / `EKFACOperator` (factors; EK-FAC
+with its eigenvalue correction) against curvlinops' ``KFACLinearOperator`` /
+``EKFACLinearOperator`` (MLP and CNN; curvlinops refuses GPT-2's ``Conv1D``, so tinylm is ours
+only, the embeddings, layer norms and tied head left out with ``allow_unsupported=True``), with
+``fisher_type="mc"`` (both libraries' default) and, for MLP and CNN, ``"type-2"``; then one
+product and one exact damped inverse product (δ = 1e-3; curvlinops'
+``KFACInverseLinearOperator(use_exact_damping=True)``) on the computed factors.
 
 Usage: ``python benchmarks/curvature_products.py [--quick] [--no-compile] [--rounds R]``.
 """
@@ -150,6 +160,11 @@ def build_methods(model, data, compile_: bool) -> dict[str, tuple[str, Callable[
             cG = curvlinops.GGNLinearOperator(*args, check_deterministic=False)
         methods["HVP curvlinops"] = ("hvp", lambda: cH @ v)
         methods["GGN-vp curvlinops"] = ("ggn", lambda: cG @ v)
+    methods.update(
+        build_kfac_methods(
+            *args, num_data=sum(X.shape[0] for X, _ in data), curvlinops_too=True, type2=True
+        )
+    )
     if compile_:
         try:
             hvp_c, ggn_c = compiled_products(*args)
@@ -193,6 +208,64 @@ def tinylm_setup(quick: bool):
     return model, LogitsFirst(model), data
 
 
+def _lm_pieces(model, params, v):
+    names = [n for n, _ in model.named_parameters()]
+    v_list = tuple(t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in params]), params))
+    return names, v_list
+
+
+def func_ggn(model, loss_func, params, data, v) -> Callable[[], list[Tensor]]:
+    """The GGN-vp from torch's own ``jvp`` and ``vjp`` (two forward passes), batch by batch.
+
+    A floor for the structure "forward-mode pass + reverse pass" without curvopt's checks,
+    weighting by valid tokens like the operators (no ``.logits`` handling beyond the model's).
+    """
+    names, v_list = _lm_pieces(model, params, v)
+    primals = tuple(p.detach() for p in params)
+    terms = sum(int((y != -100).sum()) for _, y in data)
+
+    def run():
+        total = [torch.zeros_like(p) for p in params]
+        for X, y in data:
+
+            def f(*ps, X=X):
+                return functional_call(model, dict(zip(names, ps)), (), X).logits.movedim(-1, 1)
+
+            out, Jv = jvp(f, primals, v_list)
+            _, vjp_fn = vjp(f, *primals)
+            u = loss_hessian_product(loss_func, out, y, Jv.unsqueeze(0))[0]
+            for t, g in zip(total, vjp_fn(u)):
+                t.add_(g, alpha=int((y != -100).sum()) / terms)
+        return total
+
+    return run
+
+
+def dual_ggn(model, loss_func, params, data, v) -> Callable[[], list[Tensor]]:
+    """One forward pass with dual tensors (``forward_ad``, as the operators run it, with
+    `DualArithmeticMode`), the output-space product and one backward pass, without the
+    operators' batch checks: the cost of the GGN-vp's structure itself."""
+    from curvopt.curvature._functional import dual_forward
+
+    names, v_list = _lm_pieces(model, params, v)
+    named = dict(zip(names, params))
+    terms = sum(int((y != -100).sum()) for _, y in data)
+
+    def run():
+        total = [torch.zeros_like(p) for p in params]
+        for X, y in data:
+            with torch.enable_grad():
+                out, Jv = dual_forward(model, X, loss_func, named, v_list)
+                with torch.no_grad():
+                    u = loss_hessian_product(loss_func, out.detach(), y, Jv.unsqueeze(0))[0]
+                grads = torch.autograd.grad(out, params, u)
+            for t, g in zip(total, grads):
+                t.add_(g, alpha=int((y != -100).sum()) / terms)
+        return total
+
+    return run
+
+
 def build_lm_methods(quick: bool) -> dict[str, tuple[str, Callable[[], object]]]:
     model, wrapped, data = tinylm_setup(quick)
     loss_func = nn.CrossEntropyLoss()
@@ -215,6 +288,11 @@ def build_lm_methods(quick: bool) -> dict[str, tuple[str, Callable[[], object]]]
         "HVP curvopt (auto: reverse-over-reverse, LayerNorm)": ("hvp", lambda: H @ v),
         "GGN-vp curvopt": ("ggn", lambda: G @ v),
         "EF-vp curvopt": ("ef", lambda: E @ v),
+        "GGN-vp floor: torch.func jvp + vjp (eager, no checks)": ("ggn", func_ggn(*args, v)),
+        "GGN-vp floor: one dual forward + one backward (no checks)": (
+            "ggn",
+            dual_ggn(*args, v),
+        ),
     }
     if curvlinops is not None:
         cargs = (wrapped, loss_func, params, data)
@@ -227,6 +305,86 @@ def build_lm_methods(quick: bool) -> dict[str, tuple[str, Callable[[], object]]]
         methods["HVP curvlinops"] = ("hvp", lambda: cH @ v)
         methods["GGN-vp curvlinops"] = ("ggn", lambda: cG @ v)
         methods["EF-vp curvlinops"] = ("ef", lambda: cE @ v)
+    # curvlinops' K-FAC refuses transformers' Conv1D: ours only
+    methods.update(
+        build_kfac_methods(
+            *args,
+            num_data=sum(X["input_ids"].shape[0] for X, _ in data),
+            curvlinops_too=False,
+            type2=False,
+        )
+    )
+    return methods
+
+
+def build_kfac_methods(
+    model, loss_func, params, data, *, num_data: int, curvlinops_too: bool, type2: bool
+) -> dict[str, tuple[str, Callable[[], object]]]:
+    """K-FAC / EK-FAC: setup (a fresh operator and its factors), product, exact inverse product.
+
+    Ours (`KFACOperator`, `EKFACOperator`; ``allow_unsupported=True`` leaves out the layers
+    K-FAC does not cover) against curvlinops' ``KFACLinearOperator``/``EKFACLinearOperator``
+    and ``KFACInverseLinearOperator(use_exact_damping=True)`` with the same options; both
+    get ``num_data`` (no counting pass). ``type2`` adds rows with ``fisher_type="type-2"``
+    (one backward pass per class).
+    """
+    from curvopt.curvature import EKFACOperator, KFACOperator
+
+    damping = 1e-3
+    fisher_types = ("mc", "type-2") if type2 else ("mc",)
+    methods: dict[str, tuple[str, Callable[[], object]]] = {}
+
+    def ours(cls, fisher_type):
+        def make():
+            op = cls(
+                model, loss_func, params, data, fisher_type=fisher_type,
+                allow_unsupported=True, num_data=num_data,
+            )  # fmt: skip
+            op.compute_kronecker_factors()
+            return op
+
+        return make
+
+    def theirs(cls, fisher_type):
+        def make():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                op = cls(
+                    model, loss_func, params, data, fisher_type=fisher_type,
+                    check_deterministic=False, num_data=num_data,
+                )  # fmt: skip
+                op.compute_kronecker_factors()
+                if isinstance(op, curvlinops.EKFACLinearOperator):
+                    op.compute_eigenvalue_correction()
+            return op
+
+        return make
+
+    libraries = [("curvopt", ours, KFACOperator, EKFACOperator)]
+    if curvlinops_too and curvlinops is not None:
+        libraries.append(
+            ("curvlinops", theirs, curvlinops.KFACLinearOperator, curvlinops.EKFACLinearOperator)
+        )
+    for fisher_type in fisher_types:
+        for name, factory, kfac_cls, ekfac_cls in libraries:
+            for label, cls in (("K-FAC", kfac_cls), ("EK-FAC", ekfac_cls)):
+                make = factory(cls, fisher_type)
+                methods[f"{label} setup {name} ({fisher_type})"] = ("kfac", make)
+                if fisher_type != "mc":
+                    continue
+                op = make()
+                if name == "curvopt":
+                    inv = op.inverse(damping=damping)
+                else:
+                    inv = curvlinops.KFACInverseLinearOperator(
+                        op, damping=damping, use_exact_damping=True
+                    )
+                v = torch.randn(op.shape[0])  # without the parameters K-FAC leaves out
+                methods[f"{label} product {name}"] = ("kfac", lambda op=op, v=v: op @ v)
+                methods[f"{label} inverse product {name} (exact damping)"] = (
+                    "kfac",
+                    lambda inv=inv, v=v: inv @ v,
+                )
     return methods
 
 

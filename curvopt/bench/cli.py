@@ -2,9 +2,14 @@
 
 Example:
     curvopt bench --problem mlp --json out.json --plot out.png
+    curvopt bench --problem softmax --estimators --budgets 4,8,16,32 --plot est.png
 
 Prints a rich table, and optionally writes the JSON document (:mod:`curvopt.bench.schema`) and a PNG
-with the error-vs-m and error-vs-time plots. Invalid options exit with status 2 and a message.
+with the error-vs-m and error-vs-time plots. With ``--estimators`` it instead measures the trace
+and diagonal estimators (`curvopt.bench.estimators`) on the exact ``--reference`` operator: a
+table of relative RMS error per estimator and budget of matrix-vector products, and with
+``--plot`` the log-log picture of error against matvecs. Invalid options exit with status 2 and a
+message.
 """
 
 from __future__ import annotations
@@ -108,6 +113,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "products on a busy machine",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--estimators",
+        action="store_true",
+        help="measure the trace/diagonal estimators on the --reference operator instead: error "
+        "against the budget of matrix-vector products (table; --plot writes the log-log plot)",
+    )
+    parser.add_argument(
+        "--budgets",
+        type=_int_list,
+        metavar="LIST",
+        help="with --estimators: comma-separated matvec budgets, each <= d "
+        "(default 4,8,16,32,64, or up to d)",
+    )
+    parser.add_argument(
+        "--estimator-seeds",
+        type=positive_int,
+        default=10,
+        help="with --estimators: seeds per budget for the RMS error (default 10)",
+    )
     parser.set_defaults(_parser=parser)
 
 
@@ -140,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
     if args.methods is not None and args.mfac_m is not None:
         parser.error("--mfac-m only shapes the default method list; with --methods name mfac_m<m>")
 
+    if not args.estimators and args.budgets is not None:
+        parser.error("--budgets needs --estimators")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     problem = make_problem(
@@ -149,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
         dtype=_DTYPES[args.dtype],
         device=device,
     )
+    if args.estimators:
+        return _run_estimators(args, parser, problem)
     if args.top_k > problem.num_params:
         parser.error(f"--top-k {args.top_k} exceeds the problem's d = {problem.num_params}")
     result = run_benchmark(
@@ -177,3 +205,53 @@ def run(args: argparse.Namespace) -> int:
     for r in failed:
         print(f"error: {r['method']} failed: {r['error']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _default_budgets(d: int) -> list[int]:
+    """4, 8, 16, 32, 64 (those ``<= d``), and ``d`` itself when it is smaller than 64."""
+    budgets = [m for m in (4, 8, 16, 32, 64) if m <= d]
+    if d < 64 and d not in budgets:
+        budgets.append(d)
+    return budgets
+
+
+def _run_estimators(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, problem: object
+) -> int:
+    """``--estimators``: error of every trace and diagonal estimator against its budget."""
+    from .approximations import _curvature_factory
+    from .estimators import estimator_errors, format_table, save_plot
+
+    d = problem.num_params
+    budgets = args.budgets if args.budgets is not None else _default_budgets(d)
+    too_big = [m for m in budgets if m > d]
+    if too_big:
+        parser.error(
+            f"--budgets {','.join(map(str, too_big))} exceed the problem's d = {d} "
+            "(a budget of d products already gives the exact trace and diagonal)"
+        )
+    if d > args.max_dense_dim:
+        parser.error(
+            f"--estimators needs the exact diagonal (d = {d} products); d exceeds "
+            f"--max-dense-dim {args.max_dense_dim}"
+        )
+    op = _curvature_factory(args.reference)(problem)
+    records = estimator_errors(op, budgets, num_seeds=args.estimator_seeds)
+    title = (
+        f"{problem.name} (d = {d}), {args.reference}: relative RMS error over "
+        f"{args.estimator_seeds} seeds"
+    )
+    print(title)
+    for quantity in ("trace", "diagonal"):
+        rows = [r for r in records if r["quantity"] == quantity]
+        if rows:
+            print(f"\n{quantity}:\n{format_table(rows)}")
+    if args.json is not None:
+        document = {"problem": problem.name, "num_params": d, "reference": args.reference}
+        document["records"] = records
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        save_plot(records, args.plot, title)
+        print(f"wrote {args.plot}")
+    return 0

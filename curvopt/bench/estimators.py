@@ -107,3 +107,65 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
         row = [f"{cell[(n, m)]:.2e}" if (n, m) in cell else "-" for m in budgets]
         lines.append(f"| {n} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+#: Errors below this are drawn at it on the log-scaled plot (an exact estimate has error 0).
+PLOT_FLOOR = 1e-16
+
+
+def plot_figure(records: Sequence[dict[str, Any]], title: str) -> Any:
+    """Relative RMS error against the number of matrix-vector products, log-log.
+
+    One line per estimator (trace estimators solid, diagonal estimators dashed); errors below
+    `PLOT_FLOOR` (exact estimates) are drawn at it.
+
+    Args:
+        records: Output of `estimator_errors`.
+        title: The figure title (problem, operator, seeds).
+
+    Returns:
+        A ``matplotlib.figure.Figure`` (close it with ``matplotlib.pyplot.close``).
+    """
+    import matplotlib  # noqa: PLC0415 - optional dependency (the bench extra)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for name in dict.fromkeys(r["estimator"] for r in records):
+        rows = sorted((r for r in records if r["estimator"] == name), key=lambda r: r["budget"])
+        style = "o-" if rows[0]["quantity"] == "trace" else "s--"
+        ax.plot(
+            [r["budget"] for r in rows],
+            [max(r["rel_error"], PLOT_FLOOR) for r in rows],
+            style,
+            label=f"{name} ({rows[0]['quantity']})",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="matrix-vector products (budget m)",
+        ylabel="relative RMS error",
+    )
+    budgets = sorted({r["budget"] for r in records})
+    ax.set_xticks(budgets, [str(m) for m in budgets])
+    ax.minorticks_off()
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_plot(records: Sequence[dict[str, Any]], path: Any, title: str) -> Any:
+    """Write the figure of `plot_figure` as a PNG (parent folders are created); return the path."""
+    from pathlib import Path  # noqa: PLC0415
+
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig = plot_figure(records, title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

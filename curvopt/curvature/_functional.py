@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from .batches import BatchError, describe, model_inputs, output_tensor
+from .dual_arithmetic import DualArithmeticMode
 
 
 def call_model(
@@ -41,6 +43,38 @@ def call_model(
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         raise BatchError(f"model_func failed on X {describe(X)}: {err}") from err
     return output_tensor(output, loss_func)
+
+
+def dual_forward(
+    model: nn.Module,
+    X: Any,
+    loss_func: nn.Module,
+    params: Mapping[str, Tensor],
+    tangents: Sequence[Tensor],
+) -> tuple[Tensor, Tensor | None]:
+    """One forward pass carrying tangents: the output ``f`` and ``J v`` (None: no dependence).
+
+    Autograd records the primal computation as usual (call it under ``torch.enable_grad()``
+    to backpropagate through ``f`` or, for a Hessian, through ``J v``); the caller must run
+    its backward pass after this returns, outside the dual level, so that the backward pass
+    carries no tangents. Arithmetic with constants avoids torch's slow zero-tangent path
+    (`curvopt.curvature.dual_arithmetic`).
+
+    Args:
+        model: The network.
+        X: The batch input.
+        loss_func: The loss (decides the layout of ``.logits`` outputs).
+        params: The parameters to carry tangents, by name.
+        tangents: One tangent per entry of ``params``, shaped like it.
+    """
+    with fwAD.dual_level():
+        duals = {
+            name: fwAD.make_dual(p, t.contiguous())
+            for (name, p), t in zip(params.items(), tangents)
+        }
+        with DualArithmeticMode():
+            output = call_model(model, X, loss_func, duals)
+        return tuple(fwAD.unpack_dual(output))
 
 
 def evaluate_loss(loss_func: Callable[[Tensor, Tensor], Tensor], output: Tensor, y: Tensor):

@@ -171,6 +171,7 @@ class CurvatureOperator:
                 "parameters on every rank (replicated, e.g. under DDP) and shard the data instead"
             )
         self._names = self._parameter_names(model_func, self._params)
+        self._named_params = dict(zip(self._names, self._params))
         self._dim = num_elements(self._params)
         if iter(data) is data:
             raise TypeError(

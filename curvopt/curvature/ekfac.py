@@ -38,6 +38,35 @@ from torch import Tensor, nn
 from .kfac import KFACOperator, _Block
 
 
+def _squared_gradient_sum(gt: Tensor, at: Tensor) -> Tensor:
+    r"""``sum_n (G_n)^2`` (entrywise) of the rotated per-sample gradients ``G_n = gt_n^T at_n``.
+
+    With ``T`` weight-sharing positions, ``G_n = \sum_t \tilde g_{nt} \tilde a_{nt}^\top``
+    and
+
+    $$
+    \sum_n G_n^{\odot 2} = \sum_{n,s,t} (\tilde g_{ns} \odot \tilde g_{nt})
+    (\tilde a_{ns} \odot \tilde a_{nt})^\top,
+    $$
+
+    one matrix product of the ``N T^2`` Gramian rows, which never forms the ``N x d_out x
+    d_in`` per-sample gradients; used when ``T^2 (d_out + d_in) < d_out d_in`` (curvlinops'
+    rule, by memory), else the per-sample gradients are formed and squared.
+
+    Args:
+        gt: Rotated output gradients ``(N, T, d_out)``.
+        at: Rotated layer inputs ``(N, T, d_in)``.
+    """
+    _, T, d_out = gt.shape
+    d_in = at.shape[2]
+    if T * T * (d_out + d_in) < d_out * d_in:
+        gg = (gt.unsqueeze(2) * gt.unsqueeze(1)).reshape(-1, d_out)
+        aa = (at.unsqueeze(2) * at.unsqueeze(1)).reshape(-1, d_in)
+        return gg.T @ aa
+    G = torch.einsum("nto,nti->noi", gt, at)
+    return (G * G).sum(0)
+
+
 class EKFACOperator(KFACOperator):
     r"""EK-FAC of the GGN, the (Monte-Carlo) Fisher or the empirical Fisher (module docstring).
 
@@ -89,14 +118,19 @@ class EKFACOperator(KFACOperator):
         hooks = [(b, self._cache_hook(b, cache), self._correction_hook(b, cache)) for b in blocks]
         self._per_term = True
         try:
-            scale = self._data_pass(hooks)
+            weight = self._data_pass(hooks)
         finally:
             self._per_term = False
+        sums = []
         for b in self._blocks:
             for key, shape in self._correction_shapes(b).items():
-                if key not in b.eig:  # no backward pass reached the layer
+                if key not in b.eig:  # no backward pass reached the layer (on this rank)
                     b.eig[key] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                b.eig[key].mul_(scale)
+                sums.append(b.eig[key])
+        _, weight = self._sum_over_group(sums, [], weight)
+        scale = self._scale(weight)
+        for t in sums:
+            t.mul_(scale)
 
     def _correction_shapes(self, b: _Block) -> dict[str, tuple[int, ...]]:
         n_out = b.eig["QB"].shape[0]
@@ -138,12 +172,10 @@ class EKFACOperator(KFACOperator):
             if joint:
                 a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
             at = a @ e["QA"]
+            sq = _squared_gradient_sum(gt, at)  # (d_out, d_in)
             if b.transposed:
-                G = torch.einsum("nti,nto->nio", at, gt)
-            else:
-                G = torch.einsum("nto,nti->noi", gt, at)
+                sq = sq.T
             key = "joint" if joint else "weight"
-            sq = (G * G).sum(0)
             e[key] = sq if key not in e else e[key].add_(sq)
         if b.bias is not None and not joint:
             gb = gt.sum(1)

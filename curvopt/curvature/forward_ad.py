@@ -19,8 +19,9 @@ So the Hessian operator's default mode uses reverse-over-forward only for models
 pass, recorded once at the ATen level (`record_ops`), calls nothing but the operators in
 `SAFE_OPS` (elementwise math, matrix products, convolutions, pooling, softmax, embeddings,
 group norm, batch norm with running statistics, shape and creation operators), each covered by
-``tests/curvature/test_forward_ad_safety.py`` against a plain double-backward truth. Anything
-else, including custom kernels, falls back to reverse-over-reverse, which is always right.
+``tests/curvature/test_forward_ad_safety.py`` or ``test_dual_arithmetic.py`` against a plain
+double-backward truth. Anything else, including custom kernels, falls back to
+reverse-over-reverse, which is always right.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ SAFE_OPS: frozenset[str] = frozenset(
         # elementwise math
         "abs add add_ addcmul addcdiv clamp clamp_min clamp_max cos div div_ elu erf exp expm1 "
         "gelu hardtanh leaky_relu log log1p log_sigmoid_forward maximum minimum mish mul mul_ "
-        "neg pow reciprocal relu relu_ rsqrt sigmoid silu sin softplus sqrt square sub sub_ "
+        "neg pow reciprocal relu relu_ rsqrt rsub sigmoid silu sin softplus sqrt square sub sub_ "
         "tanh where sign hardswish hardsigmoid"
         # reductions and normalizing maps
         " sum mean amax amin logsumexp _softmax _log_softmax softmax log_softmax"

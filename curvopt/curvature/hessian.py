@@ -6,11 +6,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from ._functional import call_model, evaluate_loss, make_forward, no_autograd_path
+from ._functional import (
+    call_model,
+    dual_forward,
+    evaluate_loss,
+    make_forward,
+    no_autograd_path,
+)
 from .base import Batch, CurvatureOperator
 from .forward_ad import module_signature, reverse_over_forward_safe
 from .losses import differentiable_loss
@@ -181,13 +186,9 @@ class HessianOperator(CurvatureOperator):
         out = [torch.empty_like(c) for c in cols]
         for j in range(cols[0].shape[0]):
             with torch.enable_grad():
-                with fwAD.dual_level():
-                    duals = {
-                        name: fwAD.make_dual(p, c[j].contiguous())
-                        for name, p, c in zip(self._names, self._params, cols)
-                    }
-                    output = call_model(self._model_func, X, self._loss_func, duals)
-                    output, Jv = fwAD.unpack_dual(output)
+                output, Jv = dual_forward(
+                    self._model_func, X, self._loss_func, self._named_params, [c[j] for c in cols]
+                )
                 # outside the dual level: the backward pass must not carry tangents
                 if Jv is None:  # the output does not depend on the parameters
                     Jv = torch.zeros_like(output)

@@ -42,6 +42,7 @@ call `KFACOperator.compute_kronecker_factors` again after the model changed.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from curvopt.distributed import all_reduce_sum_, rank
 
 from .base import Batch, CurvatureOperator
 from .inverse import check_damping
@@ -113,10 +116,16 @@ class KFACOperator(CurvatureOperator):
     r"""K-FAC of the GGN, the (Monte-Carlo) Fisher or the empirical Fisher (module docstring).
 
     The keywords ``num_data``, ``batch_size_fn``, ``check_deterministic``,
-    ``allow_train_mode`` and ``progressbar`` are those of
-    `curvopt.curvature.base.CurvatureOperator` (data-parallel
-    process groups are not supported). Batches are ``(X, y)`` as for every operator: tensors,
-    tuples, mappings (tokenizer output), models returning ``.logits``.
+    ``allow_train_mode``, ``process_group`` and ``progressbar`` are those of
+    `curvopt.curvature.base.CurvatureOperator`. Batches are ``(X, y)`` as for every operator:
+    tensors, tuples, mappings (tokenizer output), models returning ``.logits``.
+
+    Data-parallel: with ``process_group=`` every rank passes its shard of the data; the sums
+    behind ``A`` and ``B`` (and EK-FAC's corrections), the position counts and the batch
+    weights are summed over the ranks by one all-reduce per pass before the normalization, so
+    every rank holds the factors of the whole data set, the same bit for bit, and products and
+    inverses need no communication. Computing the factors is a collective (the first product,
+    `compute_kronecker_factors`); rank ``r`` draws its ``"mc"`` labels with ``seed + r``.
 
     Args:
         model_func: The network; the parameters must belong to supported layers.
@@ -135,7 +144,7 @@ class KFACOperator(CurvatureOperator):
 
     Raises:
         ValueError: For unknown options, parameters of unsupported layers (all named in one
-            message) without ``allow_unsupported``, a process group, or (see the base class).
+            message) without ``allow_unsupported``, or (see the base class).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -180,8 +189,6 @@ class KFACOperator(CurvatureOperator):
             raise ValueError(
                 f"mc_samples={mc_samples} needs fisher_type='mc' (got {fisher_type!r})"
             )
-        if process_group is not None:
-            raise ValueError("KFACOperator does not support a process_group yet")
         if not isinstance(seed, int):
             raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
         self.NEEDS_LIKELIHOOD = fisher_type == "mc"
@@ -200,6 +207,7 @@ class KFACOperator(CurvatureOperator):
             batch_size_fn=batch_size_fn,
             check_deterministic=False,
             allow_train_mode=allow_train_mode,
+            process_group=process_group,
             progressbar=progressbar,
         )
         self._blocks = self._make_blocks()
@@ -302,30 +310,67 @@ class KFACOperator(CurvatureOperator):
         for b in blocks:
             b.A, b.B, b.A_count, b.eig = None, None, 0.0, {}
         hooks = [(b, self._input_hook(b), self._output_hook(b)) for b in blocks]
-        scale = self._data_pass(hooks)
-        for b in blocks:
+        weight = self._data_pass(hooks)
+        zeros = functools.partial(torch.zeros, dtype=self.dtype, device=self.device)
+        for b in blocks:  # a layer that never ran (here) has zero sums
             d_out = b.module.weight.shape[1 if b.transposed else 0]
             if b.B is None:
-                b.B = torch.zeros(d_out, d_out, dtype=self.dtype, device=self.device)
-            b.B.mul_(scale)
-            if b.A is not None:
-                b.A.div_(b.A_count)
-            elif b.weight is not None:  # the layer never ran: a zero block
+                b.B = zeros(d_out, d_out)
+            if b.A is None and b.weight is not None:
                 w = b.module.weight
                 d_in = w.shape[0] if b.transposed else w[0].numel()
                 d_in += int(b.bias is not None and not self._separate)
-                b.A = torch.zeros(d_in, d_in, dtype=self.dtype, device=self.device)
+                b.A = zeros(d_in, d_in)
+        sums = [b.B for b in blocks] + [b.A for b in blocks if b.A is not None]
+        counts = [b.A_count for b in blocks if b.A is not None]
+        counts, weight = self._sum_over_group(sums, counts, weight)
+        scale = self._scale(weight)
+        for b in blocks:
+            b.B.mul_(scale)
+        for b, count in zip([b for b in blocks if b.A is not None], counts):
+            b.A_count = count
+            if count > 0:
+                b.A.div_(count)
         self._computed = True
+
+    def _sum_over_group(
+        self, sums: list[Tensor], counts: list[float], weight: float
+    ) -> tuple[list[float], float]:
+        """Sum the factor sums (in place), the position counts and the batch weight over ranks.
+
+        One all-reduce of everything flattened into one buffer; without a process group the
+        values are returned as they are.
+        """
+        if self._group is None:
+            return counts, weight
+        extra = torch.tensor([*counts, weight], dtype=self.dtype, device=self.device)
+        flat = all_reduce_sum_(torch.cat([t.reshape(-1) for t in sums] + [extra]), self._group)
+        start = 0
+        for t in sums:
+            t.copy_(flat[start : start + t.numel()].view_as(t))
+            start += t.numel()
+        totals = flat[start:].tolist()
+        return totals[:-1], totals[-1]
+
+    def _scale(self, weight: float) -> float:
+        """``c / mc_samples`` for the gradient sums, with ``c`` from the total batch weight."""
+        if self._loss_func.reduction == "mean" and weight == 0.0:
+            raise ValueError(
+                "data holds no loss terms (every target equals ignore_index); the 'mean' loss "
+                "of the whole data set is undefined"
+            )
+        scale = 1.0 / weight if self._loss_func.reduction == "mean" else 1.0
+        return scale / self._mc_samples
 
     def _data_pass(self, hooks: list) -> float:
         """One pass over the data with ``(block, pre_hook, hook)`` installed.
 
         Every batch runs one forward pass and the backward passes of `_backward_vectors`
-        (labels drawn from a generator seeded with ``seed``, so every pass draws the same).
-        Returns the scale of the gradient sums: ``c / mc_samples``.
+        (labels drawn from a generator seeded with ``seed`` + the rank, so every pass draws the
+        same). Returns this rank's total batch weight ``sum_b D_b``.
         """
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(self._seed)
+        generator.manual_seed(self._seed + rank(self._group))
         total_weight = 0.0
         handles = []
         for b, pre_hook, hook in hooks:
@@ -343,13 +388,7 @@ class KFACOperator(CurvatureOperator):
         finally:
             for h in handles:
                 h.remove()
-        if self._loss_func.reduction == "mean" and total_weight == 0.0:
-            raise ValueError(
-                "data holds no loss terms (every target equals ignore_index); the 'mean' loss "
-                "of the whole data set is undefined"
-            )
-        scale = 1.0 / total_weight if self._loss_func.reduction == "mean" else 1.0
-        return scale / self._mc_samples
+        return total_weight
 
     def _batch_factors(self, X: Any, y: Tensor, generator: torch.Generator) -> None:
         from ._functional import call_model  # noqa: PLC0415

@@ -15,11 +15,10 @@ block-diagonal ``M`` in output space (`OutputSpaceOperator._output_product`). A 
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from ._functional import call_model, make_forward, no_autograd_path
+from ._functional import call_model, dual_forward, make_forward, no_autograd_path
 from .base import CurvatureOperator
 
 
@@ -62,15 +61,9 @@ class OutputSpaceOperator(CurvatureOperator):
     def _matvec_batch(self, X: object, y: Tensor, v: list[Tensor]) -> list[Tensor]:
         """One column: a forward pass with dual numbers, then one ordinary backward pass."""
         with torch.enable_grad():
-            with fwAD.dual_level():
-                duals = {
-                    name: fwAD.make_dual(p, t.contiguous())
-                    for name, p, t in zip(self._names, self._params, v)
-                }
-                output = call_model(self._model_func, X, self._loss_func, duals)
-                output, Jv = fwAD.unpack_dual(output)
             # the backward pass runs outside the dual level: inside it, autograd would also
             # push tangents through the backward graph (a second-order term we do not need)
+            output, Jv = dual_forward(self._model_func, X, self._loss_func, self._named_params, v)
             self._check_output(X, output, y)
             if Jv is None:  # the output does not depend on the parameters
                 Jv = torch.zeros_like(output)

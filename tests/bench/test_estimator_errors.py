@@ -25,3 +25,29 @@ def test_bad_input():
         estimator_errors(torch.eye(3), [2], estimators=["lanczos"])
     with pytest.raises(ValueError, match="at least one budget"):
         estimator_errors(torch.eye(3), [])
+
+
+def test_plot_has_one_log_log_line_per_estimator_with_labels():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from curvopt.bench.estimators import PLOT_FLOOR, plot_figure
+
+    A = torch.diag(torch.linspace(0.1, 2.0, 12, dtype=torch.float64))
+    recs = estimator_errors(A, budgets=[2, 4, 12], num_seeds=2)
+    fig = plot_figure(recs, "diag test")
+    try:
+        (ax,) = fig.axes
+        assert ax.get_xscale() == ax.get_yscale() == "log"
+        assert ax.get_title() == "diag test"
+        assert "matrix-vector products" in ax.get_xlabel() and "error" in ax.get_ylabel()
+        labels = [line.get_label() for line in ax.get_lines()]
+        assert labels == [
+            "hutchinson (trace)", "hutchpp (trace)", "xtrace (trace)",
+            "hutchinson_diag (diagonal)", "xdiag (diagonal)",
+        ]  # fmt: skip
+        xtrace = ax.get_lines()[2]
+        assert list(xtrace.get_xdata()) == [2, 4, 12]
+        assert xtrace.get_ydata()[-1] == PLOT_FLOOR  # exact at m = d: drawn at the floor
+    finally:
+        plt.close(fig)

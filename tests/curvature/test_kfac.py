@@ -442,3 +442,14 @@ def test_a_layer_that_never_runs_has_a_zero_block(cls):
     assert (dense[8:, :] == 0).all() and (dense[:, 8:] == 0).all() and dense[:8, :8].abs().sum() > 0
     x = K.inverse(damping=0.5) @ torch.ones(K.shape[0], dtype=F64)
     torch.testing.assert_close(x[8:], torch.full((8,), 2.0, dtype=F64))
+
+
+@pytest.mark.parametrize("shape", [(6, 1, 4, 5), (6, 2, 10, 10), (6, 3, 4, 5)])
+def test_ekfac_squared_gradient_sum_both_strategies(shape):
+    """Gramian rows (T=1, and T=2 with wide layers) and per-sample gradients (T=3, narrow)."""
+    from curvopt.curvature.ekfac import _squared_gradient_sum
+
+    n, t, d_out, d_in = shape
+    gt, at = torch.randn(n, t, d_out, dtype=F64), torch.randn(n, t, d_in, dtype=F64)
+    expected = sum((gt[i].T @ at[i]) ** 2 for i in range(n))
+    torch.testing.assert_close(_squared_gradient_sum(gt, at), expected, rtol=1e-12, atol=1e-12)

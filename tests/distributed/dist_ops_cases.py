@@ -18,10 +18,12 @@ from scipy.sparse.linalg import eigsh
 from torch import nn
 
 from curvopt.curvature import (
+    EKFACOperator,
     EmpiricalFisherOperator,
     FisherOperator,
     GGNOperator,
     HessianOperator,
+    KFACOperator,
 )
 from curvopt.distributed import CommCounter
 from curvopt.prune import attach_masks, prunable_weights, prune
@@ -38,6 +40,16 @@ OPERATOR_CASES = [  # (name, operator class, loss, extra kwargs)
     ("fisher-mse-mean", FisherOperator, nn.MSELoss(), {}),
     ("fisher-mc-ce-mean", FisherOperator, nn.CrossEntropyLoss(), {"mc_samples": 3}),
     ("ef-ce-sum", EmpiricalFisherOperator, nn.CrossEntropyLoss(reduction="sum"), {}),
+    # K-FAC: factors summed over the ranks equal those of the whole data set (deterministic
+    # types only: an MC K-FAC over ranks is not a mix of the ranks' single-process K-FACs)
+    ("kfac-ce-mean", KFACOperator, nn.CrossEntropyLoss(), {"fisher_type": "type-2"}),
+    ("ekfac-mse-sum", EKFACOperator, nn.MSELoss(reduction="sum"), {"fisher_type": "type-2"}),
+    (
+        "kfac-ce-sum-empirical-joint",
+        KFACOperator,
+        nn.CrossEntropyLoss(reduction="sum"),
+        {"fisher_type": "empirical", "separate_weight_and_bias": False},
+    ),
 ]
 
 
