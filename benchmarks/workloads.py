@@ -93,7 +93,8 @@ def study(
         return data
     data["unit"] = W.WORKLOADS[workload].unit
     for name in optimizers:
-        grid = W.GRIDS[name][1] if name in W.GRIDS else (float("nan"),)
+        entry = W.lookup(name)
+        grid = entry[1] if entry else (float("nan"),)
         done = [W.Outcome(**r) for r in extend.get(name, {}).get("tuning", [])]
         tuned = done + [
             W.run(workload, name, lr, 0, steps) for lr in grid if lr not in {o.lr for o in done}
@@ -151,7 +152,7 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
 def _order(data: dict) -> list[str]:
     """Optimizers of a result in the order of ``GRIDS`` (unknown names last)."""
     names = list(dict.fromkeys(r["optimizer"] for r in data["tuning"]))
-    known = list(W.GRIDS)
+    known = list(W.GRIDS) + list(W.ABLATIONS)
     return sorted(names, key=lambda n: known.index(n) if n in known else len(known))
 
 
@@ -261,15 +262,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", action="store_true", help="keep saved results of other optimizers")
     ap.add_argument("--rename", nargs="*", default=[], help="OLD=NEW names in saved results")
     ap.add_argument("--grid", nargs="*", default=[], help="NAME=lr,lr,... to override a grid")
+    ap.add_argument(
+        "--python",
+        nargs="*",
+        default=[],
+        help="NAME=PATH: run optimizer NAME in that interpreter (another venv)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    for item in args.grid:
-        name, lrs = item.split("=", 1)
-        if name in W.GRIDS:
-            W.GRIDS[name] = (W.GRIDS[name][0], tuple(float(x) for x in lrs.split(",")))
-        else:
-            print(f"--grid: unknown optimizer {name!r} (known: {sorted(W.GRIDS)})")
     md = []
+    for item in args.grid + args.python:
+        name, sep, value = item.partition("=")
+        if not sep or not value:
+            ap.error(f"expected NAME=VALUE, got {item!r}")
+    for item in args.grid:
+        name, _, lrs = item.partition("=")
+        try:
+            grid = tuple(float(x) for x in lrs.split(","))
+        except ValueError:
+            ap.error(f"--grid {item!r}: the lrs must be numbers separated by commas")
+        entry = W.lookup(name)
+        if entry is None:  # reported in the tables; the study goes on with the other grids
+            md.append(f"--grid {item!r}: unknown optimizer {name!r}, ignored\n")
+            print(md[-1])
+        else:
+            (W.GRIDS if name in W.GRIDS else W.ABLATIONS)[name] = (entry[0], grid)
+    W.EXTERNAL_PYTHON.update(item.partition("=")[::2] for item in args.python)
     for wl in args.workloads:
         path = args.out / f"{wl}.json"
         if args.render:
