@@ -125,6 +125,25 @@ def study(
     return data
 
 
+def combine(base: dict, other: dict) -> dict:
+    """``base`` plus the optimizers that only ``other`` (the same workload, run apart) has.
+
+    Their iteration times enter as their ratio to AdamW measured interleaved in ``other``'s
+    process, times ``base``'s AdamW time; tuning runs, seeds and best lr are copied.
+    """
+    if base.get("workload") != other.get("workload"):
+        raise ValueError(f"cannot combine {base.get('workload')!r} with {other.get('workload')!r}")
+    new = [k for k in other["best"] if k not in base["best"]]
+    base["tuning"] += [r for r in other["tuning"] if r["optimizer"] in new]
+    for key in ("seeds", "best"):
+        base[key] |= {k: v for k, v in other[key].items() if k in new}
+    a, b = other["iter_s"].get("AdamW"), base["iter_s"].get("AdamW")
+    base["iter_s"] |= {
+        k: other["iter_s"][k] / a * b for k in new if a and b and k in other["iter_s"]
+    }
+    return base
+
+
 def _to_target(run: dict, target: float) -> tuple[int | None, float | None]:
     for s, c, v in zip(run["steps"], run["cpu"], run["val"]):
         if v <= target:
@@ -261,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", action="store_true", help="only tables/plots from saved JSON")
     ap.add_argument("--merge", action="store_true", help="keep saved results of other optimizers")
     ap.add_argument("--rename", nargs="*", default=[], help="OLD=NEW names in saved results")
+    ap.add_argument(
+        "--combine",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="with --render: add the optimizers of results run apart in these folders",
+    )
     ap.add_argument("--grid", nargs="*", default=[], help="NAME=lr,lr,... to override a grid")
     ap.add_argument(
         "--python",
@@ -295,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                 md.append(f"### {wl}\n\nno results in {path}\n")
                 continue
             data = json.loads(path.read_text())
+            for folder in args.combine:
+                if (folder / f"{wl}.json").exists():
+                    data = combine(data, json.loads((folder / f"{wl}.json").read_text()))
+            _save(path, data)
         else:
             rename = dict(item.split("=", 1) for item in args.rename)
             data = study(wl, args.optimizers, args.seeds, args.out, args.steps, args.merge, rename)

@@ -104,3 +104,24 @@ def test_ista_mfac_without_the_package_is_a_missing_dependency():
         pytest.skip("ista_daslab_optimizers is installed here")
     out = W.run("digits_cnn", "ista-MFAC", 1e-3, 0, steps=2)
     assert out.status == "missing dependency" and "ista_daslab_optimizers" in out.detail
+
+
+def test_combine_adds_optimizers_run_apart_with_their_ratio_to_adamw():
+    def result(names, iter_s):
+        runs = {k: [{"optimizer": k, "status": "ok", "val": [1.0]}] for k in names}
+        tuning = [r for v in runs.values() for r in v]
+        return {
+            "workload": "w",
+            "tuning": tuning,
+            "seeds": runs,
+            "best": dict.fromkeys(names, 1e-3),
+            "iter_s": iter_s,
+        }
+
+    base = result(["AdamW", "MFAC"], {"AdamW": 2.0, "MFAC": 3.0})
+    other = result(["AdamW", "SOAP"], {"AdamW": 0.5, "SOAP": 2.0})
+    got = workloads.combine(base, other)
+    assert set(got["best"]) == {"AdamW", "MFAC", "SOAP"} and len(got["tuning"]) == 3
+    assert got["iter_s"] == {"AdamW": 2.0, "MFAC": 3.0, "SOAP": 8.0}  # 4x AdamW, as measured
+    with pytest.raises(ValueError, match="cannot combine"):
+        workloads.combine(base, {**other, "workload": "v"})
