@@ -96,10 +96,13 @@ def study(
         entry = W.lookup(name)
         grid = entry[1] if entry else (float("nan"),)
         done = [W.Outcome(**r) for r in extend.get(name, {}).get("tuning", [])]
-        tuned = done + [
-            W.run(workload, name, lr, 0, steps) for lr in grid if lr not in {o.lr for o in done}
-        ]
-        data["tuning"] += [asdict(o) for o in tuned]
+        data["tuning"] += [asdict(o) for o in done]
+        tuned = list(done)
+        for lr in grid:  # saved after every run, so a stopped study keeps its tuning runs
+            if lr not in {o.lr for o in done}:
+                tuned.append(W.run(workload, name, lr, 0, steps))
+                data["tuning"].append(asdict(tuned[-1]))
+                _save(path, data)
         ok = [o for o in tuned if o.status == "ok" and math.isfinite(o.final)]
         for o in tuned:
             print(f"{workload} {name} lr={o.lr:g} seed 0: {o.status} {o.final:.4f} {o.detail}")
@@ -199,6 +202,14 @@ def render(data: dict) -> str:
     ]
     for opt in _order(data):
         lr = data["best"].get(opt)
+        if opt not in data["best"]:  # a study stopped during this optimizer's grid
+            tuned = [r for r in data["tuning"] if r["optimizer"] == opt]
+            cells = ", ".join(f"{r['lr']:g}" for r in tuned)
+            lines.append(
+                f"| {opt} | — | not finished: stopped after seed-0 runs at lr {cells} "
+                "| — | — | — | — |"
+            )
+            continue
         if lr is None:
             tuned = [r for r in data["tuning"] if r["optimizer"] == opt]
             why = "; ".join(sorted({f"{r['status']}: {r['detail']}" for r in tuned}))

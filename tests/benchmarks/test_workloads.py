@@ -125,3 +125,25 @@ def test_combine_adds_optimizers_run_apart_with_their_ratio_to_adamw():
     assert got["iter_s"] == {"AdamW": 2.0, "MFAC": 3.0, "SOAP": 8.0}  # 4x AdamW, as measured
     with pytest.raises(ValueError, match="cannot combine"):
         workloads.combine(base, {**other, "workload": "v"})
+
+
+def test_a_study_stopped_mid_grid_keeps_its_runs_and_says_so(monkeypatch, tmp_path):
+    _tiny_cnn(monkeypatch)
+    calls = []
+
+    def run_then_stop(workload, name, lr, seed, steps=None):
+        if name == "MFAC" and calls:
+            raise KeyboardInterrupt  # the study is stopped during MFAC's grid
+        calls.append(lr) if name == "MFAC" else None
+        return W.Outcome(workload, name, lr, seed, steps=[0, 2], cpu=[0, 1], val=[2.0, lr])
+
+    monkeypatch.setattr(W, "run", run_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        workloads.study("digits_cnn", ["AdamW", "MFAC"], 1, tmp_path, steps=2)
+    import json
+
+    saved = json.loads((tmp_path / "digits_cnn.json").read_text())
+    assert [r["lr"] for r in saved["tuning"] if r["optimizer"] == "MFAC"] == calls
+    table = workloads.render(saved)
+    assert f"| MFAC | — | not finished: stopped after seed-0 runs at lr {calls[0]:g} |" in table
+    assert "| AdamW | 0.0001 |" in table  # the lowest final loss of the fake runs
