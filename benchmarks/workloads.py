@@ -136,7 +136,8 @@ def combine(base: dict, other: dict) -> dict:
     """
     if base.get("workload") != other.get("workload"):
         raise ValueError(f"cannot combine {base.get('workload')!r} with {other.get('workload')!r}")
-    new = [k for k in other["best"] if k not in base["best"]]
+    ours = set(base["best"]) | {r["optimizer"] for r in base["tuning"]}
+    new = [k for k in dict.fromkeys(r["optimizer"] for r in other["tuning"]) if k not in ours]
     base["tuning"] += [r for r in other["tuning"] if r["optimizer"] in new]
     for key in ("seeds", "best"):
         base[key] |= {k: v for k, v in other[key].items() if k in new}
