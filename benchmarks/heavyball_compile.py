@@ -43,7 +43,9 @@ def _runner(workload: str, make, mode_setter):
     return it
 
 
-def measure(workload: str, lr: float, warmup: int, rounds: int) -> list[dict]:
+def measure(
+    workload: str, lr: float, warmup: int, rounds: int, names: tuple[str, ...] = OPTIMIZERS
+) -> list[dict]:
     """One row per heavyball optimizer: compile seconds and iteration ratios to AdamW."""
     import heavyball
 
@@ -57,7 +59,7 @@ def measure(workload: str, lr: float, warmup: int, rounds: int) -> list[dict]:
 
     rows = []
     adamw = _runner(workload, lambda ps: torch.optim.AdamW(ps, lr=lr), lambda: None)
-    for name in OPTIMIZERS:
+    for name in names:
         cls = getattr(heavyball, name)
         row: dict = {"workload": workload, "optimizer": name, "mode": "compiled"}
         eager = _runner(workload, lambda ps, cls=cls: cls(ps, lr=lr), set_mode(None))
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     try:
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if wl not in W.WORKLOADS:
             print(f"unknown workload {wl!r} (known: {sorted(W.WORKLOADS)})")
             continue
-        rows += measure(wl, args.lr, args.warmup, args.rounds)
+        rows += measure(wl, args.lr, args.warmup, args.rounds, tuple(args.optimizers))
     print(render(rows))
     return 0
 
