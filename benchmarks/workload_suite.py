@@ -18,11 +18,14 @@ as such (:class:`Outcome`), never raised.
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 import sysconfig
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -185,27 +188,81 @@ def _heavyball(name):
     return make
 
 
+#: Modules that ``ista_daslab_optimizers`` (1.1.15) imports at package level but that a CPU
+#: machine lacks: its CUDA extensions (built by the ``ista-daslab-optimizers-cuda`` sdist, which
+#: needs ``CUDA_HOME``), a GPU monitor and a logger.
+_ISTA_CPU_STUBS = (
+    "ista_daslab_cuda_tools",
+    "ista_daslab_cuda_micro_adam",
+    "ista_daslab_cuda_sparse_mfac",
+    "ista_daslab_cuda_dense_mfac",
+    "gpustat",
+    "wandb",
+)
+
+
+def _ista_dense_mfac_cls():
+    """ista's ``DenseMFAC``; on a CPU its own PyTorch fallback, reached through stub modules.
+
+    The package imports its CUDA extensions at package level (``tools.py``), although its dense
+    M-FAC core has a PyTorch path for a missing ``ista_daslab_cuda_dense_mfac``. Where an
+    extension is missing, empty stand-ins let the package import, ``wandb.log`` is a no-op, and
+    ``dense_core_mfac.USE_CUDA = False`` selects that PyTorch path (the extensions are never
+    called). Raises ImportError where the package itself is absent.
+    """
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("ista_daslab_optimizers") is None:
+        raise ImportError("No module named 'ista_daslab_optimizers'")
+    stubbed = [n for n in _ISTA_CPU_STUBS if importlib.util.find_spec(n) is None]
+    for name in stubbed:
+        mod = types.ModuleType(name)
+        mod.log = lambda *a, **k: None  # wandb.log
+        sys.modules[name] = mod
+    from ista_daslab_optimizers.dense_mfac import dense_core_mfac
+    from ista_daslab_optimizers.dense_mfac.dense_mfac import DenseMFAC
+
+    if "ista_daslab_cuda_dense_mfac" in stubbed:
+        dense_core_mfac.USE_CUDA = False
+    return DenseMFAC
+
+
 def _ista_mfac(params, lr):
-    from ista_daslab_optimizers import MFAC as IstaMFAC  # noqa: N811  (optional, CUDA build)
+    # the authors' implementation with the authors' step at MFAC-authors' window and damping
+    return _ista_dense_mfac_cls()(params, lr=lr, weight_decay=0.0, ngrads=32, damp=1e-5)
 
-    return IstaMFAC(params, lr=lr)
 
+#: Six points a factor ~3 apart for every optimizer, centred where its library's docs put lr.
+ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
-#: name -> (constructor(params, lr), lr grid). The grid is searched on the tuning seed 0.
+#: name -> (constructor(params, lr), lr grid). The grid is searched on the tuning seed 0; every
+#: optimizer gets the same number of points (6).
 GRIDS: dict[str, tuple[Callable, tuple[float, ...]]] = {
-    "AdamW": (lambda ps, lr: torch.optim.AdamW(ps, lr=lr), (3e-4, 1e-3, 3e-3)),
-    "MFAC": (_mfac, (3e-4, 1e-3, 3e-3)),
-    "MFAC-authors": (_mfac_authors, (1e-5, 1e-4, 1e-3)),
-    "SGD-momentum": (lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9), (1e-2, 3e-2, 1e-1)),
-    "SOAP": (_heavyball("SOAP"), (3e-4, 1e-3, 3e-3)),
-    "Muon+AdamW": (_heavyball("MuonAdamW"), (1e-3, 3e-3, 1e-2)),
-    "PSGD-Kron": (_heavyball("PSGDKron"), (3e-4, 1e-3, 3e-3)),
-    "ista-MFAC": (_ista_mfac, (1e-4, 1e-3)),
-    # ablations of the default relative damping (1) and of the window's rows
-    "MFAC-damp0.01": (_mfac_damp(0.01), (3e-4, 1e-3, 3e-3)),
-    "MFAC-damp0.1": (_mfac_damp(0.1), (3e-4, 1e-3, 3e-3)),
-    "MFAC-grad-damp0.01": (_mfac_damp(0.01, "adam-grad"), (3e-4, 1e-3, 3e-3)),
+    "AdamW": (lambda ps, lr: torch.optim.AdamW(ps, lr=lr), ADAM_GRID),
+    "MFAC": (_mfac, ADAM_GRID),
+    "MFAC-authors": (_mfac_authors, (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)),
+    "SGD-momentum": (
+        lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9),
+        (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    ),
+    "SOAP": (_heavyball("SOAP"), ADAM_GRID),
+    "Muon+AdamW": (_heavyball("MuonAdamW"), (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)),
+    "PSGD-Kron": (_heavyball("PSGDKron"), ADAM_GRID),
+    "ista-MFAC": (_ista_mfac, (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)),
 }
+
+#: Ablations of MFAC's defaults (not in the default study; name them with --optimizers).
+ABLATIONS: dict[str, tuple[Callable, tuple[float, ...]]] = {
+    "MFAC-damp0.1": (_mfac_damp(0.1), ADAM_GRID),
+    "MFAC-grad": (_mfac_damp(1.0, "adam-grad"), ADAM_GRID),
+}
+
+
+def lookup(name: str) -> tuple[Callable, tuple[float, ...]] | None:
+    """The (constructor, lr grid) of an optimizer of :data:`GRIDS` or :data:`ABLATIONS`."""
+    return GRIDS.get(name) or ABLATIONS.get(name)
+
 
 # ----------------------------------------------------------------------------- runs
 
@@ -238,21 +295,54 @@ class Outcome:
         return self.val[-1] if self.status == "ok" and self.val else float("nan")
 
 
+#: optimizer name -> Python interpreter (another virtual environment) that runs it, for
+#: optimizers whose package cannot join the main environment (``--python NAME=PATH``).
+EXTERNAL_PYTHON: dict[str, str] = {}
+
+
+def _external(python: str, args: list, out: Outcome) -> dict | None:
+    """Run ``python workload_suite.py --one|--iter ARGS`` and return its JSON (or fill ``out``)."""
+    cmd = [python, str(Path(__file__).resolve()), *map(str, args)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
+    except OSError as err:
+        out.status, out.detail = "missing dependency", f"cannot run {python}: {err}"[:160]
+        return None
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        out.status, out.detail = "error", f"{python} exited {proc.returncode}: {why}"[:200]
+        return None
+    return json.loads(lines[-1])
+
+
 def run(workload: str, optimizer: str, lr: float, seed: int, steps: int | None = None) -> Outcome:
-    """Train one run; every failure becomes an :class:`Outcome` status, never an exception."""
+    """Train one run; every failure becomes an :class:`Outcome` status, never an exception.
+
+    An optimizer named in :data:`EXTERNAL_PYTHON` runs in that interpreter (a subprocess).
+    """
     out = Outcome(workload, optimizer, lr, seed)
+    if optimizer in EXTERNAL_PYTHON:
+        got = _external(
+            EXTERNAL_PYTHON[optimizer], ["--one", workload, optimizer, lr, seed, steps], out
+        )
+        return out if got is None else Outcome(**got)
     if workload not in WORKLOADS:
         out.status, out.detail = "unknown workload", f"{workload!r} not in {sorted(WORKLOADS)}"
         return out
-    if optimizer not in GRIDS:
-        out.status, out.detail = "unknown optimizer", f"{optimizer!r} not in {sorted(GRIDS)}"
+    if lookup(optimizer) is None:
+        known = sorted({**GRIDS, **ABLATIONS})
+        out.status, out.detail = "unknown optimizer", f"{optimizer!r} not in {known}"
         return out
     wl = WORKLOADS[workload]
     try:
         model, batch_loss, validate = wl.build(seed)
-        opt = GRIDS[optimizer][0](model.parameters(), lr)
+        opt = lookup(optimizer)[0](model.parameters(), lr)
     except ImportError as err:
         out.status, out.detail = "missing dependency", str(err).splitlines()[0][:120]
+        return out
+    except Exception as err:  # e.g. an optimizer that needs a GPU: a row, not a crash
+        out.status, out.detail = "error", f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
         return out
     n = wl.steps if steps is None else steps
     cpu = 0.0
@@ -285,14 +375,25 @@ def iteration_times(
 
     All optimizers train their own copy of the model; after ``warmup`` iterations each, the
     ``rounds`` are interleaved (one iteration of each optimizer per round), so load changes on
-    the machine hit all of them alike. Optimizers that fail to build are left out.
+    the machine hit all of them alike. Optimizers that fail to build are left out. An optimizer
+    of :data:`EXTERNAL_PYTHON` is timed in its interpreter, interleaved with AdamW (lr 1e-3)
+    there, and reported as that ratio times this process's AdamW time.
     """
     wl = WORKLOADS[workload]
-    runners = {}
+    runners, external = {}, {}
     for name, lr in choices.items():
+        if name in EXTERNAL_PYTHON:
+            got = _external(
+                EXTERNAL_PYTHON[name],
+                ["--iter", workload, name, lr, warmup, rounds],
+                Outcome(workload, name, lr, 0),
+            )
+            if got and got.get("AdamW") and got.get(name):
+                external[name] = got[name] / got["AdamW"]
+            continue
         try:
             model, batch_loss, _ = wl.build(0)
-            opt = GRIDS[name][0](model.parameters(), lr)
+            opt = lookup(name)[0](model.parameters(), lr)
         except Exception:
             continue
 
@@ -311,4 +412,27 @@ def iteration_times(
             t0 = time.perf_counter()
             it()
             times[name].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    if "AdamW" in med:
+        med |= {k: r * med["AdamW"] for k, r in external.items()}
+    return med
+
+
+def _worker(argv: list[str]) -> None:
+    """``--one WORKLOAD OPTIMIZER LR SEED STEPS`` or ``--iter WORKLOAD OPTIMIZER LR WARMUP
+    ROUNDS``: one run or one timing in this interpreter, printed as one JSON line."""
+    torch.set_num_threads(1)
+    mode, workload, name, lr = argv[0], argv[1], argv[2], float(argv[3])
+    if mode == "--one":
+        steps = None if argv[5] == "None" else int(argv[5])
+        print(json.dumps(asdict(run(workload, name, lr, int(argv[4]), steps))))
+    else:
+        print(
+            json.dumps(
+                iteration_times(workload, {"AdamW": 1e-3, name: lr}, int(argv[4]), int(argv[5]))
+            )
+        )
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

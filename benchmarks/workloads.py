@@ -93,12 +93,16 @@ def study(
         return data
     data["unit"] = W.WORKLOADS[workload].unit
     for name in optimizers:
-        grid = W.GRIDS[name][1] if name in W.GRIDS else (float("nan"),)
+        entry = W.lookup(name)
+        grid = entry[1] if entry else (float("nan"),)
         done = [W.Outcome(**r) for r in extend.get(name, {}).get("tuning", [])]
-        tuned = done + [
-            W.run(workload, name, lr, 0, steps) for lr in grid if lr not in {o.lr for o in done}
-        ]
-        data["tuning"] += [asdict(o) for o in tuned]
+        data["tuning"] += [asdict(o) for o in done]
+        tuned = list(done)
+        for lr in grid:  # saved after every run, so a stopped study keeps its tuning runs
+            if lr not in {o.lr for o in done}:
+                tuned.append(W.run(workload, name, lr, 0, steps))
+                data["tuning"].append(asdict(tuned[-1]))
+                _save(path, data)
         ok = [o for o in tuned if o.status == "ok" and math.isfinite(o.final)]
         for o in tuned:
             print(f"{workload} {name} lr={o.lr:g} seed 0: {o.status} {o.final:.4f} {o.detail}")
@@ -122,6 +126,26 @@ def study(
     print(f"{workload} iteration seconds: {data['iter_s']}")
     _save(path, data)
     return data
+
+
+def combine(base: dict, other: dict) -> dict:
+    """``base`` plus the optimizers that only ``other`` (the same workload, run apart) has.
+
+    Their iteration times enter as their ratio to AdamW measured interleaved in ``other``'s
+    process, times ``base``'s AdamW time; tuning runs, seeds and best lr are copied.
+    """
+    if base.get("workload") != other.get("workload"):
+        raise ValueError(f"cannot combine {base.get('workload')!r} with {other.get('workload')!r}")
+    ours = set(base["best"]) | {r["optimizer"] for r in base["tuning"]}
+    new = [k for k in dict.fromkeys(r["optimizer"] for r in other["tuning"]) if k not in ours]
+    base["tuning"] += [r for r in other["tuning"] if r["optimizer"] in new]
+    for key in ("seeds", "best"):
+        base[key] |= {k: v for k, v in other[key].items() if k in new}
+    a, b = other["iter_s"].get("AdamW"), base["iter_s"].get("AdamW")
+    base["iter_s"] |= {
+        k: other["iter_s"][k] / a * b for k in new if a and b and k in other["iter_s"]
+    }
+    return base
 
 
 def _to_target(run: dict, target: float) -> tuple[int | None, float | None]:
@@ -151,7 +175,7 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
 def _order(data: dict) -> list[str]:
     """Optimizers of a result in the order of ``GRIDS`` (unknown names last)."""
     names = list(dict.fromkeys(r["optimizer"] for r in data["tuning"]))
-    known = list(W.GRIDS)
+    known = list(W.GRIDS) + list(W.ABLATIONS)
     return sorted(names, key=lambda n: known.index(n) if n in known else len(known))
 
 
@@ -179,6 +203,14 @@ def render(data: dict) -> str:
     ]
     for opt in _order(data):
         lr = data["best"].get(opt)
+        if opt not in data["best"]:  # a study stopped during this optimizer's grid
+            tuned = [r for r in data["tuning"] if r["optimizer"] == opt]
+            cells = ", ".join(f"{r['lr']:g}" for r in tuned)
+            lines.append(
+                f"| {opt} | — | not finished: stopped after seed-0 runs at lr {cells} "
+                "| — | — | — | — |"
+            )
+            continue
         if lr is None:
             tuned = [r for r in data["tuning"] if r["optimizer"] == opt]
             why = "; ".join(sorted({f"{r['status']}: {r['detail']}" for r in tuned}))
@@ -260,16 +292,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", action="store_true", help="only tables/plots from saved JSON")
     ap.add_argument("--merge", action="store_true", help="keep saved results of other optimizers")
     ap.add_argument("--rename", nargs="*", default=[], help="OLD=NEW names in saved results")
+    ap.add_argument(
+        "--combine",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="with --render: add the optimizers of results run apart in these folders",
+    )
     ap.add_argument("--grid", nargs="*", default=[], help="NAME=lr,lr,... to override a grid")
+    ap.add_argument(
+        "--python",
+        nargs="*",
+        default=[],
+        help="NAME=PATH: run optimizer NAME in that interpreter (another venv)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    for item in args.grid:
-        name, lrs = item.split("=", 1)
-        if name in W.GRIDS:
-            W.GRIDS[name] = (W.GRIDS[name][0], tuple(float(x) for x in lrs.split(",")))
-        else:
-            print(f"--grid: unknown optimizer {name!r} (known: {sorted(W.GRIDS)})")
     md = []
+    for item in args.grid + args.python:
+        name, sep, value = item.partition("=")
+        if not sep or not value:
+            ap.error(f"expected NAME=VALUE, got {item!r}")
+    for item in args.grid:
+        name, _, lrs = item.partition("=")
+        try:
+            grid = tuple(float(x) for x in lrs.split(","))
+        except ValueError:
+            ap.error(f"--grid {item!r}: the lrs must be numbers separated by commas")
+        entry = W.lookup(name)
+        if entry is None:  # reported in the tables; the study goes on with the other grids
+            md.append(f"--grid {item!r}: unknown optimizer {name!r}, ignored\n")
+            print(md[-1])
+        else:
+            (W.GRIDS if name in W.GRIDS else W.ABLATIONS)[name] = (entry[0], grid)
+    W.EXTERNAL_PYTHON.update(item.partition("=")[::2] for item in args.python)
     for wl in args.workloads:
         path = args.out / f"{wl}.json"
         if args.render:
@@ -277,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                 md.append(f"### {wl}\n\nno results in {path}\n")
                 continue
             data = json.loads(path.read_text())
+            for folder in args.combine:
+                if (folder / f"{wl}.json").exists():
+                    data = combine(data, json.loads((folder / f"{wl}.json").read_text()))
+            _save(path, data)
         else:
             rename = dict(item.split("=", 1) for item in args.rename)
             data = study(wl, args.optimizers, args.seeds, args.out, args.steps, args.merge, rename)
