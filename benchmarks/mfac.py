@@ -161,6 +161,22 @@ def cpu_interleaved(fns, repeats):
     return [sorted(t)[len(t) // 2] for t in times]
 
 
+def window_sizes(ds, ms, gen, copies):
+    """Yield ``(d, m, G)`` for every size whose ``m x d`` float32 rows (times ``copies`` for the
+    work arrays beside them) fit 60 % of the free memory; one draw of rows per ``d``, sliced."""
+    for d in ds:
+        m_ok = [m for m in ms if m * d * 4 * copies / 2**30 < mem_available_gb() * 0.6]
+        if not m_ok:
+            print(f"(d={d:.0e} skipped: not enough free memory)")
+            continue
+        G_all = random_rows(max(m_ok), d, gen)
+        for m in m_ok:
+            print(f"(running d={d:.0e}, m={m})", file=sys.stderr, flush=True)
+            yield d, m, G_all[:m]
+        del G_all
+        gc.collect()
+
+
 def window_ratios(ds, ms, repeats):
     """Table 6: one window step (``add_and_ihvp``, x = g and x != g) against the two-pass floor,
     interleaved call by call (thread CPU time, :func:`cpu_interleaved`), for a full window over
@@ -173,49 +189,39 @@ def window_ratios(ds, ms, repeats):
 
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for d in ds:
-        m_ok = [m for m in ms if m * d * 4 * 1.5 / 2**30 < mem_available_gb() * 0.6]
-        if not m_ok:
-            print(f"(d={d:.0e} skipped: not enough free memory)")
-            continue
-        G_all = random_rows(max(m_ok), d, gen)
-        for m in m_ok:
-            print(f"(running d={d:.0e}, m={m})", file=sys.stderr, flush=True)
-            G = G_all[:m]
-            s = min(d, max(m, 2**24 // m))  # at most 2^24 entries in float64
-            K = (G[:, :s].double() @ G[:, :s].double().T) * (d / s)
-            ours = window_state(G, K, DAMP)
-            g = torch.randn(d, generator=gen) / d**0.5
-            x = torch.randn(d, generator=gen)
-            v, c = torch.randn(d, generator=gen), torch.randn(m, generator=gen)
-            ours.add_and_ihvp(g)  # warm-up
-            # small cells take many rounds: their medians must see past the time slices that
-            # other jobs take on a loaded machine
-            reps = max(repeats, min(201, int(4e8 / (m * d))))
-            (t_floor, t_ours, t_ours_x) = cpu_interleaved(
-                [
-                    lambda: two_pass_floor(G, v, c),
-                    lambda: ours.add_and_ihvp(g),
-                    lambda: ours.add_and_ihvp(g, x),
-                ],
-                reps,
-            )
-            fresh_max = getattr(window_module, "FRESH_FACTOR_MAX", 0)
-            path = "fresh Cholesky" if m <= fresh_max else "rank-2 update"
-            rows.append(
-                [
-                    f"{d:.0e}",
-                    m,
-                    fmt_ms(t_floor),
-                    fmt_ms(t_ours),
-                    fmt_ms(t_ours_x),
-                    f"{t_ours / t_floor:.2f}",
-                    f"{t_ours_x / t_floor:.2f}",
-                    path,
-                ]
-            )
-        del G_all
-        gc.collect()
+    for d, m, G in window_sizes(ds, ms, gen, copies=1.5):
+        s = min(d, max(m, 2**24 // m))  # at most 2^24 entries in float64
+        K = (G[:, :s].double() @ G[:, :s].double().T) * (d / s)
+        ours = window_state(G, K, DAMP)
+        g = torch.randn(d, generator=gen) / d**0.5
+        x = torch.randn(d, generator=gen)
+        v, c = torch.randn(d, generator=gen), torch.randn(m, generator=gen)
+        ours.add_and_ihvp(g)  # warm-up
+        # small cells take many rounds: their medians must see past the time slices that
+        # other jobs take on a loaded machine
+        reps = max(repeats, min(201, int(4e8 / (m * d))))
+        (t_floor, t_ours, t_ours_x) = cpu_interleaved(
+            [
+                lambda: two_pass_floor(G, v, c),
+                lambda: ours.add_and_ihvp(g),
+                lambda: ours.add_and_ihvp(g, x),
+            ],
+            reps,
+        )
+        fresh_max = getattr(window_module, "FRESH_FACTOR_MAX", 0)
+        path = "fresh Cholesky" if m <= fresh_max else "rank-2 update"
+        rows.append(
+            [
+                f"{d:.0e}",
+                m,
+                fmt_ms(t_floor),
+                fmt_ms(t_ours),
+                fmt_ms(t_ours_x),
+                f"{t_ours / t_floor:.2f}",
+                f"{t_ours_x / t_floor:.2f}",
+                path,
+            ]
+        )
     print_table(
         [
             "d",
@@ -559,25 +565,15 @@ def main(argv=None):
     )
     gen = torch.Generator().manual_seed(0)
     win_rows, scale_rows, static_rows = [], {}, []
-    for d in ds:
-        m_ok = [m for m in ms if m * d * 4 * 2.5 / 2**30 < mem_available_gb() * 0.6]
-        if not m_ok:
-            print(f"(d={d:.0e} skipped: not enough free memory)")
-            continue
-        G_all = random_rows(max(m_ok), d, gen)
-        for m in m_ok:
-            print(f"(running d={d:.0e}, m={m})", file=sys.stderr, flush=True)
-            G = G_all[:m]
-            if m * m * d <= 6e11:
-                K = bench_static(G, args.repeats, static_rows, budget)
-            else:  # the full GEMM would take minutes here: Gram of a column subsample, rescaled
-                s = d // 16
-                K = (G[:, :s] @ G[:, :s].T).double() * (d / s)
-                print(f"(d={d:.0e}, m={m}: static skipped; window state from a subsampled Gram)")
-            Gw = G.clone() if m * d < 2e8 else G
-            bench_window(Gw, K, args.repeats, gen, win_rows, scale_rows)
-        del G_all
-        gc.collect()
+    for d, m, G in window_sizes(ds, ms, gen, copies=2.5):
+        if m * m * d <= 6e11:
+            K = bench_static(G, args.repeats, static_rows, budget)
+        else:  # the full GEMM would take minutes here: Gram of a column subsample, rescaled
+            s = d // 16
+            K = (G[:, :s] @ G[:, :s].T).double() * (d / s)
+            print(f"(d={d:.0e}, m={m}: static skipped; window state from a subsampled Gram)")
+        Gw = G.clone() if m * d < 2e8 else G
+        bench_window(Gw, K, args.repeats, gen, win_rows, scale_rows)
     print_table(
         [
             "d",

@@ -38,7 +38,6 @@ import pathlib
 import statistics
 import sys
 import sysconfig
-import threading
 import time
 
 import harness
@@ -47,6 +46,7 @@ from torch import nn
 
 harness.add_repo_paths(".", "benchmarks")
 
+from baselines.peak_rss import PeakRSS  # noqa: E402
 from baselines.sparsegpt_wanda import prune_sequentially  # noqa: E402
 
 from curvopt.prune import prunable_weights, prune  # noqa: E402
@@ -124,30 +124,6 @@ def train(
         lm_loss(model(X), Y).backward()
         opt.step()
     model.eval()
-
-
-class PeakRSS:
-    """Peak resident set size above the start, sampled in a thread (MiB)."""
-
-    def __enter__(self):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.start = self.peak = self.proc.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def _poll(self):
-        while self.running:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.mib = (self.peak - self.start) / 2**20
 
 
 def dense_model(train_text, steps: int) -> nn.Module:

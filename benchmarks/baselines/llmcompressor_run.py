@@ -29,7 +29,8 @@ the start of oneshot, "samples": sequences llmcompressor saw, "version": llmcomp
 from __future__ import annotations
 
 import argparse
-import threading
+import pathlib
+import sys
 import time
 
 import torch
@@ -77,43 +78,17 @@ def linear_to_conv1d(model: nn.Module, names: list[str]) -> None:
         setattr(model.get_submodule(parent), attr, conv)
 
 
-class PeakRSS:
-    """Peak resident set size above the start, sampled every 5 ms (MiB)."""
-
-    def __enter__(self):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.start = self.peak = self.proc.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def _poll(self):
-        while self.running:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.mib = (self.peak - self.start) / 2**20
-
-
 def check_layer(seed: int = 0) -> list[str]:
     """llmcompressor's per-layer SparseGPT/Wanda against ours (sparsegpt_wanda.py) on one layer.
 
     A random ``64 x 256`` weight and ``4096`` correlated inputs; the same Hessian for both. Rows:
     fraction of the pruned entries that agree, and ``|W_llmc - W_ours| / |W|`` (Frobenius).
     """
-    import sys
-
     import transformers  # noqa: F401  (llmcompressor's sparsify code matches on transformers)
     from llmcompressor.modifiers.pruning.sparsegpt import sgpt_sparsify
     from llmcompressor.modifiers.pruning.wanda import wanda_sparsify
 
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     from sparsegpt_wanda import sparsegpt_prune, wanda_prune
 
     g = torch.Generator().manual_seed(seed)
@@ -179,6 +154,9 @@ def main(argv=None) -> int:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from peak_rss import PeakRSS
 
     model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager")
     model.eval()
