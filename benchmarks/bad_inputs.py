@@ -382,7 +382,14 @@ def optimizer_cases() -> list[Case]:
         return o, p
 
     g_opt, g_p = gns(3, 2.0)
-    for name, st in {"state of another d": gns(5, 14.0)[0].state_dict(), "empty": {}}.items():
+    bad_size = g_opt.state_dict()
+    bad_size["state"] = {**bad_size["state"], "param_group_numel": [3.5]}  # a corrupted record
+    g_states = {
+        "state of another d": gns(5, 14.0)[0].state_dict(),
+        "empty": {},
+        "recorded d corrupted": bad_size,
+    }
+    for name, st in g_states.items():
         out.append(Case("GNSNewton.load_state_dict", name, lambda s=st: g_opt.load_state_dict(s),
                         state=lambda: (g_opt.state_dict(), g_p.detach().clone())))  # fmt: skip
     out.append(Case("GNSNewton.step", "no closure", lambda: g_opt.step()))

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from curvopt.optim._copying import WholeCopyOptimizer
-from curvopt.optim._state_checks import check_optimizer_state
+from curvopt.optim._state_checks import GROUP_SIZES_KEY, check_optimizer_state, group_sizes
 from curvopt.optim.linear_solve import conjugate_gradient, damped_cholesky_solve
 from curvopt.utils.params import flat_grad, flatten, unflatten
 
@@ -512,10 +512,15 @@ class GNSNewton(WholeCopyOptimizer):
     # -- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer state, including ``gamma``, the counters and the M-FAC window if any."""
+        """The optimizer state: ``gamma``, the counters and the M-FAC window if any.
+
+        It also records the number of parameter entries ``d``, so that a load of a state saved
+        for a problem of another dimension is refused.
+        """
         sd = super().state_dict()
+        sd["state"] = dict(sd["state"])
+        sd["state"][GROUP_SIZES_KEY] = group_sizes(self)
         if self._window is not None:
-            sd["state"] = dict(sd["state"])
             sd["state"]["gns_mfac_window"] = self._window.state_dict()
         return sd
 
@@ -523,12 +528,15 @@ class GNSNewton(WholeCopyOptimizer):
         """Load a state from :meth:`state_dict`; the cached evaluation is dropped.
 
         Everything is validated before anything is loaded: on error the optimizer is unchanged.
+        A state saved for a problem with another number of parameter entries ``d`` raises
+        ``ValueError`` (states saved before ``d`` was recorded load without that check).
         """
         from curvopt.mfac import SlidingWindowMFAC
 
         check_optimizer_state(self, state_dict, check_group=_check_hyperparameters)
         state_dict = dict(state_dict)
         state_dict["state"] = dict(state_dict["state"])
+        state_dict["state"].pop(GROUP_SIZES_KEY, None)  # checked above
         window_state = state_dict["state"].pop("gns_mfac_window", None)
         gns = state_dict["state"].get(_STATE_KEY)
         needed = set(self.state[_STATE_KEY])

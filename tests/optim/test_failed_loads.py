@@ -148,7 +148,7 @@ def test_gns_newton_failed_load_changes_nothing():
     for _ in range(2):
         big.step(big_closure)
     assert big.gamma != gamma
-    with pytest.raises(ValueError, match="dim=5"):
+    with pytest.raises(ValueError, match=r"groups of \[5\] entries.*have \[3\]"):
         opt.load_state_dict(big.state_dict())
     assert opt.gamma == gamma
     assert_same(before, opt.state_dict())
