@@ -102,7 +102,9 @@ def classify(case: Case) -> tuple[str, str]:
             return ("clear" if ours else "raw"), msg
     if case.check is not None and case.check(result):
         return "clear", "correct result"
-    ours = [w for w in caught if str(w.filename).startswith(OURS)]
+    # a curvopt warning with a stacklevel that names the caller points at this file (the cases
+    # call curvopt's entry points, not torch's, so torch's own warnings point inside either)
+    ours = [w for w in caught if str(w.filename).startswith(OURS) or w.filename == __file__]
     if ours:
         return "clear", f"warning: {str(ours[0].message)[:90]}"
     return "silent", "no error"
@@ -382,7 +384,14 @@ def optimizer_cases() -> list[Case]:
         return o, p
 
     g_opt, g_p = gns(3, 2.0)
-    for name, st in {"state of another d": gns(5, 14.0)[0].state_dict(), "empty": {}}.items():
+    bad_size = g_opt.state_dict()
+    bad_size["state"] = {**bad_size["state"], "param_group_numel": [3.5]}  # a corrupted record
+    g_states = {
+        "state of another d": gns(5, 14.0)[0].state_dict(),
+        "empty": {},
+        "recorded d corrupted": bad_size,
+    }
+    for name, st in g_states.items():
         out.append(Case("GNSNewton.load_state_dict", name, lambda s=st: g_opt.load_state_dict(s),
                         state=lambda: (g_opt.state_dict(), g_p.detach().clone())))  # fmt: skip
     out.append(Case("GNSNewton.step", "no closure", lambda: g_opt.step()))
@@ -394,6 +403,15 @@ def optimizer_cases() -> list[Case]:
         return loss
 
     out.append(Case("GNSNewton.step", "NaN loss", lambda: g_opt.step(nan_closure)))
+
+    def no_reuse_nan_step():  # the closure is evaluated at x too
+        g_opt.param_groups[0]["reuse_evaluation"] = False
+        try:
+            return g_opt.step(nan_closure)
+        finally:
+            g_opt.param_groups[0]["reuse_evaluation"] = True
+
+    out.append(Case("GNSNewton.step", "NaN loss, reuse_evaluation=False", no_reuse_nan_step))
     return out
 
 

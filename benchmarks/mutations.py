@@ -311,9 +311,9 @@ MUTATIONS = [
         "total = total + AV.sum().square()",
         "tests/curvature/test_estimators.py",
     ),
-    # ---------------------------------------------------------------- capo/masker.py
+    # ------------------------------------- capo/masker.py (moved to token_mask.py and loss.py)
     M(
-        "curvopt/capo/masker.py",
+        "curvopt/capo/token_mask.py",
         "token Delta KL without the 1/2",
         "return dj, 0.5 * lr**2 * su.square()",
         "return dj, lr**2 * su.square()",
@@ -321,7 +321,7 @@ MUTATIONS = [
         "tests/capo/test_capo_mask.py",
     ),
     M(
-        "curvopt/capo/masker.py",
+        "curvopt/capo/token_mask.py",
         "sequence-level Delta KL summed, not averaged",
         "dkl[gi] = 0.5 * lr**2 * (w[idx][sel] * su.square()).sum() / w[idx][sel].sum()",
         "dkl[gi] = 0.5 * lr**2 * (w[idx][sel] * su.square()).sum()",
@@ -329,7 +329,7 @@ MUTATIONS = [
         "tests/capo/test_capo_predictions.py",
     ),
     M(
-        "curvopt/capo/masker.py",
+        "curvopt/capo/loss.py",
         "penalty weights not multiplied by the kept mask",
         "                weights * m.keep,\n",
         "                weights,\n",

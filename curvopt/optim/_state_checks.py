@@ -21,6 +21,22 @@ from torch.optim import Optimizer
 #: without adding them to the saved groups; the step never reads them from a group.
 TORCH_MANAGED_DEFAULTS = frozenset({"differentiable"})
 
+#: Entry of ``state_dict()["state"]`` in which an optimizer whose state holds no per-parameter
+#: tensor (e.g. only a radius and counters) records :func:`group_sizes`: without it a state saved
+#: for a problem of another dimension, but with as many parameter tensors, would load silently.
+GROUP_SIZES_KEY = "param_group_numel"
+
+
+def group_sizes(optimizer: Optimizer) -> list[int]:
+    """Number of parameter entries ``sum_p p.numel()`` of each parameter group, in order.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.zeros(2, 3, requires_grad=True)], lr=0.1)
+        >>> group_sizes(opt)
+        [6]
+    """
+    return [sum(p.numel() for p in group["params"]) for group in optimizer.param_groups]
+
 
 def check_optimizer_state(
     optimizer: Optimizer,
@@ -35,7 +51,9 @@ def check_optimizer_state(
     parameters of each group, that every saved group has the keys of the optimizer's defaults
     (a group without ``lr`` would load and fail at the next step), that every per-parameter entry
     named in ``shaped_keys`` (e.g. a momentum buffer) is a finite tensor of exactly the
-    parameter's shape (a transposed buffer with the same number of elements is refused), and,
+    parameter's shape (a transposed buffer with the same number of elements is refused), that
+    the group sizes recorded under :data:`GROUP_SIZES_KEY`, if the state has them, equal
+    :func:`group_sizes` of ``optimizer`` (states saved without them are not checked for it), and,
     with ``check_group``, the hyperparameters of every saved group by the constructor's own rules.
     Changes nothing.
 
@@ -96,6 +114,22 @@ def check_optimizer_state(
     state = state_dict["state"]
     if not isinstance(state, Mapping):
         raise TypeError(f"state_dict['state'] must be a dict, got {type(state).__name__}")
+    if GROUP_SIZES_KEY in state:
+        saved_sizes, sizes = state[GROUP_SIZES_KEY], group_sizes(optimizer)
+        if not (
+            isinstance(saved_sizes, (list, tuple))
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in saved_sizes)
+        ):
+            raise ValueError(
+                f"state_dict['state'][{GROUP_SIZES_KEY!r}] must be a list of integers (the "
+                f"parameter entries of each group), got {saved_sizes!r}: the state is corrupted"
+            )
+        if list(saved_sizes) != sizes:
+            raise ValueError(
+                f"state_dict was saved for parameter groups of {list(saved_sizes)} entries but "
+                f"this {type(optimizer).__name__}'s groups have {sizes}: the state is from a "
+                "problem of another dimension"
+            )
     keys = tuple(shaped_keys)
     for pid, entry in state.items():
         if pid not in id_map or not keys:

@@ -20,6 +20,7 @@ the radius of the step. The metric is the Euclidean one (``B = I`` in the paper'
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from curvopt.optim._copying import WholeCopyOptimizer
-from curvopt.optim._state_checks import check_optimizer_state
+from curvopt.optim._state_checks import GROUP_SIZES_KEY, check_optimizer_state, group_sizes
 from curvopt.optim.linear_solve import conjugate_gradient, damped_cholesky_solve
 from curvopt.utils.params import flat_grad, flatten, unflatten
 
@@ -121,7 +122,9 @@ class GNSNewton(WholeCopyOptimizer):
     **When the trials run out** (``max_trials`` rejections in a row), ``on_exhausted="take_last"``
     (default, the behaviour of the authors' code) moves to the last trial point if its loss is
     finite, and otherwise stays at ``x``; ``on_exhausted="stay"`` always stays at ``x``. ``gamma``
-    keeps its halved value. ``state["gns"]["exhausted"]`` counts these events.
+    keeps its halved value. ``state["gns"]["exhausted"]`` counts these events. If the loss was
+    NaN/Inf at every trial point (while finite at ``x``, e.g. a reused evaluation and a closure
+    that now returns NaN), the step also warns a ``RuntimeWarning``.
 
     **Non-finite curvature.** If the curvature (or its solve) yields NaN/Inf, :meth:`step` raises
     ``ValueError`` and leaves the parameters, ``gamma`` and the counters as they were (a broken
@@ -463,7 +466,7 @@ class GNSNewton(WholeCopyOptimizer):
         gamma = st["gamma"]
         last: tuple[float, Tensor] | None = None
         dx: Tensor | None = None
-        accepted = False
+        accepted, evaluated, nonfinite = False, 0, 0
         for _ in range(group["max_trials"]):
             st["trials"] += 1
             st["last_trials"] += 1
@@ -486,6 +489,8 @@ class GNSNewton(WholeCopyOptimizer):
             self._write(x + dx)
             loss_new, g_new = self._evaluate(closure)
             last = (loss_new, g_new)
+            evaluated += 1
+            nonfinite += not math.isfinite(loss_new)
             decrease = loss - loss_new
             needed = float(g_new.square().sum()) / (8 * lam)
             if math.isfinite(loss_new) and decrease >= needed:
@@ -496,6 +501,15 @@ class GNSNewton(WholeCopyOptimizer):
         st["gamma"] = gamma
         if not accepted:
             st["exhausted"] += 1
+            if evaluated and nonfinite == evaluated:
+                warnings.warn(
+                    f"GNSNewton.step: the loss was NaN/Inf at all {evaluated} trial points, down "
+                    f"to a step of radius gamma={gamma:.3g}, although it was finite at the "
+                    "current point: the closure is not deterministic (e.g. it returns NaN from "
+                    "now on), or the loss is not finite anywhere near the parameters",
+                    RuntimeWarning,
+                    stacklevel=4,  # the caller of step (through torch.optim's and no_grad's)
+                )
             take = (
                 group["on_exhausted"] == "take_last"
                 and last is not None
@@ -512,10 +526,15 @@ class GNSNewton(WholeCopyOptimizer):
     # -- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer state, including ``gamma``, the counters and the M-FAC window if any."""
+        """The optimizer state: ``gamma``, the counters and the M-FAC window if any.
+
+        It also records the number of parameter entries ``d``, so that a load of a state saved
+        for a problem of another dimension is refused.
+        """
         sd = super().state_dict()
+        sd["state"] = dict(sd["state"])
+        sd["state"][GROUP_SIZES_KEY] = group_sizes(self)
         if self._window is not None:
-            sd["state"] = dict(sd["state"])
             sd["state"]["gns_mfac_window"] = self._window.state_dict()
         return sd
 
@@ -523,12 +542,15 @@ class GNSNewton(WholeCopyOptimizer):
         """Load a state from :meth:`state_dict`; the cached evaluation is dropped.
 
         Everything is validated before anything is loaded: on error the optimizer is unchanged.
+        A state saved for a problem with another number of parameter entries ``d`` raises
+        ``ValueError`` (states saved before ``d`` was recorded load without that check).
         """
         from curvopt.mfac import SlidingWindowMFAC
 
         check_optimizer_state(self, state_dict, check_group=_check_hyperparameters)
         state_dict = dict(state_dict)
         state_dict["state"] = dict(state_dict["state"])
+        state_dict["state"].pop(GROUP_SIZES_KEY, None)  # checked above
         window_state = state_dict["state"].pop("gns_mfac_window", None)
         gns = state_dict["state"].get(_STATE_KEY)
         needed = set(self.state[_STATE_KEY])

@@ -20,7 +20,8 @@ from test_failed_loads import (
 from torch import nn
 
 from curvopt.mfac import SlidingWindowMFAC
-from curvopt.optim import HARPG, MFAC, NHARPG, NPG, NPGIGT
+from curvopt.optim import HARPG, MFAC, NHARPG, NPG, NPGIGT, GNSNewton
+from curvopt.optim._state_checks import GROUP_SIZES_KEY
 
 DT = torch.float64
 
@@ -195,3 +196,59 @@ def test_gns_newton_refuses_hyperparameters_its_constructor_refuses():
         refused(opt, bad, key)
     opt.load_state_dict(good)
     opt.step(closure)
+
+
+@pytest.mark.parametrize("curvature", ["dense", "identity"])
+def test_gns_newton_refuses_a_state_of_another_dimension(curvature):
+    """GNSNewton's state holds only gamma and counters (and, for "mfac", a window that checks
+    its own d): the recorded number of parameter entries is what tells another problem apart."""
+    w, opt, closure = quadratic_gns(3, curvature="dense")
+    if curvature == "identity":  # no window in the state: only the recorded size can tell
+        opt = GNSNewton([w], curvature=torch.eye(3, dtype=DT), gamma0=2.0)
+    opt.step(closure)
+    good = snapshot(opt)
+    assert good["state"][GROUP_SIZES_KEY] == [3]
+    v = torch.zeros(5, dtype=DT, requires_grad=True)  # same number of tensors, another d
+    other = GNSNewton([v], curvature=torch.eye(5, dtype=DT), gamma0=14.0)
+    other.state["gns"]["steps"] = 9
+    refused(opt, other.state_dict(), r"groups of \[5\] entries.*have \[3\].*another dimension")
+    two = GNSNewton([torch.zeros(1, dtype=DT, requires_grad=True), v], curvature="mfac")
+    refused(opt, two.state_dict(), "has 2 parameters but the optimizer's has 1")
+    for corrupt in ([3.0], [True], 3, ["3"]):
+        bad = copy.deepcopy(good)
+        bad["state"][GROUP_SIZES_KEY] = corrupt
+        refused(opt, bad, "must be a list of integers")
+    bad = copy.deepcopy(good)
+    bad["state"][GROUP_SIZES_KEY] = [3, 3]  # as many groups as sizes: the sizes must match
+    refused(opt, bad, r"groups of \[3, 3\] entries")
+    opt.load_state_dict(good)
+    assert_same(good, snapshot(opt))
+
+
+def test_gns_newton_state_round_trip_is_exact_and_old_states_still_load():
+    """A state round-trips exactly (the recorded size too); a state saved before the size was
+    recorded (no entry) loads and resumes exactly like the new one."""
+    w, opt, closure = quadratic_gns(4, curvature="mfac")
+    for _ in range(3):
+        opt.step(closure)
+    saved = snapshot(opt)
+    x = w.detach().clone()
+    old = copy.deepcopy(saved)
+    del old["state"][GROUP_SIZES_KEY]
+    runs = []
+    for state in (saved, old):
+        w2, opt2, closure2 = quadratic_gns(4, curvature="mfac", gamma0=0.125)
+        with torch.no_grad():
+            w2.copy_(x)
+        opt2.load_state_dict(state)
+        assert_same(saved, snapshot(opt2))  # the entry is written again on save
+        for _ in range(2):
+            opt2.step(closure2)
+        runs.append((w2.detach().clone(), snapshot(opt2)))
+    for _ in range(2):
+        opt.step(closure)
+    want = snapshot(opt)
+    want["state"]["gns"]["closure_calls"] += 1  # a load drops the cached evaluation at x
+    for w2, sd in runs:
+        assert torch.equal(w2, w.detach())
+        assert_same(want, sd)

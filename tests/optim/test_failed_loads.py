@@ -1,6 +1,8 @@
 """A failed ``load_state_dict`` raises a clear error and changes nothing, for every optimizer."""
 
 import copy
+import math
+import warnings
 
 import pytest
 import torch
@@ -148,7 +150,7 @@ def test_gns_newton_failed_load_changes_nothing():
     for _ in range(2):
         big.step(big_closure)
     assert big.gamma != gamma
-    with pytest.raises(ValueError, match="dim=5"):
+    with pytest.raises(ValueError, match=r"groups of \[5\] entries.*have \[3\]"):
         opt.load_state_dict(big.state_dict())
     assert opt.gamma == gamma
     assert_same(before, opt.state_dict())
@@ -158,6 +160,36 @@ def test_gns_newton_failed_load_changes_nothing():
         opt.load_state_dict(broken)
     assert_same(before, opt.state_dict())
     opt.step(closure)
+
+
+def test_gns_newton_warns_when_every_trial_loss_is_nonfinite():
+    """After a step the evaluation at x is reused; a closure that now returns NaN is seen only
+    at the trial points: every trial is rejected, and the step says why instead of going on
+    silently (the parameters stay at x, as on_exhausted='take_last' does for a NaN last trial)."""
+    w, opt, closure = quadratic_gns(3, curvature="dense")
+    opt.step(closure)
+    x, exhausted = w.detach().clone(), opt.state["gns"]["exhausted"]
+
+    def nan_closure():
+        opt.zero_grad()
+        loss = closure() * math.nan
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="NaN/Inf at all 40 trial points") as caught:
+        opt.step(nan_closure)
+    assert caught[0].filename == __file__  # points at the caller of step
+    assert torch.equal(w.detach(), x)
+    assert opt.state["gns"]["exhausted"] == exhausted + 1
+    opt.param_groups[0]["reuse_evaluation"] = False
+    with pytest.raises(ValueError, match="NaN/Inf"):  # evaluated at x: a clear error there
+        opt.step(nan_closure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary exhausted step (finite losses) stays quiet
+        w2, opt2, closure2 = quadratic_gns(3, curvature="dense")
+        opt2.param_groups[0]["max_trials"] = 1
+        opt2.state["gns"]["gamma"] = 1e6  # too long a step: rejected
+        opt2.step(closure2)
+        assert opt2.state["gns"]["exhausted"] == 1
 
 
 @pytest.mark.parametrize("cls", [NHARPG, NPGIGT])
