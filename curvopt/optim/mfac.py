@@ -421,7 +421,7 @@ class MFAC(WholeCopyOptimizer):
                 "optimizer holds the old tensors, which never get a gradient: build MFAC after "
                 "fully_shard, from model.parameters()",
                 UserWarning,
-                stacklevel=3,  # the caller of step (through torch.no_grad's wrapper)
+                stacklevel=4,  # the caller of step (through torch.optim's and no_grad's wrappers)
             )
             return loss
         window, shards = self.window, self._shards
