@@ -169,6 +169,12 @@ FUNC_RULES: dict[Any, Callable[..., Any]] = {
     for f in funcs
 }
 
+#: Both tables as ``rule(func, args, kwargs)``, for one lookup per call.
+_ALL_RULES: dict[Any, Callable[..., Any]] = {
+    **{f: (lambda func, args, kwargs, r=r: r(args, kwargs)) for f, r in RULES.items()},
+    **FUNC_RULES,
+}
+
 
 class DualArithmeticMode(TorchFunctionMode):
     """Rewrite arithmetic between dual tensors and constants (see the module docstring).
@@ -186,15 +192,10 @@ class DualArithmeticMode(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        rule = RULES.get(func)
-        if rule is not None:
-            out = rule(args, kwargs)
-            if out is not NotImplemented:
-                return out
-        rule = FUNC_RULES.get(func)
-        if rule is not None:
-            out = rule(func, args, kwargs)
-            if out is not NotImplemented:
-                return out
-        return func(*args, **kwargs)
+        # every torch call of the pass (shapes, views, ...) comes through here: one lookup
+        # on the fast path, which is most calls
+        rule = _ALL_RULES.get(func)
+        if rule is None:
+            return func(*args, **kwargs) if kwargs else func(*args)
+        out = rule(func, args, kwargs or {})
+        return func(*args, **(kwargs or {})) if out is NotImplemented else out

@@ -157,3 +157,46 @@ def test_operators_on_a_scalar_heavy_model_match_double_backward(seed):
     E = torch.stack(g).T @ torch.stack(g) / 7
     op = EmpiricalFisherOperator(model, loss, params, data)
     torch.testing.assert_close(op @ v, E @ v, rtol=1e-9, atol=1e-11)
+
+
+class Tied(nn.Module):
+    """An embedding whose weight is also the output layer's (as GPT-2's ``lm_head``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+        self.head.weight = self.emb.weight
+        self.mid = nn.Linear(3, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+
+def test_substituted_matches_functional_call_and_restores():
+    from torch.func import functional_call
+
+    from curvopt.curvature._functional import substituted
+
+    torch.manual_seed(0)
+    model, ids = Tied().double(), torch.randint(0, 5, (4, 2))
+    originals = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+    for names in (["emb.weight", "mid.bias"], ["mid.weight"]):  # a subset; tied copies follow
+        new = {n: torch.randn_like(model.get_parameter(n)) for n in names}
+        with substituted(model, new):
+            ours = model(ids)
+            if "emb.weight" in names:
+                assert model.head.weight is new["emb.weight"]
+        torch.testing.assert_close(ours, functional_call(model, new, (ids,)), rtol=0, atol=0)
+        assert all(p is originals[n] for n, p in model.named_parameters(remove_duplicate=False))
+    # restored after an error, and a parameter replaced since the last call is picked up
+    with pytest.raises(RuntimeError, match="inside"):
+        with substituted(model, {"mid.bias": torch.zeros(3, dtype=torch.float64)}):
+            raise RuntimeError("inside")
+    assert model.mid.bias is originals["mid.bias"]
+    model.mid.bias = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    with substituted(model, {"mid.weight": torch.eye(3, dtype=torch.float64)}):
+        assert torch.equal(model.mid.bias, torch.ones(3, dtype=torch.float64))
+        out = model(ids)
+    with torch.no_grad():
+        model.mid.weight.copy_(torch.eye(3))
+    torch.testing.assert_close(out, model(ids), rtol=0, atol=0)
