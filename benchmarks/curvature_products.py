@@ -20,8 +20,9 @@ width 32, vocabulary 64, eager attention) on padded dict batches (``input_ids``,
 takes the transformers model and the dict batches as they are, curvlinops a wrapper returning
 ``(N, V, S)`` logits with ``batch_size_fn`` (it weights batches by sequences, not tokens, so its
 numbers differ; only the time is compared here). Rows: gradient, HVP, GGN-vp and EF-vp, and
-two floors of the GGN-vp without the operators' checks: torch.func's ``jvp`` + ``vjp`` (eager),
-and one dual forward pass + one backward pass as the operators run them.
+two plain implementations of the GGN-vp without the operators' checks (for reference, not
+floors: the operator can be faster): torch.func's ``jvp`` + ``vjp`` (eager), and one dual
+forward pass + one backward pass written out in this script.
 
 K-FAC rows (every model): the setup of a fresh `KFACOperator` / `EKFACOperator` (factors; EK-FAC
 with its eigenvalue correction) against curvlinops' ``KFACLinearOperator`` /
@@ -288,8 +289,8 @@ def build_lm_methods(quick: bool) -> dict[str, tuple[str, Callable[[], object]]]
         "HVP curvopt (auto: reverse-over-reverse, LayerNorm)": ("hvp", lambda: H @ v),
         "GGN-vp curvopt": ("ggn", lambda: G @ v),
         "EF-vp curvopt": ("ef", lambda: E @ v),
-        "GGN-vp floor: torch.func jvp + vjp (eager, no checks)": ("ggn", func_ggn(*args, v)),
-        "GGN-vp floor: one dual forward + one backward (no checks)": (
+        "GGN-vp plain: torch.func jvp + vjp (eager, no checks)": ("ggn", func_ggn(*args, v)),
+        "GGN-vp plain: one dual forward + one backward (no checks)": (
             "ggn",
             dual_ggn(*args, v),
         ),
