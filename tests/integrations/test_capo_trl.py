@@ -61,14 +61,7 @@ def test_masked_tokens_get_zero_gradient_and_the_loss_is_trls_on_the_kept_tokens
     # thresholds between the observed predictions, so both rules reject some tokens
     trainer.compute_loss(trainer.model, inputs)
     seen = trainer._capo_window.pop()
-    dj, dkl = trainer.capo_masker.predict(
-        trainer.capo_head.weight,
-        seen["hidden"],
-        inputs["completion_ids"],
-        inputs["advantages"],
-        trainer._capo_lr(),
-        mask=valid,
-    )
+    dj, dkl = th.predicted(trainer, seen, inputs, mask=valid)
     informative = valid & (inputs["advantages"][:, None] != 0)
     trainer.capo_masker.tau_f = float(dkl[informative].quantile(0.7))
     trainer.capo_masker.tau_h = float(dj[informative].abs().quantile(0.8))

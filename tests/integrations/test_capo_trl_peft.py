@@ -95,17 +95,8 @@ def test_lora_mask_gates_the_trained_heads_tokens(tmp_path, scope):
     inputs = th.batch(trainer)
     trainer.compute_loss(trainer.model, inputs)
     seen = trainer._capo_window.pop()
-    head = trainer.capo_head
-    _, dkl = trainer.capo_masker.predict(
-        head.weight,
-        seen["hidden"],
-        inputs["completion_ids"],
-        inputs["advantages"],
-        trainer._capo_lr(),
-        head.bias,
-        mask=seen["valid"],
-    )
-    informative = seen["valid"] & (inputs["advantages"][:, None] != 0)
+    _, dkl = th.predicted(trainer, seen, inputs)
+    informative = th.informative(seen, inputs)
     assert bool((dkl[informative] > 0).all())  # the trained head does move the policy
     trainer.capo_masker.tau_f = float(dkl[informative].median())
     trainer.model.zero_grad()

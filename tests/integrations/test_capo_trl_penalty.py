@@ -69,16 +69,7 @@ def test_penalty_is_added_to_trls_loss_with_its_gradient(tmp_path, loss_type, ki
     ref, ref_grads = _loss_and_grads(GRPOTrainer._compute_loss(trainer, model, inputs), params)
     assert float(loss - ref) == pytest.approx(pen, rel=1e-9)
     head = trainer.capo_head
-    dj, dkl = trainer.capo_masker.predict(
-        head.weight,
-        seen["hidden"],
-        inputs["completion_ids"],
-        inputs["advantages"],
-        trainer._capo_lr(),
-        head.bias,
-        seen["valid"],
-        temperature=0.7,
-    )
+    dj, dkl = th.predicted(trainer, seen, inputs, temperature=0.7)
     q = dkl if kind == "delta_kl" else dj
     assert pen == pytest.approx(lam * float((seen["weights"] * q).sum()), rel=1e-6)
     assert pen != 0
@@ -145,16 +136,8 @@ def test_token_weights_are_trls(tmp_path, loss_type, scope):
     if scope:
         trainer.compute_loss(trainer.model, inputs)
         seen = trainer._capo_window.pop()
-        _, dkl = trainer.capo_masker.predict(
-            trainer.capo_head.weight,
-            seen["hidden"],
-            inputs["completion_ids"],
-            inputs["advantages"],
-            trainer._capo_lr(),
-            mask=seen["valid"],
-        )
-        informative = seen["valid"] & (inputs["advantages"][:, None] != 0)
-        trainer.capo_masker.tau_f = float(dkl[informative].median())
+        _, dkl = th.predicted(trainer, seen, inputs)
+        trainer.capo_masker.tau_f = float(dkl[th.informative(seen, inputs)].median())
         trainer.model.zero_grad()
     trainer.compute_loss(trainer.model, inputs).backward()
     keep = trainer._capo_window[-1]["keep"]

@@ -46,16 +46,8 @@ def _setup(tmp_path, loss_type, scope, seed=0):
     inputs["ref_per_token_logps"] = (logps + noise).detach()
     trainer.compute_loss(trainer.model, inputs)
     seen = trainer._capo_window.pop()
-    _, dkl = trainer.capo_masker.predict(
-        trainer.capo_head.weight,
-        seen["hidden"],
-        inputs["completion_ids"],
-        inputs["advantages"],
-        trainer._capo_lr(),
-        mask=seen["valid"],
-    )
-    informative = seen["valid"] & (inputs["advantages"][:, None] != 0)
-    trainer.capo_masker.tau_f = float(dkl[informative].median())
+    _, dkl = th.predicted(trainer, seen, inputs)
+    trainer.capo_masker.tau_f = float(dkl[th.informative(seen, inputs)].median())
     return trainer, inputs
 
 
@@ -185,15 +177,6 @@ def test_penalty_with_a_mask_uses_trls_advantages_and_the_kept_tokens(tmp_path, 
     keep = seen["keep"]
     assert 0 < int(keep.sum()) < int(seen["valid"].sum())
     pen = trainer._metrics["train"]["capo/penalty"][-1]
-    head = trainer.capo_head
-    _, dkl = trainer.capo_masker.predict(
-        head.weight,
-        seen["hidden"],
-        inputs["completion_ids"],
-        inputs["advantages"],
-        trainer._capo_lr(),
-        head.bias,
-        seen["valid"],
-    )
+    _, dkl = th.predicted(trainer, seen, inputs)
     assert pen == pytest.approx(lam * float((seen["weights"] * dkl).sum()), rel=1e-9)
     assert float((seen["weights"][~keep]).abs().sum()) == 0

@@ -56,3 +56,24 @@ def batch(trainer, n=8):
     trainer.model.train()
     rows = [trainer.train_dataset[i] for i in range(n)]
     return trainer._generate_and_score_completions(rows)
+
+
+def predicted(trainer, seen, inputs, **kw):
+    """The masker's ``(delta_j, delta_kl)`` for a window entry ``seen`` that the trainer recorded
+    on ``inputs``, from the trainer's own head, lr and valid tokens (``kw`` to ``predict``)."""
+    head = trainer.capo_head
+    kw.setdefault("mask", seen["valid"])
+    return trainer.capo_masker.predict(
+        head.weight,
+        seen["hidden"],
+        inputs["completion_ids"],
+        inputs["advantages"],
+        trainer._capo_lr(),
+        head.bias,
+        **kw,
+    )
+
+
+def informative(seen, inputs):
+    """The tokens that can move the policy: valid, in a completion with a non-zero advantage."""
+    return seen["valid"] & (inputs["advantages"][:, None] != 0)
