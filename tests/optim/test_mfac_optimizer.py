@@ -4,38 +4,11 @@ import io
 
 import pytest
 import torch
+from mfac_problem import DT, flat, make_loss, make_params
 
 from curvopt.optim import MFAC
 
-DT = torch.float64
-SHAPES = [(3, 2), (2,), (4,)]  # group 0: first two, group 1: last
 D = 12
-
-
-def make_loss(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(5, 3, generator=gen, dtype=DT)
-    Y = torch.randn(5, 2, generator=gen, dtype=DT)
-    Q = torch.randn(4, 4, generator=gen, dtype=DT)
-
-    def loss_flat(w):
-        A, b, c = w[:6].view(3, 2), w[6:8], w[8:12]
-        return (
-            ((X @ A + b).tanh() - Y).square().mean()
-            + 0.1 * (Q @ c).square().sum()
-            + (c.sin().sum())
-        )
-
-    return loss_flat
-
-
-def make_params(seed=1, dtype=DT):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=DT).to(dtype).requires_grad_() for s in SHAPES]
-
-
-def flat(params):
-    return torch.cat([p.detach().reshape(-1) for p in params])
 
 
 def reference_run(loss_flat, w0, groups, m, damp, steps, dead=(), skipped=()):
