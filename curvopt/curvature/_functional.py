@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .batches import BatchError, describe, model_inputs, output_tensor
-from .dual_arithmetic import DualArithmeticMode
+from .dual_arithmetic import DualArithmeticMode, make_dual, unpack_dual
+from .dual_modules import fast_modules
 
 
 def call_model(
@@ -108,6 +109,8 @@ def dual_forward(
     loss_func: nn.Module,
     params: Mapping[str, Tensor],
     tangents: Sequence[Tensor],
+    *,
+    first_order: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """One forward pass carrying tangents: the output ``f`` and ``J v`` (None: no dependence).
 
@@ -115,7 +118,8 @@ def dual_forward(
     to backpropagate through ``f`` or, for a Hessian, through ``J v``); the caller must run
     its backward pass after this returns, outside the dual level, so that the backward pass
     carries no tangents. Arithmetic with constants avoids torch's slow zero-tangent path
-    (`curvopt.curvature.dual_arithmetic`).
+    (`curvopt.curvature.dual_arithmetic`), and plain layers run without that rewriting's
+    per-call cost (`curvopt.curvature.dual_modules`).
 
     Args:
         model: The network.
@@ -123,15 +127,20 @@ def dual_forward(
         loss_func: The loss (decides the layout of ``.logits`` outputs).
         params: The parameters to carry tangents, by name.
         tangents: One tangent per entry of ``params``, shaped like it.
+        first_order: The caller backpropagates through ``f`` once and never through ``J v``
+            (GGN, Fisher, empirical Fisher): known activation modules then run as fused
+            first-order functions (`curvopt.curvature.activation_rules`), which a second
+            derivative refuses.
     """
-    with fwAD.dual_level():
+    with fwAD.dual_level() as level:
         duals = {
-            name: fwAD.make_dual(p, t.contiguous())
+            name: make_dual(p, t.contiguous(), level)
             for (name, p), t in zip(params.items(), tangents)
         }
-        with DualArithmeticMode(), substituted(model, duals):
+        modes = fast_modules(model, first_order=first_order)
+        with DualArithmeticMode(level), substituted(model, duals), modes:
             output = call_model(model, X, loss_func)
-        return tuple(fwAD.unpack_dual(output))
+        return unpack_dual(output, level)
 
 
 def evaluate_loss(loss_func: Callable[[Tensor, Tensor], Tensor], output: Tensor, y: Tensor):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -187,9 +188,8 @@ def _check_tuple_binding(model: nn.Module, X: Any) -> None:
     """
     if len(X) < 2:
         return
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
+    params = _forward_parameters(model)
+    if params is None:
         return
     positional = [
         p.name
@@ -209,11 +209,34 @@ def _check_tuple_binding(model: nn.Module, X: Any) -> None:
         )
 
 
+# forward function -> its parameters as called (None: no signature); inspect.signature costs
+# about as much as 2 % of a curvature product on a small transformers model, once per batch
+_SIGNATURES: weakref.WeakKeyDictionary[Any, tuple[inspect.Parameter, ...] | None]
+_SIGNATURES = weakref.WeakKeyDictionary()
+
+
+def _forward_parameters(model: nn.Module) -> tuple[inspect.Parameter, ...] | None:
+    """The parameters of ``model.forward`` as called (no ``self``), cached per method."""
+    forward = model.forward
+    func = getattr(forward, "__func__", None)  # a method: same signature for every instance
+    if func is not None and func in _SIGNATURES:
+        return _SIGNATURES[func]
+    try:
+        params = tuple(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        params = None
+    if func is not None:
+        try:
+            _SIGNATURES[func] = params
+        except TypeError:  # not weakly referenceable: no cache
+            pass
+    return params
+
+
 def _takes_mapping_positionally(model: nn.Module, X: Mapping) -> bool:
     """Whether ``model.forward`` takes one positional argument and not the keys of ``X``."""
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):  # no introspectable signature: transformers' convention
+    params = _forward_parameters(model)
+    if params is None:  # no introspectable signature: transformers' convention
         return False
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return False

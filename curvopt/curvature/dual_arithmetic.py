@@ -44,34 +44,53 @@ from torch.overrides import TorchFunctionMode
 
 aten = torch.ops.aten
 
+# fwAD.make_dual registers, on every call, the decompositions that give some operators their
+# forward-mode formulas; `make_dual` below skips that call, so it is done once here
+getattr(fwAD, "_maybe_load_decompositions", lambda: None)()
 
-def _is_dual(t: Any) -> bool:
-    """Whether ``t`` is a tensor with a tangent at the current dual level."""
-    return isinstance(t, Tensor) and fwAD.unpack_dual(t).tangent is not None
+
+def make_dual(primal: Tensor, tangent: Tensor, level: int) -> Tensor:
+    """``fwAD.make_dual`` for a floating ``primal`` and a tangent of its shape.
+
+    Without ``fwAD.make_dual``'s per-call search of the torch-function mode stack for an
+    export tracer (several microseconds per call inside `DualArithmeticMode`; a pass makes
+    one per parameter).
+    """
+    return torch._make_dual(primal, tangent, level=level)
+
+
+def unpack_dual(t: Tensor, level: int) -> tuple[Tensor, Tensor | None]:
+    """``fwAD.unpack_dual`` (primal, tangent or None) without the same search."""
+    return torch._unpack_dual(t, level=level)
+
+
+def _is_dual(t: Any, level: int) -> bool:
+    """Whether ``t`` is a tensor with a tangent at dual level ``level``."""
+    return isinstance(t, Tensor) and torch._unpack_dual(t, level=level)[1] is not None
 
 
 def _is_number(s: Any) -> bool:
     return isinstance(s, Number) and not isinstance(s, Tensor)
 
 
-def _with_zero_tangent(m: Tensor) -> Tensor:
+def _with_zero_tangent(m: Tensor, level: int) -> Tensor:
     """``m`` as a dual tensor whose tangent is zero (only for floating tensors)."""
-    return fwAD.make_dual(m, torch.zeros_like(m))
+    return make_dual(m, torch.zeros_like(m), level)
 
 
-def _constant_tensor(m: Any) -> bool:
+def _constant_tensor(m: Any, level: int) -> bool:
     """A floating tensor without a tangent (one that would get an implicit zero tangent)."""
-    return isinstance(m, Tensor) and m.is_floating_point() and not _is_dual(m)
+    return isinstance(m, Tensor) and m.is_floating_point() and not _is_dual(m, level)
 
 
 def _scalar_rule(overload: Any, *, reflected: bool = False) -> Callable[..., Any]:
     """``f(x, s[, alpha])`` -> ``overload(x, s[, alpha])`` for a dual ``x`` and a number ``s``."""
 
-    def rule(args: tuple, kwargs: dict) -> Any:
+    def rule(args: tuple, kwargs: dict, level: int) -> Any:
         if len(args) != 2 or set(kwargs) - {"alpha"} or reflected and kwargs:
             return NotImplemented
         x, s = args
-        if not (_is_number(s) and _is_dual(x)):
+        if not (_is_number(s) and _is_dual(x, level)):
             return NotImplemented
         return overload(x, s, **kwargs)
 
@@ -81,23 +100,23 @@ def _scalar_rule(overload: Any, *, reflected: bool = False) -> Callable[..., Any
 def _additive_rule(op: Callable[..., Tensor]) -> Callable[..., Any]:
     """``x ± m`` or ``m ± x`` with one dual and one constant floating tensor: zero tangent."""
 
-    def rule(args: tuple, kwargs: dict) -> Any:
+    def rule(args: tuple, kwargs: dict, level: int) -> Any:
         if len(args) != 2 or set(kwargs) - {"alpha"}:
             return NotImplemented
         a, b = args
-        if _is_dual(a) and _constant_tensor(b):
-            return op(a, _with_zero_tangent(b), **kwargs)
-        if _is_dual(b) and _constant_tensor(a):
-            return op(_with_zero_tangent(a), b, **kwargs)
+        if _is_dual(a, level) and _constant_tensor(b, level):
+            return op(a, _with_zero_tangent(b, level), **kwargs)
+        if _is_dual(b, level) and _constant_tensor(a, level):
+            return op(_with_zero_tangent(a, level), b, **kwargs)
         return NotImplemented
 
     return rule
 
 
 def _first(*rules: Callable[..., Any]) -> Callable[..., Any]:
-    def rule(args: tuple, kwargs: dict) -> Any:
+    def rule(args: tuple, kwargs: dict, level: int) -> Any:
         for r in rules:
-            out = r(args, kwargs)
+            out = r(args, kwargs, level)
             if out is not NotImplemented:
                 return out
         return NotImplemented
@@ -120,18 +139,18 @@ def _softmax_rule(log: bool) -> Callable[..., Any]:
     the inner product along ``dim``; the primal is computed by the original call.
     """
 
-    def rule(func: Any, args: tuple, kwargs: dict) -> Any:
+    def rule(func: Any, args: tuple, kwargs: dict, level: int) -> Any:
         x = args[0] if args else kwargs.get("input")
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
-        if not isinstance(dim, int) or not _is_dual(x):
+        if not isinstance(dim, int) or not _is_dual(x, level):
             return NotImplemented
-        primal, tangent = fwAD.unpack_dual(x)
+        primal, tangent = unpack_dual(x, level)
         rest = {k: v for k, v in kwargs.items() if k != "input"}
         out = func(primal, *args[1:], **rest)
         tangent = tangent.to(out.dtype)
         p = out.exp() if log else out
         centred = tangent - (p * tangent).sum(dim, keepdim=True)
-        return fwAD.make_dual(out, centred if log else p * centred)
+        return make_dual(out, centred if log else p * centred, level)
 
     return rule
 
@@ -169,9 +188,9 @@ FUNC_RULES: dict[Any, Callable[..., Any]] = {
     for f in funcs
 }
 
-#: Both tables as ``rule(func, args, kwargs)``, for one lookup per call.
+#: Both tables as ``rule(func, args, kwargs, level)``, for one lookup per call.
 _ALL_RULES: dict[Any, Callable[..., Any]] = {
-    **{f: (lambda func, args, kwargs, r=r: r(args, kwargs)) for f, r in RULES.items()},
+    **{f: (lambda func, a, kw, level, r=r: r(a, kw, level)) for f, r in RULES.items()},
     **FUNC_RULES,
 }
 
@@ -180,6 +199,10 @@ class DualArithmeticMode(TorchFunctionMode):
     """Rewrite arithmetic between dual tensors and constants (see the module docstring).
 
     Use it inside ``torch.autograd.forward_ad.dual_level()`` around the forward pass.
+
+    Args:
+        level: The dual level whose tangents the rules look at (what ``dual_level()``
+            returns; 0 unless levels are nested).
 
     Example:
         >>> import torch.autograd.forward_ad as fwAD
@@ -191,11 +214,15 @@ class DualArithmeticMode(TorchFunctionMode):
         True
     """
 
+    def __init__(self, level: int = 0) -> None:
+        super().__init__()
+        self.level = level
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         # every torch call of the pass (shapes, views, ...) comes through here: one lookup
         # on the fast path, which is most calls
         rule = _ALL_RULES.get(func)
         if rule is None:
             return func(*args, **kwargs) if kwargs else func(*args)
-        out = rule(func, args, kwargs or {})
+        out = rule(func, args, kwargs or {}, self.level)
         return func(*args, **(kwargs or {})) if out is NotImplemented else out

@@ -63,7 +63,9 @@ class OutputSpaceOperator(CurvatureOperator):
         with torch.enable_grad():
             # the backward pass runs outside the dual level: inside it, autograd would also
             # push tangents through the backward graph (a second-order term we do not need)
-            output, Jv = dual_forward(self._model_func, X, self._loss_func, self._named_params, v)
+            output, Jv = dual_forward(
+                self._model_func, X, self._loss_func, self._named_params, v, first_order=True
+            )
             self._check_output(X, output, y)
             if Jv is None:  # the output does not depend on the parameters
                 Jv = torch.zeros_like(output)

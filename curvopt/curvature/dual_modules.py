@@ -1,0 +1,146 @@
+r"""How a model's modules run inside the forward pass with dual tensors.
+
+`DualArithmeticMode` rewrites a few slow forward-mode calls, but as a ``TorchFunctionMode`` it
+sees *every* torch call of the pass, shapes and views included: on the tiny GPT-2 of
+``benchmarks/curvature_products.py`` about 250 calls per batch, which cost about as much as a
+third of the primal forward pass. Most of them sit in layers that have no arithmetic with
+constants at all. `fast_modules` therefore runs, for the duration of one pass:
+
+* the layers of `PLAIN_LAYERS` (``nn.Linear``, the convolutions, the normalizations,
+  ``nn.Embedding``, dropout, transformers' ``Conv1D``) with torch-function handling off: they
+  compute exactly what they compute under the mode, without its per-call cost;
+* in a first-order pass (GGN, Fisher, empirical Fisher: one backward pass through the output),
+  the activation modules that have a fused rule as one `torch.autograd.Function`
+  (`curvopt.curvature.activation_rules`), also with torch-function handling off.
+
+Only modules of exactly these classes, without a ``forward`` of their own on the instance and
+whose parameters are plain tensors (no tensor subclass that could rely on ``__torch_function__``),
+are changed; each is restored on exit.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .activation_rules import fused_forward
+
+#: Layers whose forward has no arithmetic between dual tensors and constants.
+PLAIN_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.Embedding,
+    nn.Dropout,
+    nn.Identity,
+)
+
+
+def _transformers_layers() -> tuple[type[nn.Module], ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - optional dependency
+        return ()
+    return (Conv1D,)
+
+
+_PLAIN: frozenset[type] | None = None
+
+
+def plain_layers() -> frozenset[type]:
+    """`PLAIN_LAYERS` and transformers' ``Conv1D`` (when transformers is installed)."""
+    global _PLAIN
+    if _PLAIN is None:
+        _PLAIN = frozenset(PLAIN_LAYERS + _transformers_layers())
+    return _PLAIN
+
+
+def _without_torch_function(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch._C.DisableTorchFunction():
+            return forward(*args, **kwargs)
+
+    return run
+
+
+def _replacement(module: nn.Module, first_order: bool) -> Callable[..., Any] | None:
+    """The forward ``module`` runs with in the pass (None: its own, under the mode)."""
+    if "forward" in module.__dict__ or any(
+        type(t) not in (nn.Parameter, torch.Tensor)
+        for t in (*module._parameters.values(), *module._buffers.values())
+        if t is not None
+    ):
+        return None
+    if first_order:
+        fused = fused_forward(module)
+        if fused is not None:
+            return _without_torch_function(fused)
+    if type(module) in plain_layers():
+        return _without_torch_function(module.forward)
+    return None
+
+
+class _Sites:
+    """Where the model holds modules to change (cached per model, checked on each use)."""
+
+    def __init__(self, model: nn.Module, first_order: bool) -> None:
+        self.sites = []
+        for parent in model.modules():
+            for name, child in parent._modules.items():
+                if child is not None:
+                    forward = _replacement(child, first_order)
+                    if forward is not None:
+                        self.sites.append((parent, name, child, forward))
+
+    def valid(self) -> bool:
+        return all(
+            parent._modules.get(name) is child and "forward" not in child.__dict__
+            for parent, name, child, _ in self.sites
+        )
+
+
+_SITES: weakref.WeakKeyDictionary[nn.Module, dict[bool, _Sites]] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def fast_modules(model: nn.Module, *, first_order: bool) -> Iterator[None]:
+    """Run ``model``'s plain layers (and, first-order, fused activations) as described above.
+
+    Args:
+        model: The network; its modules are restored on exit.
+        first_order: The pass is backpropagated through its output once and never through
+            its tangents (GGN, Fisher, empirical Fisher), so fused activations may be used.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+        >>> with fast_modules(model, first_order=True):
+        ...     "forward" in model[0].__dict__, "forward" in model[1].__dict__
+        (True, False)
+        >>> "forward" in model[0].__dict__
+        False
+    """
+    by_kind = _SITES.get(model)
+    if by_kind is None:
+        by_kind = _SITES[model] = {}
+    sites = by_kind.get(first_order)
+    if sites is None or not sites.valid():
+        sites = by_kind[first_order] = _Sites(model, first_order)
+    patched = []
+    try:
+        for _, _, child, forward in sites.sites:
+            child.__dict__["forward"] = forward
+            patched.append(child)
+        yield
+    finally:
+        for child in patched:
+            del child.__dict__["forward"]
