@@ -41,7 +41,7 @@ OPERATOR_CASES = [  # (name, operator class, loss, extra kwargs)
     ("fisher-mc-ce-mean", FisherOperator, nn.CrossEntropyLoss(), {"mc_samples": 3}),
     ("ef-ce-sum", EmpiricalFisherOperator, nn.CrossEntropyLoss(reduction="sum"), {}),
     # K-FAC: factors summed over the ranks equal those of the whole data set (deterministic
-    # types only: an MC K-FAC over ranks is not a mix of the ranks' single-process K-FACs)
+    # types; the MC K-FACs of KFAC_MC_CASES are checked factor by factor)
     ("kfac-ce-mean", KFACOperator, nn.CrossEntropyLoss(), {"fisher_type": "type-2"}),
     ("ekfac-mse-sum", EKFACOperator, nn.MSELoss(reduction="sum"), {"fisher_type": "type-2"}),
     (
@@ -50,6 +50,18 @@ OPERATOR_CASES = [  # (name, operator class, loss, extra kwargs)
         nn.CrossEntropyLoss(reduction="sum"),
         {"fisher_type": "empirical", "separate_weight_and_bias": False},
     ),
+]
+
+# MC K-FAC over ranks: rank r draws its labels with SEED + r, so its factors are the mix of the
+# ranks' single-process factors (Kronecker products of mixes: not a mix of dense matrices)
+KFAC_MC_CASES = [
+    (
+        "kfac-mc-ce-mean",
+        KFACOperator,
+        nn.CrossEntropyLoss(),
+        {"fisher_type": "mc", "mc_samples": 2},
+    ),
+    ("kfac-mc-ce-sum", KFACOperator, nn.CrossEntropyLoss(reduction="sum"), {"fisher_type": "mc"}),
 ]
 
 
@@ -111,6 +123,15 @@ def _operator_checks(rank, world, model, shards, V, v0):
             "list_equals_flat": torch.equal(torch.cat([t.reshape(-1) for t in lst]), vec),
             "scipy": torch.from_numpy(scipy_op @ V[:, 1].numpy()),
             "top_eig": eigsh(scipy_op, k=1, which="LA", v0=v0, return_eigenvectors=False),
+        }
+    for case in KFAC_MC_CASES:
+        name, _, loss, _ = case
+        op = make_operator(case, model, batches_for(shards[rank], loss), process_group=group,
+                           seed=SEED)  # fmt: skip
+        out[name] = {
+            "A": op.input_covariances,
+            "B": op.gradient_covariances,
+            "matvec": op @ V[:, 0],
         }
     from torch.distributed.fsdp import fully_shard
 
