@@ -243,9 +243,9 @@ def func_ggn(model, loss_func, params, data, v) -> Callable[[], list[Tensor]]:
 
 
 def dual_ggn(model, loss_func, params, data, v) -> Callable[[], list[Tensor]]:
-    """One forward pass with dual tensors (``forward_ad``, as the operators run it, with
-    `DualArithmeticMode`), the output-space product and one backward pass, without the
-    operators' batch checks: the cost of the GGN-vp's structure itself."""
+    """One forward pass with dual tensors (``forward_ad``, as the operators run it: with
+    `DualArithmeticMode`, mode-free plain layers and fused activations), the output-space
+    product and one backward pass, without the operators' batch checks."""
     from curvopt.curvature._functional import dual_forward
 
     names, v_list = _lm_pieces(model, params, v)
@@ -256,7 +256,7 @@ def dual_ggn(model, loss_func, params, data, v) -> Callable[[], list[Tensor]]:
         total = [torch.zeros_like(p) for p in params]
         for X, y in data:
             with torch.enable_grad():
-                out, Jv = dual_forward(model, X, loss_func, named, v_list)
+                out, Jv = dual_forward(model, X, loss_func, named, v_list, first_order=True)
                 with torch.no_grad():
                     u = loss_hessian_product(loss_func, out.detach(), y, Jv.unsqueeze(0))[0]
                 grads = torch.autograd.grad(out, params, u)
