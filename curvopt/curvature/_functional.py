@@ -52,11 +52,12 @@ class _Slots:
     """Where each named parameter of a model sits, tied copies included (cached per model)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        by_object: dict[int, list[tuple[nn.Module, str]]] = {}
+        # modules held weakly: one of them may be the model, the key of the weak cache below
+        by_object: dict[int, list[tuple[weakref.ref[nn.Module], str]]] = {}
         for module in model.modules():
             for attr, p in module._parameters.items():
                 if p is not None:
-                    by_object.setdefault(id(p), []).append((module, attr))
+                    by_object.setdefault(id(p), []).append((weakref.ref(module), attr))
         self.names = tuple(names)
         self.slots = []
         for name in names:
@@ -66,7 +67,9 @@ class _Slots:
     def valid(self, names: Sequence[str]) -> bool:
         """Whether the model still holds the same parameter objects in the same places."""
         return tuple(names) == self.names and all(
-            module._parameters.get(attr) is p for p, places in self.slots for module, attr in places
+            (module := ref()) is not None and module._parameters.get(attr) is p
+            for p, places in self.slots
+            for ref, attr in places
         )
 
 
@@ -94,7 +97,8 @@ def substituted(model: nn.Module, params: Mapping[str, Tensor]) -> Iterator[None
     done = []
     try:
         for (p, places), new in zip(slots.slots, params.values()):
-            for module, attr in places:
+            for ref, attr in places:
+                module = ref()  # alive: valid() just checked
                 module._parameters[attr] = new
                 done.append((module, attr, p))
         yield

@@ -94,18 +94,21 @@ class _Sites:
     """Where the model holds modules to change (cached per model, checked on each use)."""
 
     def __init__(self, model: nn.Module, first_order: bool) -> None:
+        # the parent held weakly: it may be the model, the key of the weak cache below
         self.sites = []
         for parent in model.modules():
             for name, child in parent._modules.items():
                 if child is not None:
                     forward = _replacement(child, first_order)
                     if forward is not None:
-                        self.sites.append((parent, name, child, forward))
+                        self.sites.append((weakref.ref(parent), name, child, forward))
 
     def valid(self) -> bool:
         return all(
-            parent._modules.get(name) is child and "forward" not in child.__dict__
-            for parent, name, child, _ in self.sites
+            (parent := ref()) is not None
+            and parent._modules.get(name) is child
+            and "forward" not in child.__dict__
+            for ref, name, child, _ in self.sites
         )
 
 

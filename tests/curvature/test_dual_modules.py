@@ -208,3 +208,27 @@ def test_dual_forward_without_first_order_keeps_activations_differentiable():
         a = torch.zeros_like(p) if a is None else a
         b = torch.zeros_like(p) if b is None else b
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["ggn", "hessian"])
+@pytest.mark.parametrize("shape", ["bare", "nested"])
+def test_a_model_is_freed_after_its_products(kind, shape):
+    """The per-model caches (parameter places, module sites) hold the model weakly."""
+    import gc
+    import weakref
+
+    def run():
+        if shape == "bare":
+            model = nn.Linear(3, 2).double()
+        else:
+            model = nn.Sequential(nn.Linear(3, 4), activations.NewGELUActivation(),
+                                  nn.Linear(4, 2)).double()  # fmt: skip
+        cls = GGNOperator if kind == "ggn" else HessianOperator
+        data = [(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))]
+        op = cls(model, nn.MSELoss(), list(model.parameters()), data)
+        op @ torch.randn(op.shape[0], dtype=torch.float64)
+        return weakref.ref(model)
+
+    ref = run()
+    gc.collect()
+    assert ref() is None
