@@ -66,9 +66,16 @@ def plain_layers() -> frozenset[type]:
 
 
 def _without_torch_function(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` with torch-function handling off, for plain-tensor inputs only.
+
+    A tensor-subclass input keeps its ``__torch_function__`` (and the modes), as without us.
+    """
+
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch._C.DisableTorchFunction():
+        if kwargs or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args):
             return forward(*args, **kwargs)
+        with torch._C.DisableTorchFunction():
+            return forward(*args)
 
     return run
 

@@ -232,3 +232,23 @@ def test_a_model_is_freed_after_its_products(kind, shape):
     ref = run()
     gc.collect()
     assert ref() is None
+
+
+def test_a_tensor_subclass_input_keeps_its_torch_function():
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    x = torch.randn(2, 3).as_subclass(Logged)
+    with fast_modules(model, first_order=True):
+        out = model(x)
+    assert seen and type(out) is Logged
+    seen.clear()
+    with fast_modules(model, first_order=True):
+        model(torch.randn(2, 3))  # a plain input runs the layers without torch-function calls
+    assert seen == []
