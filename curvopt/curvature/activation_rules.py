@@ -86,28 +86,31 @@ def quick_gelu(x: Tensor) -> tuple[Tensor, Tensor]:
     return y, slope
 
 
-def _transformers_rules() -> dict[type, Rule]:
-    try:
-        from transformers import activations
-    except ImportError:  # pragma: no cover - optional dependency
-        return {}
-    names = {
-        "NewGELUActivation": gelu_new,
-        "FastGELUActivation": fast_gelu,
-        "QuickGELUActivation": quick_gelu,
-    }
-    return {getattr(activations, n): r for n, r in names.items() if hasattr(activations, n)}
+#: The rules by the defining module and name of the activation class: a lookup that imports
+#: nothing (a model holding one of these classes has imported transformers already).
+RULES_BY_NAME: dict[tuple[str, str], Rule] = {
+    ("transformers.activations", "NewGELUActivation"): gelu_new,
+    ("transformers.activations", "FastGELUActivation"): fast_gelu,
+    ("transformers.activations", "QuickGELUActivation"): quick_gelu,
+}
 
 
-_RULES: dict[type, Rule] | None = None
+def rule_for(cls: type) -> Rule | None:
+    """The fused rule of an activation class (None: none)."""
+    return RULES_BY_NAME.get((cls.__module__, cls.__qualname__))
 
 
 def rules() -> dict[type, Rule]:
-    """The activation module classes with a fused rule (transformers' GELU variants)."""
-    global _RULES
-    if _RULES is None:
-        _RULES = _transformers_rules()
-    return _RULES
+    """The activation classes with a fused rule, by class (imports transformers; for tests)."""
+    import importlib  # noqa: PLC0415
+
+    out = {}
+    for (module, name), rule in RULES_BY_NAME.items():
+        try:
+            out[getattr(importlib.import_module(module), name)] = rule
+        except (ImportError, AttributeError):  # pragma: no cover - optional dependency
+            pass
+    return out
 
 
 class _FusedElementwise(torch.autograd.Function):
@@ -182,7 +185,7 @@ def fused_forward(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
         >>> torch.allclose(y_dot, torch.func.vmap(torch.func.grad(act))(x))
         True
     """
-    rule = rules().get(type(module))
+    rule = rule_for(type(module))
     if rule is None:
         return None
     original = type(module).forward

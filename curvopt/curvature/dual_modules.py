@@ -7,7 +7,7 @@ third of the primal forward pass. Most of them sit in layers that have no arithm
 constants at all. `fast_modules` therefore runs, for the duration of one pass:
 
 * the layers of `PLAIN_LAYERS` (``nn.Linear``, the convolutions, the normalizations,
-  ``nn.Embedding``, dropout, transformers' ``Conv1D``) with torch-function handling off: they
+  ``nn.Embedding``, dropout) and transformers' ``Conv1D`` with torch-function handling off: they
   compute exactly what they compute under the mode, without its per-call cost;
 * in a first-order pass (GGN, Fisher, empirical Fisher: one backward pass through the output),
   the activation modules that have a fused rule as one `torch.autograd.Function`
@@ -46,23 +46,16 @@ PLAIN_LAYERS: tuple[type[nn.Module], ...] = (
 )
 
 
-def _transformers_layers() -> tuple[type[nn.Module], ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - optional dependency
-        return ()
-    return (Conv1D,)
+#: Plain layers of optional packages, by defining module and name (a lookup that imports
+#: nothing: a model holding one has imported its package already).
+PLAIN_LAYERS_BY_NAME: frozenset[tuple[str, str]] = frozenset(
+    {("transformers.pytorch_utils", "Conv1D")}
+)
 
 
-_PLAIN: frozenset[type] | None = None
-
-
-def plain_layers() -> frozenset[type]:
-    """`PLAIN_LAYERS` and transformers' ``Conv1D`` (when transformers is installed)."""
-    global _PLAIN
-    if _PLAIN is None:
-        _PLAIN = frozenset(PLAIN_LAYERS + _transformers_layers())
-    return _PLAIN
+def is_plain_layer(cls: type) -> bool:
+    """Whether ``cls`` is one of `PLAIN_LAYERS` (exactly) or `PLAIN_LAYERS_BY_NAME`."""
+    return cls in PLAIN_LAYERS or (cls.__module__, cls.__qualname__) in PLAIN_LAYERS_BY_NAME
 
 
 def _without_torch_function(forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,7 +85,7 @@ def _replacement(module: nn.Module, first_order: bool) -> Callable[..., Any] | N
         fused = fused_forward(module)
         if fused is not None:
             return _without_torch_function(fused)
-    if type(module) in plain_layers():
+    if is_plain_layer(type(module)):
         return _without_torch_function(module.forward)
     return None
 

@@ -252,3 +252,21 @@ def test_a_tensor_subclass_input_keeps_its_torch_function():
     with fast_modules(model, first_order=True):
         model(torch.randn(2, 3))  # a plain input runs the layers without torch-function calls
     assert seen == []
+
+
+def test_a_product_without_transformers_models_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "from curvopt.curvature import GGNOperator\n"
+        "m = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))\n"
+        "G = GGNOperator(m, nn.MSELoss(), list(m.parameters()),\n"
+        "                [(torch.randn(4, 3), torch.randn(4, 1))])\n"
+        "G @ torch.randn(G.shape[0])\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
