@@ -15,7 +15,9 @@ constants at all. `fast_modules` therefore runs, for the duration of one pass:
 
 Only modules of exactly these classes, without a ``forward`` of their own on the instance and
 whose parameters are plain tensors (no tensor subclass that could rely on ``__torch_function__``),
-are changed; each is restored on exit.
+are changed; each is restored on exit. Like the parameter swap of the same pass
+(`curvopt.curvature._functional.substituted`), this changes the model while the pass runs: two
+products on one model must not run at the same time in different threads.
 """
 
 from __future__ import annotations
