@@ -96,11 +96,14 @@ class _Sites:
     """Where the model holds modules to change (cached per model, checked on each use)."""
 
     def __init__(self, model: nn.Module, first_order: bool) -> None:
-        # the parent held weakly: it may be the model, the key of the weak cache below
+        # the parent held weakly: it may be the model, the key of the weak cache below; a
+        # module registered in several places is changed (and restored) once
         self.sites = []
+        seen: set[int] = set()
         for parent in model.modules():
             for name, child in parent._modules.items():
-                if child is not None:
+                if child is not None and id(child) not in seen:
+                    seen.add(id(child))
                     forward = _replacement(child, first_order)
                     if forward is not None:
                         self.sites.append((weakref.ref(parent), name, child, forward))

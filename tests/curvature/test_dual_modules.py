@@ -270,3 +270,24 @@ def test_a_product_without_transformers_models_does_not_import_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_module_registered_twice_is_changed_and_restored_once():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3)
+    model = nn.Sequential(lin, activations.NewGELUActivation(), lin, nn.Linear(3, 2)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    theta, unflatten = flat_view(model)
+    act = activations.NewGELUActivation()
+
+    def forward(t):  # written out: functional_call does not restore a module registered twice
+        p = unflatten(t)
+        h = act(nn.functional.linear(X, p["0.weight"], p["0.bias"]))
+        h = nn.functional.linear(h, p["0.weight"], p["0.bias"])
+        return nn.functional.linear(h, p["3.weight"], p["3.bias"])
+
+    truth = ggn_truth(forward, nn.MSELoss(), y, theta)
+    G = GGNOperator(model, nn.MSELoss(), list(model.parameters()), [(X, y)])
+    v = torch.randn(theta.numel(), dtype=torch.float64)
+    torch.testing.assert_close(G @ v, truth @ v, rtol=1e-10, atol=1e-12)
+    assert all("forward" not in m.__dict__ for m in model.modules())
