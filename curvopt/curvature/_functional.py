@@ -133,8 +133,8 @@ def dual_forward(
         tangents: One tangent per entry of ``params``, shaped like it.
         first_order: The caller backpropagates through ``f`` once and never through ``J v``
             (GGN, Fisher, empirical Fisher): known activation modules then run as fused
-            first-order functions (`curvopt.curvature.activation_rules`), which a second
-            derivative refuses.
+            functions (`curvopt.curvature.activation_rules`) whose tangents are not
+            differentiable again.
     """
     with fwAD.dual_level() as level:
         duals = {

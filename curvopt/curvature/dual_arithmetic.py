@@ -66,7 +66,7 @@ def unpack_dual(t: Tensor, level: int) -> tuple[Tensor, Tensor | None]:
 
 def _is_dual(t: Any, level: int) -> bool:
     """Whether ``t`` is a tensor with a tangent at dual level ``level``."""
-    return isinstance(t, Tensor) and torch._unpack_dual(t, level=level)[1] is not None
+    return isinstance(t, Tensor) and unpack_dual(t, level)[1] is not None
 
 
 def _is_number(s: Any) -> bool:
