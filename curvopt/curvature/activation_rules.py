@@ -100,19 +100,6 @@ def rule_for(cls: type) -> Rule | None:
     return RULES_BY_NAME.get((cls.__module__, cls.__qualname__))
 
 
-def rules() -> dict[type, Rule]:
-    """The activation classes with a fused rule, by class (imports transformers; for tests)."""
-    import importlib  # noqa: PLC0415
-
-    out = {}
-    for (module, name), rule in RULES_BY_NAME.items():
-        try:
-            out[getattr(importlib.import_module(module), name)] = rule
-        except (ImportError, AttributeError):  # pragma: no cover - optional dependency
-            pass
-    return out
-
-
 class _FusedElementwise(torch.autograd.Function):
     """``y = f(x)`` with the slope ``f'(x)`` kept for one tangent and one backward pass.
 
