@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 import workload_suite as W  # noqa: E402
 
 OPTIMIZERS = ("SOAP", "MuonAdamW", "PSGDKron")
@@ -77,13 +77,8 @@ def measure(
         row["warmup_wall_s"] = time.perf_counter() - wall
         row["warmup_cpu_s"] = time.process_time() - cpu
         runners = {"AdamW": adamw, "eager": eager} | ({"compiled": comp} if comp else {})
-        times: dict[str, list[float]] = {k: [] for k in runners}
-        for _ in range(rounds):
-            for key, it in runners.items():
-                t0 = time.perf_counter()
-                it()
-                times[key].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        medians, _ = harness.interleaved(list(runners.values()), rounds)  # wall s, in turn
+        med = dict(zip(runners, medians))
         row["iter_s"] = med
         row["eager_x_adamw"] = med["eager"] / med["AdamW"]
         row["compiled_x_adamw"] = med["compiled"] / med["AdamW"] if comp else None
