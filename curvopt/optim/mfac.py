@@ -447,7 +447,11 @@ class MFAC(WholeCopyOptimizer):
             a, a2 = self._adam_step(g, mask)
             row = g if self._graft == "adam-grad" else a  # "adam": the window sees Adam's steps
             norm2 = D.all_reduce_sum_(row.square().sum().reshape(1), shards.group)
-            row = row / norm2.sqrt().clamp_min(torch.finfo(g.dtype).tiny)
+            scale = norm2.sqrt().clamp_min(torch.finfo(g.dtype).tiny)
+            if mask is None and window.dtype == g.dtype:  # checked: write it into the window
+                row = torch.div(row, scale, out=window.next_row())  # (saves the step a copy)
+            else:
+                row = row / scale
         if mask is not None:
             evicted = window.G[window.count % window.m].to(g.dtype)
             row = torch.where(~bad, row, evicted)

@@ -175,6 +175,9 @@ def test_skip_mode_step_has_no_host_synchronization(monkeypatch):
     run_optimizer(opt, params, loss_flat, 1)
     opt.zero_grad()
     loss_flat(torch.cat([p.reshape(-1) for p in params])).backward()
+    # the device path, as a CUDA window takes it: a CPU window's m x m bookkeeping goes through
+    # NumPy views of its own CPU tensors, which synchronizes nothing
+    opt.window._cpu = False
 
     def sync(*args, **kwargs):
         raise AssertionError("host-device synchronization inside step()")
@@ -271,7 +274,11 @@ def test_memory_bytes_counts_window_and_buffers():
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    assert opt.memory_bytes() == window + D * 4 + 16 * 16 * 8  # momentum, m I of the factors
+    # momentum; the CPU step's LAPACK workspace: m I and A (float64 16 x 16), the right-hand
+    # side (float64 16) and the coefficients (float32 16)
+    assert opt.memory_bytes() == window + D * 4 + 2 * 16 * 16 * 8 + 16 * 8 + 16 * 4
+    assert opt.window.Ainv.shape == (16, 16)  # forming A^{-1} from the factors adds a tensor m I
+    assert opt.memory_bytes() == window + D * 4 + 3 * 16 * 16 * 8 + 16 * 8 + 16 * 4
 
 
 @pytest.mark.parametrize(
