@@ -193,6 +193,7 @@ class SlidingWindowMFAC:
         # on the CPU the m x m bookkeeping of a step goes through NumPy views of K (see _insert)
         self._cpu = self.K.device.type == "cpu"
         self._K_np = self.K.numpy() if self._cpu else None  # K is only ever written in place
+        self._GT = self.G.T  # the view the CPU step's last pass reads
         self._Ainv = torch.eye(self.m, dtype=torch.float64, device=device) / self.m
         self._stale = False  # whether steps solved with fresh factors since _Ainv was exact
         self._eye: Tensor | None = None  # m I, for the fresh factors (at most 96 x 96)
@@ -225,18 +226,20 @@ class SlidingWindowMFAC:
             )
 
     def __getstate__(self) -> dict[str, Any]:
-        """The attributes, less the NumPy view of ``K`` (a copy of it would not alias ``K``).
+        """The attributes, less the views of ``K`` and ``G`` (copies of them would not alias).
 
-        ``copy.deepcopy`` and pickling copy a tensor and a NumPy view of it into two separate
-        buffers; :meth:`__setstate__` makes the views again from the copied tensors.
+        ``copy.deepcopy`` copies a tensor and a NumPy view of it into two separate buffers,
+        and pickling does so even for a tensor view of a tensor; :meth:`__setstate__` makes
+        the views again from the copied tensors.
         """
         state = self.__dict__.copy()
-        state["_K_np"] = None
+        state["_K_np"] = state["_GT"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore the attributes and the NumPy views of the CPU window's tensors."""
         self.__dict__.update(state)
+        self._GT = self.G.T
         if self._cpu:
             self._K_np = self.K.numpy()
 
@@ -541,7 +544,7 @@ class SlidingWindowMFAC:
         group = self.process_group
         if on_nonfinite == "ignore":
             return stored
-        if self.dim and stored.data_ptr() == self.G[self.count % self.m].data_ptr():
+        if self._is_next_row(stored):
             raise ValueError(
                 "g was written into next_row(), which already replaced the oldest gradient, so a "
                 f"non-finite g cannot be refused with on_nonfinite={on_nonfinite!r}; check g "
@@ -582,7 +585,10 @@ class SlidingWindowMFAC:
         push-through identity ``F^{-1} G^T = (m / lam) G^T A^{-1}``, so
         ``F^{-1} g = G^T (m A^{-1} e_r) / lam`` needs no ``G x`` (the one pass over ``G`` computes
         only the new row of ``K``) and, unlike ``x / lam - G^T c / lam^2``, cancels nothing.
-        With ``plain`` (:func:`~curvopt.mfac._products.plain`) that pass is one ``torch.mv``.
+        With ``plain`` (:func:`~curvopt.mfac._products.plain`) that pass is one ``torch.mv``;
+        on the CPU, with ``x_is_g`` and ``plain``, a step that factors ``A`` afresh returns the
+        final ``(n,)`` vector ``c = m A^{-1} e_r / lam`` of :class:`UnitColumnSolver` instead,
+        so that the step is ``G^T c``.
         """
         stored = self._stored(g, on_nonfinite)
         r = self.count % self.m
@@ -590,7 +596,8 @@ class SlidingWindowMFAC:
         fresh = self._fresh(n)
         if not fresh:
             self._form_inverse()  # from the old K, if fresh-factor steps left it behind
-        self.G[r].copy_(stored)  # returns at once when g was written into next_row()
+        if not self._is_next_row(stored):  # else g was written into next_row() already
+            self.G[r].copy_(stored)
         full = n == self.m  # no slicing: each view is one more call
         Gn = self.G if full else self.G[:n]
         one = X is None or x_is_g
@@ -620,14 +627,14 @@ class SlidingWindowMFAC:
         self._since_refresh += 1
         due = self._since_refresh >= self.refresh_every
         rhs = None if X is None or x_is_g else prods[:, 1:].to(torch.float64)
-        if fresh and x_is_g and not due and self._cpu:  # the common CPU step: one LAPACK call
+        if fresh and x_is_g and plain and not due and self._cpu:  # the usual CPU step: LAPACK
             self._stale = True
             lam = self._damp
             if self._unit_solver is None:
                 size = min(self.m, FRESH_FACTOR_MAX)
                 self._unit_solver = UnitColumnSolver(self.m, size, self._acc)
             c = self._unit_solver(K_np[:n, :n], lam, r, self.m / lam)
-            if c is not None:  # c = m A^{-1} e_r / lam, final (see _finish)
+            if c is not None:  # c = m A^{-1} e_r / lam: the step is G^T c (add_and_ihvp)
                 return c
         if fresh:  # factor A afresh: cheaper than the update's many small calls at small n
             L = self._factor(n)
@@ -716,6 +723,12 @@ class SlidingWindowMFAC:
         """
         return self.G[self.count % self.m]
 
+    def _is_next_row(self, t: Tensor) -> bool:
+        """Whether ``t`` (``(d,)``, the window's dtype) is the memory of :meth:`next_row`."""
+        G = self.G
+        row = G.data_ptr() + (self.count % self.m) * G.stride(0) * G.element_size()
+        return self.dim > 0 and t.data_ptr() == row and (self.dim == 1 or t.stride(0) == 1)
+
     def add(self, g: Tensor, *, on_nonfinite: str = "raise") -> None:
         """Add a gradient (replacing the oldest one once the window is full).
 
@@ -748,18 +761,16 @@ class SlidingWindowMFAC:
     ) -> Tensor:
         """``X / lam - G^T coef / lam^2`` shaped like ``x``.
 
-        With ``unit`` (``x`` is the stored gradient, ``coef = m A^{-1} e_r`` as an ``(n, 1)``
-        float64 tensor, or already ``c = m A^{-1} e_r / lam`` as an ``(n,)`` vector in the
-        accumulation dtype; see :meth:`_insert`) it is ``G^T c``: with ``plain`` one
-        ``torch.mv`` that reads no ``x``, else the fused ``0 x + G^T c``.
+        With ``unit`` (``x`` is the stored gradient, ``coef = m A^{-1} e_r``; see
+        :meth:`_insert`) it is ``G^T coef / lam``: with ``plain`` one ``torch.mv`` that reads no
+        ``x``, else the fused ``0 x + G^T c``.
         """
         Gn = self.G if n == self.m else self.G[:n]
         if not unit:
             C = coef.mul_(-1.0 / lam**2).to(self._acc).contiguous()
             Y = P.combine(1.0 / lam, X, Gn, C)
             return Y if x.ndim == 2 else Y[:, 0]
-        # a vector is the final c already (the CPU step's LAPACK path, see _insert)
-        c = coef if coef.ndim == 1 else coef[:, 0].mul_(1.0 / lam).to(self._acc)
+        c = coef[:, 0].mul_(1.0 / lam).to(self._acc)
         if plain:
             return torch.mv(Gn.T, c)
         return P.combine(0.0, x, Gn, c)
@@ -793,6 +804,9 @@ class SlidingWindowMFAC:
         X = None if x_is_g else check_operand(x, self.dim, self.device)
         plain = P.plain(self.G, self._acc)
         coef = self._insert(g, X, on_nonfinite, x_is_g, plain)
+        if coef.ndim == 1:  # the CPU step's c = m A^{-1} e_r / lam (see _insert)
+            n = coef.shape[0]
+            return torch.mv(self._GT if n == self.m else self.G[:n].T, coef)
         return self._finish(x, X, coef, self.filled, self._damp, x_is_g, plain)
 
     def ihvp(self, x: Tensor, damp: float | None = None) -> Tensor:
