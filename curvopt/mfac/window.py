@@ -192,8 +192,6 @@ class SlidingWindowMFAC:
         self.K = torch.zeros(self.m, self.m, dtype=torch.float64, device=device)
         # on the CPU the m x m bookkeeping of a step goes through NumPy views of K (see _insert)
         self._cpu = self.K.device.type == "cpu"
-        self._K_np = self.K.numpy() if self._cpu else None  # K is only ever written in place
-        self._GT = self.G.T  # the view the CPU step's last pass reads
         self._Ainv = torch.eye(self.m, dtype=torch.float64, device=device) / self.m
         self._stale = False  # whether steps solved with fresh factors since _Ainv was exact
         self._eye: Tensor | None = None  # m I, for the fresh factors (at most 96 x 96)
@@ -224,24 +222,6 @@ class SlidingWindowMFAC:
                 "SlidingWindowMFAC",
                 device,
             )
-
-    def __getstate__(self) -> dict[str, Any]:
-        """The attributes, less the views of ``K`` and ``G`` (copies of them would not alias).
-
-        ``copy.deepcopy`` copies a tensor and a NumPy view of it into two separate buffers,
-        and pickling does so even for a tensor view of a tensor; :meth:`__setstate__` makes
-        the views again from the copied tensors.
-        """
-        state = self.__dict__.copy()
-        state["_K_np"] = state["_GT"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Restore the attributes and the NumPy views of the CPU window's tensors."""
-        self.__dict__.update(state)
-        self._GT = self.G.T
-        if self._cpu:
-            self._K_np = self.K.numpy()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -614,7 +594,7 @@ class SlidingWindowMFAC:
             prods = D.all_reduce_sum_(prods.to(torch.float64), self.process_group)
         k_new = prods if prods.ndim == 1 else prods[:, 0]
         if self._cpu:  # through NumPy views: two ~1 us calls instead of two ~10 us tensor calls
-            K_np, k_np = self._K_np, k_new.numpy()
+            K_np, k_np = self.K.numpy(), k_new.numpy()
             K_np[r, :n] = k_np
             K_np[:n, r] = k_np
         elif full:
@@ -806,7 +786,7 @@ class SlidingWindowMFAC:
         coef = self._insert(g, X, on_nonfinite, x_is_g, plain)
         if coef.ndim == 1:  # the CPU step's c = m A^{-1} e_r / lam (see _insert)
             n = coef.shape[0]
-            return torch.mv(self._GT if n == self.m else self.G[:n].T, coef)
+            return torch.mv(self.G.T if n == self.m else self.G[:n].T, coef)
         return self._finish(x, X, coef, self.filled, self._damp, x_is_g, plain)
 
     def ihvp(self, x: Tensor, damp: float | None = None) -> Tensor:

@@ -1,7 +1,7 @@
 """The CPU window step: the LAPACK solve (``UnitColumnSolver``) and the NumPy bookkeeping of
 ``K``, against ``torch.linalg.solve`` and the dense float64 ``F``; ``next_row`` (the gradient
-written straight into the window); and copies of a window, whose views of ``K`` (NumPy) and
-``G`` (its transpose) must follow the copy."""
+written straight into the window); and copies of a window (the step's NumPy views of ``K`` must
+be views of the copy's own ``K``)."""
 
 import copy
 import pickle
@@ -101,7 +101,7 @@ def test_next_row_with_a_checking_mode_is_refused(mode, call):
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-def test_a_copied_window_keeps_its_own_views_of_k_and_g(how):
+def test_a_copied_window_steps_on_its_own(how):
     gen = torch.Generator().manual_seed(5)
     w = SlidingWindowMFAC(20, 4, 1e-2, dtype=DT)
     for _ in range(3):
