@@ -190,6 +190,7 @@ class SlidingWindowMFAC:
                 "device='cpu' or the gradients' device"
             ) from None
         self.K = torch.zeros(self.m, self.m, dtype=torch.float64, device=device)
+        self._row_bytes = self.dim * self.G.element_size()
         # on the CPU the m x m bookkeeping of a step goes through NumPy views of K (see _insert)
         self._cpu = self.K.device.type == "cpu"
         self._Ainv = torch.eye(self.m, dtype=torch.float64, device=device) / self.m
@@ -705,9 +706,8 @@ class SlidingWindowMFAC:
 
     def _is_next_row(self, t: Tensor) -> bool:
         """Whether ``t`` (``(d,)``, the window's dtype) is the memory of :meth:`next_row`."""
-        G = self.G
-        row = G.data_ptr() + (self.count % self.m) * G.stride(0) * G.element_size()
-        return self.dim > 0 and t.data_ptr() == row and (self.dim == 1 or t.stride(0) == 1)
+        row = self.G.data_ptr() + (self.count % self.m) * self._row_bytes  # G is contiguous
+        return t.data_ptr() == row and self.dim > 0 and (self.dim == 1 or t.stride(0) == 1)
 
     def add(self, g: Tensor, *, on_nonfinite: str = "raise") -> None:
         """Add a gradient (replacing the oldest one once the window is full).
