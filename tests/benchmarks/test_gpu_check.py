@@ -76,7 +76,7 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     static_max_d = gpu_check.DRY_SIZES.static_max_d
     assert {r["d"] > static_max_d for r in rows} == {True, False}  # both ways to the Gram
     for r in rows:
-        assert r["step_over_floor"] > 0
+        assert r["step_over_floor"] > 0 and r["in_place_over_floor"] > 0
         if r["d"] <= static_max_d:
             assert r["setup_over_gemm"] > 0 and r["rel_diff_vs_static"] < r["tol_vs_static"]
         else:
@@ -153,9 +153,10 @@ def _gpu_parts(pct=85.0, cublas=1.05, gram=1.3, window=1.08, hvp=2.1, ggn=1.5, d
         ),
     ]
     window_rows = [
-        dict(d=10**6, m=32, window_dtype="fp32", step_over_floor=3.0),  # d < 1e7: not judged
-        dict(d=10**7, m=32, window_dtype="fp32", step_over_floor=1.02),
-        dict(d=10**8, m=256, window_dtype="bf16", step_over_floor=window),
+        # d < 1e7: not judged
+        dict(d=10**6, m=32, window_dtype="fp32", step_over_floor=3.0, in_place_over_floor=2.0),
+        dict(d=10**7, m=32, window_dtype="fp32", step_over_floor=1.02, in_place_over_floor=1.01),
+        dict(d=10**8, m=256, window_dtype="bf16", step_over_floor=window, in_place_over_floor=1.0),
     ]
     hvp_method = "HVP curvopt (default: reverse-over-forward)"
     products = [
@@ -186,6 +187,7 @@ def test_goal_verdicts_on_gpu_shaped_rows():
     assert (
         "max 1.08x" in goals["window_step"].measured and "2 cases" in goals["window_step"].measured
     )
+    assert "in-place call: max 1.01x" in goals["window_step"].measured  # d >= 1e7 rows only
     missed = _verdicts(_gpu_parts(pct=79.0, cublas=0.9, gram=0.8, window=1.2, hvp=2.6, ggn=1.9))
     for key in ("streaming_bandwidth", "vs_cublas", "gram_diag", "window_step", "hvp", "ggn"):
         assert missed[key].met is False, (key, missed[key].measured)
