@@ -59,7 +59,6 @@ class UnitColumnSolver:
         self.scaled_eye = np.eye(size) * float(m)
         self.A = np.empty((size, size))
         self.b = np.empty((size, 1))
-        self.m = float(m)
         self.out = torch.empty(size, dtype=dtype)
 
     def nbytes(self) -> int:
@@ -87,7 +86,8 @@ class UnitColumnSolver:
         np.multiply(K, 1.0 / damp, out=A)
         A += self.scaled_eye if full else self.scaled_eye[:n, :n]
         b = self.b if full else self.b[:n]
-        np.multiply(self.scaled_eye[:n, r : r + 1], scale / self.m, out=b)  # scale e_r
+        b.fill(0.0)
+        b[r, 0] = scale
         # A is symmetric, so A.T is A in the column-major order that LAPACK reads
         _, x, info = _dposv()(A.T, b, lower=1, overwrite_a=1, overwrite_b=1)
         if info != 0:

@@ -190,7 +190,6 @@ class SlidingWindowMFAC:
                 "device='cpu' or the gradients' device"
             ) from None
         self.K = torch.zeros(self.m, self.m, dtype=torch.float64, device=device)
-        self._row_bytes = self.dim * self.G.element_size()
         # on the CPU the m x m bookkeeping of a step goes through NumPy views of K (see _insert)
         self._cpu = self.K.device.type == "cpu"
         self._Ainv = torch.eye(self.m, dtype=torch.float64, device=device) / self.m
@@ -615,7 +614,7 @@ class SlidingWindowMFAC:
                 size = min(self.m, FRESH_FACTOR_MAX)
                 self._unit_solver = UnitColumnSolver(self.m, size, self._acc)
             c = self._unit_solver(K_np[:n, :n], lam, r, self.m / lam)
-            if c is not None:  # c = m A^{-1} e_r / lam: the step is G^T c (add_and_ihvp)
+            if c is not None:  # c = m A^{-1} e_r / lam: the step is G^T c (_finish)
                 return c
         if fresh:  # factor A afresh: cheaper than the update's many small calls at small n
             L = self._factor(n)
@@ -706,7 +705,8 @@ class SlidingWindowMFAC:
 
     def _is_next_row(self, t: Tensor) -> bool:
         """Whether ``t`` (``(d,)``, the window's dtype) is the memory of :meth:`next_row`."""
-        row = self.G.data_ptr() + (self.count % self.m) * self._row_bytes  # G is contiguous
+        G = self.G
+        row = G.data_ptr() + (self.count % self.m) * G.stride(0) * G.element_size()
         return t.data_ptr() == row and self.dim > 0 and (self.dim == 1 or t.stride(0) == 1)
 
     def add(self, g: Tensor, *, on_nonfinite: str = "raise") -> None:
@@ -741,16 +741,18 @@ class SlidingWindowMFAC:
     ) -> Tensor:
         """``X / lam - G^T coef / lam^2`` shaped like ``x``.
 
-        With ``unit`` (``x`` is the stored gradient, ``coef = m A^{-1} e_r``; see
-        :meth:`_insert`) it is ``G^T coef / lam``: with ``plain`` one ``torch.mv`` that reads no
-        ``x``, else the fused ``0 x + G^T c``.
+        With ``unit`` (``x`` is the stored gradient, ``coef = m A^{-1} e_r`` as an ``(n, 1)``
+        float64 tensor, or already ``c = m A^{-1} e_r / lam`` as an ``(n,)`` vector in the
+        accumulation dtype; see :meth:`_insert`) it is ``G^T c``: with ``plain`` one
+        ``torch.mv`` that reads no ``x``, else the fused ``0 x + G^T c``.
         """
         Gn = self.G if n == self.m else self.G[:n]
         if not unit:
             C = coef.mul_(-1.0 / lam**2).to(self._acc).contiguous()
             Y = P.combine(1.0 / lam, X, Gn, C)
             return Y if x.ndim == 2 else Y[:, 0]
-        c = coef[:, 0].mul_(1.0 / lam).to(self._acc)
+        # an (n,) vector is c already: the CPU step's LAPACK path (see _insert)
+        c = coef if coef.ndim == 1 else coef[:, 0].mul_(1.0 / lam).to(self._acc)
         if plain:
             return torch.mv(Gn.T, c)
         return P.combine(0.0, x, Gn, c)
@@ -784,9 +786,6 @@ class SlidingWindowMFAC:
         X = None if x_is_g else check_operand(x, self.dim, self.device)
         plain = P.plain(self.G, self._acc)
         coef = self._insert(g, X, on_nonfinite, x_is_g, plain)
-        if coef.ndim == 1:  # the CPU step's c = m A^{-1} e_r / lam (see _insert)
-            n = coef.shape[0]
-            return torch.mv(self.G.T if n == self.m else self.G[:n].T, coef)
         return self._finish(x, X, coef, self.filled, self._damp, x_is_g, plain)
 
     def ihvp(self, x: Tensor, damp: float | None = None) -> Tensor:
