@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         torch.cat([split.X_calib, split.X_train]), torch.cat([split.y_calib, split.y_train]), 64
     )
     results = []
+    baseline = args.method != "magnitude"  # magnitude pruning to the same targets, beside it
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("pruning", total=len(args.sparsity) * args.steps)
         for target in args.sparsity:
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             )
             acc_after = accuracy(model, split.X_test, split.y_test)
             entry = {"target": target, "accuracy_after": acc_after, **report.to_dict()}
-            if args.method != "magnitude":  # the plot's baseline: same target and pattern
+            if baseline:  # same target and pattern
                 entry["magnitude"] = magnitude_baseline(base, calib, target, args, split)
             results.append(entry)
     for r in results:
@@ -170,7 +171,6 @@ def run(args: argparse.Namespace) -> int:
         )
         console.print(table)
     summary = Table(title=f"{args.model} on {args.dataset}: test accuracy")
-    baseline = args.method != "magnitude"
     columns = ["target", "sparsity", "acc. before", "acc. after", "time [s]", "update"]
     for col in columns + ["acc. magnitude"] * baseline:
         summary.add_column(escape(col), justify="right")  # plain text, not rich markup
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"wrote {json_path}")
     png = args.out / "prune_accuracy.png"
     curves = {args.method: [(r["sparsity"], r["accuracy_after"]) for r in results]}
-    if args.method != "magnitude":
+    if baseline:
         curves["magnitude"] = [
             (r["magnitude"]["sparsity"], r["magnitude"]["accuracy_after"]) for r in results
         ]
