@@ -167,7 +167,7 @@ RULES: dict[Any, Callable[..., Any]] = {
     Tensor.mul: _MUL,
     torch.mul: _MUL,
     Tensor.__add__: _ADD,
-    Tensor.__radd__: _first(_scalar_rule(aten.add.Scalar, reflected=True)),
+    Tensor.__radd__: _scalar_rule(aten.add.Scalar, reflected=True),  # only number + tensor
     Tensor.add: _ADD,
     torch.add: _ADD,
     Tensor.__sub__: _SUB,
